@@ -1,0 +1,159 @@
+"""The nouns of writeback: what the cloud says, what AD holds, what to do.
+
+Pure data, no I/O. Cloud and directory state are frozen so a planner given the
+same inputs always returns the same operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+ANCHOR_PREFIX = "Group_"
+
+#: Attribute values as AD stores them: every attribute a tuple of strings.
+#: An empty tuple in a replace means "clear the attribute".
+Attributes = Mapping[str, tuple[str, ...]]
+
+
+class MemberKind(str, Enum):
+    USER = "user"
+    GROUP = "group"
+    DEVICE = "device"
+    CONTACT = "contact"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class CloudMember:
+    """One member of a cloud group, as far as Graph tells us about it."""
+
+    id: str
+    kind: MemberKind = MemberKind.USER
+    sid: str | None = None
+    synced: bool = False
+
+
+@dataclass(frozen=True)
+class CloudGroup:
+    """A Microsoft 365 group as Graph reports it now."""
+
+    id: str
+    display_name: str
+    description: str | None = None
+    mail: str | None = None
+    mail_nickname: str | None = None
+    proxy_addresses: tuple[str, ...] = ()
+    group_types: tuple[str, ...] = ("Unified",)
+    visibility: str | None = None
+    members: tuple[CloudMember, ...] = ()
+
+    @property
+    def is_unified(self) -> bool:
+        return any(t.lower() == "unified" for t in self.group_types)
+
+    @property
+    def anchor(self) -> str:
+        return anchor_for(self.id)
+
+
+@dataclass(frozen=True)
+class DirectoryGroup:
+    """An anchored group object as AD holds it now.
+
+    ``member_sids`` are the members AD resolved to a SID; ``other_members``
+    are DNs of members without one (contacts added by hand, for example), which
+    drift repair removes.
+    """
+
+    dn: str
+    group_id: str
+    attributes: Attributes
+    member_sids: frozenset[str] = frozenset()
+    other_members: frozenset[str] = frozenset()
+    object_sid: str | None = None
+
+
+def anchor_for(group_id: str) -> str:
+    """The adminDescription value that marks an object as ours (Connect's too)."""
+    return f"{ANCHOR_PREFIX}{group_id}"
+
+
+def group_id_from_anchor(anchor: str) -> str | None:
+    if anchor.startswith(ANCHOR_PREFIX) and len(anchor) > len(ANCHOR_PREFIX):
+        return anchor[len(ANCHOR_PREFIX) :]
+    return None
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a modify does: attribute replaces and member deltas.
+
+    Member values are ``<SID=...>`` references for adds; removals are
+    ``<SID=...>`` for principals and plain DNs for members without a SID.
+    """
+
+    replace: Attributes = field(default_factory=dict)
+    add_members: tuple[str, ...] = ()
+    remove_members: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.replace or self.add_members or self.remove_members)
+
+
+@dataclass(frozen=True)
+class Add:
+    group_id: str
+    dn: str
+    attributes: Attributes
+    members: tuple[str, ...] = ()
+    kind: str = "add"
+
+
+@dataclass(frozen=True)
+class Modify:
+    group_id: str
+    dn: str
+    changes: Changes
+    kind: str = "modify"
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A modify-DN to ``new_rdn`` in the same parent, then ``changes`` if any."""
+
+    group_id: str
+    dn: str
+    new_rdn: str
+    changes: Changes = field(default_factory=Changes)
+    kind: str = "rename"
+
+
+@dataclass(frozen=True)
+class Delete:
+    group_id: str
+    dn: str
+    kind: str = "delete"
+
+
+Operation = Add | Modify | Rename | Delete
+
+
+class SkipReason(str, Enum):
+    OVER_MEMBER_LIMIT = "over-member-limit"
+    NOT_UNIFIED = "not-unified"
+    SOFT_DELETED = "soft-deleted"
+    DELETE_THRESHOLD = "delete-threshold"
+    MEMBER_NOT_ON_PREM = "member-not-on-prem"
+    MEMBER_NOT_A_USER = "member-not-a-user"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something deliberately not written, so it is reported and never silent."""
+
+    group_id: str
+    reason: SkipReason
+    detail: str = ""
+    count: int = 1

@@ -1,0 +1,56 @@
+"""One exception tree for the whole product.
+
+Whether a fault is worth retrying is decided here, once: adapters raise only
+these types, so the worker, the reconcile service and the CLI never have to
+guess from a library's exception what to do next.
+"""
+
+from __future__ import annotations
+
+
+class WritebackError(Exception):
+    """Base of every error writeback raises on purpose."""
+
+
+class TransientError(WritebackError):
+    """Retrying later may succeed: the service was down, slow or throttling."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(WritebackError):
+    """Retrying the same input cannot succeed; a person has to look."""
+
+
+class LdapUnavailable(TransientError):
+    """The domain controller could not be reached or dropped the connection."""
+
+
+class GraphUnavailable(TransientError):
+    """Graph answered 5xx, timed out or could not be reached."""
+
+
+class GraphThrottled(GraphUnavailable):
+    """Graph answered 429 or 503 with Retry-After."""
+
+
+class ConfigError(PermanentError):
+    """A setting is missing or invalid; the message names the setting."""
+
+
+class PolicyRefused(PermanentError):
+    """A write would touch an object outside the target OU or without our anchor."""
+
+
+class DirectoryRefused(PermanentError):
+    """The directory rejected a write for a reason retrying cannot fix."""
+
+
+class GraphRefused(PermanentError):
+    """Graph rejected a request (4xx other than 429): permissions, bad request."""
+
+
+class PoisonEvent(PermanentError):
+    """An event body that cannot be parsed or does not describe a group."""
