@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 ANCHOR_PREFIX = "Group_"
 
@@ -17,7 +17,7 @@ ANCHOR_PREFIX = "Group_"
 Attributes = Mapping[str, tuple[str, ...]]
 
 
-class MemberKind(str, Enum):
+class MemberKind(StrEnum):
     USER = "user"
     GROUP = "group"
     DEVICE = "device"
@@ -140,7 +140,7 @@ class Delete:
 Operation = Add | Modify | Rename | Delete
 
 
-class SkipReason(str, Enum):
+class SkipReason(StrEnum):
     OVER_MEMBER_LIMIT = "over-member-limit"
     NOT_UNIFIED = "not-unified"
     SOFT_DELETED = "soft-deleted"

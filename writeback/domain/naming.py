@@ -1,0 +1,145 @@
+"""Names AD will hold for a cloud group: CN, DN and sAMAccountName.
+
+Display names are untrusted text typed by any group owner, so everything that
+goes into a DN or a search filter is escaped here (RFC 4514 for DN values,
+RFC 4515 for filter values) and nowhere else.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from writeback.domain.model import ANCHOR_PREFIX
+
+#: AD's rangeUpper for cn; longer CNs are refused by the DC.
+MAX_CN = 64
+#: sAMAccountName for groups: at most 20 characters (pre-Windows 2000 name).
+MAX_SAM = 20
+_SUFFIX_LEN = 12
+
+
+class DnFormat(StrEnum):
+    OBJECT_ID = "objectid"
+    DISPLAY_NAME = "displayname"
+
+
+def cn_for(group_id: str, display_name: str, dn_format: DnFormat) -> str:
+    """The unescaped CN, as Entra Connect group writeback V1 names it.
+
+    Display-name format: ``<displayName>_<last 12 of objectId>``, the name
+    trimmed and cut so the CN stays within 64 characters; the suffix keeps it
+    unique and stable across renames to the same text.
+    """
+    if dn_format is DnFormat.OBJECT_ID:
+        return f"{ANCHOR_PREFIX}{group_id}"
+    suffix = "_" + group_id[-_SUFFIX_LEN:]
+    name = _clean(display_name)[: MAX_CN - len(suffix)].strip() or "Group"
+    return name + suffix
+
+
+def _clean(text: str) -> str:
+    """Drop characters AD cannot hold in a CN (controls, NUL) and fold whitespace runs."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(printable.split())
+
+
+def escape_dn_value(value: str) -> str:
+    r"""Escape an attribute value for use in a DN (RFC 4514 section 2.4).
+
+    ``, + " \ < > ; =`` are backslash-escaped anywhere, a leading ``#`` or space
+    and a trailing space too; NUL becomes ``\00``.
+    """
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;=':
+            out.append("\\" + ch)
+        elif ch == "\x00":
+            out.append("\\00")
+        elif (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def rdn_for(cn: str) -> str:
+    return "CN=" + escape_dn_value(cn)
+
+
+def dn_for(cn: str, parent_dn: str) -> str:
+    return f"{rdn_for(cn)},{parent_dn}"
+
+
+def escape_filter_value(value: str) -> str:
+    r"""Escape a value for an LDAP search filter (RFC 4515): ``* ( ) \ NUL``."""
+    table = {"*": "\\2a", "(": "\\28", ")": "\\29", "\\": "\\5c", "\x00": "\\00"}
+    return "".join(table.get(ch, ch) for ch in value)
+
+
+def sam_account_name_for(group_id: str) -> str:
+    """A deterministic pre-Windows 2000 name within 20 characters.
+
+    ``Group_`` plus the first 14 hex digits of the objectId: 52 random bits of
+    the GUID, so a clash is improbable even at hundreds of thousands of groups,
+    and an admin can still find the group by the start of its objectId.
+    """
+    hex_digits = group_id.replace("-", "").lower()
+    return (ANCHOR_PREFIX + hex_digits)[:MAX_SAM]
+
+
+def parent_of(dn: str) -> str:
+    """The parent DN, honouring escaped commas in the first RDN."""
+    i = 0
+    while i < len(dn):
+        if dn[i] == "\\":
+            i += 2
+            continue
+        if dn[i] == ",":
+            return dn[i + 1 :]
+        i += 1
+    return ""
+
+
+def first_rdn(dn: str) -> str:
+    parent = parent_of(dn)
+    return dn[: len(dn) - len(parent) - 1] if parent else dn
+
+
+def is_within(dn: str, base_dn: str) -> bool:
+    """True when ``dn`` is ``base_dn`` itself or below it (case-insensitive)."""
+    norm_dn, norm_base = _normalise(dn), _normalise(base_dn)
+    return norm_dn == norm_base or norm_dn.endswith("," + norm_base)
+
+
+def _normalise(dn: str) -> str:
+    parts = []
+    rest = dn
+    while rest:
+        attr, _, value = first_rdn(rest).lstrip().partition("=")
+        parts.append(f"{attr.strip().lower()}={value.lower()}")
+        rest = parent_of(rest)
+    return ",".join(parts)
+
+
+def unescape_dn_value(value: str) -> str:
+    r"""Undo RFC 4514 escaping: ``\,`` and friends, and ``\HH`` hex pairs (UTF-8).
+
+    AD may escape differently than we do (hex for some characters), so names
+    are compared unescaped, never as DN strings.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            pair = value[i + 1 : i + 3]
+            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+                out.append(int(pair, 16))
+                i += 3
+                continue
+            out.extend(value[i + 1].encode())
+            i += 2
+            continue
+        out.extend(ch.encode())
+        i += 1
+    return out.decode("utf-8", errors="replace")
