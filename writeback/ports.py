@@ -37,8 +37,7 @@ class CloudSource(Protocol):
         """One group with its members, or None when it no longer exists."""
         ...
 
-    def soft_deleted_group_ids(self) -> frozenset[str]:
-        ...
+    def soft_deleted_group_ids(self) -> frozenset[str]: ...
 
 
 class Directory(Protocol):

@@ -145,6 +145,7 @@ class SkipReason(StrEnum):
     NOT_UNIFIED = "not-unified"
     SOFT_DELETED = "soft-deleted"
     DELETE_THRESHOLD = "delete-threshold"
+    DUPLICATE_ANCHOR = "duplicate-anchor"
     MEMBER_NOT_ON_PREM = "member-not-on-prem"
     MEMBER_NOT_A_USER = "member-not-a-user"
 

@@ -1,0 +1,219 @@
+"""Full sync: converge every group under the target OU to the cloud.
+
+Planning is separate from applying, so ``plan`` shows exactly what ``sync``
+would do, and the safety rules (delete threshold, soft deletes, an empty cloud)
+are decided on the whole plan before a single write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from writeback.config import SoftDeletePolicy
+from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.model import (
+    Delete,
+    DirectoryGroup,
+    Operation,
+    Skip,
+    SkipReason,
+)
+from writeback.domain.planner import plan_group
+from writeback.errors import TransientError, WritebackError
+from writeback.ports import CloudSnapshot, CloudSource, Directory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    enabled: bool = True
+    delete_threshold: int = 500
+    allow_deletes: bool = False
+    soft_delete: SoftDeletePolicy = SoftDeletePolicy.KEEP
+
+
+@dataclass
+class Plan:
+    """Operations in apply order (creates and updates before deletes)."""
+
+    operations: list[Operation] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    #: Set when deletes were held back by a safety rule; the reason says which.
+    deletes_blocked: str | None = None
+    groups_in_cloud: int = 0
+    groups_in_directory: int = 0
+
+    @property
+    def deletes(self) -> list[Delete]:
+        return [op for op in self.operations if isinstance(op, Delete)]
+
+
+def build_plan(
+    snapshot: CloudSnapshot,
+    current: Iterable[DirectoryGroup],
+    options: MappingOptions,
+    policy: SyncPolicy,
+) -> Plan:
+    plan = Plan()
+    by_id, duplicated = _index(current, plan)
+    plan.groups_in_directory = len(by_id)
+    cloud = [group for group in snapshot.groups if group.is_unified] if policy.enabled else []
+    plan.groups_in_cloud = len(cloud)
+    for group in sorted(cloud, key=lambda g: g.id):
+        if group.id in duplicated:
+            continue
+        existing = by_id.pop(group.id, None)
+        limit_skip = over_member_limit(group, options.member_limit)
+        if limit_skip is not None:
+            plan.skips.append(limit_skip)
+            continue
+        desired = desired_group(group, options)
+        plan.skips.extend(desired.skips)
+        operation = plan_group(desired, existing, options.target_ou)
+        if operation is not None:
+            plan.operations.append(operation)
+    deletes = _orphan_deletes(by_id.values(), snapshot.soft_deleted, policy, plan)
+    _guard_deletes(deletes, plan, policy)
+    return plan
+
+
+def _index(
+    current: Iterable[DirectoryGroup], plan: Plan
+) -> tuple[dict[str, DirectoryGroup], set[str]]:
+    """Directory groups by cloud id; a duplicated anchor is reported, never touched."""
+    by_id: dict[str, DirectoryGroup] = {}
+    duplicated: set[str] = set()
+    for group in current:
+        if group.group_id in by_id:
+            duplicated.add(group.group_id)
+            plan.skips.append(
+                Skip(
+                    group.group_id,
+                    SkipReason.DUPLICATE_ANCHOR,
+                    f"{by_id[group.group_id].dn}; {group.dn}",
+                )
+            )
+        by_id[group.group_id] = group
+    for group_id in duplicated:
+        del by_id[group_id]
+    return by_id, duplicated
+
+
+def _orphan_deletes(
+    orphans: Iterable[DirectoryGroup],
+    soft_deleted: frozenset[str],
+    policy: SyncPolicy,
+    plan: Plan,
+) -> list[Delete]:
+    deletes = []
+    for orphan in sorted(orphans, key=lambda g: g.group_id):
+        keep = policy.soft_delete is SoftDeletePolicy.KEEP and orphan.group_id in soft_deleted
+        if keep and policy.enabled:
+            plan.skips.append(
+                Skip(
+                    orphan.group_id,
+                    SkipReason.SOFT_DELETED,
+                    f"kept until deleted for good: {orphan.dn}",
+                )
+            )
+        else:
+            deletes.append(Delete(orphan.group_id, orphan.dn))
+    return deletes
+
+
+def _guard_deletes(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
+    """Hold back every delete when a safety rule says so (accidental-delete protection)."""
+    reason = None
+    if len(deletes) > policy.delete_threshold:
+        reason = (
+            f"{len(deletes)} deletes exceed the threshold of {policy.delete_threshold}; "
+            "nothing was deleted (use --allow-deletes to go ahead)"
+        )
+    elif deletes and policy.enabled and plan.groups_in_cloud == 0:
+        reason = (
+            f"the cloud returned no groups but {len(deletes)} written-back groups exist; "
+            "nothing was deleted (use --allow-deletes if that is really so)"
+        )
+    if reason is None or policy.allow_deletes:
+        plan.operations.extend(deletes)
+        return
+    plan.deletes_blocked = reason
+    plan.skips.extend(Skip(d.group_id, SkipReason.DELETE_THRESHOLD, d.dn) for d in deletes)
+
+
+@dataclass
+class SyncResult:
+    plan: Plan
+    applied: dict[str, int] = field(default_factory=dict)
+    ldap_requests: int = 0
+    failures: list[tuple[Operation, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+Progress = Callable[[int, int], None]
+
+
+def apply_plan(
+    plan: Plan,
+    directory: Directory,
+    *,
+    progress: Progress | None = None,
+    attempts: int = 3,
+) -> SyncResult:
+    """Apply each operation; a failure is recorded and the run goes on."""
+    result = SyncResult(plan)
+    started = time.monotonic()
+    total = len(plan.operations)
+    for done, operation in enumerate(plan.operations, start=1):
+        try:
+            result.ldap_requests += _apply_with_retry(directory, operation, attempts)
+            result.applied[operation.kind] = result.applied.get(operation.kind, 0) + 1
+        except WritebackError as error:
+            log.warning("%s %s failed: %s", operation.kind, operation.group_id, error)
+            result.failures.append((operation, str(error)))
+        if progress is not None:
+            progress(done, total)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _apply_with_retry(directory: Directory, operation: Operation, attempts: int) -> int:
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=0.5, max=10),
+        retry=retry_if_exception_type(TransientError),
+        reraise=True,
+    )
+    return retrying(directory.apply, operation)
+
+
+def sync(
+    cloud: CloudSource,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    *,
+    progress: Progress | None = None,
+) -> SyncResult:
+    """Read both sides, plan, apply: the reconcile timer and ``sync`` verb."""
+    plan = plan_sync(cloud, directory, options, policy)
+    return apply_plan(plan, directory, progress=progress)
+
+
+def plan_sync(
+    cloud: CloudSource, directory: Directory, options: MappingOptions, policy: SyncPolicy
+) -> Plan:
+    options = replace(options, schema_attributes=directory.schema_attributes())
+    snapshot = cloud.snapshot()
+    return build_plan(snapshot, directory.iter_groups(), options, policy)
