@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace, out: TextIO) -> int:
     settings = load_settings()
     with _adapters(settings) as (cloud, directory):
-        plan = plan_sync(cloud, directory, settings.mapping(), _policy(settings, False))
+        plan = plan_sync(cloud, directory, settings.mapping(), SyncPolicy.from_settings(settings))
     if args.json:
         for line in report.plan_json_lines(plan):
             print(line, file=out)
@@ -78,7 +78,10 @@ def _sync(args: argparse.Namespace, out: TextIO) -> int:
     settings = load_settings()
     with _adapters(settings) as (cloud, directory):
         plan = plan_sync(
-            cloud, directory, settings.mapping(), _policy(settings, args.allow_deletes)
+            cloud,
+            directory,
+            settings.mapping(),
+            SyncPolicy.from_settings(settings, allow_deletes=args.allow_deletes),
         )
         result = apply_plan(plan, directory, progress=report.ProgressBar())
     report.print_result(result, out)
@@ -95,15 +98,6 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     from writeback.sandbox.demo import run_demo
 
     return run_demo(out, keep=args.keep)
-
-
-def _policy(settings: Settings, allow_deletes: bool) -> SyncPolicy:
-    return SyncPolicy(
-        enabled=settings.enabled,
-        delete_threshold=settings.delete_threshold,
-        allow_deletes=allow_deletes,
-        soft_delete=settings.soft_delete,
-    )
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from writeback.config import SoftDeletePolicy
+from writeback.config import Settings, SoftDeletePolicy
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
     Delete,
@@ -41,6 +41,15 @@ class SyncPolicy:
     delete_threshold: int = 500
     allow_deletes: bool = False
     soft_delete: SoftDeletePolicy = SoftDeletePolicy.KEEP
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, allow_deletes: bool = False) -> SyncPolicy:
+        return cls(
+            enabled=settings.enabled,
+            delete_threshold=settings.delete_threshold,
+            allow_deletes=allow_deletes,
+            soft_delete=settings.soft_delete,
+        )
 
 
 @dataclass
