@@ -1,0 +1,805 @@
+"""The cloud side: Microsoft Graph v1.0 through msgraph-sdk, behind a sync API.
+
+``GraphCloud`` implements :class:`writeback.ports.CloudSource`. It makes only
+these calls (application permission ``Group.Read.All`` plus ``User.Read.All``
+for the users delta):
+
+* ``GET /users/delta?$select=id,onPremisesSecurityIdentifier,onPremisesSyncEnabled``
+* ``GET /groups/delta?$select=id,displayName,description,mail,mailNickname,
+  proxyAddresses,groupTypes,visibility,members``
+* ``GET /groups/{id}?$select=id,displayName,...,visibility``
+* ``GET /groups/{id}/members/microsoft.graph.user?$select=id,onPremisesSecurityIdentifier,
+  onPremisesSyncEnabled&$top=999`` (the SDK spells the cast ``graph.user``)
+* ``GET /directory/deletedItems/microsoft.graph.group?$select=id&$top=999``
+
+Notes on the SDK that shaped this module:
+
+* The SDK is async; this adapter owns one event loop in a daemon thread and
+  runs every coroutine there, so the httpx client and an async credential stay
+  on one loop.
+* Requests are built by the SDK's request builders and sent through its
+  adapter and middleware (auth, redirects, telemetry, ``ODataError`` mapping),
+  but bodies are read as JSON, not as SDK models: model deserialisation costs
+  about 12 ms per user or group (``Entity``'s field-deserialiser map runs some
+  2,400 import statements per object), which would make a 100,000-user read
+  take minutes. It would also put ``members@delta``/``@removed`` in
+  ``additional_data`` with GUID strings turned into ``uuid.UUID``.
+* Paging is followed by hand with ``with_url(next_link)``: msgraph-core's
+  ``PageIterator`` loses ``@odata.deltaLink``.
+* The SDK's ``RetryHandler`` is left out of the middleware: retries happen
+  here, bounded by ``max_attempts`` and ``max_wait``, so they never multiply.
+* msgraph is imported lazily (``importlib``) in the constructor: importing it
+  takes about a second, and keeping it out of mypy's import graph keeps type
+  checking of the project fast (mypy would otherwise analyse the whole
+  generated SDK, over a minute uncached). Its objects are ``Any`` here.
+
+Errors come out as writeback's own types only: 429/503 ->
+:class:`GraphThrottled` (``retry_after`` from ``Retry-After``), other 5xx,
+timeouts and connection errors -> :class:`GraphUnavailable`, an expired delta
+or skip token -> :class:`DeltaExpired`, other 4xx -> :class:`GraphRefused`.
+Messages name the operation, never a URL, token or secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import importlib
+import inspect
+import json
+import logging
+import random
+import re
+import threading
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+from tenacity.stop import stop_base
+
+from writeback.domain.model import CloudGroup, CloudMember, MemberKind
+from writeback.errors import ConfigError, GraphRefused, GraphThrottled, GraphUnavailable
+from writeback.ports import CloudSnapshot
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+GRAPH_URL = "https://graph.microsoft.com/v1.0"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+
+GROUP_SELECT = (
+    "id",
+    "displayName",
+    "description",
+    "mail",
+    "mailNickname",
+    "proxyAddresses",
+    "groupTypes",
+    "visibility",
+)
+GROUP_DELTA_SELECT = (*GROUP_SELECT, "members")
+USER_SELECT = ("id", "onPremisesSecurityIdentifier", "onPremisesSyncEnabled")
+MAX_PAGE_SIZE = 999
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+_MEMBER_KINDS = {
+    "#microsoft.graph.user": MemberKind.USER,
+    "#microsoft.graph.group": MemberKind.GROUP,
+    "#microsoft.graph.device": MemberKind.DEVICE,
+    "#microsoft.graph.orgcontact": MemberKind.CONTACT,
+}
+#: Graph error codes that mean "this delta/skip token is no longer usable".
+_EXPIRED_TOKEN_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
+_SECRETISH = re.compile(
+    r"(?i)(\$?(?:skiptoken|deltatoken|code|sig|client_secret|access_token)=)[^&\s'\"]+"
+    r"|(bearer\s+)[A-Za-z0-9._~+/=-]+"
+)
+
+
+class GraphNotFound(GraphRefused):
+    """Graph answered 404: the object does not exist (or is in the recycle bin)."""
+
+
+class DeltaExpired(GraphRefused):
+    """A delta or skip token is unknown or expired (410 Gone / syncStateNotFound).
+
+    The caller drops its stored delta link and restarts with a full read.
+    """
+
+
+@dataclass(frozen=True)
+class GroupChanges:
+    """What an incremental groups delta round reported.
+
+    ``changed`` groups had properties or members change; re-read them with
+    :meth:`GraphCloud.get_group` (the round carries only what changed, so it
+    cannot tell whether such a group is Unified). ``delta_link`` is the link
+    for the next round.
+    """
+
+    changed: tuple[str, ...]
+    soft_deleted: frozenset[str]
+    hard_deleted: frozenset[str]
+    delta_link: str | None
+
+
+@dataclass
+class _GroupParts:
+    """One group as assembled from its (possibly several) delta appearances."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, MemberKind] = field(default_factory=dict)
+    removed: str | None = None
+
+
+#: Request builders reached on the way to the calls above; imported up front so
+#: their import-time deprecation warnings are silenced in one place.
+_BUILDER_MODULES = (
+    "msgraph.generated.users.users_request_builder",
+    "msgraph.generated.groups.groups_request_builder",
+    "msgraph.generated.groups.item.members.members_request_builder",
+    "msgraph.generated.directory.directory_request_builder",
+    "msgraph.generated.directory.deleted_items.deleted_items_request_builder",
+)
+
+
+class _Sdk:
+    """The msgraph/kiota names this adapter uses, imported on first construction."""
+
+    def __init__(self) -> None:
+        with warnings.catch_warnings():
+            # msgraph's generated builders warn about their own deprecated
+            # request-configuration classes while being imported.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._load()
+            for module in _BUILDER_MODULES:
+                importlib.import_module(module)
+
+    def _load(self) -> None:
+        def load(module: str) -> Any:
+            return importlib.import_module(module)
+
+        self.httpx = load("httpx")
+        self.APIError = load("kiota_abstractions.api_error").APIError
+        self.AnonymousAuthenticationProvider = load(
+            "kiota_abstractions.authentication"
+        ).AnonymousAuthenticationProvider
+        self.RequestConfiguration = load(
+            "kiota_abstractions.base_request_configuration"
+        ).RequestConfiguration
+        self.KiotaClientFactory = load("kiota_http.kiota_client_factory").KiotaClientFactory
+        self.RetryHandler = load("kiota_http.middleware").RetryHandler
+        self.AzureIdentityAuthenticationProvider = load(
+            "kiota_authentication_azure.azure_identity_authentication_provider"
+        ).AzureIdentityAuthenticationProvider
+        core = load("msgraph_core")
+        self.APIVersion = core.APIVersion
+        self.GraphClientFactory = core.GraphClientFactory
+        core_middleware = load("msgraph_core.middleware")
+        self.GraphTelemetryHandler = core_middleware.GraphTelemetryHandler
+        self.GraphTelemetryHandlerOption = load(
+            "msgraph_core.middleware.options"
+        ).GraphTelemetryHandlerOption
+        self.sdk_version = load("msgraph._version").VERSION
+        self.GraphRequestAdapter = load("msgraph.graph_request_adapter").GraphRequestAdapter
+        self.GraphServiceClient = load("msgraph.graph_service_client").GraphServiceClient
+        self.ODataError = load("msgraph.generated.models.o_data_errors.o_data_error").ODataError
+        self.GroupsDelta = load(
+            "msgraph.generated.groups.delta.delta_request_builder"
+        ).DeltaRequestBuilder
+        self.UsersDelta = load(
+            "msgraph.generated.users.delta.delta_request_builder"
+        ).DeltaRequestBuilder
+        self.GroupItem = load(
+            "msgraph.generated.groups.item.group_item_request_builder"
+        ).GroupItemRequestBuilder
+        self.MemberUsers = load(
+            "msgraph.generated.groups.item.members.graph_user.graph_user_request_builder"
+        ).GraphUserRequestBuilder
+        self.DeletedGroups = load(
+            "msgraph.generated.directory.deleted_items.graph_group.graph_group_request_builder"
+        ).GraphGroupRequestBuilder
+        azure_exceptions = load("azure.core.exceptions")
+        self.ClientAuthenticationError = azure_exceptions.ClientAuthenticationError
+        self.AzureTransportErrors = (
+            azure_exceptions.ServiceRequestError,
+            azure_exceptions.ServiceResponseError,
+        )
+
+
+class GraphCloud:
+    """Read Microsoft 365 groups and their members from Graph (sync API)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str = GRAPH_URL,
+        credential: object | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 6,
+        max_wait: float = 60.0,
+        backoff: float = 0.5,
+    ) -> None:
+        """``credential`` is an azure-identity credential (sync or ``aio``), or
+        None for no authentication (the loopback stand-in). An async credential
+        is closed by :meth:`close`, on the loop it was used on. ``backoff`` is
+        the first retry delay; it doubles per attempt, with jitter, and is
+        raised to ``Retry-After`` when Graph sends one; no single wait exceeds
+        ``max_wait``, and a ``Retry-After`` beyond ``max_wait`` is not waited
+        out here but raised (as :class:`GraphThrottled` with ``retry_after``)
+        so the caller can reschedule."""
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout <= 0 or max_wait < 0 or backoff < 0:
+            raise ValueError("timeout must be positive; max_wait and backoff not negative")
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError("the Graph base URL must be an http(s) URL")
+        if credential is not None and url.scheme != "https" and url.hostname not in _LOOPBACK:
+            raise ConfigError("the Graph base URL must use https when a credential is used")
+        self._sdk = _Sdk()
+        self._max_attempts = max_attempts
+        self._max_wait = max_wait
+        self._backoff = backoff
+        self._credential = credential
+        self._error_map = {"XXX": self._sdk.ODataError}
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="graph-cloud-loop", daemon=True)
+        self._thread.start()
+        try:
+            self._http, self._adapter, self._client = self._run(
+                self._build(base_url, credential, timeout)
+            )
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # ----------------------------------------------------------------- set-up
+
+    async def _build(
+        self, base_url: str, credential: object | None, timeout: float
+    ) -> tuple[Any, Any, Any]:
+        sdk = self._sdk
+        if credential is None:
+            auth = sdk.AnonymousAuthenticationProvider()
+        else:
+            host = urlsplit(base_url).hostname or ""
+            auth = sdk.AzureIdentityAuthenticationProvider(
+                credential, scopes=[GRAPH_SCOPE], allowed_hosts=[host] if host else []
+            )
+        # The SDK's default middleware minus RetryHandler (we retry ourselves),
+        # plus Graph's telemetry header; redirects, parameter-name decoding and
+        # the user agent stay as the SDK sets them. httpx handles gzip itself.
+        middleware = [
+            handler
+            for handler in sdk.KiotaClientFactory.get_default_middleware(None)
+            if not isinstance(handler, sdk.RetryHandler)
+        ]
+        telemetry = sdk.GraphTelemetryHandlerOption(
+            api_version=sdk.APIVersion.v1, sdk_version=sdk.sdk_version
+        )
+        middleware.append(sdk.GraphTelemetryHandler(options=telemetry))
+        http = sdk.httpx.AsyncClient(
+            timeout=sdk.httpx.Timeout(timeout), http2=True, follow_redirects=False
+        )
+        http = sdk.GraphClientFactory.create_with_custom_middleware(middleware, client=http)
+        adapter = sdk.GraphRequestAdapter(auth, client=http)
+        adapter.base_url = base_url.rstrip("/")  # before the client freezes it
+        return http, adapter, sdk.GraphServiceClient(request_adapter=adapter)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("GraphCloud's sync API called from its own event loop")
+        if self._loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("GraphCloud is closed")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    # ----------------------------------------------------------------- public API
+
+    def snapshot(self) -> CloudSnapshot:
+        """Every Unified group with members resolved, from full delta rounds."""
+        self._check_open()
+        return self._run(self._snapshot())
+
+    def get_group(self, group_id: str) -> CloudGroup | None:
+        """One group with its user members, or None when Graph has no such live
+        group. Non-Unified groups are returned too (check ``is_unified``).
+
+        Members come from the users-only cast, so nested groups, devices and
+        contacts do not appear here (they do in :meth:`snapshot`)."""
+        self._check_open()
+        if not group_id:
+            return None
+        return self._run(self._get_group(group_id))
+
+    def soft_deleted_group_ids(self) -> frozenset[str]:
+        """Ids of the groups in the recycle bin (deleted, restorable for 30 days)."""
+        self._check_open()
+        return self._run(self._soft_deleted())
+
+    def group_changes(self, delta_link: str) -> GroupChanges:
+        """What changed since ``delta_link`` (from a snapshot or an earlier call).
+
+        Raises :class:`DeltaExpired` when Graph no longer knows the token."""
+        self._check_open()
+        return self._run(self._group_changes(delta_link))
+
+    def close(self) -> None:
+        """Close the HTTP client (and an async credential), stop the loop thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose(), self._loop).result(timeout=10)
+        except Exception as error:  # closing is best effort
+            log.debug("closing the Graph client failed: %s", type(error).__name__)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> GraphCloud:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("GraphCloud is closed")
+
+    async def _aclose(self) -> None:
+        await self._http.aclose()
+        close = getattr(self._credential, "close", None)
+        if close is not None and inspect.iscoroutinefunction(close):
+            await close()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # ----------------------------------------------------------------- reads
+
+    def _query(self, parameters: Any, *, select: Iterable[str], top: int | None = None) -> Any:
+        query = parameters(select=list(select))
+        if top is not None:
+            query.top = top
+        return self._sdk.RequestConfiguration(query_parameters=query)
+
+    async def _get_json(
+        self, what: str, builder: Any, config: Any = None, *, delta: bool = False
+    ) -> dict[str, Any]:
+        """GET through the SDK's request builder and pipeline; the body as JSON.
+
+        The SDK's model deserialisation is bypassed on purpose: it runs about
+        2,400 import statements per directory object (``Entity`` field
+        deserialisers), some 12 ms per user or group, which would make a
+        100,000-user read take minutes. Errors still go through the SDK's
+        ``ODataError`` mapping."""
+
+        def request() -> Awaitable[Any]:
+            info = builder.to_get_request_information(config)
+            sent: Awaitable[Any] = self._adapter.send_primitive_async(
+                info, "bytes", self._error_map
+            )
+            return sent
+
+        raw = await self._call(what, request, delta=delta)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise GraphUnavailable(f"Graph {what} returned a body that is not JSON") from None
+        if not isinstance(body, dict):
+            raise GraphUnavailable(f"Graph {what} returned an unexpected JSON document")
+        return body
+
+    async def _pages(
+        self, what: str, builder: Any, config: Any = None, *, delta: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The first page and every page after it through ``@odata.nextLink``."""
+        page = await self._get_json(what, builder, config, delta=delta)
+        while True:
+            yield page
+            link = page.get("@odata.nextLink")
+            if not link:
+                return
+            page = await self._get_json(what, builder.with_url(str(link)), delta=delta)
+
+    async def _snapshot(self) -> CloudSnapshot:
+        for attempt in (1, 2):
+            try:
+                (users, users_link), (parts, groups_link), soft_deleted = await _all(
+                    self._read_users(),
+                    self._read_groups(),
+                    self._soft_deleted(),
+                )
+            except DeltaExpired:
+                # A skip token expired in the middle of a full round: start over once.
+                if attempt == 2:
+                    raise
+                log.warning("Graph delta paging token expired during a full read; restarting")
+                continue
+            groups = tuple(
+                group
+                for group_id, part in parts.items()
+                if part.removed is None and (group := _to_group(group_id, part, users)).is_unified
+            )
+            return CloudSnapshot(
+                groups=groups,
+                soft_deleted=soft_deleted,
+                groups_delta_link=groups_link,
+                users_delta_link=users_link,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_users(self) -> tuple[dict[str, tuple[str | None, bool]], str | None]:
+        users: dict[str, tuple[str | None, bool]] = {}
+        config = self._query(
+            self._sdk.UsersDelta.DeltaRequestBuilderGetQueryParameters, select=USER_SELECT
+        )
+        delta_link: str | None = None
+        async for page in self._pages("users delta", self._client.users.delta, config, delta=True):
+            for item in _items(page):
+                user_id = _opt_str(item.get("id"))
+                if user_id is None:
+                    continue
+                if item.get("@removed") is not None:
+                    users.pop(user_id, None)
+                    continue
+                users[user_id] = _user_facts(item)
+            delta_link = _opt_str(page.get("@odata.deltaLink"))
+        return users, delta_link
+
+    async def _read_groups(self) -> tuple[dict[str, _GroupParts], str | None]:
+        config = self._query(
+            self._sdk.GroupsDelta.DeltaRequestBuilderGetQueryParameters, select=GROUP_DELTA_SELECT
+        )
+        return await self._follow_groups(self._client.groups.delta, config)
+
+    async def _follow_groups(
+        self, builder: Any, config: Any = None
+    ) -> tuple[dict[str, _GroupParts], str | None]:
+        parts: dict[str, _GroupParts] = {}
+        delta_link: str | None = None
+        async for page in self._pages("groups delta", builder, config, delta=True):
+            for item in _items(page):
+                group_id = _opt_str(item.get("id"))
+                if group_id is not None:
+                    _merge(parts.setdefault(group_id, _GroupParts()), item)
+            delta_link = _opt_str(page.get("@odata.deltaLink"))
+        return parts, delta_link
+
+    async def _group_changes(self, delta_link: str) -> GroupChanges:
+        parts, link = await self._follow_groups(self._client.groups.delta.with_url(delta_link))
+        return GroupChanges(
+            changed=tuple(gid for gid, part in parts.items() if part.removed is None),
+            soft_deleted=frozenset(g for g, p in parts.items() if p.removed == "changed"),
+            hard_deleted=frozenset(
+                g for g, p in parts.items() if p.removed not in (None, "changed")
+            ),
+            delta_link=link,
+        )
+
+    async def _get_group(self, group_id: str) -> CloudGroup | None:
+        sdk = self._sdk
+        item = self._client.groups.by_group_id(group_id)
+        config = self._query(
+            sdk.GroupItem.GroupItemRequestBuilderGetQueryParameters, select=GROUP_SELECT
+        )
+        members_config = self._query(
+            sdk.MemberUsers.GraphUserRequestBuilderGetQueryParameters,
+            select=USER_SELECT,
+            top=MAX_PAGE_SIZE,
+        )
+        members: dict[str, CloudMember] = {}
+        try:
+            body = await self._get_json("get group", item, config)
+            pages = self._pages("list group members", item.members.graph_user, members_config)
+            async for page in pages:
+                for user in _items(page):
+                    user_id = _opt_str(user.get("id"))
+                    if user_id is not None:
+                        sid, synced = _user_facts(user)
+                        members[user_id] = CloudMember(
+                            user_id, MemberKind.USER, sid=sid, synced=synced
+                        )
+        except GraphNotFound:
+            return None
+        part = _GroupParts()
+        _merge(part, body)
+        group_id = _opt_str(body.get("id")) or group_id
+        return _to_group(group_id, part, {}, members=tuple(members.values()))
+
+    async def _soft_deleted(self) -> frozenset[str]:
+        config = self._query(
+            self._sdk.DeletedGroups.GraphGroupRequestBuilderGetQueryParameters,
+            select=("id",),
+            top=MAX_PAGE_SIZE,
+        )
+        ids: set[str] = set()
+        builder = self._client.directory.deleted_items.graph_group
+        async for page in self._pages("list deleted groups", builder, config):
+            ids.update(i for i in (_opt_str(item.get("id")) for item in _items(page)) if i)
+        return frozenset(ids)
+
+    # ----------------------------------------------------------------- calls
+
+    async def _call(
+        self, what: str, request: Callable[[], Awaitable[Any]], *, delta: bool = False
+    ) -> Any:
+        """One Graph request with bounded retries of transient faults; the
+        answer, or the mapped error after the last attempt."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts) | _RetryAfterBeyond(self._max_wait),
+            wait=self._wait,
+            retry=retry_if_exception_type(GraphUnavailable),
+            before_sleep=self._log_retry,
+            reraise=True,
+            sleep=asyncio.sleep,
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    result = await request()
+                except Exception as error:
+                    mapped = self._map_error(error, what, delta=delta)
+                    if mapped is None:
+                        raise
+                    raise mapped from None
+                if result is None:
+                    raise GraphUnavailable(f"Graph {what} returned an empty response")
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        # Exponential with jitter: backoff * 2**(n-1) plus up to one backoff of noise.
+        exponent = min(state.attempt_number - 1, 30)
+        backoff = self._backoff * 2.0**exponent + random.uniform(0, self._backoff)
+        retry_after = _retry_after_of(state)
+        return min(max(backoff, retry_after or 0.0), self._max_wait)
+
+    @staticmethod
+    def _log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s; attempt %d, retrying in %.2f s", error, state.attempt_number, delay)
+
+    def _map_error(self, error: Exception, what: str, *, delta: bool) -> Exception | None:
+        sdk = self._sdk
+        if isinstance(error, sdk.APIError):
+            return _map_api_error(error, what, delta=delta)
+        if isinstance(error, sdk.httpx.TimeoutException):
+            return GraphUnavailable(f"Graph {what} timed out ({type(error).__name__})")
+        if isinstance(error, sdk.httpx.TransportError):
+            return GraphUnavailable(
+                f"Graph {what} failed: {type(error).__name__}: {_scrub(str(error))}"
+            )
+        if isinstance(error, sdk.ClientAuthenticationError):
+            return GraphRefused(
+                f"Graph {what}: could not get a token: {_scrub(_first_line(error))}"
+            )
+        if isinstance(error, sdk.AzureTransportErrors):
+            return GraphUnavailable(
+                f"Graph {what}: token service unreachable: {type(error).__name__}"
+            )
+        return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _RetryAfterBeyond(stop_base):
+    """Stop when Graph asks for a longer pause than we are willing to wait."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        retry_after = _retry_after_of(retry_state)
+        return retry_after is not None and retry_after > self.limit
+
+
+async def _all(*coroutines: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Run concurrently; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            error = task.exception()
+            if error is not None:
+                raise error
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_GROUP_FIELDS = {
+    "displayName": "display_name",
+    "description": "description",
+    "mail": "mail",
+    "mailNickname": "mail_nickname",
+    "proxyAddresses": "proxy_addresses",
+    "groupTypes": "group_types",
+    "visibility": "visibility",
+}
+
+
+def _items(page: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    value = page.get("value")
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, Mapping)]
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _user_facts(item: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(SID, synced) of a user object as Graph returns it."""
+    return (
+        _opt_str(item.get("onPremisesSecurityIdentifier")) or None,
+        item.get("onPremisesSyncEnabled") is True,
+    )
+
+
+def _merge(part: _GroupParts, item: Mapping[str, Any]) -> None:
+    """Fold one delta appearance of a group into what is known of it.
+
+    A later appearance may carry only ``id`` and more ``members@delta``, so a
+    property absent from it keeps its earlier value."""
+    removed = item.get("@removed")
+    if removed is not None:
+        reason = removed.get("reason") if isinstance(removed, Mapping) else None
+        part.removed = str(reason or "deleted")
+        return
+    part.removed = None
+    for camel, name in _GROUP_FIELDS.items():
+        if camel in item:
+            part.fields[name] = item[camel]
+    for entry in item.get("members@delta") or ():
+        if not isinstance(entry, Mapping) or entry.get("id") is None:
+            continue
+        member_id = str(entry["id"])
+        if entry.get("@removed") is not None:
+            part.members.pop(member_id, None)
+        else:
+            odata_type = str(entry.get("@odata.type") or "").lower()
+            part.members[member_id] = _MEMBER_KINDS.get(odata_type, MemberKind.OTHER)
+
+
+def _to_group(
+    group_id: str,
+    part: _GroupParts,
+    users: Mapping[str, tuple[str | None, bool]],
+    *,
+    members: tuple[CloudMember, ...] | None = None,
+) -> CloudGroup:
+    fields = part.fields
+    if members is None:
+        resolved: list[CloudMember] = []
+        for member_id, kind in part.members.items():
+            if kind is MemberKind.USER:
+                sid, synced = users.get(member_id, (None, False))
+                resolved.append(CloudMember(member_id, kind, sid=sid, synced=synced))
+            else:
+                resolved.append(CloudMember(member_id, kind))
+        members = tuple(resolved)
+    return CloudGroup(
+        id=group_id,
+        display_name=str(fields.get("display_name") or ""),
+        description=_opt_str(fields.get("description")),
+        mail=_opt_str(fields.get("mail")),
+        mail_nickname=_opt_str(fields.get("mail_nickname")),
+        proxy_addresses=tuple(str(a) for a in fields.get("proxy_addresses") or ()),
+        group_types=tuple(str(t) for t in fields.get("group_types") or ()),
+        visibility=_opt_str(fields.get("visibility")),
+        members=members,
+    )
+
+
+def _map_api_error(error: Any, what: str, *, delta: bool) -> Exception:
+    status = int(error.response_status_code or 0)
+    headers = error.response_headers
+    code, message = _odata_error(error)
+    detail = f"Graph {what} answered {status}"
+    if code:
+        detail += f" {code}"
+    if message:
+        detail += f": {message}"
+    retry_after = _parse_retry_after(_header(headers, "retry-after"))
+    if status in (429, 503):
+        return GraphThrottled(detail, retry_after=retry_after)
+    if status >= 500:
+        return GraphUnavailable(detail, retry_after=retry_after)
+    if delta and (status == 410 or (code or "").lower() in _EXPIRED_TOKEN_CODES):
+        return DeltaExpired(detail)
+    if status == 404:
+        return GraphNotFound(detail)
+    return GraphRefused(detail)
+
+
+def _odata_error(error: Any) -> tuple[str | None, str | None]:
+    main = getattr(error, "error", None)
+    code = getattr(main, "code", None)
+    message = getattr(main, "message", None)
+    if message:
+        message = _scrub(str(message))[:300]
+    return (str(code) if code else None), message
+
+
+def _header(headers: Any, name: str) -> str | None:
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is None and isinstance(headers, Mapping):
+        for key, candidate in headers.items():
+            if str(key).lower() == name:
+                value = candidate
+                break
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return None if value is None else str(value)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds (fractions too) or an HTTP date."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _retry_after_of(state: RetryCallState) -> float | None:
+    if state.outcome is None or not state.outcome.failed:
+        return None
+    value = getattr(state.outcome.exception(), "retry_after", None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _scrub(text: str) -> str:
+    return _SECRETISH.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "message", None) or error)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
