@@ -56,3 +56,67 @@ class Directory(Protocol):
     def apply(self, operation: Operation) -> int:
         """Carry out one planned operation; returns the LDAP requests it took."""
         ...
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """What the webhook enqueues: Service Bus fields, nothing Service Bus-specific."""
+
+    body: bytes
+    message_id: str
+    session_id: str
+    application_properties: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    body: bytes
+    message_id: str
+    session_id: str
+    delivery_count: int
+    enqueued_at: float
+    #: The adapter's handle for settling this message (lock token, row id...).
+    lock: object = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    body: bytes
+    message_id: str
+    session_id: str
+    reason: str
+    description: str
+    dead_lettered_at: float
+    lock: object = None
+
+
+class EventQueue(Protocol):
+    """A session queue (one session per group) with peek-lock and dead letters.
+
+    Service Bus in Azure; an embedded SQLite queue on one machine. Both keep the
+    same rules: FIFO per session, one receiver per session at a time, a message
+    abandoned ``max_delivery_count`` times is dead-lettered, duplicates of a
+    message_id inside the detection window are dropped on send.
+    """
+
+    def send(self, messages: list[OutgoingMessage]) -> None: ...
+
+    def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
+        """Lock the next available session and take up to ``max_messages`` of it."""
+        ...
+
+    def complete(self, message: ReceivedMessage) -> None: ...
+
+    def abandon(self, message: ReceivedMessage) -> None: ...
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None: ...
+
+    def release_session(self, session_id: str) -> None: ...
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]: ...
+
+    def resubmit(self, dead_letter: DeadLetter) -> None:
+        """Move one dead letter back to the queue (replay)."""
+        ...
+
+    def depth(self) -> int: ...

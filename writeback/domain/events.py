@@ -1,0 +1,63 @@
+"""The queue envelope: one small, versioned message per group change.
+
+A notification is only a trigger (group notifications carry no resource data),
+so the envelope names the group and when we heard of it, nothing more; the
+worker reads the current state from Graph and AD and converges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+from writeback.errors import PoisonEvent
+
+ENVELOPE_VERSION = 1
+_MAX_ID = 128  # Service Bus limit for message and session ids
+
+
+class Change(StrEnum):
+    UPDATED = "updated"
+    DELETED = "deleted"
+    CREATED = "created"
+    RECONCILE = "reconcile"
+
+
+@dataclass(frozen=True)
+class GroupChanged:
+    group_id: str
+    change: Change
+    #: When the webhook accepted the notification (Unix seconds), for latency.
+    received_at: float
+    #: Identifies one Graph delivery, so Graph's retries become duplicates.
+    notification_id: str
+    version: int = ENVELOPE_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, body: bytes) -> GroupChanged:
+        """Parse a queue body; anything malformed is a poison event with the reason."""
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PoisonEvent(f"body is not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise PoisonEvent("body is not a JSON object")
+        if data.get("version") != ENVELOPE_VERSION:
+            raise PoisonEvent(f"unsupported envelope version {data.get('version')!r}")
+        group_id, notification_id = data.get("group_id"), data.get("notification_id")
+        if not _valid_id(group_id) or not _valid_id(notification_id):
+            raise PoisonEvent("group_id or notification_id missing or invalid")
+        try:
+            change = Change(str(data.get("change")))
+            received_at = float(data["received_at"])
+        except (KeyError, TypeError, ValueError):
+            raise PoisonEvent("change or received_at missing or invalid") from None
+        return cls(str(group_id), change, received_at, str(notification_id))
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_ID and value.isprintable()
