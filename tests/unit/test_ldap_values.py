@@ -1,0 +1,81 @@
+"""The LDAP adapter's pure parsing rules: extended DNs, DN keys, ranges, SIDs."""
+
+from __future__ import annotations
+
+import pytest
+
+from writeback.adapters.ldap_values import (
+    MemberRange,
+    dn_key,
+    parse_extended_dn,
+    parse_range,
+    sid_from_bytes,
+    single_cn_rdn,
+    strictly_within,
+)
+from writeback.domain.naming import dn_for
+
+HOSTILE = ['a, b + c "d" \\ <e> ; f = g', "#hash", "  spaced  ", "Отдел 営業部", "x=y\\"]
+
+
+def test_extended_dn_with_guid_and_sid() -> None:
+    value = "<GUID=3208fd0a-2a34-48f6-8cdd-4f33e840c5d2>;<SID=S-1-5-21-1-2-3-3102>;CN=g\\<1\\>,DC=x"
+    ref = parse_extended_dn(value)
+    assert ref.guid == "3208fd0a-2a34-48f6-8cdd-4f33e840c5d2"
+    assert ref.sid == "S-1-5-21-1-2-3-3102"
+    assert ref.dn == "CN=g\\<1\\>,DC=x"
+
+
+def test_extended_dn_without_sid_and_plain_dn() -> None:
+    assert parse_extended_dn("<GUID=abc>;CN=contact,DC=x").sid is None
+    assert parse_extended_dn("<GUID=abc>;CN=contact,DC=x").dn == "CN=contact,DC=x"
+    assert parse_extended_dn("CN=plain,DC=x").dn == "CN=plain,DC=x"
+    assert parse_extended_dn("<SID=S-1-5-32-544>").sid == "S-1-5-32-544"
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_dn_keys_ignore_how_a_value_is_escaped(name: str) -> None:
+    ours = dn_for(name, "OU=Groups,DC=x,DC=test")
+    hex_escaped = ours.replace("\\;", "\\3B").replace("\\=", "\\3D").replace("\\#", "\\23")
+    assert dn_key(ours) == dn_key(hex_escaped)
+    assert dn_key(ours) == dn_key(ours.upper().replace("OU=GROUPS", "ou=groups"))
+    assert dn_key(ours)[0] == ("cn", name.casefold())
+
+
+def test_strictly_within() -> None:
+    base = "OU=Groups,DC=x,DC=test"
+    assert strictly_within("CN=a,OU=Groups,DC=x,DC=test", base)
+    assert strictly_within("CN=a,OU=Child,ou=groups, DC=x,DC=test", base)
+    assert not strictly_within(base, base)
+    assert not strictly_within("CN=a,OU=Other,DC=x,DC=test", base)
+    assert not strictly_within("CN=a\\,OU=Groups,DC=x,DC=test", base)
+    assert not strictly_within("CN=a,OU=XGroups,DC=x,DC=test", base)
+    assert not strictly_within("<GUID=abc>", base)
+
+
+def test_single_cn_rdn() -> None:
+    assert single_cn_rdn("CN=a\\, b")
+    assert single_cn_rdn("cn=\\#x\\+y")
+    assert not single_cn_rdn("CN=a,OU=b")
+    assert not single_cn_rdn("CN=a+sn=b")
+    assert not single_cn_rdn("OU=a")
+    assert not single_cn_rdn("CN=")
+    assert not single_cn_rdn("CN=  ")
+
+
+def test_parse_range() -> None:
+    assert parse_range("member") is None
+    assert parse_range("member;range=0-1499") == MemberRange(0, 1499)
+    assert parse_range("member;range=1500-*") == MemberRange(1500, None)
+    with pytest.raises(ValueError):
+        parse_range("member;range=a-b")
+
+
+def test_sid_from_bytes() -> None:
+    raw = bytes.fromhex(
+        "010500000000000515000000" + "01000000" + "02000000" + "03000000" + "1e0c0000"
+    )
+    assert sid_from_bytes(raw) == "S-1-5-21-1-2-3-3102"
+    assert sid_from_bytes(bytes.fromhex("01020000000000052000000020020000")) == "S-1-5-32-544"
+    with pytest.raises(ValueError):
+        sid_from_bytes(raw[:-1])

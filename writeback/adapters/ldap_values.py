@@ -1,0 +1,200 @@
+"""Pure helpers for the LDAP adapter: values AD returns, DNs, result codes.
+
+No I/O here, so every parsing rule can be read (and unit-tested) on its own.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from writeback.domain.mapping import MANAGED_ATTRIBUTES
+from writeback.domain.naming import first_rdn, parent_of, unescape_dn_value
+
+#: The canonical spelling of every managed attribute, by lower-case name.
+CANONICAL_NAMES = {name.lower(): name for name in MANAGED_ATTRIBUTES}
+
+#: A DN as a comparable value: (attribute type, unescaped value), both case-folded.
+DnKey = tuple[tuple[str, str], ...]
+
+
+def sid_from_bytes(raw: bytes) -> str:
+    """The S-R-I-S... string form of a binary objectSid (MS-DTYP 2.4.2.2)."""
+    if len(raw) < 8:
+        raise ValueError(f"objectSid too short: {len(raw)} bytes")
+    revision, count = raw[0], raw[1]
+    if len(raw) != 8 + 4 * count:
+        raise ValueError(f"objectSid length {len(raw)} does not fit {count} sub-authorities")
+    authority = int.from_bytes(raw[2:8], "big")
+    subs = struct.unpack(f"<{count}I", raw[8:])
+    return "-".join(["S", str(revision), str(authority), *map(str, subs)])
+
+
+@dataclass(frozen=True)
+class ExtendedDn:
+    """A DN as the extended-DN control returns it: ``<GUID=..>;<SID=..>;CN=..``."""
+
+    dn: str
+    guid: str | None = None
+    sid: str | None = None
+
+
+def parse_extended_dn(value: str) -> ExtendedDn:
+    """Split the ``<NAME=value>;`` prefixes (string form, flag 1) from the DN.
+
+    Only leading ``<...>`` components are prefixes; a ``<`` inside the DN
+    itself is always escaped (``\\<`` or ``\\3C``), so it cannot be confused.
+    """
+    parts: dict[str, str] = {}
+    rest = value
+    while rest.startswith("<"):
+        end = rest.find(">")
+        if end < 0:
+            break
+        name, _, part = rest[1:end].partition("=")
+        parts[name.upper()] = part
+        rest = rest[end + 1 :]
+        if rest.startswith(";"):
+            rest = rest[1:]
+    return ExtendedDn(dn=rest, guid=parts.get("GUID"), sid=parts.get("SID"))
+
+
+def dn_key(dn: str) -> DnKey:
+    """``dn`` as a tuple of case-folded, unescaped RDNs, outermost last.
+
+    AD escapes differently than we do (``\\3D`` for ``=``, for example), so DNs
+    are compared as keys, never as strings.
+    """
+    rdns: list[tuple[str, str]] = []
+    rest = dn
+    while rest.strip():
+        rdn = first_rdn(rest)
+        attr, _, value = rdn.partition("=")
+        rdns.append((attr.strip().casefold(), unescape_dn_value(_trim(value)).casefold()))
+        rest = parent_of(rest)
+    return tuple(rdns)
+
+
+def _trim(value: str) -> str:
+    """Drop unescaped leading and trailing spaces (RFC 4514 says they are not part of it)."""
+    value = value.lstrip(" ")
+    while value.endswith(" ") and not _escaped_at(value, len(value) - 1):
+        value = value[:-1]
+    return value
+
+
+def _escaped_at(value: str, index: int) -> bool:
+    backslashes = 0
+    i = index - 1
+    while i >= 0 and value[i] == "\\":
+        backslashes += 1
+        i -= 1
+    return backslashes % 2 == 1
+
+
+def strictly_within(dn: str, base_dn: str) -> bool:
+    """True when ``dn`` is below ``base_dn`` (never ``base_dn`` itself)."""
+    key, base = dn_key(dn), dn_key(base_dn)
+    return len(key) > len(base) and key[len(key) - len(base) :] == base
+
+
+def single_cn_rdn(rdn: str) -> bool:
+    """True for exactly one ``CN=value`` RDN: no unescaped ``,`` or ``+``, a value."""
+    if parent_of(rdn) or _has_unescaped(rdn, "+"):
+        return False
+    attr, sep, value = rdn.partition("=")
+    return bool(sep) and attr.strip().casefold() == "cn" and bool(_trim(value))
+
+
+def _has_unescaped(text: str, char: str) -> bool:
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == char:
+            return True
+        i += 1
+    return False
+
+
+@dataclass(frozen=True)
+class MemberRange:
+    """One ``member;range=low-high`` slice; ``high`` None means the last one (``*``)."""
+
+    low: int
+    high: int | None
+
+
+def parse_range(attribute: str) -> MemberRange | None:
+    """The range of an attribute description like ``member;range=0-1499``, else None."""
+    _, sep, options = attribute.partition(";")
+    if not sep:
+        return None
+    for option in options.split(";"):
+        name, eq, bounds = option.partition("=")
+        if eq and name.strip().lower() == "range":
+            low, dash, high = bounds.partition("-")
+            if not dash or not low.isdigit() or not (high == "*" or high.isdigit()):
+                raise ValueError(f"malformed range option in {attribute!r}")
+            return MemberRange(int(low), None if high == "*" else int(high))
+    return None
+
+
+def decode(values: list[bytes] | None) -> tuple[str, ...]:
+    """Attribute values as text; AD returns integers and booleans in decimal/TRUE form."""
+    if not values:
+        return ()
+    return tuple(v.decode("utf-8", errors="replace") for v in values)
+
+
+# LDAP result codes (RFC 4511 4.1.9) and how writeback treats them.
+RESULT_NAMES = {
+    1: "operationsError",
+    2: "protocolError",
+    3: "timeLimitExceeded",
+    4: "sizeLimitExceeded",
+    7: "authMethodNotSupported",
+    8: "strongerAuthRequired",
+    11: "adminLimitExceeded",
+    12: "unavailableCriticalExtension",
+    13: "confidentialityRequired",
+    16: "noSuchAttribute",
+    17: "undefinedAttributeType",
+    18: "inappropriateMatching",
+    19: "constraintViolation",
+    20: "attributeOrValueExists",
+    21: "invalidAttributeSyntax",
+    32: "noSuchObject",
+    34: "invalidDNSyntax",
+    48: "inappropriateAuthentication",
+    49: "invalidCredentials",
+    50: "insufficientAccessRights",
+    51: "busy",
+    52: "unavailable",
+    53: "unwillingToPerform",
+    54: "loopDetect",
+    64: "namingViolation",
+    65: "objectClassViolation",
+    66: "notAllowedOnNonLeaf",
+    67: "notAllowedOnRDN",
+    68: "entryAlreadyExists",
+    69: "objectClassModsProhibited",
+    71: "affectsMultipleDSAs",
+    80: "other",
+    81: "serverDown",
+    85: "timeout",
+    91: "connectError",
+}
+
+#: Worth retrying later: the DC is down, busy, slow, or failed internally.
+TRANSIENT_RESULTS = frozenset({3, 51, 52, 80, 81, 85, 91})
+#: A bind refused for these reasons is a wrong setting, not a passing fault.
+BIND_CONFIG_RESULTS = frozenset({7, 8, 13, 48, 49, 50, 53})
+#: What a modify fails with when a value it adds exists or one it removes does
+#: not: our anchor check, or a member another writer changed first.
+VALUE_CONFLICT_RESULTS = frozenset({16, 20, 53, 68})
+
+
+def result_name(code: int) -> str:
+    return RESULT_NAMES.get(code, f"result {code}")
