@@ -12,6 +12,11 @@ for the users delta):
   onPremisesSyncEnabled&$top=999`` (the SDK spells the cast ``graph.user``)
 * ``GET /directory/deletedItems/microsoft.graph.group?$select=id&$top=999``
 
+and, to keep the change-notification subscription alive (same permission):
+
+* ``POST /subscriptions``, ``GET /subscriptions``, ``PATCH /subscriptions/{id}``,
+  ``POST /subscriptions/{id}/reauthorize``, ``DELETE /subscriptions/{id}``
+
 Notes on the SDK that shaped this module:
 
 * The SDK is async; this adapter owns one event loop in a daemon thread and
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import importlib
 import inspect
 import json
@@ -55,6 +61,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -132,6 +139,22 @@ class GroupChanges:
     soft_deleted: frozenset[str]
     hard_deleted: frozenset[str]
     delta_link: str | None
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A Graph change-notification subscription, as Graph reports it.
+
+    ``client_state`` is only known when Graph echoes it (on creation); it is
+    kept out of ``repr`` so it never lands in a log line."""
+
+    id: str
+    resource: str
+    change_type: str
+    notification_url: str
+    lifecycle_url: str | None
+    expiration: datetime
+    client_state: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -344,6 +367,55 @@ class GraphCloud:
         self._check_open()
         return self._run(self._group_changes(delta_link))
 
+    # ----------------------------------------------------------------- subscriptions
+
+    def create_subscription(
+        self,
+        notification_url: str,
+        lifecycle_url: str | None,
+        client_state: str,
+        expiration: datetime,
+        *,
+        resource: str = "groups",
+        change_type: str = "updated,deleted",
+    ) -> Subscription:
+        """Subscribe ``notification_url`` to changes of ``resource``.
+
+        Graph validates both URLs (the handshake) before answering. Retried
+        like every call: a create retried after a timeout may leave a second
+        subscription behind, which :func:`ensure_subscription` removes."""
+        self._check_open()
+        model = _subscription_model()(
+            change_type=change_type,
+            notification_url=notification_url,
+            lifecycle_notification_url=lifecycle_url,
+            resource=resource,
+            expiration_date_time=_utc(expiration),
+            client_state=client_state,
+        )
+        return self._run(self._create_subscription(model))
+
+    def list_subscriptions(self) -> list[Subscription]:
+        """Every subscription this application has in the tenant."""
+        self._check_open()
+        return self._run(self._list_subscriptions())
+
+    def renew_subscription(self, subscription_id: str, expiration: datetime) -> Subscription:
+        """Move the expiry (this also reauthorizes). :class:`GraphNotFound` when gone."""
+        self._check_open()
+        model = _subscription_model()(expiration_date_time=_utc(expiration))
+        return self._run(self._renew_subscription(subscription_id, model))
+
+    def reauthorize_subscription(self, subscription_id: str) -> None:
+        """Answer a ``reauthorizationRequired`` lifecycle event."""
+        self._check_open()
+        self._run(self._reauthorize_subscription(subscription_id))
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """Delete a subscription; :class:`GraphNotFound` when it does not exist."""
+        self._check_open()
+        self._run(self._delete_subscription(subscription_id))
+
     def close(self) -> None:
         """Close the HTTP client (and an async credential), stop the loop thread."""
         with self._close_lock:
@@ -549,6 +621,62 @@ class GraphCloud:
         async for page in self._pages("list deleted groups", builder, config):
             ids.update(i for i in (_opt_str(item.get("id")) for item in _items(page)) if i)
         return frozenset(ids)
+
+    async def _create_subscription(self, model: Any) -> Subscription:
+        builder = self._client.subscriptions
+        body = await self._send_json(
+            "create subscription", lambda: builder.to_post_request_information(model)
+        )
+        return _to_subscription(body, "create subscription")
+
+    async def _list_subscriptions(self) -> list[Subscription]:
+        found: list[Subscription] = []
+        async for page in self._pages("list subscriptions", self._client.subscriptions):
+            found.extend(_to_subscription(item, "list subscriptions") for item in _items(page))
+        return found
+
+    async def _renew_subscription(self, subscription_id: str, model: Any) -> Subscription:
+        builder = self._client.subscriptions.by_subscription_id(subscription_id)
+        body = await self._send_json(
+            "renew subscription", lambda: builder.to_patch_request_information(model)
+        )
+        return _to_subscription(body, "renew subscription")
+
+    async def _reauthorize_subscription(self, subscription_id: str) -> None:
+        builder = self._client.subscriptions.by_subscription_id(subscription_id).reauthorize
+        await self._send_no_content("reauthorize subscription", builder.to_post_request_information)
+
+    async def _delete_subscription(self, subscription_id: str) -> None:
+        builder = self._client.subscriptions.by_subscription_id(subscription_id)
+        await self._send_no_content("delete subscription", builder.to_delete_request_information)
+
+    async def _send_json(self, what: str, build: Callable[[], Any]) -> dict[str, Any]:
+        """Send a request built by ``build`` (a request builder's ``to_*_request_information``)
+        through the SDK's pipeline; the answer as JSON."""
+
+        def request() -> Awaitable[Any]:
+            sent: Awaitable[Any] = self._adapter.send_primitive_async(
+                build(), "bytes", self._error_map
+            )
+            return sent
+
+        raw = await self._call(what, request)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise GraphUnavailable(f"Graph {what} returned a body that is not JSON") from None
+        if not isinstance(body, dict):
+            raise GraphUnavailable(f"Graph {what} returned an unexpected JSON document")
+        return body
+
+    async def _send_no_content(self, what: str, build: Callable[[], Any]) -> None:
+        """Like :meth:`_send_json` for calls answered with 204 No Content."""
+
+        async def request() -> bool:
+            await self._adapter.send_no_response_content_async(build(), self._error_map)
+            return True
+
+        await self._call(what, request)
 
     # ----------------------------------------------------------------- calls
 
@@ -794,6 +922,45 @@ def _retry_after_of(state: RetryCallState) -> float | None:
         return None
     value = getattr(state.outcome.exception(), "retry_after", None)
     return float(value) if isinstance(value, int | float) else None
+
+
+@functools.cache
+def _subscription_model() -> Any:
+    """msgraph's ``Subscription`` model (request bodies only), imported on first use,
+    with the subscription request builders (whose import warns about deprecations)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for module in (
+            "msgraph.generated.subscriptions.subscriptions_request_builder",
+            "msgraph.generated.subscriptions.item.subscription_item_request_builder",
+            "msgraph.generated.subscriptions.item.reauthorize.reauthorize_request_builder",
+        ):
+            importlib.import_module(module)
+        return importlib.import_module("msgraph.generated.models.subscription").Subscription
+
+
+def _utc(when: datetime) -> datetime:
+    """An aware UTC datetime (a naive one is taken as UTC)."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _to_subscription(item: Mapping[str, Any], what: str) -> Subscription:
+    subscription_id = _opt_str(item.get("id"))
+    try:
+        expiration = _utc(datetime.fromisoformat(str(item.get("expirationDateTime"))))
+    except ValueError:
+        expiration = None
+    if not subscription_id or expiration is None:
+        raise GraphUnavailable(f"Graph {what} returned a subscription without id or expiry")
+    return Subscription(
+        id=subscription_id,
+        resource=str(item.get("resource") or ""),
+        change_type=str(item.get("changeType") or ""),
+        notification_url=str(item.get("notificationUrl") or ""),
+        lifecycle_url=_opt_str(item.get("lifecycleNotificationUrl")) or None,
+        expiration=expiration,
+        client_state=_opt_str(item.get("clientState")),
+    )
 
 
 def _scrub(text: str) -> str:
