@@ -1,0 +1,781 @@
+"""LdapDirectory against a real Samba AD DC.
+
+Every assertion about directory state reads it back over the harness's own
+admin connection, never through the adapter under test.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
+from ldap3.protocol.formatters.formatters import format_sid
+
+from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.ldap_values import RESULT_NAMES, dn_key
+from writeback.domain.mapping import EXCHANGE_ATTRIBUTES
+from writeback.domain.model import (
+    Add,
+    Changes,
+    Delete,
+    DirectoryGroup,
+    Modify,
+    Operation,
+    Rename,
+    anchor_for,
+)
+from writeback.domain.naming import dn_for, rdn_for, sam_account_name_for
+from writeback.errors import (
+    ConfigError,
+    DirectoryRefused,
+    LdapUnavailable,
+    PermanentError,
+    PolicyRefused,
+)
+
+if TYPE_CHECKING:
+    from writeback.sandbox.samba import SambaDC
+
+pytestmark = pytest.mark.samba
+
+#: Extended-DN control with value SEQUENCE { INTEGER 1 }: GUID and SID as strings
+#: (without a value, Samba answers in hex).
+EXTENDED_DN = ("1.2.840.113556.1.4.529", False, b"\x30\x03\x02\x01\x01")
+HOSTILE_NAMES = [
+    'a, b + c "d" \\ <e> ; f = g',
+    "#leading hash",
+    "  leading and trailing spaces  ",
+    "Отдел продаж 営業部 المبيعات",
+    "x=y\\",
+]
+CROWD = 12_000
+
+MakeOu = Callable[["SambaDC"], str]
+OpenDirectory = Callable[..., LdapDirectory]
+
+
+# --- fixtures and helpers --------------------------------------------------------------
+
+
+@pytest.fixture
+def open_directory() -> Iterator[OpenDirectory]:
+    opened: list[LdapDirectory] = []
+
+    def open_(dc: SambaDC, ou: str, **options: Any) -> LdapDirectory:
+        directory = LdapDirectory(
+            url=dc.ldaps_url,
+            user=dc.admin_dn,
+            password=dc.admin_password,
+            target_ou=ou,
+            ca_file=dc.ca_file,
+            **options,
+        )
+        opened.append(directory)
+        return directory
+
+    yield open_
+    for directory in opened:
+        directory.close()
+
+
+@pytest.fixture(scope="module")
+def crowd(samba_dc: SambaDC) -> list[str]:
+    """SIDs of CROWD users, made once per module for the chunking and range tests."""
+    token = uuid.uuid4().hex[:8]
+    names = [f"c{token}{i:05d}" for i in range(CROWD)]
+    sids = samba_dc.create_users(samba_dc.create_ou(f"crowd-{token}"), names)
+    return [sids[name] for name in names]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def refs(sids: Any) -> tuple[str, ...]:
+    return tuple(f"<SID={sid}>" for sid in sids)
+
+
+def add_op(gid: str, dn: str, members: Any = (), **attributes: tuple[str, ...]) -> Add:
+    values: dict[str, tuple[str, ...]] = {
+        "objectClass": ("top", "group"),
+        "sAMAccountName": (sam_account_name_for(gid),),
+        "adminDescription": (anchor_for(gid),),
+        "groupType": ("8",),
+        "displayName": (f"Group {gid[:8]}",),
+        "description": (),
+    }
+    values.update(attributes)
+    return Add(gid, dn, values, refs(members))
+
+
+def read(dc: SambaDC, dn: str, *attributes: str) -> dict[str, list[str]] | None:
+    """An entry's attributes (lower-case names, text values) or None when it is gone."""
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        conn.search(dn, "(objectClass=*)", BASE, attributes=list(attributes or ["*"]))
+        if conn.result["result"] == 32:
+            return None
+        assert conn.result["result"] == 0, conn.result
+        raw = conn.response[0]["raw_attributes"]
+        return {
+            name.lower(): [v.decode("utf-8", "replace") for v in values]
+            for name, values in raw.items()
+            if values
+        }
+    finally:
+        conn.unbind()
+
+
+def member_sids(dc: SambaDC, dn: str) -> set[str]:
+    """Members' SIDs as the DC reports them (extended DN), read independently."""
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        conn.search(dn, "(objectClass=*)", BASE, attributes=["member"], controls=[EXTENDED_DN])
+        assert conn.result["result"] == 0, conn.result
+        values = conn.response[0]["raw_attributes"].get("member") or []
+        return {m.group(1) for v in values if (m := re.search(r"<SID=([^>]+)>", v.decode()))}
+    finally:
+        conn.unbind()
+
+
+def admin_modify(dc: SambaDC, dn: str, changes: dict[str, Any]) -> None:
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        assert conn.modify(dn, changes), conn.result
+    finally:
+        conn.unbind()
+
+
+def admin_add(dc: SambaDC, dn: str, classes: list[str], attributes: dict[str, Any]) -> None:
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        assert conn.add(dn, classes, attributes), conn.result
+    finally:
+        conn.unbind()
+
+
+def admin_group(dc: SambaDC, dn: str, anchor: str | None = None) -> None:
+    attributes: dict[str, Any] = {"sAMAccountName": "g" + uuid.uuid4().hex[:18]}
+    if anchor is not None:
+        attributes["adminDescription"] = anchor
+    admin_add(dc, dn, ["top", "group"], attributes)
+
+
+def users(dc: SambaDC, ou: str, count: int) -> list[str]:
+    """SIDs of ``count`` new users (sAMAccountName is the name: unique per domain)."""
+    token = uuid.uuid4().hex[:10]
+    names = [f"u{token}{i}" for i in range(count)]
+    sids = dc.create_users(dc.create_ou("People", ou), names)
+    return [sids[name] for name in names]
+
+
+def same_dn(a: str, b: str) -> bool:
+    return dn_key(a) == dn_key(b)
+
+
+# --- reads -----------------------------------------------------------------------------
+
+
+def test_schema_attributes_of_a_plain_forest(
+    samba_dc: SambaDC, open_directory: OpenDirectory
+) -> None:
+    directory = open_directory(samba_dc, samba_dc.base_dn)
+    assert directory.schema_attributes() == frozenset()
+
+
+def test_schema_attributes_of_an_exchange_forest(
+    exchange_dc: SambaDC, open_directory: OpenDirectory
+) -> None:
+    directory = open_directory(exchange_dc, exchange_dc.base_dn)
+    assert directory.schema_attributes() == {n.lower() for n in EXCHANGE_ATTRIBUTES}
+
+
+def test_add_with_members_by_sid(
+    any_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(any_dc)
+    sids = users(any_dc, ou, 3)
+    target = any_dc.create_ou("Groups", ou)
+    directory = open_directory(any_dc, target)
+    exchange = "mailnickname" in directory.schema_attributes()
+    gid = new_id()
+    dn = dn_for(f"Group_{gid}", target)
+    extra: dict[str, tuple[str, ...]] = {
+        "mail": ("sales@contoso.com",),
+        "proxyAddresses": ("SMTP:sales@contoso.com", "smtp:sales@contoso.onmicrosoft.com"),
+    }
+    if exchange:
+        extra |= {
+            "mailNickname": ("sales",),
+            "msExchRecipientTypeDetails": (str(2**43),),
+            "msExchRecipientDisplayType": ("1",),
+        }
+
+    assert directory.apply(add_op(gid, dn, sids[:2], **extra)) == 1
+
+    entry = read(any_dc, dn)
+    assert entry is not None
+    assert entry["admindescription"] == [anchor_for(gid)]
+    assert entry["grouptype"] == ["8"]
+    assert "description" not in entry, "empty values are omitted"
+    assert sorted(entry["proxyaddresses"]) == sorted(extra["proxyAddresses"])
+    assert member_sids(any_dc, dn) == set(sids[:2])
+    if exchange:
+        assert entry["mailnickname"] == ["sales"]
+        assert entry["msexchrecipienttypedetails"] == [str(2**43)]
+    else:
+        assert "mailnickname" not in entry
+
+    group = directory.find_group(gid)
+    assert group is not None
+    assert same_dn(group.dn, dn)
+    assert group.group_id == gid
+    assert group.member_sids == set(sids[:2])
+    assert group.other_members == frozenset()
+    assert group.attributes["groupType"] == ("8",)
+    assert group.attributes["displayName"] == (f"Group {gid[:8]}",)
+    assert not group.attributes.get("description")
+    conn = any_dc.connection(raise_exceptions=False)
+    try:
+        conn.search(dn, "(objectClass=*)", BASE, attributes=["objectSid"])
+        assert group.object_sid == format_sid(conn.response[0]["raw_attributes"]["objectSid"][0])
+    finally:
+        conn.unbind()
+    if exchange:
+        assert group.attributes["msExchRecipientDisplayType"] == ("1",)
+
+
+def test_exchange_attribute_on_a_plain_forest_is_refused_permanently(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for(f"Group_{gid}", ou)
+    with pytest.raises(DirectoryRefused) as refused:
+        directory.apply(add_op(gid, dn, mailNickname=("sales",)))
+    assert isinstance(refused.value, PermanentError)
+    assert read(samba_dc, dn) is None
+
+
+def test_find_group_after_rename_and_move_to_child_ou(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    child = samba_dc.create_ou("Child", ou)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    directory.apply(add_op(gid, dn_for("Original", ou)))
+    conn = samba_dc.connection(raise_exceptions=False)
+    try:
+        assert conn.modify_dn(dn_for("Original", ou), "CN=Moved by admin", new_superior=child)
+    finally:
+        conn.unbind()
+
+    group = directory.find_group(gid)
+    assert group is not None
+    assert same_dn(group.dn, dn_for("Moved by admin", child))
+    # and the moved object is what may be written now, not the old DN
+    assert directory.apply(Modify(gid, group.dn, Changes(replace={"description": ("x",)}))) == 1
+    with pytest.raises(PolicyRefused):
+        directory.apply(Delete(gid, dn_for("Original", ou)))
+
+
+def test_find_group_ignores_unanchored_namesakes_and_anchored_objects_outside(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    target = samba_dc.create_ou("Target", ou)
+    outside = samba_dc.create_ou("Outside", ou)
+    gid = new_id()
+    admin_group(samba_dc, dn_for(f"Group_{gid}", target))  # same name, no anchor
+    admin_group(samba_dc, dn_for(f"Group_{gid}", outside), anchor_for(gid))
+    admin_group(samba_dc, dn_for("lookalike", target), anchor_for(gid) + "0")
+    directory = open_directory(samba_dc, target)
+
+    assert directory.find_group(gid) is None
+    assert [g.group_id for g in directory.iter_groups()] == [gid + "0"]
+    assert directory.find_group("*") is None, "the id is escaped, never a wildcard"
+
+
+def test_find_group_refuses_a_duplicated_anchor(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    gid = new_id()
+    first, second = dn_for("First", ou), dn_for("Second", ou)
+    admin_group(samba_dc, first, anchor_for(gid))
+    admin_group(samba_dc, second, anchor_for(gid))
+    directory = open_directory(samba_dc, ou)
+    with pytest.raises(DirectoryRefused) as refused:
+        directory.find_group(gid)
+    assert "CN=First" in str(refused.value) and "CN=Second" in str(refused.value)
+
+
+def test_iter_groups_pages_through_every_anchored_group(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 3)
+    target = samba_dc.create_ou("Groups", ou)
+    setup = open_directory(samba_dc, target)
+    ids = [new_id() for _ in range(25)]
+    for i, gid in enumerate(ids):
+        setup.apply(add_op(gid, dn_for(f"G{i:02d}", target), sids[: i % 4]))
+    admin_group(samba_dc, dn_for("Not ours", target))
+    admin_group(samba_dc, dn_for("Not a GUID anchor", target), "Something else")
+
+    directory = open_directory(samba_dc, target, page_size=10)
+    groups = {g.group_id: g for g in directory.iter_groups()}
+    assert set(groups) == set(ids)
+    for i, gid in enumerate(ids):
+        assert groups[gid].member_sids == set(sids[: i % 4])
+        assert same_dn(groups[gid].dn, dn_for(f"G{i:02d}", target))
+    # what iter_groups saw may be written; a group deleted meanwhile no longer may
+    gone = groups[ids[0]]
+    assert directory.apply(Delete(gone.group_id, gone.dn)) == 2
+    assert read(samba_dc, gone.dn) is None
+    with pytest.raises(PolicyRefused):
+        directory.apply(Modify(gone.group_id, gone.dn, Changes(replace={"info": ("x",)})))
+
+
+# --- the scope guard -------------------------------------------------------------------
+
+
+def test_apply_refuses_objects_outside_the_target_ou(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    target = samba_dc.create_ou("Target", ou)
+    outside = samba_dc.create_ou("Outside", ou)
+    gid = new_id()
+    victim = dn_for(f"Group_{gid}", outside)
+    admin_group(samba_dc, victim, anchor_for(gid))
+    directory = open_directory(samba_dc, target)
+    before = read(samba_dc, victim)
+
+    operations: list[Operation] = [
+        Modify(gid, victim, Changes(replace={"description": ("pwned",)})),
+        Delete(gid, victim),
+        Rename(gid, victim, "CN=renamed"),
+        Delete(gid, target),
+        Add(gid, dn_for("x", outside), add_op(gid, "").attributes),
+        Add(gid, target, add_op(gid, "").attributes),
+    ]
+    for operation in operations:
+        with pytest.raises(PolicyRefused):
+            directory.apply(operation)
+    assert read(samba_dc, victim) == before
+    assert read(samba_dc, target) is not None
+    assert read(samba_dc, dn_for("x", outside)) is None
+
+
+def test_apply_refuses_objects_without_our_anchor(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    gid = new_id()
+    plain = dn_for(f"Group_{gid}", ou)
+    admin_group(samba_dc, plain)
+    never_read = dn_for("Anchored but never read", ou)
+    admin_group(samba_dc, never_read, anchor_for(gid))
+    directory = open_directory(samba_dc, ou)
+    before = read(samba_dc, plain), read(samba_dc, never_read)
+
+    for dn in (plain, never_read):
+        for operation in (
+            Modify(gid, dn, Changes(replace={"description": ("pwned",)})),
+            Delete(gid, dn),
+            Rename(gid, dn, "CN=renamed"),
+        ):
+            with pytest.raises(PolicyRefused):
+                directory.apply(operation)
+    assert (read(samba_dc, plain), read(samba_dc, never_read)) == before
+
+
+def test_apply_refuses_an_object_with_another_groups_anchor(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    mine, theirs = new_id(), new_id()
+    dn = dn_for("Theirs", ou)
+    admin_group(samba_dc, dn, anchor_for(theirs))
+    directory = open_directory(samba_dc, ou)
+    assert directory.find_group(theirs) is not None
+    before = read(samba_dc, dn)
+
+    for operation in (
+        Modify(mine, dn, Changes(replace={"description": ("pwned",)})),
+        Modify(theirs, dn, Changes(replace={"adminDescription": (anchor_for(mine),)})),
+        Modify(theirs, dn, Changes(replace={"adminDescription": ()})),
+        Delete(mine, dn),
+        Rename(mine, dn, "CN=renamed"),
+    ):
+        with pytest.raises(PolicyRefused):
+            directory.apply(operation)
+    assert read(samba_dc, dn) == before
+
+
+def test_add_must_carry_our_anchor_and_be_a_group(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for("New", ou)
+    good = add_op(gid, dn).attributes
+    bad = [
+        {k: v for k, v in good.items() if k != "adminDescription"},
+        {**good, "adminDescription": (anchor_for(new_id()),)},
+        {**good, "adminDescription": (anchor_for(gid), "second")},
+        {**good, "objectClass": ("top", "contact")},
+    ]
+    for attributes in bad:
+        with pytest.raises(PolicyRefused):
+            directory.apply(Add(gid, dn, attributes))
+    assert read(samba_dc, dn) is None
+
+
+def test_the_dc_checks_the_anchor_at_write_time(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    """Seen with our anchor, then re-purposed by an admin: the DC refuses the write."""
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 2)
+    target = samba_dc.create_ou("Groups", ou)
+    directory = open_directory(samba_dc, target)
+    gid = new_id()
+    dn = dn_for("Ours, then not", target)
+    directory.apply(add_op(gid, dn, sids[:1]))
+    group = directory.find_group(gid)
+    assert group is not None
+    admin_modify(samba_dc, dn, {"adminDescription": [(MODIFY_REPLACE, ["Owned by someone else"])]})
+    before = read(samba_dc, dn)
+
+    for operation in (
+        Modify(gid, dn, Changes(replace={"description": ("pwned",)}, add_members=refs(sids[1:]))),
+        Delete(gid, dn),
+        Rename(gid, dn, "CN=renamed"),
+    ):
+        with pytest.raises(PolicyRefused):
+            directory.apply(operation)
+    assert read(samba_dc, dn) == before
+    assert member_sids(samba_dc, dn) == set(sids[:1])
+
+    admin_modify(samba_dc, dn, {"adminDescription": [(MODIFY_DELETE, [])]})
+    with pytest.raises(PolicyRefused):
+        directory.apply(Delete(gid, dn))
+    assert read(samba_dc, dn) is not None
+
+
+# --- members ---------------------------------------------------------------------------
+
+
+def test_member_add_and_remove_by_sid_in_one_modify(
+    any_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(any_dc)
+    sids = users(any_dc, ou, 4)
+    directory = open_directory(any_dc, ou)
+    gid = new_id()
+    dn = dn_for("Team", ou)
+    directory.apply(add_op(gid, dn, sids[:2]))
+    assert directory.find_group(gid) is not None
+
+    change = Changes(
+        replace={"description": ("new",), "mail": ()},
+        add_members=refs(sids[2:]),
+        remove_members=refs(sids[:1]),
+    )
+    assert directory.apply(Modify(gid, dn, change)) == 1
+    assert member_sids(any_dc, dn) == set(sids[1:])
+    entry = read(any_dc, dn)
+    assert entry is not None and entry["description"] == ["new"]
+    assert entry["admindescription"] == [anchor_for(gid)]
+
+
+def test_member_changes_are_idempotent_under_races(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 4)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for("Raced", ou)
+    directory.apply(add_op(gid, dn, sids[:2]))
+    assert directory.find_group(gid) is not None
+    # someone else already added sids[1] and removed sids[3] (never there)
+    change = Changes(
+        replace={"description": ("after the race",)},
+        add_members=refs(sids[1:3]),
+        remove_members=refs([sids[0], sids[3]]),
+    )
+    assert directory.apply(Modify(gid, dn, change)) == 3  # refused, read back, retried
+    assert member_sids(samba_dc, dn) == {sids[1], sids[2]}
+    entry = read(samba_dc, dn)
+    assert entry is not None and entry["description"] == ["after the race"]
+    # the same change again is a no-op, not an error
+    directory.apply(Modify(gid, dn, change))
+    assert member_sids(samba_dc, dn) == {sids[1], sids[2]}
+
+
+def test_members_without_a_sid_are_other_members_and_can_be_removed(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 1)
+    target = samba_dc.create_ou("Groups", ou)
+    directory = open_directory(samba_dc, target)
+    gid = new_id()
+    dn = dn_for("With contact", target)
+    directory.apply(add_op(gid, dn, sids))
+    contact = dn_for("Contact, by hand", ou)
+    admin_add(samba_dc, contact, ["top", "contact"], {})
+    admin_modify(samba_dc, dn, {"member": [(MODIFY_ADD, [contact])]})
+
+    group = directory.find_group(gid)
+    assert group is not None
+    assert group.member_sids == set(sids)
+    assert [dn_key(m) for m in group.other_members] == [dn_key(contact)]
+
+    directory.apply(Modify(gid, dn, Changes(remove_members=tuple(group.other_members))))
+    assert read(samba_dc, dn, "member") == {"member": [read_dn(samba_dc, sids[0])]}
+    after = directory.find_group(gid)
+    assert after is not None and after.other_members == frozenset()
+
+
+def read_dn(dc: SambaDC, sid: str) -> str:
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        conn.search(f"<SID={sid}>", "(objectClass=*)", BASE, attributes=["cn"])
+        return str(conn.response[0]["dn"])
+    finally:
+        conn.unbind()
+
+
+def test_member_changes_are_chunked(
+    samba_dc: SambaDC, crowd: list[str], make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou, chunk_size=5000)
+    gid = new_id()
+    dn = dn_for("Crowd", ou)
+
+    assert directory.apply(add_op(gid, dn, crowd)) == 3  # one add, two modifies
+    assert member_sids(samba_dc, dn) == set(crowd)
+    group = directory.find_group(gid)
+    assert group is not None and group.member_sids == set(crowd)
+
+    change = Changes(replace={"description": ("emptied",)}, remove_members=refs(crowd))
+    assert directory.apply(Modify(gid, dn, change)) == 3
+    assert member_sids(samba_dc, dn) == set()
+    entry = read(samba_dc, dn)
+    assert entry is not None and entry["description"] == ["emptied"]
+
+    mixed = Changes(add_members=refs(crowd[:8000]))
+    assert directory.apply(Modify(gid, dn, mixed)) == 2
+    swap = Changes(add_members=refs(crowd[8000:]), remove_members=refs(crowd[:8000]))
+    assert directory.apply(Modify(gid, dn, swap)) == 3
+    assert member_sids(samba_dc, dn) == set(crowd[8000:])
+
+
+def test_large_groups_are_read_completely_with_ranged_retrieval(
+    samba_dc: SambaDC,
+    crowd: list[str],
+    make_ou: MakeOu,
+    open_directory: OpenDirectory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ou = make_ou(samba_dc)
+    writer = open_directory(samba_dc, ou)
+    big, small = new_id(), new_id()
+    writer.apply(add_op(big, dn_for("Big", ou), crowd[:3500]))
+    writer.apply(add_op(small, dn_for("Small", ou), crowd[:5]))
+
+    plain = open_directory(samba_dc, ou).find_group(big)
+    assert plain is not None and plain.member_sids == set(crowd[:3500])
+
+    searches: list[list[str]] = []
+    requests: list[str] = []
+    search, call = LdapDirectory._search, LdapDirectory._call
+
+    def spy_search(self: LdapDirectory, base: str, f: str, scope: str, a: Any, **kw: Any) -> Any:
+        searches.append(list(a))
+        return search(self, base, f, scope, a, **kw)
+
+    def spy_call(self: LdapDirectory, what: str, dn: str, send: Any) -> Any:
+        requests.append(what)
+        return call(self, what, dn, send)
+
+    monkeypatch.setattr(LdapDirectory, "_search", spy_search)
+    monkeypatch.setattr(LdapDirectory, "_call", spy_call)
+    ranged = open_directory(samba_dc, ou, range_window=1000)
+    group = ranged.find_group(big)
+    assert group is not None and group.member_sids == set(crowd[:3500])
+    assert "member;range=0-999" in searches[0]
+    assert searches[1:] == [[f"member;range={n}-{n + 999}"] for n in (1000, 2000, 3000)]
+    assert requests == ["search"] * 4
+
+    requests.clear()
+    groups = {g.group_id: g for g in ranged.iter_groups()}
+    assert groups[big].member_sids == set(crowd[:3500])
+    assert groups[small].member_sids == set(crowd[:5])
+    assert requests == ["search"] * 4, "one page, then ranged reads for the big group only"
+
+
+# --- names -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_via_add_and_rename(
+    name: str, samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for(name, ou)
+    directory.apply(add_op(gid, dn))
+    assert read(samba_dc, dn, "cn") == {"cn": [name]}
+    group = directory.find_group(gid)
+    assert group is not None and same_dn(group.dn, dn)
+
+    renamed = "renamed " + name[::-1]
+    assert directory.apply(Rename(gid, group.dn, rdn_for(renamed), Changes())) == 2
+    assert read(samba_dc, dn) is None
+    assert read(samba_dc, dn_for(renamed, ou), "cn") == {"cn": [renamed]}
+    again = directory.find_group(gid)
+    assert again is not None and same_dn(again.dn, dn_for(renamed, ou))
+
+    back = Changes(replace={"displayName": (name,)})
+    assert directory.apply(Rename(gid, again.dn, rdn_for(name), back)) == 2
+    assert read(samba_dc, dn, "cn", "displayName") == {"cn": [name], "displayname": [name]}
+
+
+def test_rename_stays_in_its_parent_and_names_one_cn(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for("Stay", ou)
+    directory.apply(add_op(gid, dn))
+    for new_rdn in (f"CN=Away,{samba_dc.base_dn}", "OU=Stay", "CN=a+sn=b", "CN="):
+        with pytest.raises(PolicyRefused):
+            directory.apply(Rename(gid, dn, new_rdn))
+    assert read(samba_dc, dn) is not None
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_a_stopped_dc_is_transient_and_the_next_call_reconnects(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for("Survivor", ou)
+    directory.apply(add_op(gid, dn))
+    assert directory.find_group(gid) is not None
+    samba_dc.stop()
+    try:
+        with pytest.raises(LdapUnavailable):
+            directory.find_group(gid)
+        with pytest.raises(LdapUnavailable):
+            directory.apply(Modify(gid, dn, Changes(replace={"description": ("x",)})))
+    finally:
+        samba_dc.start()
+    assert directory.apply(Modify(gid, dn, Changes(replace={"description": ("back",)}))) == 1
+    entry = read(samba_dc, dn)
+    assert entry is not None and entry["description"] == ["back"]
+
+
+def test_refusals_by_the_dc_are_permanent_and_name_code_and_dn(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    dn = dn_for("Refused", ou)
+    directory.apply(add_op(gid, dn))
+    assert directory.find_group(gid) is not None
+
+    errors = []
+    operations: tuple[Operation, ...] = (
+        Modify(gid, dn, Changes(replace={"notAnAttribute": ("x",)})),
+        add_op(gid, dn),  # already exists
+        add_op(new_id(), dn_for("Other", ou), sAMAccountName=(sam_account_name_for(gid),)),
+    )
+    for operation in operations:
+        with pytest.raises(DirectoryRefused) as refused:
+            directory.apply(operation)
+        errors.append(str(refused.value))
+    for message in errors:
+        assert any(name in message for name in RESULT_NAMES.values()), message
+        assert "OU=" in message
+        assert samba_dc.admin_password not in message
+    assert "entryAlreadyExists" in errors[1]
+    # the connection survives a refusal
+    assert directory.find_group(gid) is not None
+
+
+def test_tls_is_validated_and_starttls_works(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    starttls = LdapDirectory(
+        url=samba_dc.ldap_url,
+        user=samba_dc.admin_dn,
+        password=samba_dc.admin_password,
+        target_ou=ou,
+        ca_file=samba_dc.ca_file,
+    )
+    with starttls:
+        assert starttls.find_group(new_id()) is None
+    untrusted = LdapDirectory(
+        url=samba_dc.ldaps_url,
+        user=samba_dc.admin_dn,
+        password=samba_dc.admin_password,
+        target_ou=ou,
+    )
+    with untrusted, pytest.raises(ConfigError, match="certificate"):
+        untrusted.find_group(new_id())
+    secret = "Not-the-password-" + uuid.uuid4().hex
+    wrong = LdapDirectory(
+        url=samba_dc.ldaps_url,
+        user=samba_dc.admin_dn,
+        password=secret,
+        target_ou=ou,
+        ca_file=samba_dc.ca_file,
+    )
+    with wrong, pytest.raises(ConfigError) as refused:
+        wrong.find_group(new_id())
+    assert "invalidCredentials" in str(refused.value)
+    assert secret not in str(refused.value) and secret not in repr(wrong)
+
+
+def test_results_are_directory_groups(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    gid = new_id()
+    directory.apply(add_op(gid, dn_for("Typed", ou), proxyAddresses=("SMTP:a@b.c",)))
+    group = directory.find_group(gid)
+    assert isinstance(group, DirectoryGroup)
+    assert all(isinstance(v, tuple) for v in group.attributes.values())
+    assert set(group.attributes) <= {
+        "adminDescription",
+        "groupType",
+        "displayName",
+        "description",
+        "info",
+        "mail",
+        "proxyAddresses",
+        *EXCHANGE_ATTRIBUTES,
+    }
+    assert group.attributes["proxyAddresses"] == ("SMTP:a@b.c",)
