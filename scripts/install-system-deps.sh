@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Install the system packages the Samba AD test harness needs
+# (writeback/sandbox/samba.py): Samba's AD DC, its provisioning data and
+# Python bindings, OpenLDAP's command-line tools, iproute2 and openssl.
+#
+# Idempotent: when everything is present it only checks and exits at once.
+# Needs root (or sudo) on Debian 12. Samba's packages would start system
+# smbd/nmbd/winbind/samba-ad-dc services that bind every address and clash
+# with the harness's loopback DCs, so service starts are refused during the
+# install (policy-rc.d) and those services are stopped and disabled after it.
+set -euo pipefail
+
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH}"
+
+missing=()
+for tool in samba samba-tool ldapmodify ip openssl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ! /usr/bin/python3 -c 'import ldb, samba' >/dev/null 2>&1; then
+  missing+=("python3-samba")
+fi
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+echo "install-system-deps: missing ${missing[*]}; installing" >&2
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+  else
+    echo "install-system-deps: need root (or sudo) to install packages" >&2
+    exit 1
+  fi
+fi
+
+services=(samba-ad-dc smbd nmbd winbind samba)
+
+# Refuse service starts while packages install, unless a policy already exists.
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+  "${SUDO[@]}" chmod 755 "$policy"
+  made_policy=1
+fi
+cleanup() {
+  if [ "$made_policy" -eq 1 ]; then
+    "${SUDO[@]}" rm -f "$policy"
+  fi
+}
+trap cleanup EXIT
+
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+  samba samba-ad-dc samba-ad-provision krb5-user ldap-utils openssl iproute2 python3-samba
+
+# Make sure no system Samba service runs now or starts at boot.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  for svc in "${services[@]}"; do
+    "${SUDO[@]}" systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  done
+else
+  for svc in "${services[@]}"; do
+    if [ -x "/etc/init.d/$svc" ]; then
+      "${SUDO[@]}" "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1; then
+      "${SUDO[@]}" update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    fi
+  done
+fi
+
+still=()
+for tool in samba samba-tool ldapmodify ip openssl; do
+  command -v "$tool" >/dev/null 2>&1 || still+=("$tool")
+done
+if [ "${#still[@]}" -ne 0 ]; then
+  echo "install-system-deps: still missing after install: ${still[*]}" >&2
+  exit 1
+fi
+echo "install-system-deps: done" >&2
