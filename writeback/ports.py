@@ -88,6 +88,9 @@ class DeadLetter:
     description: str
     dead_lettered_at: float
     lock: object = None
+    #: Deliveries before it was dead-lettered, and when it was first enqueued.
+    delivery_count: int = 0
+    enqueued_at: float = 0.0
 
 
 class EventQueue(Protocol):

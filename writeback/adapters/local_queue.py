@@ -1,0 +1,553 @@
+"""The embedded durable session queue for single-machine mode, on one SQLite file.
+
+Plain sqlite3 because no maintained queue library (persist-queue, litequeue) has
+sessions with exclusive session locks, peek-lock with lock expiry, delivery counts
+and a dead-letter queue together; those are what this module adds, with the same
+rules as a Service Bus session queue:
+
+* FIFO per session (enqueue sequence), one receiver per session at a time, across
+  threads and across processes sharing the file (claims run under ``BEGIN
+  IMMEDIATE``, so two processes cannot lock the same session);
+* peek-lock: a received message stays in the file, locked by its session lock,
+  until it is completed, abandoned or dead-lettered; a lock that is not settled
+  (crashed worker) expires after ``lock_duration`` and the message comes back;
+* ``delivery_count`` counts deliveries including the current one (1 on first
+  receive, like the .NET SDK; the Service Bus adapter normalises to the same);
+  a message delivered ``max_delivery_count`` times and then abandoned, or whose
+  lock expired again, is dead-lettered with reason ``MaxDeliveryCountExceeded``;
+* a ``message_id`` seen within ``duplicate_window`` seconds is dropped on send;
+  a replay from the dead-letter table bypasses that check.
+
+Times are wall-clock Unix seconds (they are shared between processes and survive a
+restart); ``clock`` can be replaced in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+from writeback.errors import ConfigError, PermanentError, TransientError
+from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
+
+MAX_DELIVERY_COUNT_EXCEEDED: Final = "MaxDeliveryCountExceeded"
+MAX_ID_LENGTH: Final = 128  # Service Bus limit for message and session ids
+DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024  # Service Bus Standard tier
+
+
+class QueueUnavailable(TransientError):
+    """The queue could not be reached or was busy; the operation did not happen."""
+
+
+class LockLost(TransientError):
+    """The session or message lock expired or was released before settling.
+
+    The message was not settled and will be delivered again, so the handler has to
+    be idempotent; nothing else is to be done about it.
+    """
+
+
+class MessageRejected(PermanentError):
+    """A message the queue cannot take: id or session id invalid, body too large."""
+
+
+class DeadLetterNotFound(PermanentError):
+    """The dead letter is no longer there (already resubmitted or removed)."""
+
+
+@dataclass(frozen=True)
+class LocalLock:
+    """Settlement handle of a received message: its row and the session lock token."""
+
+    seq: int
+    token: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT,
+    enqueued_at REAL NOT NULL,
+    available_at REAL NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, seq);
+CREATE INDEX IF NOT EXISTS messages_by_deliveries ON messages (delivery_count);
+CREATE TABLE IF NOT EXISTS session_locks (
+    session_id TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    locked_until REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen_ids (
+    message_id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_ids_by_expiry ON seen_ids (expires_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT,
+    enqueued_at REAL NOT NULL,
+    delivery_count INTEGER NOT NULL,
+    dead_lettered_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    description TEXT NOT NULL
+);
+"""
+
+# A message is available when it is due and its session is not held by a live lock.
+_NEXT_SESSION = """
+SELECT m.session_id FROM messages AS m
+WHERE m.available_at <= :now
+  AND NOT EXISTS (SELECT 1 FROM session_locks AS l
+                  WHERE l.session_id = m.session_id AND l.locked_until > :now)
+ORDER BY m.seq LIMIT 1
+"""
+# Messages whose last allowed delivery ended without settlement (lock expired/released).
+_EXHAUSTED = """
+SELECT m.seq, m.delivery_count FROM messages AS m
+WHERE m.delivery_count >= :max
+  AND NOT EXISTS (SELECT 1 FROM session_locks AS l
+                  WHERE l.session_id = m.session_id AND l.locked_until > :now)
+ORDER BY m.seq
+"""
+_MOVE_TO_DEAD_LETTERS = """
+INSERT INTO dead_letters (message_id, session_id, body, properties, enqueued_at,
+                          delivery_count, dead_lettered_at, reason, description)
+SELECT message_id, session_id, body, properties, enqueued_at, delivery_count, :now,
+       :reason, :description
+FROM messages WHERE seq = :seq
+"""
+
+
+class _Signal:
+    """Wakes receivers of this process when a sender of this process adds work."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.generation = 0
+
+    def notify(self) -> None:
+        with self.condition:
+            self.generation += 1
+            self.condition.notify_all()
+
+
+_signals: dict[str, _Signal] = {}
+_signals_lock = threading.Lock()
+
+
+def _signal_for(path: str) -> _Signal:
+    with _signals_lock:
+        return _signals.setdefault(path, _Signal())
+
+
+class LocalQueue:
+    """A Service Bus-like session queue in one SQLite file (see the module docstring).
+
+    Safe to share between threads (one connection behind a lock) and between
+    processes opening the same file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_duration: float = 60.0,
+        max_delivery_count: int = 10,
+        duplicate_window: float = 600.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        durable_commits: bool = True,
+        busy_timeout: float = 10.0,
+        poll_interval: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if lock_duration <= 0 or max_delivery_count < 1 or duplicate_window < 0:
+            raise ConfigError(
+                "LocalQueue needs lock_duration > 0, max_delivery_count >= 1 "
+                "and duplicate_window >= 0"
+            )
+        self.path = os.path.realpath(path)
+        self.lock_duration = lock_duration
+        self.max_delivery_count = max_delivery_count
+        self.duplicate_window = duplicate_window
+        self.max_message_size = max_message_size
+        self._poll_interval = poll_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._held: dict[str, str] = {}  # session id -> lock token, for release_session
+        self._signal = _signal_for(self.path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+            with self._transaction():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+        except sqlite3.Error as error:
+            raise _map_sqlite_error(error, f"cannot open queue file {self.path}") from error
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, messages: list[OutgoingMessage]) -> None:
+        """Enqueue a batch in one transaction; duplicates of a recent message_id are dropped."""
+        if not messages:
+            return
+        rows = [self._validated(message) for message in messages]
+        with self._write() as now:
+            self._db.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
+            for message, properties in rows:
+                if self.duplicate_window > 0:
+                    seen = self._db.execute(
+                        "SELECT 1 FROM seen_ids WHERE message_id = ? AND expires_at > ?",
+                        (message.message_id, now),
+                    ).fetchone()
+                    if seen:
+                        continue
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO seen_ids (message_id, expires_at) VALUES (?, ?)",
+                        (message.message_id, now + self.duplicate_window),
+                    )
+                self._insert(message.message_id, message.session_id, message.body, properties, now)
+        self._signal.notify()
+
+    def _validated(self, message: OutgoingMessage) -> tuple[OutgoingMessage, str | None]:
+        for name, value in (("message_id", message.message_id), ("session_id", message.session_id)):
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+                raise MessageRejected(f"{name} must be 1 to {MAX_ID_LENGTH} characters: {value!r}")
+        if not isinstance(message.body, bytes):
+            raise MessageRejected(f"body of {message.message_id} is not bytes")
+        properties = (
+            json.dumps(message.application_properties, separators=(",", ":"), sort_keys=True)
+            if message.application_properties
+            else None
+        )
+        size = len(message.body) + len(properties or "")
+        if size > self.max_message_size:
+            raise MessageRejected(
+                f"message {message.message_id} is {size} bytes, over {self.max_message_size}"
+            )
+        return message, properties
+
+    def _insert(
+        self,
+        message_id: str,
+        session_id: str,
+        body: bytes,
+        properties: str | None,
+        now: float,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO messages (message_id, session_id, body, properties, enqueued_at,"
+            " available_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, session_id, body, properties, now, now),
+        )
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
+        """Lock the session with the oldest available message and take up to
+        ``max_messages`` of it in order; ``[]`` once ``wait`` seconds pass with none."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            with self._signal.condition:
+                generation = self._signal.generation
+            batch = self._claim(max_messages)
+            if batch:
+                return batch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with self._signal.condition:
+                if self._signal.generation == generation:
+                    self._signal.condition.wait(min(remaining, self._poll_interval))
+
+    def _claim(self, max_messages: int) -> list[ReceivedMessage]:
+        token = uuid.uuid4().hex
+        with self._write() as now:
+            self._dead_letter_exhausted(now)
+            row = self._db.execute(_NEXT_SESSION, {"now": now}).fetchone()
+            if row is None:
+                return []
+            session_id: str = row[0]
+            self._db.execute(
+                "INSERT INTO session_locks (session_id, token, locked_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE"
+                " SET token = excluded.token, locked_until = excluded.locked_until",
+                (session_id, token, now + self.lock_duration),
+            )
+            rows = self._db.execute(
+                "UPDATE messages SET delivery_count = delivery_count + 1, lock_token = :token"
+                " WHERE seq IN (SELECT seq FROM messages WHERE session_id = :session"
+                " AND available_at <= :now ORDER BY seq LIMIT :limit)"
+                " RETURNING seq, message_id, body, enqueued_at, delivery_count",
+                {"token": token, "session": session_id, "now": now, "limit": max_messages},
+            ).fetchall()
+            self._held[session_id] = token
+        rows.sort()
+        return [
+            ReceivedMessage(
+                body=bytes(body),
+                message_id=message_id,
+                session_id=session_id,
+                delivery_count=delivery_count,
+                enqueued_at=enqueued_at,
+                lock=LocalLock(seq, token),
+            )
+            for seq, message_id, body, enqueued_at, delivery_count in rows
+        ]
+
+    def _dead_letter_exhausted(self, now: float) -> None:
+        """Dead-letter unlocked messages whose last allowed delivery was never settled."""
+        rows = self._db.execute(_EXHAUSTED, {"max": self.max_delivery_count, "now": now}).fetchall()
+        for seq, count in rows:
+            self._move_to_dead_letters(
+                seq,
+                now,
+                MAX_DELIVERY_COUNT_EXCEEDED,
+                f"Message could not be consumed after {count} delivery attempts.",
+            )
+
+    # -- settling --------------------------------------------------------------
+
+    def complete(self, message: ReceivedMessage) -> None:
+        """Remove a received message for good."""
+        lock = _lock_of(message)
+        with self._write() as now:
+            self._check_lock(lock, now)
+            self._db.execute("DELETE FROM messages WHERE seq = ?", (lock.seq,))
+
+    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
+        """Give a message back for redelivery, after ``delay`` seconds if given.
+
+        A message already delivered ``max_delivery_count`` times goes to the
+        dead letters instead, with reason ``MaxDeliveryCountExceeded``.
+        """
+        lock = _lock_of(message)
+        with self._write() as now:
+            count = self._check_lock(lock, now)
+            if count >= self.max_delivery_count:
+                self._move_to_dead_letters(
+                    lock.seq,
+                    now,
+                    MAX_DELIVERY_COUNT_EXCEEDED,
+                    f"Message could not be consumed after {count} delivery attempts.",
+                )
+            else:
+                self._db.execute(
+                    "UPDATE messages SET lock_token = NULL, available_at = ? WHERE seq = ?",
+                    (now + max(delay, 0.0), lock.seq),
+                )
+        self._signal.notify()
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Move a received message to the dead letters with the reason a person will read."""
+        lock = _lock_of(message)
+        with self._write() as now:
+            self._check_lock(lock, now)
+            self._move_to_dead_letters(lock.seq, now, reason, description)
+
+    def renew_session_lock(self, session_id: str) -> float:
+        """Extend a held session lock by ``lock_duration``; returns the new expiry."""
+        with self._write() as now:
+            token = self._held.get(session_id)
+            until = now + self.lock_duration
+            updated = self._db.execute(
+                "UPDATE session_locks SET locked_until = ?"
+                " WHERE session_id = ? AND token = ? AND locked_until > ?",
+                (until, session_id, token, now),
+            ).rowcount
+            if not updated:
+                raise LockLost(f"session {session_id} is not held by this receiver")
+        return until
+
+    def release_session(self, session_id: str) -> None:
+        """Unlock a session; its unsettled messages become available again at once."""
+        with self._write():
+            token = self._held.pop(session_id, None)
+            if token is not None:
+                self._db.execute(
+                    "DELETE FROM session_locks WHERE session_id = ? AND token = ?",
+                    (session_id, token),
+                )
+        self._signal.notify()
+
+    def _check_lock(self, lock: LocalLock, now: float) -> int:
+        row = self._db.execute(
+            "SELECT m.delivery_count FROM messages AS m"
+            " JOIN session_locks AS l ON l.session_id = m.session_id"
+            " WHERE m.seq = ? AND m.lock_token = ? AND l.token = ? AND l.locked_until > ?",
+            (lock.seq, lock.token, lock.token, now),
+        ).fetchone()
+        if row is None:
+            raise LockLost(
+                "the message lock expired, was released or the message was already settled"
+            )
+        count: int = row[0]
+        return count
+
+    def _move_to_dead_letters(self, seq: int, now: float, reason: str, description: str) -> None:
+        self._db.execute(
+            _MOVE_TO_DEAD_LETTERS,
+            {"seq": seq, "now": now, "reason": reason, "description": description},
+        )
+        self._db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+    # -- dead letters and stats ------------------------------------------------
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT seq, body, message_id, session_id, reason, description,"
+                " dead_lettered_at, delivery_count, enqueued_at"
+                " FROM dead_letters ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            DeadLetter(
+                body=bytes(body),
+                message_id=message_id,
+                session_id=session_id,
+                reason=reason,
+                description=description,
+                dead_lettered_at=dead_lettered_at,
+                delivery_count=delivery_count,
+                enqueued_at=enqueued_at,
+                lock=seq,
+            )
+            for (
+                seq,
+                body,
+                message_id,
+                session_id,
+                reason,
+                description,
+                dead_lettered_at,
+                delivery_count,
+                enqueued_at,
+            ) in rows
+        ]
+
+    def resubmit(self, dead_letter: DeadLetter) -> None:
+        """Move one dead letter back to the end of the queue with a fresh delivery count.
+
+        Not subject to duplicate detection: a replay is never dropped.
+        """
+        if not isinstance(dead_letter.lock, int):
+            raise DeadLetterNotFound("this dead letter did not come from LocalQueue.dead_letters")
+        with self._write() as now:
+            row = self._db.execute(
+                "SELECT message_id, session_id, body, properties FROM dead_letters WHERE seq = ?",
+                (dead_letter.lock,),
+            ).fetchone()
+            if row is None:
+                raise DeadLetterNotFound(
+                    f"dead letter {dead_letter.message_id} is gone (already resubmitted?)"
+                )
+            self._db.execute("DELETE FROM dead_letters WHERE seq = ?", (dead_letter.lock,))
+            self._insert(row[0], row[1], bytes(row[2]), row[3], now)
+        self._signal.notify()
+
+    def depth(self) -> int:
+        """Active messages: due now, locked or not (scheduled ones are not counted)."""
+        with self._read() as db:
+            count: int = db.execute(
+                "SELECT count(*) FROM messages WHERE available_at <= ?", (self._clock(),)
+            ).fetchone()[0]
+        return count
+
+    def scheduled_count(self) -> int:
+        """Messages abandoned with a delay that is not over yet."""
+        with self._read() as db:
+            count: int = db.execute(
+                "SELECT count(*) FROM messages WHERE available_at > ?", (self._clock(),)
+            ).fetchone()[0]
+        return count
+
+    def dead_letter_count_by_reason(self) -> dict[str, int]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+            ).fetchall()
+        return {reason: count for reason, count in rows}
+
+    # -- plumbing --------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> LocalQueue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[float]:
+        """One write transaction, taken before reading so no other process interleaves."""
+        with self._lock:
+            try:
+                with self._transaction():
+                    yield self._clock()
+            except sqlite3.Error as error:
+                raise _map_sqlite_error(error, f"queue file {self.path}") from error
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as error:
+                raise _map_sqlite_error(error, f"queue file {self.path}") from error
+
+
+def _lock_of(message: ReceivedMessage) -> LocalLock:
+    if not isinstance(message.lock, LocalLock):
+        raise LockLost("this message was not received from a LocalQueue")
+    return message.lock
+
+
+def _map_sqlite_error(error: sqlite3.Error, where: str) -> Exception:
+    """Busy, locked, I/O and disk-full are worth retrying; a foreign file is not."""
+    if isinstance(error, sqlite3.DatabaseError) and "not a database" in str(error):
+        return ConfigError(f"{where} is not a writeback queue: {error}")
+    if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError):
+        return QueueUnavailable(f"{where}: {error}")
+    return ConfigError(f"{where}: {error}")
