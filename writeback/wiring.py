@@ -53,7 +53,7 @@ def graph_credential(auth: GraphAuth) -> object | None:
         return aio.ManagedIdentityCredential(client_id=os.environ.get("AZURE_CLIENT_ID"))
     tenant, client = _required("AZURE_TENANT_ID"), _required("AZURE_CLIENT_ID")
     if auth is GraphAuth.CLIENT_CERTIFICATE:
-        return aio.ClientCertificateCredential(
+        return aio.CertificateCredential(
             tenant, client, certificate_path=_required("AZURE_CLIENT_CERTIFICATE_PATH")
         )
     return aio.ClientSecretCredential(tenant, client, _required("AZURE_CLIENT_SECRET"))

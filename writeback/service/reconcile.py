@@ -200,7 +200,7 @@ def apply_plan(
 def _apply_with_retry(directory: Directory, operation: Operation, attempts: int) -> int:
     retrying = Retrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.5, max=10),
+        wait=wait_exponential_jitter(multiplier=0.5, max=10),
         retry=retry_if_exception_type(TransientError),
         reraise=True,
     )
