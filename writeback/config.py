@@ -179,3 +179,56 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class QueueKind(StrEnum):
+    SERVICEBUS = "servicebus"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What the event path needs beyond :class:`Settings` (webhook, queue, timers)."""
+
+    #: The clientState of our subscriptions; old values kept during a rotation.
+    client_states: tuple[str, ...] = field(repr=False)
+    queue: QueueKind = QueueKind.SERVICEBUS
+    queue_path: str = "writeback-queue.sqlite3"
+    servicebus_namespace: str | None = None
+    servicebus_queue: str = "group-events"
+    notification_url: str | None = None
+    lifecycle_url: str | None = None
+    #: The pause switch: events wait in the queue, nothing is written.
+    paused: bool = False
+    max_delivery_count: int = 100
+
+
+def load_pipeline_settings(env: Mapping[str, str] | None = None) -> PipelineSettings:
+    env = os.environ if env is None else env
+    reader = _Reader(env)
+    states = tuple(
+        s
+        for s in (env.get("WRITEBACK_CLIENT_STATE"), env.get("WRITEBACK_CLIENT_STATE_PREVIOUS"))
+        if s
+    )
+    if not states:
+        raise ConfigError("WRITEBACK_CLIENT_STATE is not set")
+    if any(len(s) > 128 for s in states):
+        raise ConfigError("WRITEBACK_CLIENT_STATE must be at most 128 characters (Graph's limit)")
+    queue = reader.choice("WRITEBACK_QUEUE", QueueKind, QueueKind.SERVICEBUS)
+    namespace = env.get("WRITEBACK_SERVICEBUS_NAMESPACE") or None
+    if queue is QueueKind.SERVICEBUS and not namespace:
+        raise ConfigError(
+            "WRITEBACK_SERVICEBUS_NAMESPACE is not set (or set WRITEBACK_QUEUE=local)"
+        )
+    return PipelineSettings(
+        client_states=states,
+        queue=queue,
+        queue_path=env.get("WRITEBACK_QUEUE_PATH") or "writeback-queue.sqlite3",
+        servicebus_namespace=namespace,
+        servicebus_queue=env.get("WRITEBACK_SERVICEBUS_QUEUE") or "group-events",
+        notification_url=env.get("WRITEBACK_NOTIFICATION_URL") or None,
+        lifecycle_url=env.get("WRITEBACK_LIFECYCLE_URL") or None,
+        paused=reader.boolean("WRITEBACK_PAUSED", default=False),
+        max_delivery_count=reader.integer("WRITEBACK_MAX_DELIVERY_COUNT", 100, 1, 2000),
+    )

@@ -28,7 +28,7 @@ SAMPLE_USERS = 40
 
 def run_demo(out: TextIO, *, keep: bool = False) -> int:
     say = _printer(out)
-    say("Starting a throwaway Samba AD DC on loopback (a few seconds; the first run provisions it)...")
+    say("Starting a throwaway Samba AD DC on loopback (seconds; the first run provisions it)...")
     started = time.monotonic()
     with running_dc(address=DEMO_ADDRESS, exchange_schema=True, keep=keep) as dc:
         say(f"  DC {dc.realm} at {dc.ldaps_url} ready in {time.monotonic() - started:.1f} s")
