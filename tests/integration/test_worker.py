@@ -84,12 +84,13 @@ def test_each_change_is_one_operation_of_the_right_kind(world: World, queue: Loc
     ctx = context(world)
     gid = world.add_group(3, "Lifecycle", ["user0"])
     kinds = []
-    for change in (
+    changes: list[Callable[[], None]] = [
         lambda: None,
         lambda: world.tenant.update_group(gid, description="now described"),
         lambda: world.tenant.add_members(gid, [world.uid("user2")]),
         lambda: world.tenant.hard_delete_group(gid),
-    ):
+    ]
+    for change in changes:
         change()
         enqueue(queue, gid)
         [outcome] = drain(queue, ctx)
