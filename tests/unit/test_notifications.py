@@ -84,7 +84,7 @@ class MemoryQueue:
         with self._lock:
             self._ready = [m for m in self._ready if m.message_id != message.message_id]
 
-    def abandon(self, message: ReceivedMessage) -> None:
+    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         with self._lock:
             for index, queued in enumerate(self._ready):
                 if queued.message_id == message.message_id:
