@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -201,9 +202,32 @@ class PipelineSettings:
     #: The pause switch: events wait in the queue, nothing is written.
     paused: bool = False
     max_delivery_count: int = 100
+    #: Single-machine mode (``serve``): full sync every so many seconds.
+    reconcile_interval: int = 1800
+    #: Single-machine mode: subscription upkeep every so many seconds.
+    subscription_interval: int = 6 * 3600
+    #: Single-machine mode: JSON file with the last reconcile and the subscription.
+    state_path: str = "writeback-state.json"
+    #: Single-machine mode: where the webhook listens (loopback by default).
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 7071
+    #: Single-machine mode: worker threads taking sessions from the queue.
+    workers: int = 2
+    #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
+    webhook_key: str | None = field(default=None, repr=False)
+    #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
+    servicebus_connection: str | None = field(default=None, repr=False)
 
 
-def load_pipeline_settings(env: Mapping[str, str] | None = None) -> PipelineSettings:
+def load_pipeline_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    require_client_state: bool = True,
+    default_queue: QueueKind = QueueKind.SERVICEBUS,
+) -> PipelineSettings:
+    """The event path's settings. ``require_client_state=False`` is for the tools
+    that only touch the queue (``replay``, ``status``); ``default_queue`` is what
+    an unset ``WRITEBACK_QUEUE`` means (``serve`` defaults to the local queue)."""
     env = os.environ if env is None else env
     reader = _Reader(env)
     states = tuple(
@@ -211,16 +235,29 @@ def load_pipeline_settings(env: Mapping[str, str] | None = None) -> PipelineSett
         for s in (env.get("WRITEBACK_CLIENT_STATE"), env.get("WRITEBACK_CLIENT_STATE_PREVIOUS"))
         if s
     )
-    if not states:
+    if not states and require_client_state:
         raise ConfigError("WRITEBACK_CLIENT_STATE is not set")
     if any(len(s) > 128 for s in states):
         raise ConfigError("WRITEBACK_CLIENT_STATE must be at most 128 characters (Graph's limit)")
-    queue = reader.choice("WRITEBACK_QUEUE", QueueKind, QueueKind.SERVICEBUS)
+    queue = reader.choice("WRITEBACK_QUEUE", QueueKind, default_queue)
     namespace = env.get("WRITEBACK_SERVICEBUS_NAMESPACE") or None
-    if queue is QueueKind.SERVICEBUS and not namespace:
+    connection = env.get("WRITEBACK_SERVICEBUS_CONNECTION") or None
+    if queue is QueueKind.SERVICEBUS and not (namespace or connection):
         raise ConfigError(
             "WRITEBACK_SERVICEBUS_NAMESPACE is not set (or set WRITEBACK_QUEUE=local)"
         )
+    webhook_key = env.get("WRITEBACK_WEBHOOK_KEY") or None
+    if webhook_key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,256}", webhook_key):
+        raise ConfigError(
+            "WRITEBACK_WEBHOOK_KEY must be 16 to 256 URL-safe characters (A-Z a-z 0-9 . _ ~ -)"
+        )
+    listen_address = env.get("WRITEBACK_LISTEN_ADDRESS", "").strip() or "127.0.0.1"
+    try:
+        ipaddress.ip_address(listen_address)
+    except ValueError:
+        raise ConfigError(
+            f"WRITEBACK_LISTEN_ADDRESS={listen_address!r} is not an IP address"
+        ) from None
     return PipelineSettings(
         client_states=states,
         queue=queue,
@@ -231,4 +268,14 @@ def load_pipeline_settings(env: Mapping[str, str] | None = None) -> PipelineSett
         lifecycle_url=env.get("WRITEBACK_LIFECYCLE_URL") or None,
         paused=reader.boolean("WRITEBACK_PAUSED", default=False),
         max_delivery_count=reader.integer("WRITEBACK_MAX_DELIVERY_COUNT", 100, 1, 2000),
+        reconcile_interval=reader.integer("WRITEBACK_RECONCILE_INTERVAL", 1800, 60, 6 * 86400),
+        subscription_interval=reader.integer(
+            "WRITEBACK_SUBSCRIPTION_INTERVAL", 6 * 3600, 60, 7 * 86400
+        ),
+        state_path=env.get("WRITEBACK_STATE_PATH") or "writeback-state.json",
+        listen_address=listen_address,
+        listen_port=reader.integer("WRITEBACK_LISTEN_PORT", 7071, 0, 65535),
+        workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
+        webhook_key=webhook_key,
+        servicebus_connection=connection,
     )

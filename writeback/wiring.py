@@ -9,14 +9,19 @@ which a cold start or ``--help`` should not pay.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from writeback.config import GraphAuth, Settings
+from writeback.config import GraphAuth, PipelineSettings, QueueKind, Settings
 from writeback.errors import ConfigError
 
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.local_queue import LocalQueue
+    from writeback.adapters.servicebus import ServiceBusQueue
+
+#: How long a single-machine worker may hold a session before it is given back.
+LOCAL_LOCK_DURATION = 300.0
 
 
 def build_directory(settings: Settings) -> LdapDirectory:
@@ -64,3 +69,67 @@ def _required(name: str) -> str:
     if not value:
         raise ConfigError(f"{name} is not set (needed by WRITEBACK_GRAPH_AUTH)")
     return value
+
+
+def build_queue(pipeline: PipelineSettings) -> LocalQueue | ServiceBusQueue:
+    """The event queue the settings name: the embedded SQLite queue or Service Bus.
+
+    Service Bus is reached with ``WRITEBACK_SERVICEBUS_CONNECTION`` when set (the
+    emulator, local tools), else at ``WRITEBACK_SERVICEBUS_NAMESPACE`` with the
+    azure-identity credential of ``WRITEBACK_GRAPH_AUTH`` (a managed identity in
+    Azure). Close the queue after use.
+    """
+    if pipeline.queue is QueueKind.LOCAL:
+        from writeback.adapters.local_queue import LocalQueue
+
+        return LocalQueue(
+            pipeline.queue_path,
+            lock_duration=LOCAL_LOCK_DURATION,
+            max_delivery_count=pipeline.max_delivery_count,
+        )
+    from writeback.adapters.servicebus import ServiceBusQueue
+
+    if pipeline.servicebus_connection:
+        return ServiceBusQueue.from_connection_string(
+            pipeline.servicebus_connection,
+            pipeline.servicebus_queue,
+            max_delivery_count=pipeline.max_delivery_count,
+        )
+    if not pipeline.servicebus_namespace:
+        raise ConfigError(
+            "WRITEBACK_SERVICEBUS_NAMESPACE is not set (or set WRITEBACK_QUEUE=local)"
+        )
+    auth = _graph_auth_from_env()
+    return ServiceBusQueue.from_namespace(
+        pipeline.servicebus_namespace,
+        pipeline.servicebus_queue,
+        sync_credential(auth),
+        max_delivery_count=pipeline.max_delivery_count,
+    )
+
+
+def sync_credential(auth: GraphAuth) -> Any:
+    """A synchronous azure-identity credential (Service Bus's sync client needs one)."""
+    if auth is GraphAuth.NONE:
+        raise ConfigError(
+            "Service Bus needs a credential: set WRITEBACK_SERVICEBUS_CONNECTION "
+            "or a WRITEBACK_GRAPH_AUTH other than none"
+        )
+    import azure.identity
+
+    if auth is GraphAuth.MANAGED_IDENTITY:
+        return azure.identity.ManagedIdentityCredential(client_id=os.environ.get("AZURE_CLIENT_ID"))
+    tenant, client = _required("AZURE_TENANT_ID"), _required("AZURE_CLIENT_ID")
+    if auth is GraphAuth.CLIENT_CERTIFICATE:
+        return azure.identity.CertificateCredential(
+            tenant, client, certificate_path=_required("AZURE_CLIENT_CERTIFICATE_PATH")
+        )
+    return azure.identity.ClientSecretCredential(tenant, client, _required("AZURE_CLIENT_SECRET"))
+
+
+def _graph_auth_from_env() -> GraphAuth:
+    raw = os.environ.get("WRITEBACK_GRAPH_AUTH", "").strip().lower()
+    try:
+        return GraphAuth(raw) if raw else GraphAuth.MANAGED_IDENTITY
+    except ValueError:
+        raise ConfigError(f"WRITEBACK_GRAPH_AUTH={raw!r} is not a known mode") from None

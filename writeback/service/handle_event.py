@@ -54,6 +54,10 @@ class WorkerContext:
     enabled: bool = True
     attempts: int = 3
     max_wait: float = 30.0
+    #: Redelivery waits after a transient fault: ``scale * 2**deliveries`` seconds,
+    #: at most ``max_redelivery_delay`` (tests shrink both).
+    redelivery_scale: float = 1.0
+    max_redelivery_delay: float = MAX_REDELIVERY_DELAY
 
 
 @dataclass
@@ -92,7 +96,12 @@ def process_session(
             queue.dead_letter(message, reason, str(error))
         outcome.settlement, outcome.error = "dead-lettered", f"{reason}: {error}"
     except TransientError as error:
-        delay = redelivery_delay(max(m.delivery_count for m in valid), error.retry_after)
+        delay = redelivery_delay(
+            max(m.delivery_count for m in valid),
+            error.retry_after,
+            scale=ctx.redelivery_scale,
+            cap=ctx.max_redelivery_delay,
+        )
         for message in valid:
             queue.abandon(message, delay=delay)
         outcome.settlement, outcome.error = "abandoned", f"{type(error).__name__}: {error}"
@@ -186,9 +195,15 @@ class _RetryAfterOrBackoff(wait_base):
         return float(min(self._cap, max(backoff, retry_after)))
 
 
-def redelivery_delay(delivery_count: int, retry_after: float | None = None) -> float:
+def redelivery_delay(
+    delivery_count: int,
+    retry_after: float | None = None,
+    *,
+    scale: float = 1.0,
+    cap: float = MAX_REDELIVERY_DELAY,
+) -> float:
     """How long a failing group waits in the queue before the next try."""
-    backoff = min(MAX_REDELIVERY_DELAY, 2.0 ** min(delivery_count, 16))
+    backoff = min(cap, scale * 2.0 ** min(delivery_count, 16))
     return max(backoff, retry_after or 0.0)
 
 
