@@ -1,4 +1,4 @@
-"""Command line: ``python -m writeback plan | sync | demo``.
+"""Command line: ``python -m writeback plan | sync | demo | serve | replay | status``.
 
 Exit codes: 0 done, 1 some operations failed, 2 bad configuration,
 3 deletes held back by a safety rule (the delete threshold).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.config import QueueKind
+    from writeback.ports import EventQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
 
@@ -59,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="leave the DC's files for inspection")
     demo.set_defaults(run=_demo)
+    serve = verbs.add_parser(
+        "serve", help="single-machine mode: webhook, workers and timers in one process"
+    )
+    serve.set_defaults(run=_serve)
+    replay = verbs.add_parser("replay", help="move dead-lettered events back to the queue")
+    replay.add_argument("--dry-run", action="store_true", help="only list what would move")
+    replay.add_argument("--reason", help="only dead letters with this reason")
+    replay.add_argument("--group", metavar="ID", help="only events of this group id")
+    replay.add_argument(
+        "--since", metavar="ISO8601", help="only dead-lettered at or after this time (UTC)"
+    )
+    replay.add_argument("--max", type=int, metavar="N", help="move at most N (oldest first)")
+    replay.set_defaults(run=_replay)
+    status = verbs.add_parser(
+        "status", help="queue depth, dead letters, subscription expiry, last reconcile"
+    )
+    status.set_defaults(run=_status)
     return parser
 
 
@@ -98,6 +118,75 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     from writeback.sandbox.demo import run_demo
 
     return run_demo(out, keep=args.keep)
+
+
+def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.config import QueueKind, load_pipeline_settings
+    from writeback.hosting.serve import Server, run_until_signalled
+
+    settings = load_settings()
+    pipeline = load_pipeline_settings(default_queue=QueueKind.LOCAL)
+    logging.getLogger("writeback").setLevel(logging.INFO)
+    return run_until_signalled(Server.from_settings(settings, pipeline), out)
+
+
+def _replay(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.service.replay import ReplayFilter, format_report, parse_since, replay
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if args.max is not None and args.max < 1:
+        raise ConfigError("--max must be at least 1")
+    where = ReplayFilter(reason=args.reason, group=args.group, since=since, limit=args.max)
+    with _queue() as queue:
+        report = replay(queue, where, dry_run=args.dry_run)
+    for line in format_report(report):
+        print(line, file=out)
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+def _status(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.config import load_pipeline_settings
+    from writeback.service.status import StateFile, collect_status, format_status
+
+    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
+    state = StateFile(pipeline.state_path).read()
+    with _queue() as queue:
+        status = collect_status(queue, state)
+    for line in format_status(status):
+        print(line, file=out)
+    return EXIT_FAILURES if status.queue_error else EXIT_OK
+
+
+def _tool_queue() -> QueueKind:
+    """An unset WRITEBACK_QUEUE means Service Bus where one is configured, else local."""
+    from writeback.config import QueueKind
+
+    configured = os.environ.get("WRITEBACK_SERVICEBUS_NAMESPACE") or os.environ.get(
+        "WRITEBACK_SERVICEBUS_CONNECTION"
+    )
+    return QueueKind.SERVICEBUS if configured else QueueKind.LOCAL
+
+
+@contextmanager
+def _queue() -> Iterator[EventQueue]:
+    """The queue the settings name (see :func:`_tool_queue`)."""
+    from writeback.config import QueueKind, load_pipeline_settings
+    from writeback.wiring import build_queue
+
+    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
+    if pipeline.queue is QueueKind.LOCAL and not os.path.exists(pipeline.queue_path):
+        raise ConfigError(
+            f"WRITEBACK_QUEUE_PATH={pipeline.queue_path!r}: no queue file there "
+            "(is this where serve runs?)"
+        )
+    queue = build_queue(pipeline)
+    try:
+        yield queue
+    finally:
+        queue.close()
 
 
 @contextmanager

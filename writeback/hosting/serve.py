@@ -1,0 +1,1014 @@
+"""Single-machine mode: ``python -m writeback serve``.
+
+One process runs what the Azure Functions app runs, with the embedded SQLite
+queue (:class:`~writeback.adapters.local_queue.LocalQueue`) in place of
+Service Bus:
+
+* an HTTP server (stdlib, loopback by default) with the Graph webhook at
+  ``POST /api/notifications`` and ``POST /api/lifecycle`` (both handled by
+  :func:`~writeback.service.notifications.handle_webhook`, which persists and
+  answers at once, well within Graph's 3 s). When a webhook key is set, a
+  request must carry it as ``?code=`` (as in the notification URL, the way a
+  function key is carried) or in ``x-functions-key``; it is compared in
+  constant time and anything else gets 401;
+* worker threads, each taking the next group's session from the queue and
+  handling it with :func:`~writeback.service.handle_event.process_session`
+  (one LDAP operation per batch). ``pause()`` stops them from taking work:
+  events wait in the queue until ``resume()``;
+* a timer thread: the subscription upkeep (``ensure_subscription``, at start and
+  every ``subscription_interval``), the lifecycle events the webhook recorded
+  (reauthorize, recreate, reconcile after ``missed``/``subscriptionRemoved``),
+  and the full reconcile (at start, every ``reconcile_interval``, and whenever
+  one is asked for). The reconcile holds the workers back while it runs, so
+  the two never write the same group at once.
+
+The ldap3 adapter is not thread-safe, so every thread gets its own
+connection through :class:`ThreadLocalDirectory`; the Graph adapter is shared
+(it runs all its calls on its own event loop).
+
+A JSON state file records the last reconcile, the subscription and the pause
+switch for ``python -m writeback status``. Lifecycle events are held in memory
+until handled; if the process dies first, the start-up upkeep and reconcile
+cover what they would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from urllib.parse import parse_qsl, urlsplit
+
+from writeback.domain.events import GroupChanged
+from writeback.domain.mapping import MappingOptions
+from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import ConfigError, PermanentError, TransientError, WritebackError
+from writeback.ports import (
+    CloudSource,
+    DeadLetter,
+    Directory,
+    EventQueue,
+    OutgoingMessage,
+    ReceivedMessage,
+)
+from writeback.service.handle_event import (
+    MAX_REDELIVERY_DELAY,
+    EventOutcome,
+    WorkerContext,
+    process_session,
+)
+from writeback.service.notifications import MAX_BODY_BYTES, LifecycleEvent, handle_webhook
+from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback.service.status import StateFile, iso
+from writeback.service.subscriptions import (
+    DEFAULT_LIFETIME,
+    DEFAULT_RENEW_BEFORE,
+    LifecycleOutcome,
+    SubscriptionClient,
+    SubscriptionStatus,
+    ensure_subscription,
+    handle_lifecycle,
+)
+
+if TYPE_CHECKING:
+    from writeback.config import PipelineSettings, Settings
+
+log = logging.getLogger("writeback.serve")
+
+NOTIFICATIONS_PATH = "/api/notifications"
+LIFECYCLE_PATH = "/api/lifecycle"
+HEALTH_PATH = "/api/health"
+#: Longest a request may take to arrive in full before the connection is dropped.
+REQUEST_TIMEOUT = 10.0
+
+
+class Cloud(CloudSource, SubscriptionClient, Protocol):
+    """What the server needs from Graph: the reads and the subscription calls."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    address: str = "127.0.0.1"
+    #: 0 picks a free port (tests, the demo); ``serve`` uses WRITEBACK_LISTEN_PORT.
+    port: int = 0
+    workers: int = 2
+    reconcile_interval: float = 1800.0
+    subscription_interval: float = 6 * 3600.0
+    reconcile_at_start: bool = True
+    #: Create/renew the Graph subscription (at start and on the upkeep timer).
+    subscribe: bool = True
+    #: Where Graph should POST; derived from the listen address when not given.
+    notification_url: str | None = None
+    lifecycle_url: str | None = None
+    webhook_key: str | None = field(default=None, repr=False)
+    state_path: str | None = None
+    paused: bool = False
+    subscription_lifetime: timedelta = DEFAULT_LIFETIME
+    renew_before: timedelta = DEFAULT_RENEW_BEFORE
+    #: After a failed upkeep, lifecycle action or reconcile, try again this much later.
+    retry_delay: float = 30.0
+    #: Worker knobs (see WorkerContext): in-process retries, redelivery waits.
+    attempts: int = 3
+    max_wait: float = 30.0
+    redelivery_scale: float = 1.0
+    max_redelivery_delay: float = MAX_REDELIVERY_DELAY
+    max_messages: int = 100
+    receive_wait: float = 0.5
+
+    @classmethod
+    def from_settings(cls, pipeline: PipelineSettings) -> ServeConfig:
+        return cls(
+            address=pipeline.listen_address,
+            port=pipeline.listen_port,
+            workers=pipeline.workers,
+            reconcile_interval=float(pipeline.reconcile_interval),
+            subscription_interval=float(pipeline.subscription_interval),
+            notification_url=pipeline.notification_url,
+            lifecycle_url=pipeline.lifecycle_url,
+            webhook_key=pipeline.webhook_key,
+            state_path=pipeline.state_path,
+            paused=pipeline.paused,
+        )
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """Counters since start (a copy; the server keeps counting)."""
+
+    #: Messages the webhook handed to the queue (Graph's redeliveries included;
+    #: the queue drops those as duplicates).
+    enqueued: int = 0
+    #: Messages the workers completed (each is one notified group change).
+    events: int = 0
+    #: Session batches handled (a burst for one group is one batch, one write).
+    batches: int = 0
+    operations: dict[str, int] = field(default_factory=dict)
+    #: LDAP requests the workers' writes took.
+    writes: int = 0
+    #: Members left out of written groups (cloud-only users, nested groups...).
+    skipped_members: int = 0
+    dead_lettered: int = 0
+    abandoned: int = 0
+    worker_errors: int = 0
+    reconciles: int = 0
+    reconcile_writes: int = 0
+    lifecycle_events: int = 0
+    #: Seconds from the webhook accepting a notification to its write completing,
+    #: one per completed message.
+    latencies: tuple[float, ...] = ()
+
+    def percentile(self, p: float) -> float | None:
+        """Nearest-rank percentile of the latencies (None before the first event)."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+        return ordered[min(rank, len(ordered)) - 1]
+
+
+# --------------------------------------------------------------------------- directory per thread
+
+
+class ThreadLocalDirectory:
+    """The Directory port with one adapter (one LDAP connection) per thread."""
+
+    def __init__(self, factory: Callable[[], Directory]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+        self._made: list[Directory] = []
+        self._lock = threading.Lock()
+
+    def _mine(self) -> Directory:
+        directory: Directory | None = getattr(self._local, "directory", None)
+        if directory is None:
+            directory = self._factory()
+            self._local.directory = directory
+            with self._lock:
+                self._made.append(directory)
+        return directory
+
+    def schema_attributes(self) -> frozenset[str]:
+        return self._mine().schema_attributes()
+
+    def find_group(self, group_id: str) -> DirectoryGroup | None:
+        return self._mine().find_group(group_id)
+
+    def iter_groups(self) -> Iterator[DirectoryGroup]:
+        return self._mine().iter_groups()
+
+    def apply(self, operation: Operation) -> int:
+        return self._mine().apply(operation)
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = self._made, []
+        for directory in made:
+            close = getattr(directory, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class _Gate:
+    """Workers share it; the reconcile takes it alone (and is let in first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    def acquire_shared(self, timeout: float) -> bool:
+        with self._cond:
+            return (
+                self._cond.wait_for(lambda: not self._writer and not self._writers_waiting, timeout)
+                and self._enter_shared()
+            )
+
+    def _enter_shared(self) -> bool:
+        self._readers += 1
+        return True
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class _CountingQueue:
+    """The queue as the webhook sees it: every call passed on, sends counted."""
+
+    def __init__(self, queue: EventQueue, counted: Callable[[int], None]) -> None:
+        self._queue = queue
+        self._counted = counted
+
+    def send(self, messages: list[OutgoingMessage]) -> None:
+        self._queue.send(messages)
+        self._counted(len(messages))
+
+    def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
+        return self._queue.receive_session(max_messages, wait)
+
+    def complete(self, message: ReceivedMessage) -> None:
+        self._queue.complete(message)
+
+    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
+        self._queue.abandon(message, delay=delay)
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        self._queue.dead_letter(message, reason, description)
+
+    def release_session(self, session_id: str) -> None:
+        self._queue.release_session(session_id)
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        return self._queue.dead_letters(limit)
+
+    def resubmit(self, dead_letter: DeadLetter) -> None:
+        self._queue.resubmit(dead_letter)
+
+    def depth(self) -> int:
+        return self._queue.depth()
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    owner: Server
+
+
+class _IPv6HttpServer(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT
+    server: _HttpServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+    def do_POST(self) -> None:
+        self.server.owner._serve_http(self)
+
+    def do_GET(self) -> None:
+        self.server.owner._serve_http(self)
+
+    def do_PUT(self) -> None:
+        self.server.owner._serve_http(self)
+
+    def do_PATCH(self) -> None:
+        self.server.owner._serve_http(self)
+
+    def do_DELETE(self) -> None:
+        self.server.owner._serve_http(self)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Server:
+    """Webhook, workers and timers in one process (see the module docstring).
+
+    ``start()`` returns once the webhook listens and the threads run; the
+    start-up upkeep and reconcile happen on the timer thread (``wait_ready``
+    waits for them). ``stop()`` ends everything and closes what the server
+    owns (``owned``: adapters built for it, closed last).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: EventQueue,
+        cloud: Cloud,
+        directory_factory: Callable[[], Directory],
+        options: MappingOptions,
+        client_states: Sequence[str],
+        policy: SyncPolicy | None = None,
+        config: ServeConfig | None = None,
+        clock: Callable[[], datetime] | None = None,
+        owned: Sequence[object] = (),
+    ) -> None:
+        self.config = config or ServeConfig()
+        if self.config.workers < 1:
+            raise ConfigError("the server needs at least one worker")
+        states = tuple(s for s in client_states if s)
+        if not states:
+            raise ConfigError("WRITEBACK_CLIENT_STATE is not set")
+        self.queue = queue
+        self.cloud = cloud
+        self.directory = ThreadLocalDirectory(directory_factory)
+        self.options = options
+        self.policy = policy or SyncPolicy()
+        self.client_states = states
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.state = StateFile(self.config.state_path) if self.config.state_path else None
+        self._owned = list(owned)
+        self._webhook_queue = _CountingQueue(queue, self._count_enqueued)
+        self._gate = _Gate()
+        self._lock = threading.Lock()
+        self._stats = ServerStats()
+        self._latencies: list[float] = []
+        self._operations: Counter[str] = Counter()
+        self._context: WorkerContext | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._unpaused = threading.Event()
+        if not self.config.paused:
+            self._unpaused.set()
+        #: workers receiving or handling a batch / holding received messages
+        self._active = 0
+        self._busy = 0
+        self._reconciling = False
+        self._reconcile_requested = False
+        self._lifecycle: deque[tuple[LifecycleEvent, float]] = deque()
+        self._http: _HttpServer | None = None
+        self._threads: list[threading.Thread] = []
+        self.subscription_id: str | None = None
+        self.subscription_expiration: datetime | None = None
+        self.last_reconcile: SyncResult | None = None
+        self.last_reconcile_error: str | None = None
+        self._notification_url: str | None = None
+        self._lifecycle_url: str | None = None
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_settings(cls, settings: Settings, pipeline: PipelineSettings) -> Server:
+        """Everything from the environment's settings, adapters owned by the server."""
+        from writeback.wiring import build_cloud, build_directory, build_queue
+
+        queue = build_queue(pipeline)
+        try:
+            cloud = build_cloud(settings)
+        except BaseException:
+            _close_quietly(queue)
+            raise
+        return cls(
+            queue=queue,
+            cloud=cloud,
+            directory_factory=lambda: build_directory(settings),
+            options=settings.mapping(),
+            client_states=pipeline.client_states,
+            policy=SyncPolicy.from_settings(settings),
+            config=ServeConfig.from_settings(pipeline),
+            owned=[cloud, queue],
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        """Base URL the webhook listens on, e.g. ``http://127.0.0.1:7071``."""
+        if self._http is None:
+            raise RuntimeError("the server is not started")
+        host, port = self._http.server_address[:2]
+        host = str(host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def notification_url(self) -> str:
+        if self._notification_url is None:
+            raise RuntimeError("the server is not started")
+        return self._notification_url
+
+    @property
+    def lifecycle_url(self) -> str:
+        if self._lifecycle_url is None:
+            raise RuntimeError("the server is not started")
+        return self._lifecycle_url
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    def start(self) -> Server:
+        if self._http is not None:
+            return self
+        server_class = _IPv6HttpServer if ":" in self.config.address else _HttpServer
+        http = server_class((self.config.address, self.config.port), _Handler)
+        http.owner = self
+        self._http = http
+        self._notification_url = self.config.notification_url or self._derived(NOTIFICATIONS_PATH)
+        self._lifecycle_url = self.config.lifecycle_url or self._derived(LIFECYCLE_PATH)
+        self._record_state(
+            paused=self.paused,
+            server={
+                "url": self.url,
+                "pid": os.getpid(),
+                "started_at": iso(datetime.now(UTC)),
+                "stopped_at": None,
+            },
+        )
+        self._spawn("writeback-http", lambda: http.serve_forever(poll_interval=0.1))
+        for n in range(self.config.workers):
+            self._spawn(f"writeback-worker-{n + 1}", self._work)
+        self._spawn("writeback-timers", self._timers)
+        log.info(
+            "serving the webhook at %s%s with %d workers%s",
+            self.url,
+            NOTIFICATIONS_PATH,
+            self.config.workers,
+            " (paused)" if self.paused else "",
+        )
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests and work, let running batches settle, close."""
+        if self._stopping.is_set():
+            return
+        was_paused = self.paused
+        self._stopping.set()
+        self._wake.set()
+        self._unpaused.set()  # paused workers wake up to see the stop
+        http = self._http
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.warning("threads still running at shutdown: %s", ", ".join(stuck))
+        self._record_state(
+            paused=was_paused,
+            server={**self._server_state(), "stopped_at": iso(datetime.now(UTC))},
+        )
+        self.directory.close()
+        for resource in reversed(self._owned):
+            _close_quietly(resource)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait for the start-up subscription upkeep and reconcile to be done."""
+        return self._ready.wait(timeout)
+
+    def wait_idle(self, timeout: float = 30.0, *, include_scheduled: bool = True) -> bool:
+        """Wait until the queue is empty (delayed retries too, unless told not to),
+        no worker is busy, and no lifecycle event or reconcile is pending."""
+        deadline = time.monotonic() + timeout
+        scheduled = getattr(self.queue, "scheduled_count", None)
+        while time.monotonic() < deadline:
+            with self._lock:
+                quiet = (
+                    not self._busy
+                    and not self._lifecycle
+                    and not self._reconciling
+                    and not self._reconcile_requested
+                )
+            if (
+                quiet
+                and self.queue.depth() == 0
+                and (not include_scheduled or not callable(scheduled) or scheduled() == 0)
+            ):
+                with self._lock:
+                    if not self._busy:
+                        return True
+            time.sleep(0.02)
+        return False
+
+    # ----------------------------------------------------------------- switches
+
+    def pause(self, *, wait: float = 30.0) -> None:
+        """Stop taking events (they wait in the queue) and hold the reconcile;
+        returns once no worker is receiving or handling a batch any more."""
+        with self._lock:
+            self._unpaused.clear()
+        self._record_state(paused=True)
+        log.warning("writes paused: events wait in the queue")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active and not self._reconciling:
+                    return
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        self._unpaused.set()
+        self._record_state(paused=False)
+        self._wake.set()
+        log.warning("writes resumed")
+
+    def request_reconcile(self) -> None:
+        with self._lock:
+            self._reconcile_requested = True
+        self._wake.set()
+
+    @property
+    def stats(self) -> ServerStats:
+        with self._lock:
+            return replace(
+                self._stats,
+                operations=dict(self._operations),
+                latencies=tuple(self._latencies),
+            )
+
+    # ----------------------------------------------------------------- webhook
+
+    def _derived(self, path: str) -> str:
+        address = self.config.address
+        if address in ("0.0.0.0", "::"):  # noqa: S104 - checking, not binding
+            raise ConfigError(
+                "WRITEBACK_NOTIFICATION_URL and WRITEBACK_LIFECYCLE_URL must be set "
+                "when listening on every address"
+            )
+        url = self.url + path
+        return f"{url}?code={self.config.webhook_key}" if self.config.webhook_key else url
+
+    def _serve_http(self, request: BaseHTTPRequestHandler) -> None:
+        try:
+            status, content_type, payload = self._answer(request)
+        except Exception:
+            log.exception("webhook request failed")
+            status, content_type, payload = 500, "text/plain", b""
+        request.send_response(status)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(payload)
+
+    def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, str, bytes]:
+        parts = urlsplit(request.path)
+        path = parts.path.rstrip("/")
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        if path == HEALTH_PATH and request.command == "GET":
+            return 200, "text/plain", b"ok"
+        if path not in (NOTIFICATIONS_PATH, LIFECYCLE_PATH):
+            return 404, "text/plain", b""
+        if not self._key_ok(query.get("code") or request.headers.get("x-functions-key")):
+            return 401, "text/plain", b""
+        length_header = request.headers.get("Content-Length")
+        try:
+            length = int(length_header) if length_header else 0
+        except ValueError:
+            request.close_connection = True
+            return 400, "text/plain", b""
+        if length < 0 or length > MAX_BODY_BYTES:
+            request.close_connection = True
+            return 413 if length > 0 else 400, "text/plain", b""
+        body = request.rfile.read(length) if length else b""
+        query.pop("code", None)
+        response = handle_webhook(
+            method=request.command,
+            query=query,
+            body=body,
+            content_type=request.headers.get("Content-Type"),
+            client_state=self.client_states,
+            queue=self._webhook_queue,
+            on_lifecycle=self._on_lifecycle,
+        )
+        return response.status, response.content_type, response.body
+
+    def _key_ok(self, given: str | None) -> bool:
+        key = self.config.webhook_key
+        if not key:
+            return True
+        return hmac.compare_digest((given or "").encode(), key.encode())
+
+    def _on_lifecycle(self, event: LifecycleEvent) -> None:
+        """Only recorded here (Graph waits 3 s at most); the timer thread acts on it."""
+        with self._lock:
+            self._lifecycle.append((event, 0.0))
+            self._stats = replace(self._stats, lifecycle_events=self._stats.lifecycle_events + 1)
+        self._wake.set()
+
+    def _count_enqueued(self, n: int) -> None:
+        with self._lock:
+            self._stats = replace(self._stats, enqueued=self._stats.enqueued + n)
+
+    # ----------------------------------------------------------------- workers
+
+    def _worker_context(self) -> WorkerContext:
+        with self._lock:
+            if self._context is not None:
+                return self._context
+        options = replace(self.options, schema_attributes=self.directory.schema_attributes())
+        config = self.config
+        context = WorkerContext(
+            cloud=self.cloud,
+            directory=self.directory,
+            options=options,
+            soft_delete=self.policy.soft_delete,
+            enabled=self.policy.enabled,
+            attempts=config.attempts,
+            max_wait=config.max_wait,
+            redelivery_scale=config.redelivery_scale,
+            max_redelivery_delay=config.max_redelivery_delay,
+        )
+        with self._lock:
+            self._context = self._context or context
+            return self._context
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            if not self._unpaused.wait(0.5) or self._stopping.is_set():
+                continue
+            try:
+                self._work_once()
+            except Exception as error:
+                with self._lock:
+                    self._stats = replace(self._stats, worker_errors=self._stats.worker_errors + 1)
+                level = logging.WARNING if isinstance(error, WritebackError) else logging.ERROR
+                log.log(level, "worker: %s: %s", type(error).__name__, error)
+                self._stopping.wait(1.0)
+
+    def _work_once(self) -> None:
+        context = self._worker_context()
+        if not self._gate.acquire_shared(0.5):
+            return
+        try:
+            with self._lock:  # the pause switch is read and the worker counted as one step
+                if self.paused or self._stopping.is_set():
+                    return
+                self._active += 1
+            try:
+                self._receive_and_handle(context)
+            finally:
+                with self._lock:
+                    self._active -= 1
+        finally:
+            self._gate.release_shared()
+
+    def _receive_and_handle(self, context: WorkerContext) -> None:
+        messages = self.queue.receive_session(self.config.max_messages, self.config.receive_wait)
+        if not messages:
+            return
+        with self._lock:
+            self._busy += 1
+        try:
+            try:
+                outcome = process_session(self.queue, messages, context)
+            finally:
+                with contextlib.suppress(WritebackError):
+                    self.queue.release_session(messages[0].session_id)
+            self._record(outcome, messages, time.time())
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _record(self, outcome: EventOutcome, messages: list[ReceivedMessage], now: float) -> None:
+        latencies = []
+        if outcome.settlement == "completed":
+            for message in messages:
+                with contextlib.suppress(PermanentError):
+                    latencies.append(now - GroupChanged.from_json(message.body).received_at)
+        skipped = sum(skip.count for skip in outcome.skips)
+        with self._lock:
+            s = self._stats
+            self._stats = replace(
+                s,
+                events=s.events + (outcome.messages if outcome.settlement == "completed" else 0),
+                batches=s.batches + 1,
+                writes=s.writes + outcome.ldap_requests,
+                skipped_members=s.skipped_members + skipped,
+                dead_lettered=s.dead_lettered
+                + (len(messages) if outcome.settlement == "dead-lettered" else 0),
+                abandoned=s.abandoned
+                + (outcome.messages if outcome.settlement == "abandoned" else 0),
+            )
+            if outcome.operation is not None and outcome.settlement == "completed":
+                self._operations[outcome.operation.kind] += 1
+            self._latencies.extend(latencies)
+
+    # ----------------------------------------------------------------- timers
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        next_upkeep = now if self.config.subscribe else math.inf
+        next_reconcile = (
+            now if self.config.reconcile_at_start else now + self.config.reconcile_interval
+        )
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                next_upkeep, next_reconcile = self._timer_round(next_upkeep, next_reconcile)
+            except Exception:
+                log.exception("timer round failed")
+                self._stopping.wait(self.config.retry_delay)
+                continue
+            finally:
+                self._ready.set()
+            self._wake.wait(self._next_wait(next_upkeep, next_reconcile))
+
+    def _timer_round(self, next_upkeep: float, next_reconcile: float) -> tuple[float, float]:
+        """Upkeep if due, pending lifecycle events, the reconcile if due or asked for."""
+        if time.monotonic() >= next_upkeep:
+            done = self._upkeep()
+            interval = self.config.subscription_interval if done else self.config.retry_delay
+            next_upkeep = time.monotonic() + interval
+        self._handle_lifecycle_events()
+        with self._lock:
+            wanted = self._reconcile_requested or time.monotonic() >= next_reconcile
+        if wanted and not self.paused and not self._stopping.is_set():
+            with self._lock:
+                self._reconcile_requested = False
+            done = self.reconcile()
+            interval = self.config.reconcile_interval if done else self.config.retry_delay
+            next_reconcile = time.monotonic() + interval
+        elif wanted:
+            with self._lock:
+                self._reconcile_requested = True  # runs once writes resume
+        return next_upkeep, next_reconcile
+
+    def _next_wait(self, next_upkeep: float, next_reconcile: float) -> float:
+        due = min(next_upkeep, next_reconcile)
+        with self._lock:
+            if self._lifecycle:
+                due = min(due, *(at for _, at in self._lifecycle))
+            if self._reconcile_requested and not self.paused:
+                return 0.0
+        return min(max(due - time.monotonic(), 0.0), 3600.0)
+
+    def _upkeep(self) -> bool:
+        """Create or renew the subscription; True when done."""
+        try:
+            status = ensure_subscription(
+                self.cloud,
+                notification_url=self.notification_url,
+                lifecycle_url=self.lifecycle_url,
+                client_state=self.client_states[0],
+                now=self.clock(),
+                renew_before=self.config.renew_before,
+                lifetime=self.config.subscription_lifetime,
+            )
+        except WritebackError as error:
+            log.error("subscription upkeep failed: %s: %s", type(error).__name__, error)
+            self._record_subscription(None, "failed", error=f"{type(error).__name__}: {error}")
+            return False
+        self._record_subscription(status, status.action.value)
+        if status.reconcile_needed:
+            self.request_reconcile()
+        return True
+
+    def _handle_lifecycle_events(self) -> None:
+        retry: list[tuple[LifecycleEvent, float]] = []
+        while not self._stopping.is_set():
+            with self._lock:
+                if not self._lifecycle:
+                    break
+                event, due = self._lifecycle.popleft()
+            if due > time.monotonic():
+                retry.append((event, due))
+                continue
+            try:
+                outcome = handle_lifecycle(
+                    self.cloud,
+                    event,
+                    notification_url=self.notification_url,
+                    lifecycle_url=self.lifecycle_url,
+                    client_state=self.client_states[0],
+                    now=self.clock(),
+                    renew_before=self.config.renew_before,
+                    lifetime=self.config.subscription_lifetime,
+                )
+            except TransientError as error:
+                log.warning("lifecycle %s: %s; retrying later", event.event, error)
+                retry.append((event, time.monotonic() + self.config.retry_delay))
+                continue
+            except WritebackError as error:
+                log.error("lifecycle %s failed: %s: %s", event.event, type(error).__name__, error)
+                continue
+            self._after_lifecycle(outcome)
+        with self._lock:
+            self._lifecycle.extend(retry)
+
+    def _after_lifecycle(self, outcome: LifecycleOutcome) -> None:
+        if outcome.subscription is not None:
+            self._record_subscription(
+                SubscriptionStatus(outcome.action, outcome.subscription), outcome.action.value
+            )
+        elif self.subscription_id == outcome.event.subscription_id:
+            self._record_subscription(None, outcome.action.value)
+        if outcome.reconcile_needed:
+            self.request_reconcile()
+
+    def reconcile(self) -> bool:
+        """A full sync now (workers held back meanwhile); True when it ran to the end."""
+        started = datetime.now(UTC)
+        with self._lock:
+            self._reconciling = True
+        try:
+            with self._gate.exclusive():
+                plan = plan_sync(self.cloud, self.directory, self.options, self.policy)
+                result = apply_plan(plan, self.directory)
+        except WritebackError as error:
+            message = f"{type(error).__name__}: {error}"
+            log.error("reconcile failed: %s", message)
+            self.last_reconcile_error = message
+            self._record_state(last_reconcile={"at": iso(started), "error": message})
+            return False
+        finally:
+            with self._lock:
+                self._reconciling = False
+        self.last_reconcile, self.last_reconcile_error = result, None
+        with self._lock:
+            self._stats = replace(
+                self._stats,
+                reconciles=self._stats.reconciles + 1,
+                reconcile_writes=self._stats.reconcile_writes + result.ldap_requests,
+            )
+        self._record_state(
+            last_reconcile={
+                "at": iso(started),
+                "seconds": round(result.seconds, 3),
+                "applied": dict(result.applied),
+                "ldap_requests": result.ldap_requests,
+                "failures": len(result.failures),
+                "skips": len(result.plan.skips),
+                "deletes_blocked": result.plan.deletes_blocked,
+                "error": None,
+            }
+        )
+        log.info(
+            "reconcile done: %s, %d LDAP requests, %d failures in %.2f s",
+            ", ".join(f"{n} {k}" for k, n in sorted(result.applied.items())) or "no writes",
+            result.ldap_requests,
+            len(result.failures),
+            result.seconds,
+        )
+        return True
+
+    # ----------------------------------------------------------------- state
+
+    def _record_subscription(
+        self, status: SubscriptionStatus | None, action: str, *, error: str | None = None
+    ) -> None:
+        if status is not None:
+            self.subscription_id = status.subscription.id
+            self.subscription_expiration = status.subscription.expiration
+        self._record_state(
+            subscription={
+                "id": self.subscription_id,
+                "expiration": (
+                    iso(self.subscription_expiration) if self.subscription_expiration else None
+                ),
+                "action": action,
+                "checked_at": iso(datetime.now(UTC)),
+                "endpoint": _without_query(self.notification_url),
+                "error": error,
+            }
+        )
+
+    def _server_state(self) -> dict[str, Any]:
+        if self.state is None:
+            return {}
+        server = self.state.read().get("server")
+        return server if isinstance(server, dict) else {}
+
+    def _record_state(self, **sections: Any) -> None:
+        if self.state is None:
+            return
+        try:
+            self.state.update(**sections)
+        except OSError as error:
+            log.warning("could not write the state file %s: %s", self.state.path, error)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_until_signalled(server: Server, out: TextIO) -> int:
+    """``serve``: start, print where, run until SIGINT/SIGTERM; SIGUSR1 pauses,
+    SIGUSR2 resumes."""
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_pause(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.pause, name="writeback-pause", daemon=True).start()
+
+    def on_resume(signum: int, frame: FrameType | None) -> None:
+        server.resume()
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, on_pause),
+        signal.SIGUSR2: signal.signal(signal.SIGUSR2, on_resume),
+    }
+    try:
+        server.start()
+        print(f"writeback: webhook at {_without_query(server.notification_url)}", file=out)
+        print(f"writeback: lifecycle at {_without_query(server.lifecycle_url)}", file=out)
+        print(
+            f"writeback: {server.config.workers} workers"
+            + (", PAUSED (kill -USR2 to resume)" if server.paused else "")
+            + f"; pid {os.getpid()}; Ctrl-C or SIGTERM stops",
+            file=out,
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        print("writeback: stopping...", file=out, flush=True)
+    finally:
+        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    stats = server.stats
+    print(
+        f"writeback: stopped after {stats.events} events, {stats.writes} LDAP writes, "
+        f"{stats.reconciles} reconciles",
+        file=out,
+    )
+    return 0
+
+
+def _without_query(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _close_quietly(resource: object) -> None:
+    close = getattr(resource, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as error:
+            log.debug("closing %r failed: %r", resource, error)
