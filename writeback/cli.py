@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(run=_sync)
     demo = verbs.add_parser(
-        "demo", help="full sync of a sample tenant into a throwaway local Samba AD DC"
+        "demo",
+        help="the pipeline on a sample tenant: Graph stand-in notifications, webhook, "
+        "queue and workers writing to a throwaway local Samba AD DC",
     )
     demo.add_argument("--keep", action="store_true", help="leave the DC's files for inspection")
     demo.set_defaults(run=_demo)

@@ -156,6 +156,8 @@ class ServerStats:
     #: Session batches handled (a burst for one group is one batch, one write).
     batches: int = 0
     operations: dict[str, int] = field(default_factory=dict)
+    #: Completed batches that needed no write (converged already, duplicates, replays).
+    unchanged: int = 0
     #: LDAP requests the workers' writes took.
     writes: int = 0
     #: Members left out of written groups (cloud-only users, nested groups...).
@@ -740,6 +742,8 @@ class Server:
                 s,
                 events=s.events + (outcome.messages if outcome.settlement == "completed" else 0),
                 batches=s.batches + 1,
+                unchanged=s.unchanged
+                + (outcome.settlement == "completed" and outcome.operation is None),
                 writes=s.writes + outcome.ldap_requests,
                 skipped_members=s.skipped_members + skipped,
                 dead_lettered=s.dead_lettered
