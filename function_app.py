@@ -1,17 +1,47 @@
 """Azure Functions entry points (Python v2 model): wire in, handler out, nothing else.
 
-Heavy imports (Graph SDK, ldap3) happen inside the handlers so a cold start
-only pays for what the triggered function uses.
+The handlers, and the design of settlement, lifecycle handling and the pause
+switch, are in ``writeback/hosting/functions.py``. Heavy imports (Graph SDK,
+ldap3, Service Bus SDK) happen inside the handlers so a cold start only pays
+for what the triggered function uses.
 """
 
 from __future__ import annotations
 
-import logging
-
 import azure.functions as func
 
 app = func.FunctionApp()
-log = logging.getLogger("writeback")
+
+
+@app.route(route="notifications", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def notifications(req: func.HttpRequest) -> func.HttpResponse:
+    """Graph's change notifications (and its validation handshake)."""
+    from writeback.hosting.functions import webhook
+
+    return webhook(req, endpoint="notifications")
+
+
+@app.route(route="lifecycle", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def lifecycle(req: func.HttpRequest) -> func.HttpResponse:
+    """Graph's lifecycle notifications (and its validation handshake)."""
+    from writeback.hosting.functions import webhook
+
+    return webhook(req, endpoint="lifecycle")
+
+
+@app.service_bus_queue_trigger(
+    arg_name="messages",
+    connection="WRITEBACK_SERVICEBUS",
+    queue_name="%WRITEBACK_SERVICEBUS_QUEUE%",
+    is_sessions_enabled=True,
+    cardinality=func.Cardinality.MANY,
+    auto_complete_messages=True,
+)
+def worker(messages: list[func.ServiceBusMessage]) -> None:
+    """One session's burst (one group): one LDAP write, or a settled reason why not."""
+    from writeback.hosting.functions import run_worker
+
+    run_worker(messages)
 
 
 @app.timer_trigger(
@@ -25,3 +55,16 @@ def reconcile(timer: func.TimerRequest) -> None:
     from writeback.hosting.functions import run_reconcile
 
     run_reconcile(past_due=timer.past_due)
+
+
+@app.timer_trigger(
+    arg_name="timer",
+    schedule="%WRITEBACK_SUBSCRIPTION_SCHEDULE%",
+    run_on_startup=False,
+    use_monitor=True,
+)
+def subscription_upkeep(timer: func.TimerRequest) -> None:
+    """Create the Graph subscription if missing, renew it before it expires."""
+    from writeback.hosting.functions import run_subscription_upkeep
+
+    run_subscription_upkeep()

@@ -1,0 +1,813 @@
+"""The Function app's entry points, called as the Functions host calls them.
+
+The user functions come out of ``function_app.app`` (``get_functions()`` then
+``get_user_function()``) and get real ``azure.functions`` objects:
+``func.HttpRequest``, ``func.ServiceBusMessage`` (body, message id, session id,
+delivery count, lock token, sequence number) and ``TimerRequest``. There is no
+Service Bus here, so the app runs with ``WRITEBACK_QUEUE=local``: the webhook
+enqueues into the real SQLite queue, and :class:`Host` plays the Functions host
+for the trigger (takes one session's batch, calls the worker, completes the
+batch when it returns, abandons it when it raises). Graph is the stand-in, AD a
+real Samba DC, and AD is read back over an independent admin connection.
+
+The Service Bus settlement (rescheduled copies, the dead-letter hand-off) is
+driven at the end against an in-memory broker with the SDK's own message types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import azure.functions as func
+import pytest
+from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
+from azure.functions.timer import TimerRequest
+
+import function_app
+from tests.support.world import World, make_world
+from writeback import logging_setup
+from writeback.adapters.local_queue import LocalLock, LocalQueue, LockLost
+from writeback.errors import TransientError
+from writeback.hosting import functions
+from writeback.logging_setup import JsonFormatter
+from writeback.ports import OutgoingMessage, ReceivedMessage
+from writeback.sandbox.samba import SambaDC
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "function-app-client-state-0123456789"
+FUNCTION_KEY = "fn-key-for-tests"
+
+#: ``get_functions()`` indexes the app, as the worker does once at start-up.
+FUNCTIONS = function_app.app.get_functions()
+USER_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    str(f.get_function_name()): f.get_user_function() for f in FUNCTIONS
+}
+
+
+def entry(name: str) -> Callable[..., Any]:
+    return USER_FUNCTIONS[name]
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class Host:
+    """The Functions host's part for the Service Bus trigger, on the local queue."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.queue = LocalQueue(path, lock_duration=120, max_delivery_count=100, clock=clock)
+        self.delivered: list[list[func.ServiceBusMessage]] = []
+
+    def close(self) -> None:
+        self.queue.close()
+
+    def deliver(self, *, wait: float = 0.5) -> list[func.ServiceBusMessage] | None:
+        """One invocation of ``worker`` with the next session's batch; None when idle."""
+        batch = self.queue.receive_session(100, wait)
+        if not batch:
+            return None
+        messages = [to_function_message(m) for m in batch]
+        self.delivered.append(messages)
+        try:
+            entry("worker")(messages)
+        except Exception:
+            for message in batch:  # autoCompleteMessages: a raise abandons
+                with contextlib.suppress(LockLost):
+                    self.queue.abandon(message)
+            raise
+        else:
+            for message in batch:  # ... and a return completes what is still locked
+                with contextlib.suppress(LockLost):
+                    self.queue.complete(message)
+        finally:
+            self.queue.release_session(batch[0].session_id)
+        return messages
+
+    def drain(self, *, limit: int = 20) -> int:
+        runs = 0
+        while runs < limit and self.deliver(wait=0.2) is not None:
+            runs += 1
+        return runs
+
+
+def to_function_message(message: ReceivedMessage) -> func.ServiceBusMessage:
+    lock = message.lock
+    assert isinstance(lock, LocalLock)
+    return DeliveredMessage(
+        body=message.body,
+        message_id=message.message_id,
+        session_id=message.session_id,
+        delivery_count=message.delivery_count,
+        sequence_number=lock.seq,
+        lock_token=lock.token,
+        enqueued_time_utc=datetime.fromtimestamp(message.enqueued_at, UTC),
+        application_properties={},
+        user_properties={},
+    )
+
+
+def http(
+    route: str,
+    body: bytes = b"",
+    params: dict[str, str] | None = None,
+    method: str = "POST",
+) -> func.HttpResponse:
+    request = func.HttpRequest(
+        method=method,
+        url=f"https://writeback.example/api/{route}",
+        params={"code": FUNCTION_KEY, **(params or {})},
+        headers={"content-type": "application/json"},
+        body=body,
+    )
+    response = entry(route)(request)
+    assert isinstance(response, func.HttpResponse)
+    return response
+
+
+def notification(gid: str, *, client_state: str = SECRET, seq: int = 1) -> bytes:
+    """A changeNotificationCollection as Graph sends it for a group."""
+    item = {
+        "subscriptionId": "6c4a1f3e-2b1d-4c5e-9f8a-7b6c5d4e3f2a",
+        "clientState": client_state,
+        "changeType": "updated",
+        "resource": f"Groups/{gid}",
+        "tenantId": "7d5b3a4e-1c2f-4e8a-9b6d-0a1b2c3d4e5f",
+        "resourceData": {
+            "@odata.type": "#Microsoft.Graph.Group",
+            "@odata.id": f"Groups/{gid}",
+            "id": gid,
+            "eventTime": f"2026-11-24T06:00:{seq % 60:02d}.0000000Z",
+            "sequenceNumber": seq,
+        },
+    }
+    return json.dumps({"value": [item]}).encode()
+
+
+class Bridge:
+    """The app's two HTTP functions behind a loopback HTTP server, as the Functions
+    host exposes them, so the Graph stand-in can run its handshake and deliver."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, int]] = []
+        bridge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                bridge._serve(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}/api"
+
+    def _serve(self, request: BaseHTTPRequestHandler) -> None:
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else b""
+        parts = urlsplit(request.path)
+        route = parts.path.rsplit("/", 1)[-1]
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        if params.get("code") != FUNCTION_KEY:
+            status, payload, content_type = 401, b"", "text/plain"
+        else:
+            answer = entry(route)(
+                func.HttpRequest(
+                    method=request.command,
+                    url=f"{self.base}/{route}",
+                    params=params,
+                    headers=dict(request.headers.items()),
+                    body=body,
+                )
+            )
+            status, payload = answer.status_code, answer.get_body()
+            content_type = answer.mimetype or "text/plain"
+        self.answers.append((route, status))
+        request.send_response(status)
+        request.send_header("Content-Type", content_type)
+        request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        request.wfile.write(payload)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def app_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """Pipeline settings only (the webhook needs no DC); the queue file's path."""
+    for name in ("FUNCTIONS_WORKER_RUNTIME", "APPLICATIONINSIGHTS_CONNECTION_STRING"):
+        monkeypatch.delenv(name, raising=False)
+    queue_path = tmp_path / "queue.sqlite3"
+    monkeypatch.setenv("WRITEBACK_QUEUE", "local")
+    monkeypatch.setenv("WRITEBACK_QUEUE_PATH", str(queue_path))
+    monkeypatch.setenv("WRITEBACK_CLIENT_STATE", SECRET)
+    monkeypatch.setenv("WRITEBACK_PAUSED", "false")
+    # Leave the test process's logging alone (configure_logging has its own test).
+    monkeypatch.setattr(logging_setup._State, "configured", True)
+    functions.reset()
+    yield queue_path
+    functions.reset()
+
+
+@pytest.fixture
+def host(app_env: Path) -> Iterator[Host]:
+    h = Host(app_env)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def world(
+    samba_dc: SambaDC,
+    make_ou: Callable[[SambaDC], str],
+    app_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[World]:
+    with make_world(samba_dc, make_ou(samba_dc)) as w:
+        env = {
+            "WRITEBACK_TARGET_OU": w.ou,
+            "WRITEBACK_LDAP_URL": samba_dc.ldaps_url,
+            "WRITEBACK_LDAP_USER": samba_dc.admin_dn,
+            "WRITEBACK_LDAP_PASSWORD": samba_dc.admin_password,
+            "WRITEBACK_LDAP_CA_FILE": str(samba_dc.ca_file),
+            "WRITEBACK_GRAPH_URL": w.standin.url,
+            "WRITEBACK_GRAPH_AUTH": "none",
+            "WRITEBACK_MEMBER_LIMIT": "50000",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        yield w
+
+
+@pytest.fixture
+def bridge(monkeypatch: pytest.MonkeyPatch) -> Iterator[Bridge]:
+    b = Bridge()
+    monkeypatch.setenv("WRITEBACK_NOTIFICATION_URL", f"{b.base}/notifications?code={FUNCTION_KEY}")
+    monkeypatch.setenv("WRITEBACK_LIFECYCLE_URL", f"{b.base}/lifecycle?code={FUNCTION_KEY}")
+    yield b
+    b.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def test_the_app_declares_its_five_functions_with_the_documented_bindings() -> None:
+    bindings = {str(f.get_function_name()): f.get_bindings_dict()["bindings"][0] for f in FUNCTIONS}
+    assert set(bindings) == {
+        "notifications",
+        "lifecycle",
+        "worker",
+        "reconcile",
+        "subscription_upkeep",
+    }
+    assert bindings["notifications"]["route"] == "notifications"
+    assert str(bindings["notifications"]["authLevel"].value) == "function"
+    assert bindings["lifecycle"]["route"] == "lifecycle"
+    worker = bindings["worker"]
+    assert worker["type"] == "serviceBusTrigger"
+    assert worker["queueName"] == "%WRITEBACK_SERVICEBUS_QUEUE%"
+    assert worker["connection"] == "WRITEBACK_SERVICEBUS"
+    assert worker["isSessionsEnabled"] is True
+    assert str(worker["cardinality"].value) == "many"
+    assert bindings["reconcile"]["schedule"] == "%WRITEBACK_RECONCILE_SCHEDULE%"
+    assert bindings["subscription_upkeep"]["schedule"] == "%WRITEBACK_SUBSCRIPTION_SCHEDULE%"
+
+
+def test_host_json_sets_sessions_lock_renewal_and_prefetch() -> None:
+    host_json = json.loads((ROOT / "host.json").read_text())
+    service_bus = host_json["extensions"]["serviceBus"]
+    assert service_bus["prefetchCount"] == 0
+    assert service_bus["autoCompleteMessages"] is True
+    assert service_bus["maxConcurrentSessions"] >= 1
+    assert service_bus["maxAutoLockRenewalDuration"] == "00:05:00"
+    assert service_bus["sessionIdleTimeout"]
+    assert host_json["functionTimeout"]
+    assert host_json["logging"]["logLevel"]["Function"] == "Information"
+
+
+def settings_read_by_the_code() -> set[str]:
+    """Every WRITEBACK_* name in the app's code (the sandbox is the test harness's),
+    and every other environment name the code reads (the bindings' %SETTING%s are
+    WRITEBACK_* names too)."""
+    names: set[str] = set()
+    files = [ROOT / "function_app.py"] + [
+        p for p in (ROOT / "writeback").rglob("*.py") if "sandbox" not in p.parts
+    ]
+    for path in files:
+        text = path.read_text()
+        names.update(re.findall(r"\bWRITEBACK_[A-Z0-9_]*[A-Z0-9](?:__[A-Za-z]+)?", text))
+        names.update(
+            re.findall(
+                r"\b(AZURE_[A-Z_]+[A-Z]|APPLICATIONINSIGHTS_[A-Z_]+[A-Z]|"
+                r"FUNCTIONS_WORKER_RUNTIME)\b",
+                text,
+            )
+        )
+    return names
+
+
+def test_every_setting_the_code_reads_is_in_the_sample_settings() -> None:
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())
+    values: dict[str, str] = sample["Values"]
+    documented = set(values) | set(sample["_settings_help"])
+    read = settings_read_by_the_code()
+    assert {"WRITEBACK_PAUSED", "WRITEBACK_CLIENT_STATE", "AZURE_CLIENT_ID"} <= read
+    missing = {
+        name
+        for name in read
+        if name not in values and not any(key.startswith(name + "__") for key in values)
+    }
+    assert missing == set(), f"not in local.settings.sample.json: {sorted(missing)}"
+    assert {"AzureWebJobsStorage", "FUNCTIONS_WORKER_RUNTIME"} <= set(values)
+    assert "WRITEBACK_SERVICEBUS__fullyQualifiedNamespace" in values
+    undocumented = {name for name in values if name not in sample["_settings_help"]}
+    assert undocumented == set()
+    assert documented
+
+
+def test_the_sample_settings_hold_no_secret() -> None:
+    values = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    for name in ("WRITEBACK_LDAP_PASSWORD", "WRITEBACK_CLIENT_STATE", "AZURE_CLIENT_SECRET"):
+        value = values[name]
+        assert value == "" or "<" in value or value.startswith("@Microsoft.KeyVault("), name
+
+
+def test_cold_import_of_the_app_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, function_app\n"
+        "heavy = [m for m in ('msgraph', 'ldap3', 'azure.servicebus', 'tenacity', "
+        "'azure.monitor.opentelemetry', 'writeback.adapters.graph') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- webhook
+
+
+def test_validation_handshake_answers_the_token_as_text(app_env: Path) -> None:
+    token = "Validation: Testing client application reachability for subscription Request-Id: 1"
+    for route in ("notifications", "lifecycle"):
+        response = http(route, params={"validationToken": token})
+        assert response.status_code == 200
+        assert response.mimetype == "text/plain"
+        assert response.get_body() == token.encode()
+
+
+def test_wrong_client_state_is_refused_and_nothing_is_enqueued(host: Host) -> None:
+    gid = str(uuid.uuid4())
+    response = http("notifications", notification(gid, client_state="not-the-secret"))
+    assert response.status_code == 403
+    assert host.queue.depth() == 0
+
+
+def test_a_body_that_is_not_a_notification_is_a_400(host: Host) -> None:
+    assert http("notifications", b"{not json").status_code == 400
+    assert host.queue.depth() == 0
+
+
+def test_missing_settings_answer_503_so_graph_retries(
+    app_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WRITEBACK_CLIENT_STATE")
+    assert http("notifications", notification(str(uuid.uuid4()))).status_code == 503
+
+
+def test_graph_retries_of_a_notification_are_one_message(host: Host) -> None:
+    gid = str(uuid.uuid4())
+    body = notification(gid, seq=7)
+    assert http("notifications", body).status_code == 202
+    assert http("notifications", body).status_code == 202
+    assert host.queue.depth() == 1
+
+
+def test_webhook_logs_a_structured_line_without_the_body_or_secret(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    gid = str(uuid.uuid4())
+    with caplog.at_level(logging.INFO, logger="writeback"):
+        assert http("notifications", notification(gid)).status_code == 202
+    [record] = [r for r in caplog.records if r.name == "writeback.webhook"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["webhook_status"] == 202
+    assert line["webhook_messages"] == 1
+    rendered = json.dumps(line)
+    assert SECRET not in rendered
+    assert gid not in rendered  # counts only, never the body
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def test_notification_to_queue_to_worker_puts_the_group_in_ad(
+    world: World, host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    gid = world.add_group(1, "Function Sales", ["user0", "user1"])
+    assert http("notifications", notification(gid)).status_code == 202
+    assert host.queue.depth() == 1
+    with caplog.at_level(logging.INFO, logger="writeback"):
+        messages = host.deliver()
+    assert messages is not None
+    [message] = messages
+    assert (message.session_id, message.delivery_count) == (gid, 1)
+    entry_ = world.ad_entry(gid)
+    assert entry_ is not None
+    assert entry_["displayname"] == ["Function Sales"]
+    assert entry_["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+    assert host.queue.depth() == 0
+    # One structured line for the event: group, operation, outcome, latency.
+    [record] = [r for r in caplog.records if getattr(r, "group_id", None) == gid]
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["operation"], line["outcome"]) == ("add", "completed")
+    assert line["latency_ms"] >= 0
+
+
+def test_a_burst_for_one_group_is_one_invocation_and_one_write(world: World, host: Host) -> None:
+    gid = world.add_group(2, "Burst", ["user0"])
+    for seq in range(1, 5):
+        assert http("notifications", notification(gid, seq=seq)).status_code == 202
+    messages = host.deliver()
+    assert messages is not None and len(messages) == 4
+    assert host.deliver(wait=0.1) is None
+    world.tenant.update_group(gid, display_name="Burst renamed")
+    assert http("notifications", notification(gid, seq=9)).status_code == 202
+    assert http("notifications", notification(gid, seq=9)).status_code == 202  # a retry
+    assert host.drain() == 1
+    entry_ = world.ad_entry(gid)
+    assert entry_ is not None and entry_["displayname"] == ["Burst renamed"]
+
+
+def test_a_poison_body_ends_in_the_dead_letters_with_its_reason(world: World, host: Host) -> None:
+    gid = world.add_group(3, "Fine", ["user0"])
+    host.queue.send([OutgoingMessage(b"\x00 not an envelope", "poison-1", gid)])
+    assert http("notifications", notification(gid)).status_code == 202
+    assert host.drain() >= 1
+    [letter] = host.queue.dead_letters()
+    assert (letter.message_id, letter.reason) == ("poison-1", "PoisonEvent")
+    assert "JSON" in letter.description
+    assert world.ad_entry(gid) is not None  # the good event of the batch still applied
+    assert host.queue.depth() == 0
+
+
+def test_a_dc_outage_reschedules_the_event_instead_of_losing_it(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gid = world.add_group(4, "Outage", ["user0"])
+    dc_url = os.environ["WRITEBACK_LDAP_URL"]
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", "ldaps://127.0.0.1:9")  # nothing listens
+    assert http("notifications", notification(gid)).status_code == 202
+    assert host.deliver() is not None
+    assert world.ad_entry(gid) is None
+    assert host.queue.dead_letters() == []
+    # Waiting, with a delay, for the next delivery; not handed out before then.
+    assert (host.queue.depth(), host.queue.scheduled_count()) == (0, 1)
+    assert host.deliver(wait=0.2) is None
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", dc_url)
+    later = Host(Path(host.queue.path), clock=lambda: time.time() + 600)
+    try:
+        messages = later.deliver()
+    finally:
+        later.close()
+    assert messages is not None and messages[0].delivery_count == 2
+    assert world.ad_entry(gid) is not None
+
+
+def test_pause_switch_keeps_events_and_writes_nothing(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gid = world.add_group(5, "Paused", ["user0"])
+    monkeypatch.setenv("WRITEBACK_PAUSED", "true")
+    assert http("notifications", notification(gid)).status_code == 202
+    assert host.deliver() is not None
+    assert world.ad_entry(gid) is None
+    assert host.queue.scheduled_count() == 1 and host.queue.dead_letters() == []
+    # The reconcile timer plans but does not write either.
+    entry("reconcile")(TimerRequest(past_due=False))
+    assert world.ad_entry(gid) is None
+    monkeypatch.setenv("WRITEBACK_PAUSED", "false")
+    later = Host(Path(host.queue.path), clock=lambda: time.time() + functions.PAUSE_DELAY + 5)
+    try:
+        assert later.deliver() is not None
+    finally:
+        later.close()
+    assert world.ad_entry(gid) is not None
+    assert host.queue.depth() == 0
+
+
+# --------------------------------------------------------------------------- timers
+
+
+def test_reconcile_timer_writes_what_the_cloud_has(world: World, host: Host) -> None:
+    first = world.add_group(6, "Timer One", ["user0"])
+    second = world.add_group(7, "Timer Two", ["user1"])
+    entry("reconcile")(TimerRequest(past_due=True))
+    assert world.ad_entry(first) is not None
+    assert world.ad_entry(second) is not None
+
+
+def test_upkeep_creates_the_subscription_then_notifications_flow_to_ad(
+    world: World, host: Host, bridge: Bridge
+) -> None:
+    standin = world.standin
+    assert standin.subscription_ids() == []
+    entry("subscription_upkeep")(TimerRequest(past_due=False))
+    [subscription_id] = standin.subscription_ids()
+    assert ("notifications", 200) in bridge.answers  # the validation handshake
+    assert ("lifecycle", 200) in bridge.answers
+    entry("subscription_upkeep")(TimerRequest(past_due=False))
+    assert standin.subscription_ids() == [subscription_id]  # kept, not duplicated
+
+    gid = world.add_group(8, "Notified", ["user0", "user2"])
+    assert standin.wait_idle(10)
+    assert ("notifications", 202) in bridge.answers
+    assert host.drain() >= 1
+    entry_ = world.ad_entry(gid)
+    assert entry_ is not None
+    assert entry_["member_sids"] == {world.sid_of("user0"), world.sid_of("user2")}
+
+
+def test_lifecycle_reauthorization_is_enqueued_then_done_by_the_worker(
+    world: World, host: Host, bridge: Bridge
+) -> None:
+    standin = world.standin
+    entry("subscription_upkeep")(TimerRequest(past_due=False))
+    [subscription_id] = standin.subscription_ids()
+    standin.send_lifecycle(subscription_id, "reauthorizationRequired")
+    assert standin.wait_idle(10)
+    assert ("lifecycle", 202) in bridge.answers
+    assert standin.needs_reauthorization(subscription_id)  # the webhook only enqueued
+    assert host.queue.depth() == 1
+    messages = host.deliver()
+    assert messages is not None and messages[0].session_id == functions.CONTROL_SESSION
+    assert not standin.needs_reauthorization(subscription_id)
+    assert standin.subscription_ids() == [subscription_id]
+    assert host.queue.depth() == 0
+
+
+def test_subscription_removed_recreates_it_and_reconciles(
+    world: World, host: Host, bridge: Bridge
+) -> None:
+    standin = world.standin
+    entry("subscription_upkeep")(TimerRequest(past_due=False))
+    [old] = standin.subscription_ids()
+    standin.send_lifecycle(old, "subscriptionRemoved")  # Graph drops it, as it says
+    assert standin.wait_idle(10)
+    assert ("lifecycle", 202) in bridge.answers
+    assert standin.subscription_ids() == []
+    gid = world.add_group(9, "Changed while removed", ["user1"])  # nobody is notified
+    assert standin.wait_idle(10)
+    assert host.drain() == 1  # the control message
+    [new] = standin.subscription_ids()
+    assert new != old
+    assert world.ad_entry(gid) is not None  # the reconcile after recreating found it
+
+
+def test_a_poison_control_message_is_dead_lettered(app_env: Path, host: Host) -> None:
+    host.queue.send([OutgoingMessage(b'{"kind":"reboot"}', "ctl-1", functions.CONTROL_SESSION)])
+    assert host.deliver() is not None
+    [letter] = host.queue.dead_letters()
+    assert letter.reason == "PoisonEvent" and "reboot" in letter.description
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def test_json_lines_carry_the_event_fields_and_hide_secrets() -> None:
+    record = logging.LogRecord(
+        "writeback.worker", logging.INFO, __file__, 1, "group %s", ("g",), None
+    )
+    record.group_id = "g"
+    record.outcome = "completed"
+    record.client_state = SECRET
+    record.ldap_password = "hunter2"
+    record.body = b"raw body"
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["msg"], line["group_id"], line["outcome"]) == ("group g", "g", "completed")
+    assert line["client_state"] == "[redacted]" and line["ldap_password"] == "[redacted]"
+    assert line["body"] == "[8 bytes]"
+
+
+def test_configure_logging_writes_json_lines_outside_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FUNCTIONS_WORKER_RUNTIME", raising=False)
+    monkeypatch.delenv("APPLICATIONINSIGHTS_CONNECTION_STRING", raising=False)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging_setup._reset_for_tests()
+    try:
+        logging_setup.configure_logging(stream=stream)
+        logging_setup.configure_logging(stream=stream)  # idempotent
+        added = [h for h in root.handlers if h not in before]
+        assert len(added) == 1
+        logging.getLogger("writeback.test").info("hello", extra={"group_id": "g1"})
+        line = json.loads(stream.getvalue().strip().splitlines()[-1])
+        assert (line["msg"], line["group_id"]) == ("hello", "g1")
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before:
+                root.removeHandler(handler)
+        logging_setup._reset_for_tests()
+
+
+# --------------------------------------------------------------------------- Service Bus settlement
+
+
+class Broker:
+    """An in-memory stand-in for the few client calls ServiceBusSettlement makes."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[Any, datetime]] = []
+        self.sessions: dict[str, list[Any]] = {}
+        self.locked: set[str] = set()
+        self.dead_letters: list[tuple[Any, str, str]] = []
+        self.sent_before_lock: list[str] = []
+
+    def get_queue_sender(self, queue_name: str) -> Any:
+        broker = self
+
+        class Sender:
+            def schedule_messages(self, message: Any, when: datetime) -> list[int]:
+                broker.scheduled.append((message, when))
+                return [len(broker.scheduled)]
+
+            def send_messages(self, message: Any) -> None:
+                if message.session_id not in broker.locked:
+                    broker.sent_before_lock.append(message.session_id)
+                broker.sessions.setdefault(message.session_id, []).append(message)
+
+            def close(self) -> None:
+                pass
+
+        return Sender()
+
+    def get_queue_receiver(self, queue_name: str, *, session_id: str, **options: Any) -> Any:
+        broker = self
+
+        class Receiver:
+            def __enter__(self) -> Any:
+                broker.locked.add(session_id)
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                broker.locked.discard(session_id)
+
+            def receive_messages(self, max_message_count: int, max_wait_time: float) -> list[Any]:
+                waiting = broker.sessions.get(session_id, [])
+                taken, broker.sessions[session_id] = (
+                    waiting[:max_message_count],
+                    waiting[max_message_count:],
+                )
+                return taken
+
+            def dead_letter_message(
+                self, message: Any, *, reason: str, error_description: str
+            ) -> None:
+                broker.dead_letters.append((message, reason, error_description))
+
+        return Receiver()
+
+
+def triggered(
+    *,
+    body: bytes = b"{}",
+    session_id: str = "g-1",
+    delivery_count: int = 1,
+    properties: dict[str, Any] | None = None,
+    message_id: str = "m-1",
+) -> ReceivedMessage:
+    return functions.from_trigger(
+        DeliveredMessage(
+            body=body,
+            message_id=message_id,
+            session_id=session_id,
+            delivery_count=delivery_count,
+            lock_token=str(uuid.uuid4()),
+            sequence_number=11,
+            enqueued_time_utc=datetime.now(UTC),
+            application_properties=properties or {},
+            user_properties={},
+        )
+    )
+
+
+def settlement(broker: Broker, max_delivery_count: int = 5) -> functions.ServiceBusSettlement:
+    return functions.ServiceBusSettlement(
+        cast(Any, broker), "group-events", max_delivery_count=max_delivery_count
+    )
+
+
+def as_trigger_message(sent: Any, delivery_count: int = 1) -> func.ServiceBusMessage:
+    """What the host would hand the function for a message we sent or scheduled."""
+    return DeliveredMessage(
+        body=b"".join(sent.body),
+        message_id=sent.message_id,
+        session_id=sent.session_id,
+        delivery_count=delivery_count,
+        application_properties=dict(sent.application_properties or {}),
+        user_properties={},
+    )
+
+
+def test_abandon_schedules_a_copy_that_carries_the_count_and_the_original_id() -> None:
+    broker = Broker()
+    message = triggered(delivery_count=2, properties={"trace": "t-1"})
+    before = datetime.now(UTC)
+    settlement(broker).abandon(message, delay=30)
+    [(copy, when)] = broker.scheduled
+    assert copy.session_id == "g-1"
+    assert copy.message_id != "m-1"  # not dropped by duplicate detection
+    assert before + timedelta(seconds=29) <= when <= datetime.now(UTC) + timedelta(seconds=31)
+    again = functions.from_trigger(as_trigger_message(copy))
+    assert (again.message_id, again.session_id, again.delivery_count) == ("m-1", "g-1", 3)
+    assert again.lock is not None and "trace" in cast(Any, again.lock).properties
+
+
+def test_pause_reschedules_without_counting_a_delivery() -> None:
+    broker = Broker()
+    message = triggered(delivery_count=3)
+    settlement(broker).park(message, delay=functions.PAUSE_DELAY)
+    [(copy, _)] = broker.scheduled
+    assert functions.from_trigger(as_trigger_message(copy)).delivery_count == 3
+
+
+def test_at_the_delivery_limit_abandon_dead_letters_with_the_reason() -> None:
+    broker = Broker()
+    settlement(broker, max_delivery_count=5).abandon(triggered(delivery_count=5), delay=10)
+    assert broker.scheduled == []
+    [(_, reason, description)] = broker.dead_letters
+    assert reason == "MaxDeliveryCountExceeded" and "5 delivery attempts" in description
+
+
+def test_dead_letter_hands_a_copy_to_a_session_it_locked_first() -> None:
+    broker = Broker()
+    gid = str(uuid.uuid4())
+    message = triggered(session_id=gid, delivery_count=2, message_id="gc-abc")
+    settlement(broker).dead_letter(message, "OverMemberLimit", "group has 60001 members")
+    [(letter, reason, description)] = broker.dead_letters
+    assert (reason, description) == ("OverMemberLimit", "group has 60001 members")
+    assert letter.session_id.startswith(gid + functions.HANDOFF_MARK)
+    assert broker.sent_before_lock == []  # the host could never have taken it
+    # Replayed from the dead letters, it comes back in the hand-off session: the
+    # worker sees the group's session and the original id again.
+    back = functions.from_trigger(as_trigger_message(letter))
+    assert (back.session_id, back.message_id, back.delivery_count) == (gid, "gc-abc", 2)
+
+
+def test_a_hand_off_that_never_arrives_raises_so_the_host_abandons() -> None:
+    broker = Broker()
+    original = broker.get_queue_receiver
+
+    def receiver_losing_messages(queue_name: str, *, session_id: str, **options: Any) -> Any:
+        receiver = original(queue_name, session_id=session_id, **options)
+        receiver.receive_messages = lambda **kw: []
+        return receiver
+
+    broker.get_queue_receiver = receiver_losing_messages  # type: ignore[method-assign]
+    with pytest.raises(TransientError):
+        settlement(broker).dead_letter(triggered(), "PoisonEvent", "bad")
+
+
+def test_complete_leaves_the_message_to_the_host() -> None:
+    broker = Broker()
+    settlement(broker).complete(triggered())
+    assert broker.scheduled == [] and broker.dead_letters == [] and broker.sessions == {}
