@@ -510,6 +510,24 @@ def test_a_dc_outage_reschedules_the_event_instead_of_losing_it(
     assert world.ad_entry(gid) is not None
 
 
+def test_an_unexpected_error_is_rescheduled_like_a_transient_fault(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from writeback.service import handle_event
+
+    gid = world.add_group(10, "Bug", ["user0"])
+
+    def broken(group_id: str, ctx: Any) -> Any:
+        raise KeyError("a bug, not a fault of the event")
+
+    monkeypatch.setattr(handle_event, "converge", broken)
+    assert http("notifications", notification(gid)).status_code == 202
+    assert host.deliver() is not None
+    assert host.queue.dead_letters() == []
+    assert host.queue.scheduled_count() == 1
+    assert world.ad_entry(gid) is None
+
+
 def test_pause_switch_keeps_events_and_writes_nothing(
     world: World, host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,9 +23,13 @@ Worker: Service Bus queue trigger, sessions, ``cardinality=many``
     invocation = one group's burst, and :func:`process_session` converges it with
     one LDAP write. The price: the batch loop runs one batch at a time per
     instance (``maxConcurrentSessions`` does not apply), and lock renewal does not
-    apply to batches, so the queue's lock duration (5 minutes in ``infra/``) has
-    to cover one group; scale-out adds instances. The handler still groups the
-    batch by session, so it is correct whatever the host hands it.
+    apply to batches, so the queue's lock duration (set it to the maximum, 5
+    minutes) has to cover one group; scale-out adds instances. ``host.json`` keeps
+    the single-message settings (sessions, lock renewal) sensible too, so
+    switching to cardinality one (more parallel groups, a burst then costs
+    repeated reads but still one write, as the worker reads current state) is a
+    one-line change. The handler groups the batch by session, so it is correct
+    whatever the host hands it.
 
 Settlement: host auto-complete plus our own copies (no settlement preview)
     ``azurefunctions-extensions-bindings-servicebus`` (settle and dead-letter
@@ -170,7 +174,7 @@ _OWN_PROPERTIES: Final = frozenset(
 # =========================================================================== settings
 
 
-def pipeline_settings() -> PipelineSettings:
+def pipeline_settings(*, require_client_state: bool = True) -> PipelineSettings:
     """Pipeline settings; the namespace defaults to the trigger connection's.
 
     The trigger's identity-based connection is ``WRITEBACK_SERVICEBUS__fullyQualifiedNamespace``
@@ -181,7 +185,7 @@ def pipeline_settings() -> PipelineSettings:
     trigger_namespace = env.get("WRITEBACK_SERVICEBUS__fullyQualifiedNamespace")
     if trigger_namespace and not env.get("WRITEBACK_SERVICEBUS_NAMESPACE"):
         env["WRITEBACK_SERVICEBUS_NAMESPACE"] = trigger_namespace
-    return load_pipeline_settings(env)
+    return load_pipeline_settings(env, require_client_state=require_client_state)
 
 
 # =========================================================================== messages
@@ -663,7 +667,8 @@ def _schema_attributes(settings: Settings, directory: Any) -> frozenset[str]:
 def run_worker(messages: Sequence[func.ServiceBusMessage]) -> list[EventOutcome]:
     """Handle one invocation's messages: group sessions, then control messages."""
     configure_logging()
-    pipeline = pipeline_settings()
+    # The client state is the webhook's business (and the control path checks it).
+    pipeline = pipeline_settings(require_client_state=False)
     queue, settlement = _runtime.get(pipeline)
     sessions: dict[str, list[ReceivedMessage]] = {}
     for message in messages:
@@ -877,6 +882,8 @@ def _act_on_control(requests: list[ControlRequest], pipeline: PipelineSettings) 
     if not lifecycle:
         return reasons
     notification_url = _required_url(pipeline.notification_url, "WRITEBACK_NOTIFICATION_URL")
+    if not pipeline.client_states:
+        raise ConfigError("WRITEBACK_CLIENT_STATE is not set")
     cloud = build_cloud(load_settings())
     try:
         seen: set[tuple[str, str]] = set()
@@ -918,7 +925,7 @@ def run_reconcile(
 
     configure_logging()
     settings = load_settings()
-    paused = pipeline_settings().paused
+    paused = pipeline_settings(require_client_state=False).paused
     policy = SyncPolicy.from_settings(settings)
     started_at = time.time()
     with _reconciles.lock:
