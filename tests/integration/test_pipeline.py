@@ -30,8 +30,9 @@ from tests.support.world import World, make_world
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.local_queue import LocalQueue
 from writeback.cli import EXIT_OK, main
+from writeback.domain.model import Operation
 from writeback.hosting.serve import ServeConfig, Server
-from writeback.ports import OutgoingMessage
+from writeback.ports import Directory, OutgoingMessage
 from writeback.sandbox.samba import SambaDC
 from writeback.service.replay import ReplayFilter, replay
 
@@ -76,21 +77,28 @@ class Pipeline:
     def state_path(self) -> Path:
         return self.tmp / "state.json"
 
-    def start(self, *, member_limit: int | None = None, **config: Any) -> Server:
+    def start(
+        self,
+        *,
+        member_limit: int | None = None,
+        wrap: Callable[[LdapDirectory], Directory] | None = None,
+        **config: Any,
+    ) -> Server:
         world = self.world
         queue = LocalQueue(self.queue_path, lock_duration=30, max_delivery_count=50)
         options = world.options
         if member_limit is not None:
             options = replace(options, member_limit=member_limit)
 
-        def directory() -> LdapDirectory:
-            return LdapDirectory(
+        def directory() -> Directory:
+            made = LdapDirectory(
                 url=world.dc.ldaps_url,
                 user=world.dc.admin_dn,
                 password=world.dc.admin_password,
                 target_ou=world.ou,
                 ca_file=world.dc.ca_file,
             )
+            return wrap(made) if wrap is not None else made
 
         server = Server(
             queue=queue,
@@ -376,6 +384,35 @@ def test_ldap_down_events_wait_and_then_apply_none_lost(pipeline: Pipeline) -> N
     assert entry["member_sids"] == {world.sid_of("user0"), world.sid_of("user2")}
     assert server.queue.dead_letters() == []
     assert server.stats.dead_lettered == 0
+
+
+def test_an_unexpected_error_puts_the_event_back_and_it_applies_later(
+    pipeline: Pipeline,
+) -> None:
+    failures = [RuntimeError("a bug")]
+
+    class Buggy:
+        """The first write blows up with something no adapter is meant to raise."""
+
+        def __init__(self, inner: LdapDirectory) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def apply(self, operation: Operation) -> int:
+            if failures:
+                raise failures.pop()
+            return self.inner.apply(operation)
+
+    world = pipeline.world
+    server = pipeline.start(wrap=Buggy)
+    gid = world.add_group(1, "Bugged", ["user0"])
+    settle(world, server)
+    assert world.ad_entry(gid) is not None
+    stats = server.stats
+    assert (stats.worker_errors, stats.events, stats.dead_lettered) == (1, 1, 0)
+    assert server.queue.dead_letters() == []
 
 
 def test_pause_switch_holds_events_until_resumed(pipeline: Pipeline) -> None:

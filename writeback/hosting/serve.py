@@ -69,6 +69,7 @@ from writeback.service.handle_event import (
     EventOutcome,
     WorkerContext,
     process_session,
+    redelivery_delay,
 )
 from writeback.service.notifications import MAX_BODY_BYTES, LifecycleEvent, handle_webhook
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
@@ -721,6 +722,9 @@ class Server:
         try:
             try:
                 outcome = process_session(self.queue, messages, context)
+            except Exception:
+                self._put_back(messages, context)  # a bug, not the event: wait like a fault
+                raise
             finally:
                 with contextlib.suppress(WritebackError):
                     self.queue.release_session(messages[0].session_id)
@@ -728,6 +732,18 @@ class Server:
         finally:
             with self._lock:
                 self._busy -= 1
+
+    def _put_back(self, messages: list[ReceivedMessage], context: WorkerContext) -> None:
+        """Abandon with the redelivery delay what an unexpected error left unsettled
+        (the delivery count still ends it in the dead letters if it keeps failing)."""
+        for message in messages:
+            delay = redelivery_delay(
+                message.delivery_count,
+                scale=context.redelivery_scale,
+                cap=context.max_redelivery_delay,
+            )
+            with contextlib.suppress(WritebackError):
+                self.queue.abandon(message, delay=delay)
 
     def _record(self, outcome: EventOutcome, messages: list[ReceivedMessage], now: float) -> None:
         latencies = []
