@@ -74,12 +74,14 @@ Not thread-safe: use one instance per thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any, TypeVar
 
 from ldap3 import (
@@ -101,9 +103,11 @@ from ldap3.core.exceptions import (
     LDAPException,
     LDAPMaximumRetriesError,
     LDAPResponseTimeoutError,
+    LDAPSocketReceiveError,
     LDAPStartTLSError,
+    communication_exception_factory,
 )
-from ldap3.utils.config import get_config_parameter, set_config_parameter
+from ldap3.strategy.base import BaseStrategy
 
 from writeback.adapters.ldap_values import (
     BIND_CONFIG_RESULTS,
@@ -151,14 +155,45 @@ _PAGED_RESULTS_OID = "1.2.840.113556.1.4.319"
 
 _GROUP_ATTRIBUTES = (*MANAGED_ATTRIBUTES, "objectSid")
 
-#: ldap3 receives a response ``SOCKET_SIZE`` bytes at a time (4 KiB by default)
-#: and appends each piece to a bytes object, which is quadratic in the size of
-#: the response: reading a group of 50,000 members (some 6 MB of extended DNs)
-#: took 7.5 s on Samba, 1.4 s with 64 KiB reads. (A TLS record carries at most
-#: 16 KiB, so a larger size gains nothing more.) ldap3 keeps it process-wide.
-LDAP_SOCKET_SIZE = 64 * 1024
-if get_config_parameter("SOCKET_SIZE") < LDAP_SOCKET_SIZE:
-    set_config_parameter("SOCKET_SIZE", LDAP_SOCKET_SIZE)
+
+def linear_receiving(strategy: Any) -> list[bytes]:
+    """ldap3's ``SyncStrategy.receiving`` without its quadratic buffer.
+
+    ldap3 appends every piece the socket returns to a ``bytes`` object, copying
+    everything received so far each time. A large entry that arrives in many
+    small pieces (a group of 50,000 members is some 6 MB of extended DNs, and a
+    DC that has to build it streams it slowly) then costs seconds of CPU: 7.8 s
+    to read such a group cold from Samba, 0.6 s with this buffer. Same contract:
+    the complete LDAP messages received (as ``bytes``), stopping once the buffer
+    is empty after at least one, or when the peer closes; a socket error closes
+    the connection and raises ldap3's ``LDAPSocketReceiveError``. Only for
+    connections without SASL signing (ours bind with SIMPLE over TLS).
+    """
+    messages: list[bytes] = []
+    buffer = bytearray()
+    while True:
+        try:
+            data = strategy.connection.socket.recv(strategy.socket_size)
+        except (OSError, AttributeError) as error:
+            strategy.connection.last_error = f"error receiving data: {error}"
+            with contextlib.suppress(OSError, LDAPException):
+                strategy.close()
+            raise communication_exception_factory(LDAPSocketReceiveError, type(error)(str(error)))(
+                strategy.connection.last_error
+            ) from error
+        if not data:
+            return messages
+        buffer += data
+        while True:
+            length = BaseStrategy.compute_ldap_message_size(buffer)
+            if length == -1 or len(buffer) < length:
+                break
+            messages.append(bytes(buffer[:length]))
+            del buffer[:length]
+        if messages and not buffer:
+            return messages
+
+
 _T = TypeVar("_T")
 
 
@@ -665,6 +700,8 @@ class LdapDirectory:
             return_empty_attributes=False,
             receive_timeout=max(1, math.ceil(self._timeout)),  # ldap3 packs it as an int
         )
+        if conn.sasl_mechanism is None and hasattr(conn.strategy, "receiving"):
+            conn.strategy.receiving = MethodType(linear_receiving, conn.strategy)
         self._conn = conn
         try:
             conn.open()
