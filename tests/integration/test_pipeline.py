@@ -270,6 +270,9 @@ def test_create_rename_remember_and_delete_reach_ad_one_write_each(pipeline: Pip
     stats = server.stats
     assert stats.dead_lettered == stats.abandoned == 0
     assert stats.events >= 5  # at least one notified change per step
+    # Every POST was answered 202 within the stand-in's 3 s (Graph's limit): no retries.
+    deliveries = world.standin.deliveries
+    assert deliveries and {(d.status, d.attempt) for d in deliveries} == {(202, 0)}
     assert len(stats.latencies) == stats.events
     assert all(0 <= latency < 10 for latency in stats.latencies)
 
