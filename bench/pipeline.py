@@ -1,0 +1,513 @@
+"""Single-machine pipeline benchmark against one throwaway Samba AD DC.
+
+In one run, on the same DC:
+
+1. burst: one membership change on each of ``--events`` different groups, made
+   as fast as the tenant takes them; the Graph stand-in POSTs the notifications
+   to the webhook, which enqueues them in the LocalQueue; the workers read Graph
+   and AD and write. Events per second and LDAP writes per second are measured
+   from the first change to the last write; latency is per event, from the
+   webhook accepting the notification to its write completing;
+2. paced: ``--paced`` changes at ``--rate`` per second (a load the pipeline
+   keeps up with), for the latency of an unqueued event;
+3. a plain ldap3 loop making the same kind of write (one modify adding one
+   member value to a group) on copies of the groups in another OU; the ratio
+   of the pipeline's LDAP write rate to it;
+4. a very large group (``--big`` members): its creation, then one member added
+   to it, with the Graph requests (counted by the stand-in), the LDAP values
+   written and read, and the time, next to the same figures for a small group.
+
+The Graph stand-in runs in a child process (forked with the tenant), as Graph
+is another machine in production: its CPU does not compete with the pipeline's
+for this process's GIL. Tenant changes are sent to it over a pipe.
+
+    .venv/bin/python bench/pipeline.py --events 1000 --big 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import random
+import resource
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from ldap3 import MODIFY_ADD
+
+from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.graph import GraphCloud
+from writeback.adapters.local_queue import LocalQueue
+from writeback.domain.mapping import MappingOptions
+from writeback.domain.model import Add, DirectoryGroup, Modify, Operation, Rename
+from writeback.hosting.serve import ServeConfig, Server, ServerStats
+from writeback.sandbox.graph_standin import GraphStandIn, Tenant
+from writeback.sandbox.samba import SambaDC, running_dc
+
+CLIENT_STATE = "bench-client-state"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=1000, help="burst: groups changed once")
+    parser.add_argument("--paced", type=int, default=200, help="paced changes")
+    parser.add_argument("--rate", type=float, default=40.0, help="paced changes per second")
+    parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
+    parser.add_argument("--users", type=int, default=2000, help="users for ordinary groups")
+    parser.add_argument("--big", type=int, default=50_000, help="members of the large group")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=10, help="notifications per Graph POST")
+    parser.add_argument("--address", default="127.0.0.31")
+    args = parser.parse_args(argv)
+    with running_dc(address=args.address) as dc, tempfile.TemporaryDirectory() as tmp:
+        Bench(dc, args, Path(tmp)).run()
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass
+class Tally:
+    """LDAP values the workers wrote and read, across every thread."""
+
+    written: int = 0
+    read: int = 0
+    operations: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.written = self.read = 0
+            self.operations.clear()
+
+
+class CountingDirectory:
+    """LdapDirectory with the values of each write and read counted."""
+
+    def __init__(self, inner: LdapDirectory, tally: Tally) -> None:
+        self._inner = inner
+        self._tally = tally
+
+    def schema_attributes(self) -> frozenset[str]:
+        return self._inner.schema_attributes()
+
+    def find_group(self, group_id: str) -> DirectoryGroup | None:
+        group = self._inner.find_group(group_id)
+        if group is not None:
+            with self._tally.lock:
+                self._tally.read += len(group.member_sids) + len(group.other_members)
+        return group
+
+    def iter_groups(self) -> Iterator[DirectoryGroup]:
+        return self._inner.iter_groups()
+
+    def apply(self, operation: Operation) -> int:
+        requests = self._inner.apply(operation)
+        with self._tally.lock:
+            self._tally.written += values_written(operation)
+            self._tally.operations.append(operation.kind)
+        return requests
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def values_written(operation: Operation) -> int:
+    if isinstance(operation, Add):
+        return sum(len(v) for v in operation.attributes.values()) + len(operation.members)
+    if isinstance(operation, Modify | Rename):
+        changes = operation.changes
+        values = sum(len(v) or 1 for v in changes.replace.values())
+        return values + len(changes.add_members) + len(changes.remove_members)
+    return 1  # a delete: the object
+
+
+# --------------------------------------------------------------------------- the remote stand-in
+
+
+class RemoteStandIn:
+    """A GraphStandIn serving ``tenant`` from a forked child process.
+
+    ``tenant(name, ...)`` calls a Tenant method there, ``standin(name, ...)`` a
+    GraphStandIn method (or reads an attribute), ``cpu()`` is the child's CPU time.
+    """
+
+    def __init__(self, tenant: Tenant, **options: Any) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._lock = threading.Lock()
+        self._process = context.Process(
+            target=_serve_standin, args=(tenant, options, child), daemon=True
+        )
+        self._process.start()
+        self.url: str = self._conn.recv()
+
+    def _call(self, target: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._conn.send((target, name, args, kwargs))
+            ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"stand-in {target}.{name} failed: {value}")
+        return value
+
+    def tenant(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call("tenant", name, *args, **kwargs)
+
+    def standin(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call("standin", name, *args, **kwargs)
+
+    def cpu(self) -> float:
+        return float(self._call("process", "cpu"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.send(None)
+        self._process.join(10)
+
+
+def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Connection) -> None:
+    with GraphStandIn(tenant, **options) as standin:
+        conn.send(standin.url)
+        while (message := conn.recv()) is not None:
+            target, name, args, kwargs = message
+            try:
+                if target == "process":
+                    value: Any = cpu_seconds()
+                else:
+                    thing = getattr(standin.tenant if target == "tenant" else standin, name)
+                    value = thing(*args, **kwargs) if callable(thing) else thing
+            except Exception as error:
+                conn.send((False, repr(error)))
+            else:
+                conn.send((True, value))
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, dc: SambaDC, args: argparse.Namespace, tmp: Path) -> None:
+        self.dc = dc
+        self.args = args
+        self.tmp = tmp
+        self.rng = random.Random(42)
+        self.tally = Tally()
+        self.rows: list[tuple[str, str]] = []
+        self.small_sids: dict[str, str] = {}
+        self.small_users: list[str] = []
+        self.pipeline_write_rate = 0.0
+        self.finding = ""
+
+    def run(self) -> None:
+        args = self.args
+        users_ou = self.dc.create_ou("BenchUsers")
+        big_ou = self.dc.create_ou("BenchBigUsers")
+        started = time.monotonic()
+        small = self.dc.create_users(users_ou, [f"u{i}" for i in range(args.users)])
+        big = self.dc.create_users(big_ou, [f"b{i}" for i in range(args.big + 1)])
+        print(f"setup: {args.users + args.big + 1} users in {time.monotonic() - started:.1f} s")
+        tenant = Tenant()
+        for name, sid in {**small, **big}.items():
+            tenant.add_user(uid(name), sid=sid, synced=True)
+        self.small_sids = small
+        self.small_users = sorted(small)
+        groups = [gid(n) for n in range(args.events)]
+        for n, group in enumerate(groups):
+            members = self.rng.sample(self.small_users, args.members)
+            tenant.add_group(group, display_name=f"Bench {n}", members=[uid(m) for m in members])
+        target = self.dc.create_ou("BenchGroups")
+        # Each group's members, mirrored here so a change never needs to ask the child.
+        self.members = {group: set(tenant.member_ids(group)) for group in groups}
+        standin = RemoteStandIn(
+            tenant,
+            page_size=999,
+            delivery_batch_size=args.batch,
+            delivery_batch_window=0.005,
+            delivery_retry_delays=(0.5, 1.0, 2.0),
+        )
+        try:
+            server = self.server(standin.url, target)
+            try:
+                started = time.monotonic()
+                assert server.wait_ready(600), "initial reconcile did not finish"
+                result = server.last_reconcile
+                assert result is not None and not result.failures
+                print(
+                    f"initial reconcile: {result.applied} in {time.monotonic() - started:.1f} s; "
+                    f"subscription {server.subscription_id}"
+                )
+                self.burst(standin, server, groups)
+                self.paced(standin, server, groups)
+                pipeline_rate = self.pipeline_write_rate
+                plain_rate = self.plain_loop(len(groups))
+                self.rows.append(("plain ldap3 loop, LDAP writes/s", f"{plain_rate:.0f}"))
+                ratio = pipeline_rate / plain_rate
+                self.rows.append(("ratio pipeline / plain loop (LDAP writes/s)", f"{ratio:.2f}"))
+                self.large_group(standin, server, sorted(big))
+            finally:
+                server.stop()
+        finally:
+            standin.close()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.rows.append(("peak RSS of this process, MB", f"{peak_mb:.0f}"))
+        print_table(self.rows)
+        print()
+        print(self.finding)
+
+    def server(self, graph_url: str, target: str) -> Server:
+        dc, tally = self.dc, self.tally
+
+        def directory() -> CountingDirectory:
+            inner = LdapDirectory(
+                url=dc.ldaps_url,
+                user=dc.admin_dn,
+                password=dc.admin_password,
+                target_ou=target,
+                ca_file=dc.ca_file,
+            )
+            return CountingDirectory(inner, tally)
+
+        cloud = GraphCloud(base_url=graph_url)
+        queue = LocalQueue(self.tmp / "queue.sqlite3", lock_duration=600, max_delivery_count=20)
+        server = Server(
+            queue=queue,
+            cloud=cloud,
+            directory_factory=directory,
+            options=MappingOptions(target_ou=target, member_limit=250_000),
+            client_states=[CLIENT_STATE],
+            config=ServeConfig(
+                workers=self.args.workers,
+                state_path=str(self.tmp / "state.json"),
+                reconcile_interval=86400,
+                subscription_interval=86400,
+                receive_wait=0.2,
+            ),
+            owned=[queue, cloud],
+        )
+        return server.start()
+
+    # ----------------------------------------------------------------- phases
+
+    def burst(self, standin: RemoteStandIn, server: Server, groups: list[str]) -> None:
+        before = server.stats
+        order = groups[:]
+        self.rng.shuffle(order)
+        cpu_before, child_before = cpu_seconds(), standin.cpu()
+        started = time.monotonic()
+        for group in order:  # one new member per group: one notification, one write each
+            self.add_member(standin, group)
+        made = time.monotonic() - started
+        assert standin.standin("wait_idle", 300) and server.wait_idle(300)
+        seconds = time.monotonic() - started
+        cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
+        delta = diff(before, server.stats)
+        self.pipeline_write_rate = delta.writes / seconds
+        self.rows += [
+            ("burst: cloud changes (distinct groups)", f"{len(order)} (made in {made:.2f} s)"),
+            ("burst: events applied / batches", f"{delta.events} / {delta.batches}"),
+            ("burst: operations", fmt_ops(delta.operations)),
+            ("burst: seconds, first change to last write", f"{seconds:.2f}"),
+            ("burst: events per second, end to end", f"{delta.events / seconds:.0f}"),
+            ("burst: LDAP writes per second (pipeline)", f"{self.pipeline_write_rate:.0f}"),
+            ("burst: latency p50 / p99, ms (queueing included)", fmt_latency(delta)),
+            ("burst: dead letters", f"{delta.dead_lettered}"),
+            ("burst: CPU seconds, pipeline process", f"{cpu:.2f} (of {seconds:.2f} wall)"),
+            ("burst: CPU seconds, Graph stand-in process", f"{child_cpu:.2f}"),
+        ]
+
+    def paced(self, standin: RemoteStandIn, server: Server, groups: list[str]) -> None:
+        before = server.stats
+        interval = 1.0 / self.args.rate
+        started = time.monotonic()
+        for n in range(self.args.paced):
+            group = groups[n % len(groups)]
+            self.add_member(standin, group)
+            time.sleep(max(0.0, started + (n + 1) * interval - time.monotonic()))
+        assert standin.standin("wait_idle", 120) and server.wait_idle(120)
+        delta = diff(before, server.stats)
+        self.rows += [
+            (f"paced: {self.args.paced} changes at {self.args.rate:g}/s", f"{delta.events} events"),
+            ("paced: latency p50 / p99, ms", fmt_latency(delta)),
+        ]
+
+    def plain_loop(self, count: int) -> float:
+        """The same kind of write as a bare ldap3 loop: copies of the groups in
+        another OU (made untimed), then one modify adding one member to each."""
+        ou = self.dc.create_ou("BenchPlain")
+        conn = self.dc.connection()
+        sids = [self.small_sids[name] for name in self.small_users]
+        planned = []
+        for n in range(count):
+            dn = f"CN=plain{n},{ou}"
+            *members, extra = self.rng.sample(sids, self.args.members + 1)
+            member_values = [f"<SID={sid}>" for sid in members]
+            conn.add(dn, ["top", "group"], {"sAMAccountName": f"plain{n}", "member": member_values})
+            planned.append((dn, f"<SID={extra}>"))
+        started = time.monotonic()
+        for dn, value in planned:
+            if not conn.modify(dn, {"member": [(MODIFY_ADD, [value])]}):
+                raise RuntimeError(f"plain modify failed: {conn.result}")
+        seconds = time.monotonic() - started
+        conn.unbind()
+        return len(planned) / seconds
+
+    def large_group(self, standin: RemoteStandIn, server: Server, names: list[str]) -> None:
+        size = self.args.big
+        big_group = str(uuid.uuid5(uuid.NAMESPACE_URL, "bench-big-group"))
+        everyone = [uid(n) for n in names[:size]]
+        created = self.one_event(
+            standin,
+            server,
+            lambda: standin.tenant(
+                "add_group", big_group, display_name="Everyone", members=everyone
+            ),
+        )
+        grown = self.one_event(
+            standin,
+            server,
+            lambda: standin.tenant("add_members", big_group, [uid(names[size])]),
+        )
+        small = self.one_event(standin, server, lambda: self.add_member(standin, gid(0)))
+        per_page = 999
+        self.rows += [
+            (f"large group ({size} members) created: operations", created.ops),
+            ("  Graph requests / LDAP values written / seconds", created.figures),
+            ("large group, 1 member added: operations", grown.ops),
+            ("  Graph requests", f"{grown.graph}"),
+            ("  LDAP values written", f"{grown.written}"),
+            ("  LDAP member values read (current state)", f"{grown.read}"),
+            ("  seconds, notification to write", f"{grown.seconds:.2f}"),
+            (f"small group ({self.args.members} members), 1 member added", small.ops),
+            ("  Graph requests / LDAP values written / seconds", small.figures),
+            ("  LDAP member values read (current state)", f"{small.read}"),
+        ]
+        expected_pages = 1 + math.ceil((size + 1) / per_page)
+        proportional_graph = grown.graph <= small.graph + 1
+        proportional_ldap = grown.written == small.written
+        self.finding = (
+            "Finding, large group: an event for a group of "
+            f"{size + 1} members wrote {grown.written} LDAP values "
+            f"(a small group's event: {small.written}): "
+            + ("proportional to what changed" if proportional_ldap else "NOT proportional")
+            + ". It made "
+            f"{grown.graph} Graph requests (a small group's event: {small.graph}; "
+            f"GET /groups/{{id}} plus {expected_pages - 1} pages of "
+            f"GET /groups/{{id}}/members at $top={per_page}) and read "
+            f"{grown.read} member values from AD"
+            + (
+                ": the Graph side is proportional too."
+                if proportional_graph
+                else ": the Graph and LDAP reads grow with the group's size, not with the change, "
+                "because the worker reads the whole group from both sides to converge it. "
+                "Writes are proportional; reads are not yet."
+            )
+        )
+
+    # ----------------------------------------------------------------- helpers
+
+    def one_event(
+        self, standin: RemoteStandIn, server: Server, change: Callable[[], object]
+    ) -> EventCost:
+        assert standin.standin("wait_idle", 60) and server.wait_idle(60)
+        self.tally.reset()
+        standin.standin("reset_log")
+        before = server.stats
+        started = time.monotonic()
+        change()
+        assert standin.standin("wait_idle", 600) and server.wait_idle(600)
+        delta = diff(before, server.stats)
+        requests: list[tuple[str, str, int]] = standin.standin("requests")
+        graph = sum(1 for _, target, _ in requests if "/subscriptions" not in target)
+        return EventCost(
+            ops=f"{fmt_ops(delta.operations)} in {delta.events} event(s), {delta.writes} requests",
+            graph=graph,
+            written=self.tally.written,
+            read=self.tally.read,
+            seconds=delta.latencies[-1] if delta.latencies else time.monotonic() - started,
+        )
+
+    def add_member(self, standin: RemoteStandIn, group: str) -> None:
+        """Add one user who is not a member yet to ``group``, in the cloud."""
+        present = self.members[group]
+        while True:
+            member = uid(self.small_users[self.rng.randrange(len(self.small_users))])
+            if member not in present:
+                break
+        present.add(member)
+        standin.tenant("add_members", group, [member])
+
+
+@dataclass(frozen=True)
+class EventCost:
+    ops: str
+    graph: int
+    written: int
+    read: int
+    seconds: float
+
+    @property
+    def figures(self) -> str:
+        return f"{self.graph} / {self.written} / {self.seconds:.2f}"
+
+
+def diff(before: ServerStats, after: ServerStats) -> ServerStats:
+    operations = {
+        kind: n - before.operations.get(kind, 0)
+        for kind, n in after.operations.items()
+        if n != before.operations.get(kind, 0)
+    }
+    return ServerStats(
+        enqueued=after.enqueued - before.enqueued,
+        events=after.events - before.events,
+        batches=after.batches - before.batches,
+        operations=operations,
+        writes=after.writes - before.writes,
+        dead_lettered=after.dead_lettered - before.dead_lettered,
+        latencies=after.latencies[len(before.latencies) :],
+    )
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process, every thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fmt_ops(operations: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(operations.items())) or "none"
+
+
+def fmt_latency(stats: ServerStats) -> str:
+    p50, p99 = stats.percentile(50), stats.percentile(99)
+    if p50 is None or p99 is None:
+        return "n/a"
+    return f"{p50 * 1000:.0f} / {p99 * 1000:.0f}"
+
+
+def uid(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-user:{name}"))
+
+
+def gid(n: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench-pipeline-group:{n}"))
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print()
+    print(f"| {'figure':<{width}} | value |")
+    print(f"|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
