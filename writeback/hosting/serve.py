@@ -466,8 +466,15 @@ class Server:
         http = server_class((self.config.address, self.config.port), _Handler)
         http.owner = self
         self._http = http
-        self._notification_url = self.config.notification_url or self._derived(NOTIFICATIONS_PATH)
-        self._lifecycle_url = self.config.lifecycle_url or self._derived(LIFECYCLE_PATH)
+        try:
+            self._notification_url = self.config.notification_url or self._derived(
+                NOTIFICATIONS_PATH
+            )
+            self._lifecycle_url = self.config.lifecycle_url or self._derived(LIFECYCLE_PATH)
+        except BaseException:
+            self._http = None
+            http.server_close()
+            raise
         self._record_state(
             paused=self.paused,
             server={
@@ -500,7 +507,8 @@ class Server:
         self._unpaused.set()  # paused workers wake up to see the stop
         http = self._http
         if http is not None:
-            http.shutdown()
+            if self._threads:  # serve_forever runs: shutdown waits for it to stop
+                http.shutdown()
             http.server_close()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
