@@ -49,6 +49,7 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, DirectoryGroup, Modify, Operation, Rename
 from writeback.hosting.serve import ServeConfig, Server, ServerStats
+from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.sandbox.samba import SambaDC, running_dc
 
@@ -501,12 +502,8 @@ def gid(n: int) -> str:
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(name) for name, _ in rows)
     print()
-    print(f"| {'figure':<{width}} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

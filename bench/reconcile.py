@@ -23,6 +23,7 @@ from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
+from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.sandbox.samba import SambaDC, running_dc
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
@@ -145,12 +146,8 @@ def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> float:
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(name) for name, _ in rows)
     print()
-    print(f"| {'figure':<{width}} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,11 @@ class ProgressBar:
             print(f"\r{self._label} [{bar}] {done}/{total}", end=end, file=self._out, flush=True)
         else:
             print(f"{self._label}: {done}/{total}", file=self._out, flush=True)
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> str:
+    """Benchmark figures as a markdown table, as the README quotes them."""
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'figure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
+    return "\n".join(lines)

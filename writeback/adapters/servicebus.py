@@ -274,7 +274,8 @@ def _error_kinds() -> list[tuple[tuple[type[BaseException], ...], type[Writeback
 
 
 @contextmanager
-def _translated(action: str) -> Iterator[None]:
+def translated_errors(action: str) -> Iterator[None]:
+    """Re-raise Service Bus SDK errors as writeback's own (transient or permanent)."""
     try:
         yield
     except Exception as error:
@@ -349,7 +350,7 @@ class ServiceBusQueue:
         from azure.servicebus import ServiceBusClient
         from azure.servicebus.management import ServiceBusAdministrationClient
 
-        with _translated("connect"):
+        with translated_errors("connect"):
             client = ServiceBusClient.from_connection_string(
                 connection_string, retry_total=retry_total
             )
@@ -368,7 +369,7 @@ class ServiceBusQueue:
         if not messages:
             return
         outgoing = [to_servicebus_message(m) for m in messages]
-        with self._send_lock, _translated("send"):
+        with self._send_lock, translated_errors("send"):
             sender = self._get_sender()
             for start in range(0, len(outgoing), _MAX_BATCH):
                 self._send_batch(sender, outgoing[start : start + _MAX_BATCH])
@@ -405,7 +406,7 @@ class ServiceBusQueue:
         from azure.servicebus.exceptions import OperationTimeoutError
 
         wait_time = max(wait, 0.1)
-        with _translated("receive"):
+        with translated_errors("receive"):
             receiver = self._receive_client.get_queue_receiver(
                 self.queue_name,
                 session_id=NEXT_AVAILABLE_SESSION,
@@ -414,7 +415,7 @@ class ServiceBusQueue:
                 prefetch_count=0,
             )
         try:
-            with _translated("receive"):
+            with translated_errors("receive"):
                 try:
                     raw = receiver.receive_messages(
                         max_message_count=max_messages, max_wait_time=wait_time
@@ -439,7 +440,7 @@ class ServiceBusQueue:
 
     def complete(self, message: ReceivedMessage) -> None:
         raw, receiver = self._settlement(message)
-        with _translated("complete"):
+        with translated_errors("complete"):
             receiver.complete_message(raw)
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
@@ -454,18 +455,18 @@ class ServiceBusQueue:
             )
             return
         if delay <= 0:
-            with _translated("abandon"):
+            with translated_errors("abandon"):
                 receiver.abandon_message(raw)
             return
         copy = _outgoing_copy(raw, message.message_id, f"d{count}", prior_deliveries=count)
         when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
-        with _translated("abandon"):
+        with translated_errors("abandon"):
             self._send_one(to_servicebus_message(copy, scheduled_at=when))
             receiver.complete_message(raw)
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         raw, receiver = self._settlement(message)
-        with _translated("dead-letter"):
+        with translated_errors("dead-letter"):
             receiver.dead_letter_message(
                 raw,
                 reason=reason[:_MAX_DEAD_LETTER_TEXT],
@@ -478,7 +479,7 @@ class ServiceBusQueue:
             receiver = self._receivers.get(session_id)
         if receiver is None:
             raise LockLost(f"session {session_id} is not held by this receiver")
-        with _translated("renew session lock"):
+        with translated_errors("renew session lock"):
             return receiver.session.renew_lock().timestamp()
 
     def release_session(self, session_id: str) -> None:
@@ -503,7 +504,7 @@ class ServiceBusQueue:
     def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
         """Peek the dead-letter sub-queue (nothing is locked), oldest first."""
         letters: list[DeadLetter] = []
-        with _translated("read dead letters"), self._dead_letter_receiver() as receiver:
+        with translated_errors("read dead letters"), self._dead_letter_receiver() as receiver:
             next_sequence = 0
             while len(letters) < limit:
                 batch = receiver.peek_messages(
@@ -526,7 +527,7 @@ class ServiceBusQueue:
         if not isinstance(target, int):
             raise DeadLetterNotFound("this dead letter did not come from ServiceBusQueue")
         passed_over: list[ServiceBusReceivedMessage] = []
-        with _translated("resubmit"), self._dead_letter_receiver(max_wait_time=5) as receiver:
+        with translated_errors("resubmit"), self._dead_letter_receiver(max_wait_time=5) as receiver:
             found = None
             try:
                 while found is None and len(passed_over) < self.dead_letter_scan_limit:
@@ -570,7 +571,7 @@ class ServiceBusQueue:
         """Active messages, from the administration API (needs Manage rights)."""
         if self._admin is None:
             raise QueueRefused("depth needs the Service Bus administration client")
-        with _translated("read queue properties"):
+        with translated_errors("read queue properties"):
             properties = self._admin.get_queue_runtime_properties(self.queue_name)
         return properties.active_message_count or 0
 

@@ -115,7 +115,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -343,7 +343,7 @@ class ServiceBusSettlement:
             extra={SESSION_PROPERTY: message.session_id},
         )
         outgoing = to_servicebus_message(copy)
-        with _servicebus_errors("dead-letter"):
+        with _servicebus_errors()("dead-letter"):
             receiver = self._client.get_queue_receiver(
                 self.queue_name,
                 session_id=session,
@@ -373,7 +373,7 @@ class ServiceBusSettlement:
 
         when = datetime.now(UTC) + timedelta(seconds=delay)
         outgoing = to_servicebus_message(copy)
-        with _servicebus_errors("reschedule"), self._lock:
+        with _servicebus_errors()("reschedule"), self._lock:
             self._get_sender().schedule_messages(outgoing, when)
 
     def _send(self, outgoing: Any) -> None:
@@ -392,17 +392,11 @@ class ServiceBusSettlement:
             self._sender = None
 
 
-@contextlib.contextmanager
-def _servicebus_errors(action: str) -> Iterator[None]:
-    from writeback.adapters.servicebus import map_servicebus_error
+def _servicebus_errors() -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """The Service Bus adapter's error translation, imported only when Service Bus is used."""
+    from writeback.adapters.servicebus import translated_errors
 
-    try:
-        yield
-    except Exception as error:
-        mapped = map_servicebus_error(error, action)
-        if mapped is None or mapped is error:
-            raise
-        raise mapped from error
+    return translated_errors
 
 
 class LocalSettlement:
@@ -575,7 +569,7 @@ def servicebus_client(pipeline: PipelineSettings) -> ServiceBusClient:
     from azure.servicebus import ServiceBusClient
 
     if pipeline.servicebus_connection:
-        with _servicebus_errors("connect"):
+        with _servicebus_errors()("connect"):
             return ServiceBusClient.from_connection_string(pipeline.servicebus_connection)
     if not pipeline.servicebus_namespace:
         raise ConfigError("WRITEBACK_SERVICEBUS_NAMESPACE is not set")
