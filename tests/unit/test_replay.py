@@ -227,3 +227,15 @@ def test_status_reports_a_queue_it_cannot_read_without_raising(tmp_path: Path) -
     lines = format_status(status)
     assert lines[0] == "queue: unavailable (QueueUnavailable: the file is locked)"
     assert any("FAILED: LdapUnavailable: x" in line for line in lines)
+
+
+def test_group_filter_matches_the_functions_workers_hand_off_sessions() -> None:
+    from writeback.domain.events import group_of_session
+    from writeback.ports import DeadLetter
+    from writeback.service.replay import ReplayFilter
+
+    gid = "3a5c3221-c465-48c0-95b8-e9305786a271"
+    letter = DeadLetter(b"{}", "m1", f"{gid}#dl-0a1b2c", "PoisonEvent", "bad", 0.0)
+    assert group_of_session(letter.session_id) == gid
+    assert ReplayFilter(group=gid.upper()).matches(letter)
+    assert not ReplayFilter(group="00000000-0000-0000-0000-000000000000").matches(letter)

@@ -15,6 +15,8 @@ from writeback.errors import PoisonEvent
 
 ENVELOPE_VERSION = 1
 _MAX_ID = 128  # Service Bus limit for message and session ids
+#: Marks a dead-letter hand-off session of the Functions worker: ``<group id>#dl-<random>``.
+HANDOFF_MARK = "#dl-"
 
 
 class Change(StrEnum):
@@ -61,3 +63,8 @@ class GroupChanged:
 
 def _valid_id(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= _MAX_ID and value.isprintable()
+
+
+def group_of_session(session_id: str) -> str:
+    """The group a session belongs to, hand-off sessions included."""
+    return session_id.split(HANDOFF_MARK, 1)[0]

@@ -130,6 +130,7 @@ from writeback.config import (
     load_pipeline_settings,
     load_settings,
 )
+from writeback.domain import events
 from writeback.errors import (
     ConfigError,
     PermanentError,
@@ -156,7 +157,7 @@ CONTROL_SESSION: Final = "writeback-control"
 #: Application property: the group session of a message sent to a hand-off session.
 SESSION_PROPERTY: Final = "writeback-session-id"
 #: Marks a hand-off session id: ``<group id>#dl-<random>``.
-HANDOFF_MARK: Final = "#dl-"
+HANDOFF_MARK: Final = events.HANDOFF_MARK
 #: Paused: how far ahead a group message is rescheduled.
 PAUSE_DELAY: Final = 300.0
 #: Shortest wait of a rescheduled copy (Service Bus schedules to the second).

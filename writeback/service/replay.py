@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from writeback.domain.events import group_of_session
 from writeback.errors import PermanentError
 from writeback.ports import DeadLetter, EventQueue
 
@@ -40,7 +41,9 @@ class ReplayFilter:
     def matches(self, letter: DeadLetter) -> bool:
         if self.reason is not None and letter.reason.casefold() != self.reason.casefold():
             return False
-        if self.group is not None and letter.session_id.casefold() != self.group.casefold():
+        if self.group is not None and group_of_session(letter.session_id).casefold() != (
+            self.group.casefold()
+        ):
             return False
         return self.since is None or letter.dead_lettered_at >= self.since
 
@@ -54,7 +57,7 @@ class ReplayItem:
 
     @property
     def group_id(self) -> str:
-        return self.letter.session_id
+        return group_of_session(self.letter.session_id)
 
 
 @dataclass
