@@ -54,3 +54,30 @@ class GraphRefused(PermanentError):
 
 class PoisonEvent(PermanentError):
     """An event body that cannot be parsed or does not describe a group."""
+
+
+# -- the event queue (Service Bus or the embedded SQLite queue) --------------------
+
+
+class QueueUnavailable(TransientError):
+    """The queue could not be reached or was busy; the operation did not happen."""
+
+
+class LockLost(TransientError):
+    """The session or message lock expired or was released before settling.
+
+    The message was not settled and will be delivered again, so the handler has to
+    be idempotent; nothing else is to be done about it.
+    """
+
+
+class MessageRejected(PermanentError):
+    """A message the queue cannot take: id or session id invalid, body too large."""
+
+
+class DeadLetterNotFound(PermanentError):
+    """The dead letter is no longer there (already resubmitted or removed)."""
+
+
+class QueueRefused(PermanentError):
+    """Service Bus refused us: no such queue, no rights, wrong key or no credential."""

@@ -40,8 +40,8 @@ from azure.functions.timer import TimerRequest
 import function_app
 from tests.support.world import World, make_world
 from writeback import logging_setup
-from writeback.adapters.local_queue import LocalLock, LocalQueue, LockLost
-from writeback.errors import TransientError
+from writeback.adapters.local_queue import LocalLock, LocalQueue
+from writeback.errors import LockLost, TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage

@@ -32,13 +32,17 @@ from hypothesis.stateful import (
 
 from writeback.adapters.local_queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
-    DeadLetterNotFound,
     LocalLock,
     LocalQueue,
+)
+from writeback.errors import (
+    ConfigError,
+    DeadLetterNotFound,
     LockLost,
     MessageRejected,
+    PermanentError,
+    TransientError,
 )
-from writeback.errors import ConfigError, PermanentError, TransientError
 from writeback.ports import EventQueue, OutgoingMessage, ReceivedMessage
 
 REPO = Path(__file__).resolve().parents[2]

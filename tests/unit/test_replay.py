@@ -219,7 +219,7 @@ def test_status_reports_a_queue_it_cannot_read_without_raising(tmp_path: Path) -
 
     class Broken:
         def depth(self) -> int:
-            from writeback.adapters.local_queue import QueueUnavailable
+            from writeback.errors import QueueUnavailable
 
             raise QueueUnavailable("the file is locked")
 

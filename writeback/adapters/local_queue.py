@@ -36,32 +36,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
-from writeback.errors import ConfigError, PermanentError, TransientError
+from writeback.errors import (
+    ConfigError,
+    DeadLetterNotFound,
+    LockLost,
+    MessageRejected,
+    QueueUnavailable,
+)
 from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
 
 MAX_DELIVERY_COUNT_EXCEEDED: Final = "MaxDeliveryCountExceeded"
 MAX_ID_LENGTH: Final = 128  # Service Bus limit for message and session ids
 DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024  # Service Bus Standard tier
-
-
-class QueueUnavailable(TransientError):
-    """The queue could not be reached or was busy; the operation did not happen."""
-
-
-class LockLost(TransientError):
-    """The session or message lock expired or was released before settling.
-
-    The message was not settled and will be delivered again, so the handler has to
-    be idempotent; nothing else is to be done about it.
-    """
-
-
-class MessageRejected(PermanentError):
-    """A message the queue cannot take: id or session id invalid, body too large."""
-
-
-class DeadLetterNotFound(PermanentError):
-    """The dead letter is no longer there (already resubmitted or removed)."""
 
 
 @dataclass(frozen=True)

@@ -38,15 +38,15 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from writeback.adapters.local_queue import (
-    MAX_DELIVERY_COUNT_EXCEEDED,
-    MAX_ID_LENGTH,
+from writeback.adapters.local_queue import MAX_DELIVERY_COUNT_EXCEEDED, MAX_ID_LENGTH
+from writeback.errors import (
     DeadLetterNotFound,
     LockLost,
     MessageRejected,
+    QueueRefused,
     QueueUnavailable,
+    WritebackError,
 )
-from writeback.errors import PermanentError, WritebackError
 from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
 
 if TYPE_CHECKING:
@@ -86,10 +86,6 @@ _OWN_PROPERTIES: Final = frozenset({PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID})
 _BROKER_PROPERTIES: Final = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
 _MAX_BATCH: Final = 100  # messages per send, the Service Bus per-transaction limit
 _MAX_DEAD_LETTER_TEXT: Final = 4096
-
-
-class QueueRefused(PermanentError):
-    """Service Bus refused us: no such queue, no rights, wrong key or no credential."""
 
 
 # -- pure conversions --------------------------------------------------------------

@@ -358,7 +358,7 @@ class ServiceBusSettlement:
                     max_message_count=1, max_wait_time=self.handoff_wait
                 )
                 if not received:
-                    from writeback.adapters.local_queue import QueueUnavailable
+                    from writeback.errors import QueueUnavailable
 
                     raise QueueUnavailable(
                         f"dead-letter hand-off of {message.message_id} did not arrive in {session}"
@@ -408,7 +408,8 @@ class LocalSettlement:
         self._queue = queue
 
     def _local(self, message: ReceivedMessage) -> ReceivedMessage:
-        from writeback.adapters.local_queue import LocalLock, LockLost
+        from writeback.adapters.local_queue import LocalLock
+        from writeback.errors import LockLost
 
         lock = _lock_of(message)
         if lock.sequence_number is None or not lock.lock_token:
