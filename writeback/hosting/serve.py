@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from writeback.domain.events import GroupChanged
@@ -71,6 +71,7 @@ from writeback.service.handle_event import (
     process_session,
     redelivery_delay,
 )
+from writeback.service.incremental import DeltaCloud, IncrementalResult, reconcile_incremental
 from writeback.service.notifications import MAX_BODY_BYTES, LifecycleEvent, handle_webhook
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback.service.status import StateFile, iso
@@ -128,6 +129,15 @@ class ServeConfig:
     max_redelivery_delay: float = MAX_REDELIVERY_DELAY
     max_messages: int = 100
     receive_wait: float = 0.5
+    #: Incremental reconcile (:mod:`writeback.service.incremental`): keep the groups
+    #: delta link (in the state file's ``delta`` section, else in memory) so a run
+    #: reads only what changed. Off by default: every reconcile is a full sync.
+    incremental: bool = False
+    #: With ``incremental``: a full sync after this many incremental runs and/or
+    #: when the last full sync is older than ``full_max_age`` (the groups delta
+    #: does not see users' SID/sync changes nor drift made by hand in AD).
+    full_every: int | None = 48
+    full_max_age: timedelta | None = timedelta(days=1)
 
     @classmethod
     def from_settings(cls, pipeline: PipelineSettings) -> ServeConfig:
@@ -405,6 +415,8 @@ class Server:
         self.subscription_expiration: datetime | None = None
         self.last_reconcile: SyncResult | None = None
         self.last_reconcile_error: str | None = None
+        self.last_incremental: IncrementalResult | None = None
+        self._delta = _DeltaState.load(self.state)
         self._notification_url: str | None = None
         self._lifecycle_url: str | None = None
 
@@ -898,8 +910,11 @@ class Server:
             self._reconciling = True
         try:
             with self._gate.exclusive():
-                plan = plan_sync(self.cloud, self.directory, self.options, self.policy)
-                result = apply_plan(plan, self.directory)
+                if self._incremental_cloud() is not None:
+                    result = self._reconcile_incremental(started)
+                else:
+                    plan = plan_sync(self.cloud, self.directory, self.options, self.policy)
+                    result = apply_plan(plan, self.directory)
         except WritebackError as error:
             message = f"{type(error).__name__}: {error}"
             log.error("reconcile failed: %s", message)
@@ -936,6 +951,49 @@ class Server:
             result.seconds,
         )
         return True
+
+    def _incremental_cloud(self) -> DeltaCloud | None:
+        """The cloud, when incremental reconcile is on and it can read a delta."""
+        if not self.config.incremental or not callable(getattr(self.cloud, "group_changes", None)):
+            return None
+        return cast(DeltaCloud, self.cloud)
+
+    def _reconcile_incremental(self, started: datetime) -> SyncResult:
+        cloud = self._incremental_cloud()
+        assert cloud is not None
+        delta = self._delta
+        outcome = reconcile_incremental(
+            cloud,
+            self.directory,
+            self.options,
+            self.policy,
+            delta_link=delta.link,
+            full_every=self.config.full_every,
+            runs_since_full=delta.runs_since_full,
+            full_max_age=self.config.full_max_age,
+            last_full_at=delta.last_full_at,
+            now=started,
+        )
+        self.last_incremental = outcome
+        if outcome.mode == "full":
+            delta = _DeltaState(outcome.next_delta_link, 0, started)
+        else:
+            delta = _DeltaState(
+                outcome.next_delta_link, delta.runs_since_full + 1, delta.last_full_at
+            )
+        self._delta = delta
+        self._record_state(
+            delta={
+                "groups_link": delta.link,
+                "runs_since_full": delta.runs_since_full,
+                "last_full_at": iso(delta.last_full_at) if delta.last_full_at else None,
+                "last_mode": outcome.mode,
+                "last_changed": outcome.changed,
+                "fell_back_reason": outcome.fell_back_reason,
+                "full_reason": outcome.full_reason,
+            }
+        )
+        return outcome.result
 
     # ----------------------------------------------------------------- state
 
@@ -976,6 +1034,33 @@ class Server:
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+
+
+@dataclass(frozen=True)
+class _DeltaState:
+    """What incremental reconcile keeps between runs (the state file's ``delta``)."""
+
+    link: str | None = None
+    runs_since_full: int = 0
+    last_full_at: datetime | None = None
+
+    @classmethod
+    def load(cls, state: StateFile | None) -> _DeltaState:
+        section = state.read().get("delta") if state is not None else None
+        if not isinstance(section, dict):
+            return cls()
+        link = section.get("groups_link")
+        runs = section.get("runs_since_full")
+        at = section.get("last_full_at")
+        try:
+            last_full_at = datetime.fromisoformat(at) if isinstance(at, str) else None
+        except ValueError:
+            last_full_at = None
+        return cls(
+            link if isinstance(link, str) and link else None,
+            runs if isinstance(runs, int) and runs >= 0 else 0,
+            last_full_at,
+        )
 
 
 # --------------------------------------------------------------------------- the command

@@ -1,0 +1,294 @@
+"""Incremental reconcile: read only what changed in the cloud since the last run.
+
+A full sync reads every group with its members (and every user) each time.
+Graph's groups delta gives a link that, on the next run, returns only the
+groups that changed since; this module keeps that link between runs:
+
+* no stored link (first run, or the last run could not be trusted) -> a full
+  sync (:func:`~writeback.service.reconcile.build_plan` /
+  :func:`~writeback.service.reconcile.apply_plan`), returning the snapshot's
+  groups delta link;
+* a stored link -> :meth:`GraphCloud.group_changes`; every changed,
+  soft-deleted or hard-deleted group is read again (Graph and AD, as the worker
+  does) and planned once; the delete threshold applies across the run, exactly
+  as in a full sync (past it, no delete is applied and the plan says why);
+* the link has expired (410 Gone, :class:`DeltaExpired`) -> a full sync and a
+  new link, with ``fell_back_reason`` saying so.
+
+What the groups delta does *not* see: a user's ``onPremisesSecurityIdentifier``
+or ``onPremisesSyncEnabled`` changing (a member gaining or losing its on-prem
+SID changes which members are written, but the group itself did not change),
+and drift made by hand in AD. A periodic full sync catches both: pass
+``full_every`` (a full sync after that many incremental runs; e.g. 48 runs of a
+30-minute timer is once a day) and/or ``full_max_age`` (a full sync when the
+last one is older than that). The caller keeps ``runs_since_full`` and
+``last_full_at`` with the link (``Server`` keeps them in its state file).
+
+The link is only advanced when the run was clean: when a write failed, a group
+could not be read, or deletes were held back by the threshold, the old link is
+returned, so the next run reads the same changes (plus newer ones) again and
+nothing is lost (converging twice writes nothing). A full sync with failures
+returns no link, so the next run is full again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Literal, Protocol
+
+from writeback.adapters.graph import DeltaExpired, GroupChanges
+from writeback.config import SoftDeletePolicy
+from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.model import Delete, Skip, SkipReason
+from writeback.domain.planner import plan_group
+from writeback.errors import TransientError, WritebackError
+from writeback.ports import CloudSource, Directory
+from writeback.service.reconcile import (
+    Plan,
+    Progress,
+    SyncPolicy,
+    SyncResult,
+    apply_plan,
+    build_plan,
+)
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["full", "incremental"]
+
+
+class DeltaCloud(CloudSource, Protocol):
+    """A cloud source that can also report what changed since a delta link."""
+
+    def group_changes(self, delta_link: str) -> GroupChanges: ...
+
+
+@dataclass
+class IncrementalResult:
+    mode: Mode
+    result: SyncResult
+    #: The link to store for the next run; None means "run a full sync next".
+    next_delta_link: str | None
+    #: Set when an incremental run was asked for but the link had expired (410).
+    fell_back_reason: str | None = None
+    #: Why a full sync ran (no link, 410, ``full_every``, ``full_max_age``...).
+    full_reason: str | None = None
+    #: Groups the delta reported (incremental runs only).
+    changed: int = 0
+    #: Groups that could not be read or planned: (group id, error).
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def full_sync_due(
+    *,
+    delta_link: str | None,
+    runs_since_full: int = 0,
+    full_every: int | None = None,
+    last_full_at: datetime | None = None,
+    full_max_age: timedelta | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """Why the next run must be a full sync, or None when an incremental one will do."""
+    if not delta_link:
+        return "no stored delta link"
+    if full_every is not None and runs_since_full >= full_every:
+        return f"{runs_since_full} incremental runs since the last full sync (full_every)"
+    if full_max_age is not None:
+        if last_full_at is None:
+            return "no record of the last full sync (full_max_age)"
+        age = (now or datetime.now(UTC)) - last_full_at
+        if age >= full_max_age:
+            return f"the last full sync is {age} old (full_max_age {full_max_age})"
+    return None
+
+
+def reconcile_incremental(
+    cloud: DeltaCloud,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    *,
+    delta_link: str | None,
+    full_every: int | None = None,
+    runs_since_full: int = 0,
+    full_max_age: timedelta | None = None,
+    last_full_at: datetime | None = None,
+    now: datetime | None = None,
+    progress: Progress | None = None,
+) -> IncrementalResult:
+    """One reconcile run: incremental from ``delta_link`` when possible, else full."""
+    options = replace(options, schema_attributes=directory.schema_attributes())
+    reason = full_sync_due(
+        delta_link=delta_link,
+        runs_since_full=runs_since_full,
+        full_every=full_every,
+        last_full_at=last_full_at,
+        full_max_age=full_max_age,
+        now=now,
+    )
+    if reason is None and not policy.enabled:
+        reason = "writeback is disabled (a full sync removes what it wrote)"
+    if reason is not None or delta_link is None:
+        return _full(
+            cloud, directory, options, policy, reason=reason, fell_back=None, progress=progress
+        )
+    try:
+        changes = cloud.group_changes(delta_link)
+    except DeltaExpired as error:
+        fell_back = f"the delta link expired ({error}); read everything again"
+        log.warning("reconcile: %s", fell_back)
+        return _full(
+            cloud,
+            directory,
+            options,
+            policy,
+            reason=fell_back,
+            fell_back=fell_back,
+            progress=progress,
+        )
+    return _incremental(
+        cloud, directory, options, policy, delta_link=delta_link, changes=changes, progress=progress
+    )
+
+
+def _full(
+    cloud: DeltaCloud,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    *,
+    reason: str | None,
+    fell_back: str | None,
+    progress: Progress | None,
+) -> IncrementalResult:
+    snapshot = cloud.snapshot()
+    plan = build_plan(snapshot, directory.iter_groups(), options, policy)
+    result = apply_plan(plan, directory, progress=progress)
+    link = snapshot.groups_delta_link if not result.failures else None
+    log.info("reconcile: full sync (%s)", reason or "asked for")
+    return IncrementalResult(
+        "full", result, link, fell_back_reason=fell_back, full_reason=reason or "asked for"
+    )
+
+
+def _incremental(
+    cloud: DeltaCloud,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    *,
+    delta_link: str,
+    changes: GroupChanges,
+    progress: Progress | None,
+) -> IncrementalResult:
+    plan = Plan()
+    errors: list[tuple[str, str]] = []
+    soft_deleted = _SoftDeleted(cloud, changes.soft_deleted)
+    group_ids = sorted({*changes.changed, *changes.soft_deleted, *changes.hard_deleted})
+    deletes: list[Delete] = []
+    for group_id in group_ids:
+        try:
+            _plan_one(
+                group_id,
+                cloud,
+                directory,
+                options,
+                policy,
+                changes=changes,
+                soft_deleted=soft_deleted,
+                plan=plan,
+                deletes=deletes,
+            )
+        except TransientError:
+            raise  # the run fails as a whole; the link is not advanced
+        except WritebackError as error:
+            log.warning("reconcile: group %s not planned: %s", group_id, error)
+            errors.append((group_id, f"{type(error).__name__}: {error}"))
+    _guard(deletes, plan, policy)
+    result = apply_plan(plan, directory, progress=progress)
+    clean = not result.failures and not errors and plan.deletes_blocked is None
+    next_link = changes.delta_link if clean and changes.delta_link else delta_link
+    log.info(
+        "reconcile: incremental, %d groups changed, %d operations%s",
+        len(group_ids),
+        len(plan.operations),
+        "" if clean else "; the delta link is kept so the next run reads them again",
+    )
+    return IncrementalResult(
+        "incremental", result, next_link, changed=len(group_ids), errors=errors
+    )
+
+
+class _SoftDeleted:
+    """Which groups are in the recycle bin: the delta's own list, and the tenant's
+    (read once, only if a changed group has vanished since the delta round)."""
+
+    def __init__(self, cloud: DeltaCloud, from_delta: frozenset[str]) -> None:
+        self._cloud = cloud
+        self._ids = set(from_delta)
+        self._read: Callable[[], frozenset[str]] | None = cloud.soft_deleted_group_ids
+
+    def __contains__(self, group_id: object) -> bool:
+        if group_id in self._ids:
+            return True
+        if self._read is not None:
+            self._ids |= self._read()
+            self._read = None
+        return group_id in self._ids
+
+
+def _plan_one(
+    group_id: str,
+    cloud: DeltaCloud,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    *,
+    changes: GroupChanges,
+    soft_deleted: _SoftDeleted,
+    plan: Plan,
+    deletes: list[Delete],
+) -> None:
+    removed = group_id in changes.soft_deleted or group_id in changes.hard_deleted
+    group = None if removed else cloud.get_group(group_id)
+    current = directory.find_group(group_id)
+    if group is None:
+        if current is None:
+            return
+        hard = group_id in changes.hard_deleted
+        if not hard and policy.soft_delete is SoftDeletePolicy.KEEP and group_id in soft_deleted:
+            plan.skips.append(
+                Skip(
+                    group_id, SkipReason.SOFT_DELETED, f"kept until deleted for good: {current.dn}"
+                )
+            )
+            return
+        deletes.append(Delete(group_id, current.dn))
+        return
+    if not group.is_unified:
+        return
+    plan.groups_in_cloud += 1
+    limit_skip = over_member_limit(group, options.member_limit)
+    if limit_skip is not None:
+        plan.skips.append(limit_skip)
+        return
+    desired = desired_group(group, options)
+    plan.skips.extend(desired.skips)
+    operation = plan_group(desired, current, options.target_ou)
+    if operation is not None:
+        plan.operations.append(operation)
+
+
+def _guard(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
+    """The full sync's delete threshold, counted over this run's deletes."""
+    if len(deletes) <= policy.delete_threshold or policy.allow_deletes:
+        plan.operations.extend(deletes)
+        return
+    plan.deletes_blocked = (
+        f"{len(deletes)} deletes exceed the threshold of {policy.delete_threshold}; "
+        "nothing was deleted (use --allow-deletes to go ahead)"
+    )
+    plan.skips.extend(Skip(d.group_id, SkipReason.DELETE_THRESHOLD, d.dn) for d in deletes)
