@@ -204,6 +204,10 @@ class PipelineSettings:
     max_delivery_count: int = 100
     #: Single-machine mode (``serve``): full sync every so many seconds.
     reconcile_interval: int = 1800
+    #: Single-machine mode: reconcile reads only what changed since the last run (the
+    #: groups delta link), with a full sync every ``full_sync_every`` runs.
+    reconcile_incremental: bool = True
+    full_sync_every: int = 48
     #: Single-machine mode: subscription upkeep every so many seconds.
     subscription_interval: int = 6 * 3600
     #: Single-machine mode: JSON file with the last reconcile and the subscription.
@@ -269,6 +273,8 @@ def load_pipeline_settings(
         paused=reader.boolean("WRITEBACK_PAUSED", default=False),
         max_delivery_count=reader.integer("WRITEBACK_MAX_DELIVERY_COUNT", 100, 1, 2000),
         reconcile_interval=reader.integer("WRITEBACK_RECONCILE_INTERVAL", 1800, 60, 6 * 86400),
+        reconcile_incremental=reader.boolean("WRITEBACK_RECONCILE_INCREMENTAL", default=True),
+        full_sync_every=reader.integer("WRITEBACK_FULL_SYNC_EVERY", 48, 1, 10_000),
         subscription_interval=reader.integer(
             "WRITEBACK_SUBSCRIPTION_INTERVAL", 6 * 3600, 60, 7 * 86400
         ),

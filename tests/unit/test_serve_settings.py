@@ -35,6 +35,12 @@ def test_serve_settings_from_the_environment() -> None:
     assert (config.address, config.port, config.workers) == ("::1", 8443, 4)
     assert (config.reconcile_interval, config.subscription_interval) == (900, 6 * 3600)
     assert config.paused and config.state_path == "/var/lib/writeback/state.json"
+    assert (config.incremental, config.full_every) == (True, 48)
+    off = load_pipeline_settings(
+        {**env, "WRITEBACK_RECONCILE_INCREMENTAL": "false", "WRITEBACK_FULL_SYNC_EVERY": "6"},
+        default_queue=QueueKind.LOCAL,
+    )
+    assert (ServeConfig.from_settings(off).incremental, off.full_sync_every) == (False, 6)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +51,8 @@ def test_serve_settings_from_the_environment() -> None:
         ("WRITEBACK_WEBHOOK_KEY", "has spaces in it, which a URL cannot carry"),
         ("WRITEBACK_RECONCILE_INTERVAL", "10"),
         ("WRITEBACK_WORKERS", "0"),
+        ("WRITEBACK_FULL_SYNC_EVERY", "0"),
+        ("WRITEBACK_RECONCILE_INCREMENTAL", "sometimes"),
     ],
 )
 def test_bad_serve_settings_name_the_setting(name: str, value: str) -> None:

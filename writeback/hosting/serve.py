@@ -146,6 +146,8 @@ class ServeConfig:
             port=pipeline.listen_port,
             workers=pipeline.workers,
             reconcile_interval=float(pipeline.reconcile_interval),
+            incremental=pipeline.reconcile_incremental,
+            full_every=pipeline.full_sync_every,
             subscription_interval=float(pipeline.subscription_interval),
             notification_url=pipeline.notification_url,
             lifecycle_url=pipeline.lifecycle_url,
