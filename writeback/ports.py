@@ -7,11 +7,11 @@ by any of them and tested against the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from writeback.domain.model import CloudGroup, DirectoryGroup, Operation
+from writeback.domain.model import CloudGroup, CloudMember, DirectoryGroup, Operation
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,57 @@ class CloudSource(Protocol):
         ...
 
     def soft_deleted_group_ids(self) -> frozenset[str]: ...
+
+
+@dataclass(frozen=True)
+class GroupDelta:
+    """One group's changes since a per-group delta link.
+
+    ``group`` holds the group's properties as they are now (``members`` empty),
+    or None when it no longer exists as a live group (deleted, soft-deleted).
+    ``added`` are the members added since the link (kind known, SIDs not
+    resolved); ``removed`` the members removed since it (kind only).
+    """
+
+    group: CloudGroup | None
+    added: tuple[CloudMember, ...]
+    removed: tuple[CloudMember, ...]
+    delta_link: str | None
+
+
+class MemberDeltaSource(Protocol):
+    """Per-group member deltas, so an event costs what changed, not the group's size."""
+
+    def group_delta_link(self, group_id: str) -> str | None:
+        """A delta link for this one group as of now (nothing read)."""
+        ...
+
+    def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
+        """What changed for this group since ``delta_link``; None when the link
+        has expired (410), so the caller does a full read instead."""
+        ...
+
+    def resolve_users(self, user_ids: Iterable[str]) -> dict[str, CloudMember]:
+        """SID and sync state of the existing users among ``user_ids``."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredLink:
+    """A group's delta link and the user members it had when the link was stored."""
+
+    delta_link: str
+    member_count: int
+
+
+class DeltaLinkStore(Protocol):
+    """Per-group delta links kept by the worker between events."""
+
+    def get(self, group_id: str) -> StoredLink | None: ...
+
+    def put(self, group_id: str, link: StoredLink) -> None: ...
+
+    def forget(self, group_id: str) -> None: ...
 
 
 class Directory(Protocol):

@@ -270,6 +270,9 @@ class LdapDirectory:
         self._range_window = range_window
         self._conn: Any = None
         self._requests = 0
+        #: ``member`` values read so far (group reads and conflict read-backs): a
+        #: measure of what a read cost, for tests and benchmarks.
+        self.member_values_read = 0
         #: DN (as a key) → the group id of the anchor it carried when we read it.
         self._seen: dict[DnKey, str] = {}
         self._schema: frozenset[str] | None = None
@@ -323,22 +326,33 @@ class LdapDirectory:
         return frozenset(found & known)
 
     def find_group(self, group_id: str) -> DirectoryGroup | None:
-        group = self._read(lambda: self._find(group_id))
+        return self._find_and_remember(group_id, members=True)
+
+    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
+        """Like :meth:`find_group`, without reading ``member`` (``member_sids`` and
+        ``other_members`` come back empty): one search whose size does not grow
+        with the group's. For writes planned from member deltas."""
+        return self._find_and_remember(group_id, members=False)
+
+    def _find_and_remember(self, group_id: str, *, members: bool) -> DirectoryGroup | None:
+        group = self._read(lambda: self._find(group_id, members=members))
         for key in [k for k, gid in self._seen.items() if gid == group_id]:
             del self._seen[key]
         if group is not None:
             self._remember(group)
         return group
 
-    def _find(self, group_id: str) -> DirectoryGroup | None:
+    def _find(self, group_id: str, *, members: bool = True) -> DirectoryGroup | None:
         anchor = escape_filter_value(anchor_for(group_id))
+        wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
         entries = self._search(
             self._target_ou,
             f"(&(objectClass=group)(adminDescription={anchor}))",
             SUBTREE,
-            [*_GROUP_ATTRIBUTES, self._member_attribute(0)],
+            list(wanted),
         )
-        groups = [g for g in map(self._group, entries) if g is not None]
+        found = (self._group(entry, members=members) for entry in entries)
+        groups = [g for g in found if g is not None]
         if len(groups) > 1:
             dns = "; ".join(g.dn for g in groups)
             raise DirectoryRefused(
@@ -371,8 +385,9 @@ class LdapDirectory:
             cookie,
         )
 
-    def _group(self, entry: _Entry) -> DirectoryGroup | None:
-        """A DirectoryGroup from a search entry, reading the rest of a ranged member."""
+    def _group(self, entry: _Entry, *, members: bool = True) -> DirectoryGroup | None:
+        """A DirectoryGroup from a search entry, reading the rest of a ranged member
+        (members left empty when ``members`` is False)."""
         ref = parse_extended_dn(entry.dn)
         attributes: dict[str, tuple[str, ...]] = {}
         object_sid = ref.sid
@@ -387,7 +402,7 @@ class LdapDirectory:
             return None
         sids: set[str] = set()
         others: set[str] = set()
-        for value in self._member_values(entry, ref.guid):
+        for value in self._member_values(entry, ref.guid) if members else ():
             member = parse_extended_dn(value)
             if member.sid:
                 sids.add(member.sid)
@@ -421,6 +436,7 @@ class LdapDirectory:
             if following is not None and following <= next_low:
                 raise LdapRefused(f"ranged read of {base} made no progress at {next_low}", code=80)
             next_low = following
+        self.member_values_read += len(values)
         return values
 
     def _remember(self, group: DirectoryGroup) -> DnKey:

@@ -11,6 +11,11 @@ for the users delta):
 * ``GET /groups/{id}/members/microsoft.graph.user?$select=id,onPremisesSecurityIdentifier,
   onPremisesSyncEnabled&$top=999`` (the SDK spells the cast ``graph.user``)
 * ``GET /directory/deletedItems/microsoft.graph.group?$select=id&$top=999``
+* per-group member deltas: ``GET /groups/delta?$filter=id eq '{id}'&$select=<as above,
+  members>&$deltatoken=latest`` (a link as of now), then that link (only what changed
+  since); ``GET /users?$filter=id in ('...')&$select=id,onPremisesSecurityIdentifier,
+  onPremisesSyncEnabled`` for the SIDs of the members a delta names (15 ids a request,
+  Graph's limit for one ``in``)
 
 and, to keep the change-notification subscription alive (same permission):
 
@@ -64,7 +69,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from tenacity import (
     AsyncRetrying,
@@ -76,7 +81,7 @@ from tenacity.stop import stop_base
 
 from writeback.domain.model import CloudGroup, CloudMember, MemberKind
 from writeback.errors import ConfigError, GraphRefused, GraphThrottled, GraphUnavailable
-from writeback.ports import CloudSnapshot
+from writeback.ports import CloudSnapshot, GroupDelta
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,8 @@ GROUP_SELECT = (
 GROUP_DELTA_SELECT = (*GROUP_SELECT, "members")
 USER_SELECT = ("id", "onPremisesSecurityIdentifier", "onPremisesSyncEnabled")
 MAX_PAGE_SIZE = 999
+#: Graph accepts at most 15 values in one ``in`` of a directory-object ``$filter``.
+MAX_IN_VALUES = 15
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 _MEMBER_KINDS = {
@@ -221,6 +228,7 @@ class _Sdk:
         self.GroupsDelta = load(
             "msgraph.generated.groups.delta.delta_request_builder"
         ).DeltaRequestBuilder
+        self.Users = load("msgraph.generated.users.users_request_builder").UsersRequestBuilder
         self.UsersDelta = load(
             "msgraph.generated.users.delta.delta_request_builder"
         ).DeltaRequestBuilder
@@ -366,6 +374,33 @@ class GraphCloud:
         Raises :class:`DeltaExpired` when Graph no longer knows the token."""
         self._check_open()
         return self._run(self._group_changes(delta_link))
+
+    def group_delta_link(self, group_id: str) -> str | None:
+        """A delta link for just this group, as of now (``$deltatoken=latest``:
+        nothing is read). Later :meth:`group_delta` calls with it report only
+        what changed for the group since."""
+        self._check_open()
+        return self._run(self._group_delta_link(group_id))
+
+    def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
+        """The group's properties now plus its member changes since ``delta_link``
+        (the group read and the delta round run concurrently). None when the
+        link has expired (410): the caller reads the group in full instead."""
+        self._check_open()
+        try:
+            return self._run(self._group_delta(group_id, delta_link))
+        except DeltaExpired:
+            log.info("group %s: its delta link expired; a full read follows", group_id)
+            return None
+
+    def resolve_users(self, user_ids: Iterable[str]) -> dict[str, CloudMember]:
+        """SID and sync state of the existing users among ``user_ids``, by
+        ``GET /users?$filter=id in (...)`` (15 ids a request, run concurrently)."""
+        self._check_open()
+        ids = list(dict.fromkeys(i for i in user_ids if i))
+        if not ids:
+            return {}
+        return self._run(self._resolve_users(ids))
 
     # ----------------------------------------------------------------- subscriptions
 
@@ -579,6 +614,86 @@ class GraphCloud:
             ),
             delta_link=link,
         )
+
+    def _group_delta_url(self, group_id: str) -> str:
+        base = str(self._adapter.base_url).rstrip("/")
+        clause = quote(f"id eq '{_odata_quote(group_id)}'", safe="'")
+        select = ",".join(GROUP_DELTA_SELECT)
+        return f"{base}/groups/delta?$filter={clause}&$select={select}&$deltatoken=latest"
+
+    async def _group_delta_link(self, group_id: str) -> str | None:
+        builder = self._client.groups.delta.with_url(self._group_delta_url(group_id))
+        page = await self._get_json("group delta link", builder, delta=True)
+        return _opt_str(page.get("@odata.deltaLink"))
+
+    async def _group_delta(self, group_id: str, delta_link: str) -> GroupDelta:
+        sdk = self._sdk
+        config = self._query(
+            sdk.GroupItem.GroupItemRequestBuilderGetQueryParameters, select=GROUP_SELECT
+        )
+
+        async def read_group() -> dict[str, Any] | None:
+            try:
+                return await self._get_json(
+                    "get group", self._client.groups.by_group_id(group_id), config
+                )
+            except GraphNotFound:
+                return None
+
+        async def read_delta() -> tuple[
+            dict[str, MemberKind], dict[str, MemberKind], bool, str | None
+        ]:
+            added: dict[str, MemberKind] = {}
+            removed: dict[str, MemberKind] = {}
+            gone = False
+            link: str | None = None
+            builder = self._client.groups.delta.with_url(delta_link)
+            async for page in self._pages("group delta", builder, delta=True):
+                for item in _items(page):
+                    if _opt_str(item.get("id")) != group_id:
+                        continue
+                    if item.get("@removed") is not None:
+                        gone = True
+                        continue
+                    _fold_members(item, added, removed)
+                link = _opt_str(page.get("@odata.deltaLink")) or link
+            return added, removed, gone, link
+
+        body, (added, removed, gone, link) = await _all(read_group(), read_delta())
+        group: CloudGroup | None = None
+        if body is not None and not gone:
+            part = _GroupParts()
+            _merge(part, body)
+            group = _to_group(group_id, part, {}, members=())
+        return GroupDelta(
+            group=group,
+            added=tuple(CloudMember(m, kind) for m, kind in added.items()),
+            removed=tuple(CloudMember(m, kind) for m, kind in sorted(removed.items())),
+            delta_link=link,
+        )
+
+    async def _resolve_users(self, ids: list[str]) -> dict[str, CloudMember]:
+        chunks = [ids[i : i + MAX_IN_VALUES] for i in range(0, len(ids), MAX_IN_VALUES)]
+        found: dict[str, CloudMember] = {}
+        for page in await _all(*(self._users_by_id(chunk) for chunk in chunks)):
+            found.update(page)
+        return found
+
+    async def _users_by_id(self, ids: list[str]) -> dict[str, CloudMember]:
+        sdk = self._sdk
+        quoted = ",".join(f"'{_odata_quote(i)}'" for i in ids)
+        query = sdk.Users.UsersRequestBuilderGetQueryParameters(
+            select=list(USER_SELECT), filter=f"id in ({quoted})", top=MAX_PAGE_SIZE
+        )
+        config = sdk.RequestConfiguration(query_parameters=query)
+        found: dict[str, CloudMember] = {}
+        async for page in self._pages("list users by id", self._client.users, config):
+            for item in _items(page):
+                user_id = _opt_str(item.get("id"))
+                if user_id is not None:
+                    sid, synced = _user_facts(item)
+                    found[user_id] = CloudMember(user_id, MemberKind.USER, sid=sid, synced=synced)
+        return found
 
     async def _get_group(self, group_id: str) -> CloudGroup | None:
         sdk = self._sdk
@@ -825,6 +940,29 @@ def _merge(part: _GroupParts, item: Mapping[str, Any]) -> None:
         else:
             odata_type = str(entry.get("@odata.type") or "").lower()
             part.members[member_id] = _MEMBER_KINDS.get(odata_type, MemberKind.OTHER)
+
+
+def _fold_members(
+    item: Mapping[str, Any], added: dict[str, MemberKind], removed: dict[str, MemberKind]
+) -> None:
+    """Fold one appearance's ``members@delta`` into adds and removes (last one wins)."""
+    for entry in item.get("members@delta") or ():
+        if not isinstance(entry, Mapping) or entry.get("id") is None:
+            continue
+        member_id = str(entry["id"])
+        odata_type = str(entry.get("@odata.type") or "").lower()
+        kind = _MEMBER_KINDS.get(odata_type, MemberKind.OTHER)
+        if entry.get("@removed") is not None:
+            added.pop(member_id, None)
+            removed[member_id] = kind
+        else:
+            removed.pop(member_id, None)
+            added[member_id] = kind
+
+
+def _odata_quote(value: str) -> str:
+    """A string literal's content in an OData filter (a quote is doubled)."""
+    return value.replace("'", "''")
 
 
 def _to_group(

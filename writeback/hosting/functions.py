@@ -750,9 +750,28 @@ def _worker_context(settings: Settings) -> tuple[Any, Any, WorkerContext]:
         cloud.close()
         raise
     ctx = WorkerContext(
-        cloud, directory, options, soft_delete=settings.soft_delete, enabled=settings.enabled
+        cloud,
+        directory,
+        options,
+        soft_delete=settings.soft_delete,
+        enabled=settings.enabled,
+        links=_delta_links(),
     )
     return cloud, directory, ctx
+
+
+_LINKS: Any = None
+
+
+def _delta_links() -> Any:
+    """The per-group delta links this instance keeps while it is warm (in memory:
+    a cold instance reads each group in full once, then events cost what changed)."""
+    global _LINKS  # noqa: PLW0603 - one store per warm instance, across invocations
+    if _LINKS is None:
+        from writeback.adapters.delta_store import MemoryDeltaLinks
+
+        _LINKS = MemoryDeltaLinks()
+    return _LINKS
 
 
 def _run_session(

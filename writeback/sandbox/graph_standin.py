@@ -11,7 +11,10 @@ benchmarks without a tenant:
   removed objects as ``{"id", "@removed": {"reason": "changed"|"deleted"}}``,
   a large group's members split over several pages (the group reappears on a
   later page with the rest of its ``members@delta``), 410 Gone for an unknown
-  or expired token;
+  or expired token; ``$filter=id eq '{id}'`` (up to 50 joined by ``or``)
+  narrows a round, and the delta token it ends with, to those groups;
+* ``GET /users?$filter=id in ('{id}', ...)`` (or ``id eq``; at most 15 ids, as
+  Graph allows in one ``in``) with ``$select``;
 * ``GET /groups/{id}`` (404 ``Request_ResourceNotFound`` when missing or in the
   recycle bin);
 * ``GET /groups/{id}/members/microsoft.graph.user`` (also ``graph.user``, the
@@ -115,6 +118,12 @@ _USER_FIELD_NAMES = {
 }
 
 _MAX_TOP = 999
+#: Graph's limits: ids in one groups-delta ``$filter``, values in one ``in`` clause.
+_MAX_DELTA_FILTER_IDS = 50
+_MAX_IN_VALUES = 15
+_ID_EQ = re.compile(r"id\s+eq\s+'([^']+)'", re.IGNORECASE)
+_ID_IN = re.compile(r"id\s+in\s*\(([^)]*)\)", re.IGNORECASE)
+_QUOTED = re.compile(r"'([^']+)'")
 _DEFAULT_TOP = 100
 _MAX_CURSORS = 16
 
@@ -484,14 +493,21 @@ class Tenant:
         return entry
 
     def groups_round(
-        self, since: int | None, select: Sequence[str] | None
+        self,
+        since: int | None,
+        select: Sequence[str] | None,
+        ids: Sequence[str] | None = None,
     ) -> tuple[int, list[tuple[dict[str, Any], list[dict[str, Any]]]]]:
-        """Items of one groups delta round: (group json, member entries) pairs."""
+        """Items of one groups delta round: (group json, member entries) pairs;
+        only the groups in ``ids`` when given (a ``$filter=id eq`` round)."""
         with_members = select is not None and "members" in select
+        wanted = None if ids is None else frozenset(ids)
         items: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         with self._lock:
             upto = self._seq
             for group in self._groups.values():
+                if wanted is not None and group.id not in wanted:
+                    continue
                 if since is None or group.created_seq > since:
                     if group.soft_deleted_seq is not None:
                         continue  # created (or restored) and binned before this round
@@ -522,7 +538,7 @@ class Tenant:
                     items.append((body, members))
             if since is not None:
                 for group_id, seq in self._hard_deleted_groups.items():
-                    if seq > since:
+                    if seq > since and (wanted is None or group_id in wanted):
                         items.append(({"id": group_id, "@removed": {"reason": "deleted"}}, []))
         return upto, items
 
@@ -551,6 +567,21 @@ class Tenant:
                     if seq > since:
                         items.append({"id": user_id, "@removed": {"reason": "deleted"}})
         return upto, items
+
+    def users_by_id(self, ids: Sequence[str], select: Sequence[str] | None) -> list[dict[str, Any]]:
+        """The existing users among ``ids`` (a ``$filter=id in (...)`` list)."""
+        names = USER_PROPERTIES if select is None else [s for s in select if s != "id"]
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            for user_id in dict.fromkeys(ids):
+                user = self._users.get(user_id)
+                if user is None:
+                    continue
+                body: dict[str, Any] = {"id": user.id}
+                for name in names:
+                    body[name] = user.props.get(name)
+                out.append(body)
+        return out
 
     def group_for_read(self, group_id: str, select: Sequence[str] | None) -> dict[str, Any] | None:
         with self._lock:
@@ -882,6 +913,8 @@ class GraphStandIn:
                 return self._delta("groups", query)
             case ["users", "delta" | "delta()"]:
                 return self._delta("users", query)
+            case ["users"]:
+                return self._list_users(query)
             case ["groups", group_id]:
                 return self._get_group(group_id, query)
             case ["groups", group_id, "members", "microsoft.graph.user" | "graph.user"]:
@@ -916,19 +949,28 @@ class GraphStandIn:
         shown = f"({','.join(s for s in select if s != 'members')})" if select else ""
         return f"{self.url}/$metadata#{entity_set}{shown}{suffix}"
 
-    def _encode_delta_token(self, kind: str, seq: int, select: Sequence[str] | None) -> str:
+    def _encode_delta_token(
+        self,
+        kind: str,
+        seq: int,
+        select: Sequence[str] | None,
+        ids: Sequence[str] | None = None,
+    ) -> str:
         payload = json.dumps(
             {
                 "k": kind,
                 "s": seq,
                 "e": self.tenant.epoch,
                 "q": list(select) if select is not None else None,
+                "f": list(ids) if ids is not None else None,
             },
             separators=(",", ":"),
         ).encode()
         return base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
-    def _decode_delta_token(self, kind: str, token: str) -> tuple[int, list[str] | None]:
+    def _decode_delta_token(
+        self, kind: str, token: str
+    ) -> tuple[int, list[str] | None, list[str] | None]:
         try:
             padded = token + "=" * (-len(token) % 4)
             data = json.loads(base64.urlsafe_b64decode(padded.encode()))
@@ -938,8 +980,12 @@ class GraphStandIn:
                 and data.get("e") == self.tenant.epoch
                 and isinstance(data.get("s"), int)
             ):
-                select = data.get("q")
-                return int(data["s"]), (list(select) if isinstance(select, list) else None)
+                select, ids = data.get("q"), data.get("f")
+                return (
+                    int(data["s"]),
+                    (list(select) if isinstance(select, list) else None),
+                    ([str(i) for i in ids] if isinstance(ids, list) else None),
+                )
         except (ValueError, binascii.Error, UnicodeDecodeError):
             pass
         raise _GraphError(
@@ -961,24 +1007,56 @@ class GraphStandIn:
             return _json_response(self._load_page(kind, query["skiptoken"]))
         token = query.get("deltatoken")
         since: int | None = None
+        ids = self._id_filter(query, kind)
         if token is not None and token.lower() == "latest":
             select = self._select(query, kind)
             body = {
                 "@odata.context": self._context(kind, select),
-                "@odata.deltaLink": self._delta_link(kind, self.tenant.sequence, select),
+                "@odata.deltaLink": self._delta_link(kind, self.tenant.sequence, select, ids),
                 "value": [],
             }
             return _json_response(_dumps(body))
         if token is not None:
-            since, select = self._decode_delta_token(kind, token)
+            since, select, ids = self._decode_delta_token(kind, token)
         else:
             select = self._select(query, kind)
-        return self._delta_round(kind, since, select)
+        return self._delta_round(kind, since, select, ids)
 
-    def _delta_round(self, kind: str, since: int | None, select: list[str] | None) -> _Response:
+    @staticmethod
+    def _id_filter(query: dict[str, str], kind: str) -> list[str] | None:
+        """The ids of a delta ``$filter=id eq '...' or id eq '...'`` (groups only, at most 50)."""
+        raw = query.get("filter")
+        if raw is None:
+            return None
+        clauses = re.split(r"\s+or\s+", raw.strip(), flags=re.IGNORECASE)
+        ids = []
+        for clause in clauses:
+            match = _ID_EQ.fullmatch(clause.strip())
+            if match is None or kind != "groups":
+                raise _GraphError(
+                    400,
+                    "Request_UnsupportedQuery",
+                    f"Unsupported or invalid query filter clause specified for delta on {kind}.",
+                )
+            ids.append(match.group(1))
+        if len(ids) > _MAX_DELTA_FILTER_IDS:
+            raise _GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Too many ids in the filter: at most {_MAX_DELTA_FILTER_IDS}.",
+            )
+        return ids
+
+    def _delta_round(
+        self,
+        kind: str,
+        since: int | None,
+        select: list[str] | None,
+        ids: list[str] | None = None,
+    ) -> _Response:
         pages: list[list[dict[str, Any]]]
         if kind == "groups":
-            upto, group_items = self.tenant.groups_round(since, select)
+            upto, group_items = self.tenant.groups_round(since, select, ids)
             pages = self._paginate_groups(group_items)
         else:
             upto, user_items = self.tenant.users_round(since, select)
@@ -996,15 +1074,22 @@ class GraphStandIn:
             if index + 1 < len(pages):
                 body["@odata.nextLink"] = f"{self.url}/{kind}/delta?$skiptoken={cursor}~{index + 1}"
             else:
-                body["@odata.deltaLink"] = self._delta_link(kind, upto, select)
+                body["@odata.deltaLink"] = self._delta_link(kind, upto, select, ids)
             body["value"] = page
             serialized.append(_dumps(body))
         if len(serialized) > 1:
             self._save_cursor(cursor, kind, serialized)
         return _json_response(serialized[0])
 
-    def _delta_link(self, kind: str, seq: int, select: Sequence[str] | None) -> str:
-        return f"{self.url}/{kind}/delta?$deltatoken={self._encode_delta_token(kind, seq, select)}"
+    def _delta_link(
+        self,
+        kind: str,
+        seq: int,
+        select: Sequence[str] | None,
+        ids: Sequence[str] | None = None,
+    ) -> str:
+        token = self._encode_delta_token(kind, seq, select, ids)
+        return f"{self.url}/{kind}/delta?$deltatoken={token}"
 
     def _paginate_groups(
         self, items: list[tuple[dict[str, Any], list[dict[str, Any]]]]
@@ -1093,6 +1178,30 @@ class GraphStandIn:
             self._context("users", select),
             members,
             top,
+        )
+
+    def _list_users(self, query: dict[str, str]) -> _Response:
+        """``GET /users?$filter=id in ('a','b')`` (or ``id eq 'a'``): users by id."""
+        raw = (query.get("filter") or "").strip()
+        match = _ID_IN.fullmatch(raw)
+        ids = _QUOTED.findall(match.group(1)) if match else None
+        single = _ID_EQ.fullmatch(raw)
+        if single is not None:
+            ids = [single.group(1)]
+        if not ids:
+            raise _GraphError(
+                400, "Request_UnsupportedQuery", "Only $filter=id in (...) is served on users."
+            )
+        if len(ids) > _MAX_IN_VALUES:
+            raise _GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Too many values in the 'in' clause: at most {_MAX_IN_VALUES}.",
+            )
+        select = self._select(query, "users")
+        values = self.tenant.users_by_id(ids, select)
+        return _json_response(
+            _dumps({"@odata.context": self._context("users", select), "value": values})
         )
 
     def _list_deleted_groups(self, query: dict[str, str]) -> _Response:

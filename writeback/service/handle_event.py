@@ -6,6 +6,20 @@ converges them, so duplicates, stale or reordered events and replays write
 nothing, and a burst of events for one group (taken together from its
 session) costs one write.
 
+Member deltas: with a per-group delta link stored (``WorkerContext.links``),
+an event costs what changed rather than the group's size. The group's
+properties are read now (state-based, one request), its members only as the
+changes since the link (one request, plus one per 15 new member ids for their
+SIDs), and the AD object without its ``member`` values; attributes are planned
+state-based and the member values from the deltas, in one modify (the adapter's
+conflict read-back keeps it idempotent when a value is already there). The
+first event for a group, one whose link expired (410), one whose removed
+members cannot be resolved to SIDs any more, and any case the deltas cannot
+settle alone (the group gone or no longer Unified, its AD object missing, a
+member count that could reach the limit) take the full read, which stores a
+fresh link. What is written by hand in AD's ``member`` is not seen by the
+delta path; reconcile repairs it.
+
 Settlement follows the error tree: success completes every message; a
 permanent fault dead-letters them with the error's type as reason and its
 message as description; a transient fault that outlives the in-process retries
@@ -19,7 +33,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base
@@ -27,10 +42,28 @@ from tenacity.wait import wait_base
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import GroupChanged
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
-from writeback.domain.model import CloudGroup, Operation, Skip
-from writeback.domain.planner import plan_group
+from writeback.domain.model import (
+    Changes,
+    CloudGroup,
+    CloudMember,
+    DirectoryGroup,
+    MemberKind,
+    Modify,
+    Operation,
+    Rename,
+    Skip,
+)
+from writeback.domain.planner import plan_group, sid_ref
 from writeback.errors import PermanentError, PoisonEvent, TransientError
-from writeback.ports import CloudSource, Directory, EventQueue, ReceivedMessage
+from writeback.ports import (
+    CloudSource,
+    DeltaLinkStore,
+    Directory,
+    EventQueue,
+    MemberDeltaSource,
+    ReceivedMessage,
+    StoredLink,
+)
 
 log = logging.getLogger("writeback.worker")
 
@@ -40,6 +73,24 @@ MAX_REDELIVERY_DELAY = 300.0
 
 class OverMemberLimit(PermanentError):
     """The group has more members than the configured limit; it is not written."""
+
+
+@runtime_checkable
+class AttributeReader(Protocol):
+    """A directory that can read a group without its members (LdapDirectory)."""
+
+    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
+
+
+def _memory_links() -> DeltaLinkStore:
+    from writeback.adapters.delta_store import MemoryDeltaLinks
+
+    return MemoryDeltaLinks()
+
+
+#: More ids than this to resolve (a restored group reported whole, a mass change)
+#: and the full read is cheaper than resolving them 15 at a time.
+MAX_DELTA_LOOKUPS = 150
 
 
 @dataclass(frozen=True)
@@ -58,6 +109,9 @@ class WorkerContext:
     #: at most ``max_redelivery_delay`` (tests shrink both).
     redelivery_scale: float = 1.0
     max_redelivery_delay: float = MAX_REDELIVERY_DELAY
+    #: Per-group delta links (in memory unless given); None turns member deltas
+    #: off, so every event reads the group in full from both sides.
+    links: DeltaLinkStore | None = field(default_factory=_memory_links)
 
 
 @dataclass
@@ -138,6 +192,34 @@ def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, 
     """Read both sides now, plan, and apply the one operation (if any)."""
     if not ctx.enabled:
         return None, 0, []
+    deltas = _member_deltas(ctx)
+    if deltas is not None and ctx.links is not None:
+        stored = ctx.links.get(group_id)
+        if stored is not None:
+            done = _converge_by_deltas(group_id, ctx, deltas, ctx.links, stored)
+            if done is not None:
+                return done
+            ctx.links.forget(group_id)
+    return _converge_in_full(group_id, ctx, deltas)
+
+
+def _member_deltas(ctx: WorkerContext) -> MemberDeltaSource | None:
+    if ctx.links is None:
+        return None
+    cloud: object = ctx.cloud
+    needed = ("group_delta_link", "group_delta", "resolve_users")
+    if all(callable(getattr(cloud, name, None)) for name in needed):
+        return cloud  # type: ignore[return-value]
+    return None
+
+
+def _converge_in_full(
+    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource | None
+) -> tuple[Operation | None, int, list[Skip]]:
+    """Read the whole group from both sides; store a delta link taken before the reads."""
+    # Taken first: a change racing the reads shows up again in the next delta,
+    # where writing it once more is harmless; one taken after could miss it.
+    link = deltas.group_delta_link(group_id) if deltas is not None else None
     group = ctx.cloud.get_group(group_id)
     current = ctx.directory.find_group(group_id)
     if group is None:
@@ -149,7 +231,98 @@ def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, 
         return None, 0, []
     desired = desired_group(_within_limit(group, ctx), ctx.options)
     operation = plan_group(desired, current, ctx.options.target_ou)
-    return operation, _apply(operation, ctx), list(desired.skips)
+    requests = _apply(operation, ctx)
+    if link is not None and ctx.links is not None:
+        ctx.links.put(group_id, StoredLink(link, _user_count(group)))
+    return operation, requests, list(desired.skips)
+
+
+@dataclass(frozen=True)
+class _Deltas:
+    """What the deltas since a stored link say, with the SIDs they need."""
+
+    group: CloudGroup
+    added: tuple[CloudMember, ...]
+    removed_sids: frozenset[str]
+    delta_link: str
+    member_count: int
+
+
+def _converge_by_deltas(
+    group_id: str,
+    ctx: WorkerContext,
+    deltas: MemberDeltaSource,
+    links: DeltaLinkStore,
+    stored: StoredLink,
+) -> tuple[Operation | None, int, list[Skip]] | None:
+    """Converge from the member changes since the stored link; None: read in full."""
+    read = _read_deltas(group_id, ctx, deltas, stored)
+    if read is None:
+        return None
+    current = _attributes_only(group_id, ctx)
+    if current is None:
+        return None
+    desired = desired_group(replace(read.group, members=read.added), ctx.options)
+    planned = plan_group(replace(desired, member_sids=frozenset()), current, ctx.options.target_ou)
+    add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
+    remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
+    operation: Operation | None
+    if isinstance(planned, Rename):
+        changes = replace(planned.changes, add_members=add, remove_members=remove)
+        operation = replace(planned, changes=changes)
+    elif isinstance(planned, Modify) or add or remove:
+        base = planned.changes if isinstance(planned, Modify) else Changes()
+        changes = replace(base, add_members=add, remove_members=remove)
+        operation = Modify(group_id, current.dn, changes) if changes else None
+    else:
+        operation = planned
+    requests = _apply(operation, ctx)
+    links.put(group_id, StoredLink(read.delta_link, read.member_count))
+    return operation, requests, list(desired.skips)
+
+
+def _read_deltas(
+    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource, stored: StoredLink
+) -> _Deltas | None:
+    """The group now and its member changes, SIDs resolved; None when only a full
+    read can settle it (link expired, group gone or not Unified, a removed
+    member Graph no longer knows, too many ids, a count that may pass the limit)."""
+    delta = deltas.group_delta(group_id, stored.delta_link)
+    if delta is None or delta.group is None or delta.delta_link is None:
+        return None
+    if not delta.group.is_unified:
+        return None
+    added_users = [m.id for m in delta.added if m.kind is MemberKind.USER]
+    removed_users = [m.id for m in delta.removed if m.kind is MemberKind.USER]
+    count = stored.member_count + len(added_users)
+    lookups = [*added_users, *removed_users]
+    if count > ctx.options.member_limit or len(lookups) > MAX_DELTA_LOOKUPS:
+        return None
+    users = deltas.resolve_users(lookups) if lookups else {}
+    if any(member_id not in users for member_id in removed_users):
+        return None  # gone from Graph: the SID to remove is unknown here
+    return _Deltas(
+        group=delta.group,
+        added=tuple(users.get(m.id, m) for m in delta.added),
+        removed_sids=frozenset(sid for member_id in removed_users if (sid := users[member_id].sid)),
+        delta_link=delta.delta_link,
+        member_count=max(0, count - len(removed_users)),
+    )
+
+
+def _attributes_only(group_id: str, ctx: WorkerContext) -> DirectoryGroup | None:
+    """The AD object without its members (the member values are planned from deltas)."""
+    directory: object = ctx.directory
+    if isinstance(directory, AttributeReader):
+        return directory.find_group_attributes(group_id)
+    current = ctx.directory.find_group(group_id)
+    if current is None:
+        return None
+    return replace(current, member_sids=frozenset(), other_members=frozenset())
+
+
+def _user_count(group: CloudGroup) -> int:
+    return sum(1 for m in group.members if m.kind is MemberKind.USER)
 
 
 def _kept_as_soft_deleted(group_id: str, ctx: WorkerContext) -> bool:
