@@ -51,7 +51,7 @@ from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, DirectoryGroup, Modify, Operation, Rename
-from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
+from writeback.hosting.serve import ServeConfig, Server, ServerStats
 from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.sandbox.samba import SambaDC, running_dc
@@ -130,21 +130,6 @@ class CountingDirectory:
 
     def close(self) -> None:
         self._inner.close()
-
-
-def _forward_attribute_reads() -> None:
-    """Let serve's per-thread directory pass ``find_group_attributes`` through (the
-    worker reads a group without its members when it has a delta link), if it
-    does not already; without it the worker falls back to ``find_group``."""
-    if hasattr(ThreadLocalDirectory, "find_group_attributes"):
-        return
-
-    def find_group_attributes(self: ThreadLocalDirectory, group_id: str) -> DirectoryGroup | None:
-        inner: Any = self._mine()
-        found: DirectoryGroup | None = inner.find_group_attributes(group_id)
-        return found
-
-    setattr(ThreadLocalDirectory, "find_group_attributes", find_group_attributes)  # noqa: B010
 
 
 def values_written(operation: Operation) -> int:
@@ -260,7 +245,6 @@ class Bench:
             delivery_batch_window=0.005,
             delivery_retry_delays=(0.5, 1.0, 2.0),
         )
-        _forward_attribute_reads()
         try:
             server = self.server(standin.url, target)
             try:

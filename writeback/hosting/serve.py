@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -223,6 +223,14 @@ class ThreadLocalDirectory:
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._mine().iter_groups()
+
+    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
+        """The group without its members (the worker's member-delta path), when the
+        adapter offers it; else the full read."""
+        directory = self._mine()
+        read = getattr(directory, "find_group_attributes", directory.find_group)
+        found: DirectoryGroup | None = read(group_id)
+        return found
 
     def apply(self, operation: Operation) -> int:
         return self._mine().apply(operation)
@@ -927,6 +935,7 @@ class Server:
             with self._lock:
                 self._reconciling = False
         self.last_reconcile, self.last_reconcile_error = result, None
+        self._forget_member_links(op.group_id for op in result.plan.operations)
         with self._lock:
             self._stats = replace(
                 self._stats,
@@ -953,6 +962,14 @@ class Server:
             result.seconds,
         )
         return True
+
+    def _forget_member_links(self, group_ids: Iterable[str]) -> None:
+        """A group reconcile wrote from its snapshot gets its next event read in full,
+        so a member delta the worker already stored past can never hide an undo."""
+        links = self._context.links if self._context is not None else None
+        if links is not None:
+            for group_id in group_ids:
+                links.forget(group_id)
 
     def _incremental_cloud(self) -> DeltaCloud | None:
         """The cloud, when incremental reconcile is on and it can read a delta."""
