@@ -561,6 +561,29 @@ def test_reconcile_timer_writes_what_the_cloud_has(world: World, host: Host) -> 
     assert world.ad_entry(second) is not None
 
 
+def test_reconcile_timer_keeps_its_delta_link_and_then_reads_only_changes(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state_path = tmp_path / "state.json"
+    monkeypatch.setenv("WRITEBACK_STATE_PATH", str(state_path))
+    first = world.add_group(9, "Delta One", ["user0"])
+    world.add_group(10, "Delta Two", ["user1"])
+    entry("reconcile")(TimerRequest(past_due=False))
+    state = json.loads(state_path.read_text())
+    assert state["delta"]["last_mode"] == "full" and state["delta"]["groups_link"]
+    assert state["last_reconcile"]["applied"] == {"add": 2}
+
+    world.tenant.update_group(first, description="changed in the cloud")
+    world.standin.reset_log()
+    entry("reconcile")(TimerRequest(past_due=False))
+    state = json.loads(state_path.read_text())
+    assert state["delta"]["last_mode"] == "incremental"
+    assert state["last_reconcile"]["applied"] == {"modify": 1}
+    assert world.standin.count("/users/delta") == 0, "an incremental run reads no full users delta"
+    entry_ = world.ad_entry(first)
+    assert entry_ is not None and entry_["description"] == ["changed in the cloud"]
+
+
 def test_upkeep_creates_the_subscription_then_notifications_flow_to_ad(
     world: World, host: Host, bridge: Bridge
 ) -> None:

@@ -940,7 +940,8 @@ def run_reconcile(
 
     configure_logging()
     settings = load_settings()
-    paused = pipeline_settings(require_client_state=False).paused
+    pipeline = pipeline_settings(require_client_state=False)
+    paused = pipeline.paused
     policy = SyncPolicy.from_settings(settings)
     started_at = time.time()
     with _reconciles.lock:
@@ -948,13 +949,17 @@ def run_reconcile(
         try:
             directory = build_directory(settings)
             try:
-                plan = plan_sync(cloud, directory, settings.mapping(), policy)
-                result = SyncResult(plan) if paused else apply_plan(plan, directory)
+                if not paused and _state_kept(pipeline):
+                    result = _reconcile_with_state(cloud, directory, settings, policy, pipeline)
+                else:
+                    plan = plan_sync(cloud, directory, settings.mapping(), policy)
+                    result = SyncResult(plan) if paused else apply_plan(plan, directory)
             finally:
                 directory.close()
         finally:
             cloud.close()
         _reconciles.last_started = max(_reconciles.last_started, started_at)
+    plan = result.plan
     log.info(
         "reconcile %s (%s): %d operations planned, %d failures",
         "paused, nothing written" if paused else "done",
@@ -975,6 +980,50 @@ def run_reconcile(
     )
     if result.failures and raise_on_failures:
         raise WritebackError(f"reconcile: {len(result.failures)} operations failed")
+    return result
+
+
+def _state_kept(pipeline: PipelineSettings) -> bool:
+    """Incremental reconcile needs somewhere to keep its delta link between runs: a
+    state file that outlives the instance (on Linux plans, a path under /home, which
+    the platform keeps on shared storage), named by WRITEBACK_STATE_PATH."""
+    return pipeline.reconcile_incremental and bool(os.environ.get("WRITEBACK_STATE_PATH"))
+
+
+def _reconcile_with_state(
+    cloud: Any, directory: Any, settings: Settings, policy: Any, pipeline: PipelineSettings
+) -> SyncResult:
+    """Read only what changed since the kept delta link (full when none, on 410, or
+    every WRITEBACK_FULL_SYNC_EVERY runs), and keep the link and the result for status."""
+    from writeback.service.incremental import DeltaState, run_incremental
+    from writeback.service.status import StateFile, iso
+
+    state = StateFile(pipeline.state_path)
+    started = datetime.now(UTC)
+    options = replace(settings.mapping(), schema_attributes=directory.schema_attributes())
+    outcome, delta = run_incremental(
+        cloud,
+        directory,
+        options,
+        policy,
+        DeltaState.load(state),
+        full_every=pipeline.full_sync_every,
+        full_max_age=timedelta(days=1),
+        started=started,
+    )
+    result = outcome.result
+    state.update(
+        delta=delta.record(outcome),
+        last_reconcile={
+            "at": iso(started),
+            "seconds": round(result.seconds, 3),
+            "applied": dict(result.applied),
+            "ldap_requests": result.ldap_requests,
+            "failures": len(result.failures),
+            "deletes_blocked": result.plan.deletes_blocked,
+            "error": None,
+        },
+    )
     return result
 
 

@@ -71,7 +71,7 @@ from writeback.service.handle_event import (
     process_session,
     redelivery_delay,
 )
-from writeback.service.incremental import DeltaCloud, IncrementalResult, reconcile_incremental
+from writeback.service.incremental import DeltaCloud, DeltaState, IncrementalResult, run_incremental
 from writeback.service.notifications import MAX_BODY_BYTES, LifecycleEvent, handle_webhook
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback.service.status import StateFile, iso
@@ -426,7 +426,7 @@ class Server:
         self.last_reconcile: SyncResult | None = None
         self.last_reconcile_error: str | None = None
         self.last_incremental: IncrementalResult | None = None
-        self._delta = _DeltaState.load(self.state)
+        self._delta = DeltaState.load(self.state)
         self._notification_url: str | None = None
         self._lifecycle_url: str | None = None
 
@@ -980,38 +980,18 @@ class Server:
     def _reconcile_incremental(self, started: datetime) -> SyncResult:
         cloud = self._incremental_cloud()
         assert cloud is not None
-        delta = self._delta
-        outcome = reconcile_incremental(
+        outcome, self._delta = run_incremental(
             cloud,
             self.directory,
             self.options,
             self.policy,
-            delta_link=delta.link,
+            self._delta,
             full_every=self.config.full_every,
-            runs_since_full=delta.runs_since_full,
             full_max_age=self.config.full_max_age,
-            last_full_at=delta.last_full_at,
-            now=started,
+            started=started,
         )
         self.last_incremental = outcome
-        if outcome.mode == "full":
-            delta = _DeltaState(outcome.next_delta_link, 0, started)
-        else:
-            delta = _DeltaState(
-                outcome.next_delta_link, delta.runs_since_full + 1, delta.last_full_at
-            )
-        self._delta = delta
-        self._record_state(
-            delta={
-                "groups_link": delta.link,
-                "runs_since_full": delta.runs_since_full,
-                "last_full_at": iso(delta.last_full_at) if delta.last_full_at else None,
-                "last_mode": outcome.mode,
-                "last_changed": outcome.changed,
-                "fell_back_reason": outcome.fell_back_reason,
-                "full_reason": outcome.full_reason,
-            }
-        )
+        self._record_state(delta=self._delta.record(outcome))
         return outcome.result
 
     # ----------------------------------------------------------------- state
@@ -1053,33 +1033,6 @@ class Server:
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
-
-
-@dataclass(frozen=True)
-class _DeltaState:
-    """What incremental reconcile keeps between runs (the state file's ``delta``)."""
-
-    link: str | None = None
-    runs_since_full: int = 0
-    last_full_at: datetime | None = None
-
-    @classmethod
-    def load(cls, state: StateFile | None) -> _DeltaState:
-        section = state.read().get("delta") if state is not None else None
-        if not isinstance(section, dict):
-            return cls()
-        link = section.get("groups_link")
-        runs = section.get("runs_since_full")
-        at = section.get("last_full_at")
-        try:
-            last_full_at = datetime.fromisoformat(at) if isinstance(at, str) else None
-        except ValueError:
-            last_full_at = None
-        return cls(
-            link if isinstance(link, str) and link else None,
-            runs if isinstance(runs, int) and runs >= 0 else 0,
-            last_full_at,
-        )
 
 
 # --------------------------------------------------------------------------- the command

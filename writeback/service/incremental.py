@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from writeback.adapters.graph import DeltaExpired, GroupChanges
 from writeback.config import SoftDeletePolicy
@@ -54,6 +54,7 @@ from writeback.service.reconcile import (
     apply_plan,
     build_plan,
 )
+from writeback.service.status import StateFile, iso
 
 log = logging.getLogger(__name__)
 
@@ -292,3 +293,73 @@ def _guard(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
         "nothing was deleted (use --allow-deletes to go ahead)"
     )
     plan.skips.extend(Skip(d.group_id, SkipReason.DELETE_THRESHOLD, d.dn) for d in deletes)
+
+
+@dataclass(frozen=True)
+class DeltaState:
+    """What incremental reconcile keeps between runs (the state file's ``delta`` section)."""
+
+    link: str | None = None
+    runs_since_full: int = 0
+    last_full_at: datetime | None = None
+
+    @classmethod
+    def load(cls, state: StateFile | None) -> DeltaState:
+        section = state.read().get("delta") if state is not None else None
+        if not isinstance(section, dict):
+            return cls()
+        link = section.get("groups_link")
+        runs = section.get("runs_since_full")
+        at = section.get("last_full_at")
+        try:
+            last_full_at = datetime.fromisoformat(at) if isinstance(at, str) else None
+        except ValueError:
+            last_full_at = None
+        return cls(
+            link if isinstance(link, str) and link else None,
+            runs if isinstance(runs, int) and runs >= 0 else 0,
+            last_full_at,
+        )
+
+    def after(self, outcome: IncrementalResult, started: datetime) -> DeltaState:
+        if outcome.mode == "full":
+            return DeltaState(outcome.next_delta_link, 0, started)
+        return DeltaState(outcome.next_delta_link, self.runs_since_full + 1, self.last_full_at)
+
+    def record(self, outcome: IncrementalResult) -> dict[str, Any]:
+        return {
+            "groups_link": self.link,
+            "runs_since_full": self.runs_since_full,
+            "last_full_at": iso(self.last_full_at) if self.last_full_at else None,
+            "last_mode": outcome.mode,
+            "last_changed": outcome.changed,
+            "fell_back_reason": outcome.fell_back_reason,
+            "full_reason": outcome.full_reason,
+        }
+
+
+def run_incremental(
+    cloud: DeltaCloud,
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+    delta: DeltaState,
+    *,
+    full_every: int | None,
+    full_max_age: timedelta | None,
+    started: datetime,
+) -> tuple[IncrementalResult, DeltaState]:
+    """One reconcile from the kept delta state, and the state to keep next."""
+    outcome = reconcile_incremental(
+        cloud,
+        directory,
+        options,
+        policy,
+        delta_link=delta.link,
+        full_every=full_every,
+        runs_since_full=delta.runs_since_full,
+        full_max_age=full_max_age,
+        last_full_at=delta.last_full_at,
+        now=started,
+    )
+    return outcome, delta.after(outcome, started)
