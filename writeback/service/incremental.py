@@ -41,9 +41,8 @@ from typing import Any, Literal, Protocol
 
 from writeback.adapters.graph import DeltaExpired, GroupChanges
 from writeback.config import SoftDeletePolicy
-from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Delete, Skip, SkipReason
-from writeback.domain.planner import plan_group
 from writeback.errors import TransientError, WritebackError
 from writeback.ports import CloudSource, Directory
 from writeback.service.reconcile import (
@@ -53,6 +52,7 @@ from writeback.service.reconcile import (
     SyncResult,
     apply_plan,
     build_plan,
+    plan_cloud_group,
 )
 from writeback.service.status import StateFile, iso
 
@@ -272,15 +272,7 @@ def _plan_one(
     if not group.is_unified:
         return
     plan.groups_in_cloud += 1
-    limit_skip = over_member_limit(group, options.member_limit)
-    if limit_skip is not None:
-        plan.skips.append(limit_skip)
-        return
-    desired = desired_group(group, options)
-    plan.skips.extend(desired.skips)
-    operation = plan_group(desired, current, options.target_ou)
-    if operation is not None:
-        plan.operations.append(operation)
+    plan_cloud_group(plan, group, current, options)
 
 
 def _guard(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:

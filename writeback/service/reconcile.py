@@ -22,6 +22,7 @@ from tenacity import (
 from writeback.config import Settings, SoftDeletePolicy
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
+    CloudGroup,
     Delete,
     DirectoryGroup,
     Operation,
@@ -82,19 +83,26 @@ def build_plan(
     for group in sorted(cloud, key=lambda g: g.id):
         if group.id in duplicated:
             continue
-        existing = by_id.pop(group.id, None)
-        limit_skip = over_member_limit(group, options.member_limit)
-        if limit_skip is not None:
-            plan.skips.append(limit_skip)
-            continue
-        desired = desired_group(group, options)
-        plan.skips.extend(desired.skips)
-        operation = plan_group(desired, existing, options.target_ou)
-        if operation is not None:
-            plan.operations.append(operation)
+        plan_cloud_group(plan, group, by_id.pop(group.id, None), options)
     deletes = _orphan_deletes(by_id.values(), snapshot.soft_deleted, policy, plan)
     _guard_deletes(deletes, plan, policy)
     return plan
+
+
+def plan_cloud_group(
+    plan: Plan, group: CloudGroup, current: DirectoryGroup | None, options: MappingOptions
+) -> None:
+    """Add one cloud group to the plan: skipped over the member limit (never truncated),
+    else at most one operation, with its skipped members reported."""
+    limit_skip = over_member_limit(group, options.member_limit)
+    if limit_skip is not None:
+        plan.skips.append(limit_skip)
+        return
+    desired = desired_group(group, options)
+    plan.skips.extend(desired.skips)
+    operation = plan_group(desired, current, options.target_ou)
+    if operation is not None:
+        plan.operations.append(operation)
 
 
 def _index(
