@@ -278,13 +278,7 @@ class Bench:
         dc, tally = self.dc, self.tally
 
         def directory() -> CountingDirectory:
-            inner = LdapDirectory(
-                url=dc.ldaps_url,
-                user=dc.admin_dn,
-                password=dc.admin_password,
-                target_ou=target,
-                ca_file=dc.ca_file,
-            )
+            inner = dc.directory(target)
             return CountingDirectory(inner, tally)
 
         cloud = GraphCloud(base_url=graph_url)

@@ -49,13 +49,7 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int) -> None:
     target = dc.create_ou("BenchGroups")
     with GraphStandIn(tenant, page_size=200) as standin:
         cloud = GraphCloud(base_url=standin.url)
-        directory = LdapDirectory(
-            url=dc.ldaps_url,
-            user=dc.admin_dn,
-            password=dc.admin_password,
-            target_ou=target,
-            ca_file=dc.ca_file,
-        )
+        directory = dc.directory(target)
         options = MappingOptions(target_ou=target)
         # The plain loop runs first, so the sync writes into the fuller database:
         # the ratio errs against the sync, never for it.

@@ -66,14 +66,7 @@ def open_directory() -> Iterator[OpenDirectory]:
     opened: list[LdapDirectory] = []
 
     def open_(dc: SambaDC, ou: str, **options: Any) -> LdapDirectory:
-        directory = LdapDirectory(
-            url=dc.ldaps_url,
-            user=dc.admin_dn,
-            password=dc.admin_password,
-            target_ou=ou,
-            ca_file=dc.ca_file,
-            **options,
-        )
+        directory = dc.directory(ou, **options)
         opened.append(directory)
         return directory
 

@@ -91,13 +91,7 @@ class Pipeline:
             options = replace(options, member_limit=member_limit)
 
         def directory() -> Directory:
-            made = LdapDirectory(
-                url=world.dc.ldaps_url,
-                user=world.dc.admin_dn,
-                password=world.dc.admin_password,
-                target_ou=world.ou,
-                ca_file=world.dc.ca_file,
-            )
+            made = world.dc.directory(world.ou)
             return wrap(made) if wrap is not None else made
 
         server = Server(

@@ -87,13 +87,7 @@ def big(samba_dc: SambaDC) -> Iterator[Big]:
     for n in range(SIZE + 5):
         tenant.add_user(user_id(f"{token}:big{n}"), sid=sids[f"{token}b{n}"], synced=True)
     groups_ou = samba_dc.create_ou("Writeback", root)
-    directory = LdapDirectory(
-        url=samba_dc.ldaps_url,
-        user=samba_dc.admin_dn,
-        password=samba_dc.admin_password,
-        target_ou=groups_ou,
-        ca_file=samba_dc.ca_file,
-    )
+    directory = samba_dc.directory(groups_ou)
     with GraphStandIn(tenant) as standin:
         cloud = GraphCloud(base_url=standin.url)
         options = MappingOptions(

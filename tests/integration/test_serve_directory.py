@@ -19,15 +19,7 @@ def test_attribute_read_passes_through_and_reads_no_member_values(
         made: list[LdapDirectory] = []
 
         def factory() -> LdapDirectory:
-            made.append(
-                LdapDirectory(
-                    url=samba_dc.ldaps_url,
-                    user=samba_dc.admin_dn,
-                    password=samba_dc.admin_password,
-                    target_ou=world.ou,
-                    ca_file=samba_dc.ca_file,
-                )
-            )
+            made.append(samba_dc.directory(world.ou))
             return made[-1]
 
         directory = ThreadLocalDirectory(factory)

@@ -134,13 +134,7 @@ def make_world(
         tenant.add_user(user_id(name), sid=sids[name], synced=True, display_name=name)
     tenant.add_user(user_id("cloudonly"), sid=None, synced=False, display_name="cloud only")
     groups_ou = dc.create_ou("Writeback", ou)
-    directory = LdapDirectory(
-        url=dc.ldaps_url,
-        user=dc.admin_dn,
-        password=dc.admin_password,
-        target_ou=groups_ou,
-        ca_file=dc.ca_file,
-    )
+    directory = dc.directory(groups_ou)
     with GraphStandIn(tenant) as standin:
         cloud = GraphCloud(base_url=standin.url)
         options = MappingOptions(

@@ -72,13 +72,7 @@ def _pipeline(dc: SambaDC, target_ou: str, standin: GraphStandIn, tmp: Path, say
     options = MappingOptions(target_ou=target_ou, dn_format=DnFormat.DISPLAY_NAME)
 
     def directory() -> LdapDirectory:
-        return LdapDirectory(
-            url=dc.ldaps_url,
-            user=dc.admin_dn,
-            password=dc.admin_password,
-            target_ou=target_ou,
-            ca_file=dc.ca_file,
-        )
+        return dc.directory(target_ou)
 
     cloud = GraphCloud(base_url=standin.url)
     queue = LocalQueue(tmp / "queue.sqlite3", lock_duration=60, max_delivery_count=20)

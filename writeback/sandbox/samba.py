@@ -92,10 +92,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ldap3
 from ldap3.utils.dn import escape_rdn
+
+if TYPE_CHECKING:
+    from writeback.adapters.directory import LdapDirectory
 
 DEFAULT_REALM = "WB.TEST"
 DEFAULT_DOMAIN = "WB"
@@ -614,6 +617,20 @@ class SambaDC:
             return "(no log)"
 
     # ---- LDAP
+
+    def directory(self, target_ou: str, **options: Any) -> LdapDirectory:
+        """The product's LDAP adapter bound as Administrator over validated LDAPS,
+        scoped to ``target_ou`` (``options`` go to :class:`LdapDirectory`)."""
+        from writeback.adapters.directory import LdapDirectory
+
+        return LdapDirectory(
+            url=self.ldaps_url,
+            user=self.admin_dn,
+            password=self.admin_password,
+            target_ou=target_ou,
+            ca_file=self.ca_file,
+            **options,
+        )
 
     def tls(self, ca_file: str | None = None) -> ldap3.Tls:
         """ldap3 TLS settings that validate the DC's certificate."""
