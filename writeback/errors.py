@@ -81,3 +81,19 @@ class DeadLetterNotFound(PermanentError):
 
 class QueueRefused(PermanentError):
     """Service Bus refused us: no such queue, no rights, wrong key or no credential."""
+
+
+# -- the hybrid relay (Azure Relay Hybrid Connection to the on-premises agent) ------
+
+
+class RelayUnavailable(TransientError):
+    """The relay, or every agent listening on it, could not be reached in time.
+
+    The agent may be restarting or the relay dropping connections; the operation
+    did not reach AD, or its outcome is unknown, so the state-based handler can
+    simply run again.
+    """
+
+
+class RelayRefused(PermanentError):
+    """The relay or the agent refused our credentials (SAS token or caller key)."""
