@@ -16,7 +16,7 @@ from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.protocol.formatters.formatters import format_sid
 
 from writeback.adapters.directory import LdapDirectory
-from writeback.adapters.ldap_values import RESULT_NAMES, dn_key
+from writeback.adapters.ldap_values import RESULT_NAMES
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES
 from writeback.domain.model import (
     Add,
@@ -28,7 +28,7 @@ from writeback.domain.model import (
     Rename,
     anchor_for,
 )
-from writeback.domain.naming import dn_for, rdn_for, sam_account_name_for
+from writeback.domain.naming import dn_for, dn_key, rdn_for, sam_account_name_for
 from writeback.errors import (
     ConfigError,
     DirectoryRefused,

@@ -6,14 +6,11 @@ import pytest
 
 from writeback.adapters.ldap_values import (
     MemberRange,
-    dn_key,
     parse_extended_dn,
     parse_range,
     sid_from_bytes,
-    single_cn_rdn,
-    strictly_within,
 )
-from writeback.domain.naming import dn_for
+from writeback.domain.naming import dn_for, dn_key, single_cn_rdn, strictly_within
 
 HOSTILE = ['a, b + c "d" \\ <e> ; f = g', "#hash", "  spaced  ", "Отдел 営業部", "x=y\\"]
 

@@ -9,9 +9,9 @@ from writeback.domain.naming import (
     escape_dn_value,
     escape_filter_value,
     first_rdn,
-    is_within,
     parent_of,
     sam_account_name_for,
+    strictly_within,
     unescape_dn_value,
 )
 
@@ -65,11 +65,11 @@ def test_parent_and_first_rdn_respect_escaped_commas() -> None:
     assert first_rdn(dn) == "CN=a\\,b"
 
 
-def test_is_within_is_case_insensitive_and_not_fooled_by_suffixes() -> None:
-    assert is_within("CN=g,OU=W,DC=x", "ou=w, dc=X")
-    assert is_within("OU=W,DC=x", "OU=W,DC=x")
-    assert not is_within("CN=g,OU=NotW,DC=x", "OU=W,DC=x")
-    assert not is_within("CN=g\\,OU=W,DC=x,OU=Other,DC=x", "OU=W,DC=x")
+def test_strictly_within_is_case_insensitive_and_not_fooled_by_suffixes() -> None:
+    assert strictly_within("CN=g,OU=W,DC=x", "ou=w, dc=X")
+    assert not strictly_within("OU=W,DC=x", "OU=W,DC=x")
+    assert not strictly_within("CN=g,OU=NotW,DC=x", "OU=W,DC=x")
+    assert not strictly_within("CN=g\\,OU=W,DC=x,OU=Other,DC=x", "OU=W,DC=x")
 
 
 def test_unescape_hex_pairs_as_utf8() -> None:
@@ -86,4 +86,4 @@ def test_a_child_dn_is_always_within_its_parent(cn: str, ou: str) -> None:
     parent = f"OU={escape_dn_value(ou)},DC=example,DC=com"
     dn = dn_for(cn, parent)
     assert parent_of(dn) == parent
-    assert is_within(dn, parent)
+    assert strictly_within(dn, parent)

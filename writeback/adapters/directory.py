@@ -114,15 +114,11 @@ from writeback.adapters.ldap_values import (
     CANONICAL_NAMES,
     TRANSIENT_RESULTS,
     VALUE_CONFLICT_RESULTS,
-    DnKey,
     decode,
-    dn_key,
     parse_extended_dn,
     parse_range,
     result_name,
     sid_from_bytes,
-    single_cn_rdn,
-    strictly_within,
 )
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES, MANAGED_ATTRIBUTES
 from writeback.domain.model import (
@@ -137,7 +133,14 @@ from writeback.domain.model import (
     anchor_for,
     group_id_from_anchor,
 )
-from writeback.domain.naming import escape_filter_value, parent_of
+from writeback.domain.naming import (
+    DnKey,
+    dn_key,
+    escape_filter_value,
+    parent_of,
+    single_cn_rdn,
+    strictly_within,
+)
 from writeback.errors import (
     ConfigError,
     DirectoryRefused,

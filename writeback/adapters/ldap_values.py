@@ -9,13 +9,10 @@ import struct
 from dataclasses import dataclass
 
 from writeback.domain.mapping import MANAGED_ATTRIBUTES
-from writeback.domain.naming import first_rdn, parent_of, unescape_dn_value
 
 #: The canonical spelling of every managed attribute, by lower-case name.
 CANONICAL_NAMES = {name.lower(): name for name in MANAGED_ATTRIBUTES}
 
-#: A DN as a comparable value: (attribute type, unescaped value), both case-folded.
-DnKey = tuple[tuple[str, str], ...]
 
 
 def sid_from_bytes(raw: bytes) -> str:
@@ -57,65 +54,6 @@ def parse_extended_dn(value: str) -> ExtendedDn:
         if rest.startswith(";"):
             rest = rest[1:]
     return ExtendedDn(dn=rest, guid=parts.get("GUID"), sid=parts.get("SID"))
-
-
-def dn_key(dn: str) -> DnKey:
-    """``dn`` as a tuple of case-folded, unescaped RDNs, outermost last.
-
-    AD escapes differently than we do (``\\3D`` for ``=``, for example), so DNs
-    are compared as keys, never as strings.
-    """
-    rdns: list[tuple[str, str]] = []
-    rest = dn
-    while rest.strip():
-        rdn = first_rdn(rest)
-        attr, _, value = rdn.partition("=")
-        rdns.append((attr.strip().casefold(), unescape_dn_value(_trim(value)).casefold()))
-        rest = parent_of(rest)
-    return tuple(rdns)
-
-
-def _trim(value: str) -> str:
-    """Drop unescaped leading and trailing spaces (RFC 4514 says they are not part of it)."""
-    value = value.lstrip(" ")
-    while value.endswith(" ") and not _escaped_at(value, len(value) - 1):
-        value = value[:-1]
-    return value
-
-
-def _escaped_at(value: str, index: int) -> bool:
-    backslashes = 0
-    i = index - 1
-    while i >= 0 and value[i] == "\\":
-        backslashes += 1
-        i -= 1
-    return backslashes % 2 == 1
-
-
-def strictly_within(dn: str, base_dn: str) -> bool:
-    """True when ``dn`` is below ``base_dn`` (never ``base_dn`` itself)."""
-    key, base = dn_key(dn), dn_key(base_dn)
-    return len(key) > len(base) and key[len(key) - len(base) :] == base
-
-
-def single_cn_rdn(rdn: str) -> bool:
-    """True for exactly one ``CN=value`` RDN: no unescaped ``,`` or ``+``, a value."""
-    if parent_of(rdn) or _has_unescaped(rdn, "+"):
-        return False
-    attr, sep, value = rdn.partition("=")
-    return bool(sep) and attr.strip().casefold() == "cn" and bool(_trim(value))
-
-
-def _has_unescaped(text: str, char: str) -> bool:
-    i = 0
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text[i] == char:
-            return True
-        i += 1
-    return False
 
 
 @dataclass(frozen=True)

@@ -105,20 +105,67 @@ def first_rdn(dn: str) -> str:
     return dn[: len(dn) - len(parent) - 1] if parent else dn
 
 
-def is_within(dn: str, base_dn: str) -> bool:
-    """True when ``dn`` is ``base_dn`` itself or below it (case-insensitive)."""
-    norm_dn, norm_base = _normalise(dn), _normalise(base_dn)
-    return norm_dn == norm_base or norm_dn.endswith("," + norm_base)
+#: A DN as a comparable value: (attribute type, unescaped value), both case-folded.
+DnKey = tuple[tuple[str, str], ...]
 
 
-def _normalise(dn: str) -> str:
-    parts = []
+def dn_key(dn: str) -> DnKey:
+    """``dn`` as a tuple of case-folded, unescaped RDNs, outermost last.
+
+    AD escapes differently than we do (``\\3D`` for ``=``, for example), so DNs
+    are compared as keys, never as strings.
+    """
+    rdns: list[tuple[str, str]] = []
     rest = dn
-    while rest:
-        attr, _, value = first_rdn(rest).lstrip().partition("=")
-        parts.append(f"{attr.strip().lower()}={value.lower()}")
+    while rest.strip():
+        rdn = first_rdn(rest)
+        attr, _, value = rdn.partition("=")
+        rdns.append((attr.strip().casefold(), unescape_dn_value(_trim(value)).casefold()))
         rest = parent_of(rest)
-    return ",".join(parts)
+    return tuple(rdns)
+
+
+def _trim(value: str) -> str:
+    """Drop unescaped leading and trailing spaces (RFC 4514 says they are not part of it)."""
+    value = value.lstrip(" ")
+    while value.endswith(" ") and not _escaped_at(value, len(value) - 1):
+        value = value[:-1]
+    return value
+
+
+def _escaped_at(value: str, index: int) -> bool:
+    backslashes = 0
+    i = index - 1
+    while i >= 0 and value[i] == "\\":
+        backslashes += 1
+        i -= 1
+    return backslashes % 2 == 1
+
+
+def strictly_within(dn: str, base_dn: str) -> bool:
+    """True when ``dn`` is below ``base_dn`` (never ``base_dn`` itself)."""
+    key, base = dn_key(dn), dn_key(base_dn)
+    return len(key) > len(base) and key[len(key) - len(base) :] == base
+
+
+def single_cn_rdn(rdn: str) -> bool:
+    """True for exactly one ``CN=value`` RDN: no unescaped ``,`` or ``+``, a value."""
+    if parent_of(rdn) or _has_unescaped(rdn, "+"):
+        return False
+    attr, sep, value = rdn.partition("=")
+    return bool(sep) and attr.strip().casefold() == "cn" and bool(_trim(value))
+
+
+def _has_unescaped(text: str, char: str) -> bool:
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == char:
+            return True
+        i += 1
+    return False
 
 
 def unescape_dn_value(value: str) -> str:
