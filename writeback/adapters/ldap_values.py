@@ -14,7 +14,6 @@ from writeback.domain.mapping import MANAGED_ATTRIBUTES
 CANONICAL_NAMES = {name.lower(): name for name in MANAGED_ATTRIBUTES}
 
 
-
 def sid_from_bytes(raw: bytes) -> str:
     """The S-R-I-S... string form of a binary objectSid (MS-DTYP 2.4.2.2)."""
     if len(raw) < 8:
