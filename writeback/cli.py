@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="queue depth, dead letters, subscription expiry, last reconcile"
     )
     status.set_defaults(run=_status)
+    _add_permissions(verbs)
     return parser
 
 
@@ -160,6 +161,62 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     for line in format_status(status):
         print(line, file=out)
     return EXIT_FAILURES if status.queue_error else EXIT_OK
+
+
+def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    permissions = verbs.add_parser(
+        "permissions",
+        help="the service account's least-privilege delegation on the target OU "
+        "(dsacls and PowerShell), or write it with --apply",
+    )
+    permissions.add_argument("--account", required=True, metavar="DN", help="service account")
+    permissions.add_argument("--ou", metavar="DN", help="target OU (default: WRITEBACK_TARGET_OU)")
+    permissions.add_argument(
+        "--apply",
+        action="store_true",
+        help="write the ACEs into the OU over LDAP (WRITEBACK_LDAP_URL, WRITEBACK_LDAP_CA_FILE) "
+        "as --admin-user, whose password is read from standard input",
+    )
+    permissions.add_argument("--admin-user", metavar="DN|UPN", help="who may change the OU's DACL")
+    permissions.set_defaults(run=_permissions)
+
+
+def _permissions(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the delegation; with --apply, write it as an administrator."""
+    from writeback.permissions import describe
+
+    ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
+    if not ou:
+        raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
+    sid = _apply_permissions(args, ou) if args.apply else None
+    for line in describe(ou, args.account, sid):
+        print(line, file=out)
+    return EXIT_OK
+
+
+def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
+    import getpass
+
+    from writeback.adapters.acl import grant_delegation
+
+    url = os.environ.get("WRITEBACK_LDAP_URL", "").strip()
+    if not url or not args.admin_user:
+        raise ConfigError("--apply needs WRITEBACK_LDAP_URL and --admin-user")
+    password = (
+        getpass.getpass(f"password of {args.admin_user}: ")
+        if sys.stdin.isatty()
+        else sys.stdin.readline().rstrip("\r\n")
+    )
+    grant = grant_delegation(
+        url=url,
+        admin_user=args.admin_user,
+        admin_password=password,
+        target_ou=ou,
+        account_dn=args.account,
+        ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
+    )
+    print(f"applied: {grant.added} ACE(s) added, {grant.present} already there", file=sys.stderr)
+    return grant.sid
 
 
 def _tool_queue() -> QueueKind:

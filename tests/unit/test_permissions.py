@@ -1,0 +1,155 @@
+"""The delegation's ACEs, their SDDL and binary forms, and the printed commands.
+
+The binary encoding is checked against Samba's own NDR code (``python3-samba``,
+run with the system Python) where it is installed, so the codec is not only
+checked against itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from writeback.permissions import (
+    GROUP_CLASS,
+    AceFlag,
+    Right,
+    SecurityDescriptor,
+    delegation,
+    describe,
+    dsacls_commands,
+    parse_security_descriptor,
+    powershell_commands,
+    sid_to_bytes,
+)
+
+SID = "S-1-5-21-1004336348-1177238915-682003330-1108"
+OTHER = "S-1-5-21-1004336348-1177238915-682003330-1109"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_the_delegation_is_two_object_aces_on_the_group_class() -> None:
+    child, groups = delegation(SID)
+    assert child.sddl() == f"(OA;CI;CCDC;{GROUP_CLASS};;{SID})"
+    assert groups.sddl() == f"(OA;CIIO;RPWPLCLOSD;;{GROUP_CLASS};{SID})"
+
+
+def test_no_right_lets_the_account_widen_its_own_rights() -> None:
+    dangerous = Right.WRITE_DAC | Right.WRITE_OWNER | Right.CONTROL_ACCESS | Right.DELETE_TREE
+    for ace in delegation(SID):
+        assert not ace.rights & dangerous
+        assert ace.flags & AceFlag.CONTAINER_INHERIT  # descendants of the OU too
+
+
+def test_sid_to_bytes_matches_the_wire_form() -> None:
+    raw = sid_to_bytes("S-1-5-32-544")
+    assert raw == bytes([1, 2, 0, 0, 0, 0, 0, 5, 32, 0, 0, 0, 0x20, 2, 0, 0])
+
+
+@pytest.mark.parametrize("bad", ["", "S-1", "S-1-5", "X-1-5-21", "S-1-5-4294967296", "S-1-5-21-x"])
+def test_malformed_sids_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        sid_to_bytes(bad)
+
+
+def descriptor(*aces: bytes, inherited: bytes | None = None) -> bytes:
+    dacl = [*aces, *([inherited] if inherited else [])]
+    owner = sid_to_bytes("S-1-5-32-544")
+    return SecurityDescriptor(control=0x8C14, owner=owner, dacl=dacl).to_bytes()
+
+
+def inherited_ace() -> bytes:
+    ace = bytearray(delegation(OTHER)[0].to_bytes())
+    ace[1] |= AceFlag.INHERITED
+    return bytes(ace)
+
+
+def test_a_descriptor_round_trips_byte_for_byte() -> None:
+    blob = descriptor(delegation(OTHER)[1].to_bytes(), inherited=inherited_ace())
+    assert parse_security_descriptor(blob).to_bytes() == blob
+
+
+def test_granting_goes_after_explicit_and_before_inherited_aces_once() -> None:
+    explicit = delegation(OTHER)[1].to_bytes()
+    sd = parse_security_descriptor(descriptor(explicit, inherited=inherited_ace()))
+    aces = delegation(SID)
+    granted = sd.granting(aces)
+    assert granted.dacl == [explicit, *(a.to_bytes() for a in aces), inherited_ace()]
+    assert granted.granting(aces).dacl == granted.dacl
+    assert parse_security_descriptor(granted.to_bytes()).dacl == granted.dacl
+
+
+@pytest.mark.parametrize("cut", [3, 19, 30, -1])
+def test_truncated_descriptors_are_refused(cut: int) -> None:
+    blob = descriptor(delegation(SID)[0].to_bytes())
+    with pytest.raises(ValueError):
+        parse_security_descriptor(blob[:cut])
+
+
+def test_dsacls_and_powershell_name_the_ou_and_resolve_the_account() -> None:
+    ou = "OU=M365 Groups,DC=corp,DC=example"
+    account = "CN=svc-writeback,OU=Service Accounts,DC=corp,DC=example"
+    dsacls = dsacls_commands(ou, account)
+    assert f"'{account}'" in dsacls[0] and "msDS-PrincipalName" in dsacls[0]
+    assert dsacls[1:] == [
+        f'dsacls "{ou}" /I:T /G "${{account}}:CCDC;group"',
+        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPSDLCLO;;group"',
+    ]
+    script = "\n".join(powershell_commands(ou, account))
+    assert "'CreateChild, DeleteChild', 'Allow', $group, 'All'" in script
+    assert "'Allow', 'Descendents', $group" in script
+    assert "GenericAll" not in script and "WriteDacl" not in script
+
+
+def test_powershell_quotes_a_hostile_dn() -> None:
+    script = "\n".join(powershell_commands("OU=O'Brien,DC=x", "CN=a'b,DC=x"))
+    assert "'CN=a''b,DC=x'" in script and "'OU=O''Brien,DC=x'" in script
+
+
+def test_describe_shows_the_real_sid_only_when_known() -> None:
+    assert SID in "\n".join(describe("OU=G,DC=x", "CN=s,DC=x", SID))
+    offline = "\n".join(describe("OU=G,DC=x", "CN=s,DC=x", None))
+    assert "<objectSid of the account>" in offline and "S-1-0-0" not in offline
+
+
+SAMBA_SDDL = """
+import base64, json, sys
+from samba.dcerpc import security
+from samba.ndr import ndr_unpack
+blobs = json.load(sys.stdin)
+domain = security.dom_sid("S-1-5-21-1004336348-1177238915-682003330")
+print(json.dumps([ndr_unpack(security.descriptor, base64.b64decode(b)).as_sddl(domain)
+                  for b in blobs]))
+"""
+
+
+def samba_sddl(blobs: list[bytes]) -> list[str]:
+    if shutil.which(SYSTEM_PYTHON) is None:
+        pytest.skip("no system Python")
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", SAMBA_SDDL],
+        input=json.dumps([base64.b64encode(b).decode() for b in blobs]),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if "No module named 'samba'" in done.stderr:
+        pytest.skip("python3-samba is not installed")
+    assert done.returncode == 0, done.stderr
+    result: list[str] = json.loads(done.stdout)
+    return result
+
+
+def test_samba_reads_our_binary_form_as_our_sddl() -> None:
+    aces = delegation(SID)
+    blob = SecurityDescriptor(control=0x8004, dacl=[a.to_bytes() for a in aces]).to_bytes()
+    (sddl,) = samba_sddl([blob])
+    # Samba prints SIDs of the domain it is given by their RID: compare the ACE parts.
+    assert (
+        sddl.upper().replace("S-1-5-21-1004336348-1177238915-682003330-1108", SID)
+        == ("D:" + "".join(a.sddl() for a in aces)).upper()
+    )

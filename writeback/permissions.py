@@ -1,0 +1,328 @@
+"""The least-privilege delegation the service account needs on the target OU.
+
+Pure: the ACEs, their SDDL, the same grant as ``dsacls`` and PowerShell commands
+for an administrator to run, and the binary security-descriptor form that
+``adapters/acl.py`` writes over LDAP. No I/O, so each rule is unit-tested alone.
+
+The grant is what Entra Connect's ``Set-ADSyncUnifiedGroupWritebackPermissions``
+gives, narrowed: create and delete *group* children on the OU and every OU
+below it, and read, write and delete the group objects there. Unlike Connect's
+grant it has no Delete Tree and nothing on other object classes, and never
+WRITE_DAC or WRITE_OWNER, so the account cannot widen its own rights.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import uuid
+from dataclasses import dataclass, field
+from enum import IntFlag
+
+#: schemaIDGUID of the ``group`` class (the same in every AD forest).
+GROUP_CLASS = uuid.UUID("bf967a9c-0de6-11d0-a285-00aa003049e2")
+ACCESS_ALLOWED_OBJECT = 0x05
+ACL_REVISION_DS = 4
+_OBJECT_TYPE_PRESENT, _INHERITED_OBJECT_TYPE_PRESENT = 0x1, 0x2
+_SE_DACL_PRESENT, _SE_SELF_RELATIVE = 0x0004, 0x8000
+_SID_PATTERN = re.compile(r"S-1-(\d+)((?:-\d+){1,15})", re.IGNORECASE)
+
+
+class Right(IntFlag):
+    """Directory-service access rights (MS-ADTS 5.1.3.2)."""
+
+    CREATE_CHILD = 0x1
+    DELETE_CHILD = 0x2
+    LIST_CHILDREN = 0x4
+    SELF_WRITE = 0x8
+    READ_PROPERTY = 0x10
+    WRITE_PROPERTY = 0x20
+    DELETE_TREE = 0x40
+    LIST_OBJECT = 0x80
+    CONTROL_ACCESS = 0x100
+    DELETE = 0x10000
+    READ_CONTROL = 0x20000
+    WRITE_DAC = 0x40000
+    WRITE_OWNER = 0x80000
+
+
+class AceFlag(IntFlag):
+    OBJECT_INHERIT = 0x1
+    CONTAINER_INHERIT = 0x2
+    NO_PROPAGATE = 0x4
+    INHERIT_ONLY = 0x8
+    INHERITED = 0x10
+
+
+_SDDL_RIGHTS = {  # in the order Windows and Samba print them
+    Right.READ_PROPERTY: "RP",
+    Right.WRITE_PROPERTY: "WP",
+    Right.CREATE_CHILD: "CC",
+    Right.DELETE_CHILD: "DC",
+    Right.LIST_CHILDREN: "LC",
+    Right.SELF_WRITE: "SW",
+    Right.LIST_OBJECT: "LO",
+    Right.DELETE_TREE: "DT",
+    Right.CONTROL_ACCESS: "CR",
+    Right.DELETE: "SD",
+    Right.READ_CONTROL: "RC",
+    Right.WRITE_DAC: "WD",
+    Right.WRITE_OWNER: "WO",
+}
+_SDDL_FLAGS = {
+    AceFlag.OBJECT_INHERIT: "OI",
+    AceFlag.CONTAINER_INHERIT: "CI",
+    AceFlag.NO_PROPAGATE: "NP",
+    AceFlag.INHERIT_ONLY: "IO",
+    AceFlag.INHERITED: "ID",
+}
+#: The same rights as .NET ActiveDirectoryRights names, for the PowerShell form.
+_DOTNET_RIGHTS = {
+    Right.CREATE_CHILD: "CreateChild",
+    Right.DELETE_CHILD: "DeleteChild",
+    Right.LIST_CHILDREN: "ListChildren",
+    Right.READ_PROPERTY: "ReadProperty",
+    Right.WRITE_PROPERTY: "WriteProperty",
+    Right.LIST_OBJECT: "ListObject",
+    Right.DELETE: "Delete",
+}
+
+#: On the OU and every container below it: create and delete group objects.
+CHILD_RIGHTS = Right.CREATE_CHILD | Right.DELETE_CHILD
+#: Inherited by every group object below the OU: read, write every property
+#: (rename included), delete. The ``List`` rights let it see the objects under
+#: List Object mode. No DELETE_TREE, WRITE_DAC, WRITE_OWNER or extended rights.
+GROUP_RIGHTS = (
+    Right.READ_PROPERTY
+    | Right.WRITE_PROPERTY
+    | Right.DELETE
+    | Right.LIST_CHILDREN
+    | Right.LIST_OBJECT
+)
+
+
+@dataclass(frozen=True)
+class Ace:
+    """One access-allowed object ACE, the only kind the delegation is made of."""
+
+    sid: str
+    rights: Right
+    flags: AceFlag
+    object_type: uuid.UUID | None = None
+    inherited_object_type: uuid.UUID | None = None
+
+    def sddl(self) -> str:
+        rights = "".join(code for bit, code in _SDDL_RIGHTS.items() if bit in self.rights)
+        flags = "".join(code for bit, code in _SDDL_FLAGS.items() if bit in self.flags)
+        obj = str(self.object_type) if self.object_type else ""
+        inherited = str(self.inherited_object_type) if self.inherited_object_type else ""
+        return f"(OA;{flags};{rights};{obj};{inherited};{self.sid})"
+
+    def to_bytes(self) -> bytes:
+        """The ACE as MS-DTYP 2.4.4.3 ACCESS_ALLOWED_OBJECT_ACE."""
+        present = (_OBJECT_TYPE_PRESENT if self.object_type else 0) | (
+            _INHERITED_OBJECT_TYPE_PRESENT if self.inherited_object_type else 0
+        )
+        body = struct.pack("<II", int(self.rights), present)
+        body += self.object_type.bytes_le if self.object_type else b""
+        body += self.inherited_object_type.bytes_le if self.inherited_object_type else b""
+        body += sid_to_bytes(self.sid)
+        return struct.pack("<BBH", ACCESS_ALLOWED_OBJECT, int(self.flags), 4 + len(body)) + body
+
+
+def delegation(sid: str) -> tuple[Ace, Ace]:
+    """The two ACEs for the service account with objectSid ``sid``."""
+    sid_to_bytes(sid)  # reject a malformed SID before anything is built from it
+    return (
+        Ace(sid, CHILD_RIGHTS, AceFlag.CONTAINER_INHERIT, object_type=GROUP_CLASS),
+        Ace(
+            sid,
+            GROUP_RIGHTS,
+            AceFlag.CONTAINER_INHERIT | AceFlag.INHERIT_ONLY,
+            inherited_object_type=GROUP_CLASS,
+        ),
+    )
+
+
+def sid_to_bytes(sid: str) -> bytes:
+    """The binary form (MS-DTYP 2.4.2.2) of an ``S-1-...`` string."""
+    match = _SID_PATTERN.fullmatch(sid.strip())
+    if not match:
+        raise ValueError(f"not a SID: {sid!r}")
+    subs = [int(part) for part in match.group(2).split("-")[1:]]
+    if int(match.group(1)) >= 2**48 or any(sub >= 2**32 for sub in subs):
+        raise ValueError(f"SID component out of range: {sid!r}")
+    authority = int(match.group(1)).to_bytes(6, "big")
+    return bytes([1, len(subs)]) + authority + struct.pack(f"<{len(subs)}I", *subs)
+
+
+# -- the commands an administrator can run instead of --apply ------------------------
+
+
+def _ps_quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def dsacls_commands(target_ou: str, account_dn: str) -> list[str]:
+    """The grant as dsacls commands, run from PowerShell (the account is resolved
+    to DOMAIN\\name first, since dsacls does not take a DN)."""
+    ou = target_ou.replace('"', '\\"')
+    return [
+        f"$account = (Get-ADObject -Identity {_ps_quote(account_dn)} "
+        "-Properties 'msDS-PrincipalName').'msDS-PrincipalName'",
+        f'dsacls "{ou}" /I:T /G "${{account}}:CCDC;group"',
+        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPSDLCLO;;group"',
+    ]
+
+
+def powershell_commands(target_ou: str, account_dn: str) -> list[str]:
+    """The grant with the ActiveDirectory module and .NET access rules."""
+    child, inherited = delegation("S-1-0-0")  # shapes only; the SID is looked up
+    return [
+        "Import-Module ActiveDirectory",
+        f"$sid = (Get-ADObject -Identity {_ps_quote(account_dn)} -Properties objectSid).objectSid",
+        f"$group = [Guid]'{GROUP_CLASS}'",
+        f"$path = 'AD:\\' + {_ps_quote(target_ou)}",
+        "$acl = Get-Acl -Path $path",
+        "$acl.AddAccessRule((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
+        f"$sid, '{_dotnet(child.rights)}', 'Allow', $group, 'All'))",
+        "$acl.AddAccessRule((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
+        f"$sid, '{_dotnet(inherited.rights)}', 'Allow', 'Descendents', $group))",
+        "Set-Acl -Path $path -AclObject $acl",
+    ]
+
+
+def _dotnet(rights: Right) -> str:
+    return ", ".join(name for bit, name in _DOTNET_RIGHTS.items() if bit in rights)
+
+
+def describe(target_ou: str, account_dn: str, sid: str | None) -> list[str]:
+    """The whole explanation the ``permissions`` command prints."""
+    aces = delegation(sid or "S-1-0-0")
+    sddl = [ace.sddl().replace("S-1-0-0", "<objectSid of the account>") for ace in aces]
+    return [
+        f"# Delegation for {account_dn}",
+        f"# on {target_ou} and everything below it: create, delete, read and write",
+        "# group objects; nothing on other classes, no rights outside the OU.",
+        "",
+        "# ACEs added to the OU's DACL (SDDL):",
+        *(f"#   {line}" for line in sddl),
+        "",
+        "# dsacls (RSAT), from PowerShell:",
+        *dsacls_commands(target_ou, account_dn),
+        "",
+        "# or PowerShell with the ActiveDirectory module:",
+        *powershell_commands(target_ou, account_dn),
+    ]
+
+
+# -- self-relative security descriptors (MS-DTYP 2.4.6) ------------------------------
+
+
+@dataclass
+class SecurityDescriptor:
+    """A security descriptor as read from ``nTSecurityDescriptor``.
+
+    Only the DACL is taken apart (into raw ACEs, kept byte for byte); owner,
+    group and SACL are carried through untouched, so ACE types this module does
+    not know survive a read-modify-write unchanged.
+    """
+
+    control: int
+    owner: bytes | None = None
+    group: bytes | None = None
+    sacl: bytes | None = None
+    dacl: list[bytes] | None = field(default_factory=list)
+    dacl_revision: int = ACL_REVISION_DS
+
+    def has(self, ace: Ace) -> bool:
+        return ace.to_bytes() in (self.dacl or [])
+
+    def granting(self, aces: tuple[Ace, ...] | list[Ace]) -> SecurityDescriptor:
+        """A copy with ``aces`` added where missing, after the explicit ACEs and
+        before the inherited ones (the canonical order AD expects)."""
+        current = list(self.dacl or [])
+        missing = [ace.to_bytes() for ace in aces if not self.has(ace)]
+        first_inherited = next(
+            (i for i, raw in enumerate(current) if raw[1] & AceFlag.INHERITED), len(current)
+        )
+        current[first_inherited:first_inherited] = missing
+        return SecurityDescriptor(
+            control=self.control | _SE_DACL_PRESENT,
+            owner=self.owner,
+            group=self.group,
+            sacl=self.sacl,
+            dacl=current,
+            dacl_revision=ACL_REVISION_DS,
+        )
+
+    def to_bytes(self) -> bytes:
+        parts: list[bytes] = []
+        offsets = []
+        offset = 20
+        dacl = _acl_bytes(self.dacl_revision, self.dacl) if self.dacl is not None else None
+        for blob in (self.owner, self.group, self.sacl, dacl):
+            offsets.append(offset if blob is not None else 0)
+            if blob is not None:
+                parts.append(blob)
+                offset += len(blob)
+        control = self.control | _SE_SELF_RELATIVE
+        header = struct.pack("<BBHIIII", 1, 0, control, *offsets)
+        return header + b"".join(parts)
+
+
+def _acl_bytes(revision: int, aces: list[bytes]) -> bytes:
+    body = b"".join(aces)
+    return struct.pack("<BBHHH", revision, 0, 8 + len(body), len(aces), 0) + body
+
+
+def parse_security_descriptor(blob: bytes) -> SecurityDescriptor:
+    """Read a self-relative security descriptor; ValueError when it is malformed."""
+    if len(blob) < 20 or blob[0] != 1:
+        raise ValueError("not a self-relative security descriptor (revision 1)")
+    _, _, control, owner, group, sacl, dacl = struct.unpack_from("<BBHIIII", blob)
+    if not control & _SE_SELF_RELATIVE:
+        raise ValueError("security descriptor is not self-relative")
+    revision, aces = _parse_acl(blob, dacl) if dacl else (ACL_REVISION_DS, None)
+    return SecurityDescriptor(
+        control=control,
+        owner=_sid_at(blob, owner) if owner else None,
+        group=_sid_at(blob, group) if group else None,
+        sacl=_acl_at(blob, sacl) if sacl else None,
+        dacl=aces,
+        dacl_revision=revision,
+    )
+
+
+def _sid_at(blob: bytes, offset: int) -> bytes:
+    _check(blob, offset, 8)
+    size = 8 + 4 * blob[offset + 1]
+    _check(blob, offset, size)
+    return blob[offset : offset + size]
+
+
+def _acl_at(blob: bytes, offset: int) -> bytes:
+    _check(blob, offset, 8)
+    (size,) = struct.unpack_from("<H", blob, offset + 2)
+    _check(blob, offset, size)
+    return blob[offset : offset + size]
+
+
+def _parse_acl(blob: bytes, offset: int) -> tuple[int, list[bytes]]:
+    acl = _acl_at(blob, offset)
+    revision, _, _, count, _ = struct.unpack_from("<BBHHH", acl)
+    aces, position = [], 8
+    for _ in range(count):
+        _check(acl, position, 4)
+        (ace_size,) = struct.unpack_from("<H", acl, position + 2)
+        if ace_size < 4:
+            raise ValueError("ACE size below its header")
+        _check(acl, position, ace_size)
+        aces.append(acl[position : position + ace_size])
+        position += ace_size
+    return revision, aces
+
+
+def _check(blob: bytes, offset: int, size: int) -> None:
+    if offset + size > len(blob):
+        raise ValueError("security descriptor truncated")
