@@ -172,9 +172,16 @@ def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
     permissions.add_argument("--account", required=True, metavar="DN", help="service account")
     permissions.add_argument("--ou", metavar="DN", help="target OU (default: WRITEBACK_TARGET_OU)")
     permissions.add_argument(
+        "--deny-deletes",
+        action="store_true",
+        help="instead: deny --account deleting groups in the OU (Entra Connect's AD DS "
+        "connector account, before its group writeback is turned off; docs/migration.md)",
+    )
+    permissions.add_argument("--revoke", action="store_true", help="remove the ACEs instead")
+    permissions.add_argument(
         "--apply",
         action="store_true",
-        help="write the ACEs into the OU over LDAP (WRITEBACK_LDAP_URL, WRITEBACK_LDAP_CA_FILE) "
+        help="write the change into the OU over LDAP (WRITEBACK_LDAP_URL, WRITEBACK_LDAP_CA_FILE) "
         "as --admin-user, whose password is read from standard input",
     )
     permissions.add_argument("--admin-user", metavar="DN|UPN", help="who may change the OU's DACL")
@@ -182,14 +189,15 @@ def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _permissions(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the delegation; with --apply, write it as an administrator."""
+    """Print the ACEs and the commands that set them; with --apply, write them."""
     from writeback.permissions import describe
 
     ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
     if not ou:
         raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
     sid = _apply_permissions(args, ou) if args.apply else None
-    for line in describe(ou, args.account, sid):
+    lines = describe(ou, args.account, sid, guard=args.deny_deletes, revoke=args.revoke)
+    for line in lines:
         print(line, file=out)
     return EXIT_OK
 
@@ -197,7 +205,8 @@ def _permissions(args: argparse.Namespace, out: TextIO) -> int:
 def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
     import getpass
 
-    from writeback.adapters.acl import grant_delegation
+    from writeback.adapters.acl import update_dacl
+    from writeback.permissions import delegation, deletion_guard
 
     url = os.environ.get("WRITEBACK_LDAP_URL", "").strip()
     if not url or not args.admin_user:
@@ -207,16 +216,19 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
         if sys.stdin.isatty()
         else sys.stdin.readline().rstrip("\r\n")
     )
-    grant = grant_delegation(
+    done = update_dacl(
         url=url,
         admin_user=args.admin_user,
         admin_password=password,
         target_ou=ou,
         account_dn=args.account,
+        aces_for=deletion_guard if args.deny_deletes else delegation,
+        revoke=args.revoke,
         ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
     )
-    print(f"applied: {grant.added} ACE(s) added, {grant.present} already there", file=sys.stderr)
-    return grant.sid
+    verb = "removed" if args.revoke else "added"
+    print(f"applied: {done.changed} ACE(s) {verb}, {done.unchanged} already so", file=sys.stderr)
+    return done.sid
 
 
 def _tool_queue() -> QueueKind:

@@ -21,7 +21,7 @@ from enum import IntFlag
 
 #: schemaIDGUID of the ``group`` class (the same in every AD forest).
 GROUP_CLASS = uuid.UUID("bf967a9c-0de6-11d0-a285-00aa003049e2")
-ACCESS_ALLOWED_OBJECT = 0x05
+ACCESS_ALLOWED_OBJECT, ACCESS_DENIED_OBJECT = 0x05, 0x06
 ACL_REVISION_DS = 4
 _OBJECT_TYPE_PRESENT, _INHERITED_OBJECT_TYPE_PRESENT = 0x1, 0x2
 _SE_DACL_PRESENT, _SE_SELF_RELATIVE = 0x0004, 0x8000
@@ -103,23 +103,25 @@ GROUP_RIGHTS = (
 
 @dataclass(frozen=True)
 class Ace:
-    """One access-allowed object ACE, the only kind the delegation is made of."""
+    """One access-allowed (or -denied) object ACE, the only kinds used here."""
 
     sid: str
     rights: Right
     flags: AceFlag
     object_type: uuid.UUID | None = None
     inherited_object_type: uuid.UUID | None = None
+    allow: bool = True
 
     def sddl(self) -> str:
         rights = "".join(code for bit, code in _SDDL_RIGHTS.items() if bit in self.rights)
         flags = "".join(code for bit, code in _SDDL_FLAGS.items() if bit in self.flags)
         obj = str(self.object_type) if self.object_type else ""
         inherited = str(self.inherited_object_type) if self.inherited_object_type else ""
-        return f"(OA;{flags};{rights};{obj};{inherited};{self.sid})"
+        kind = "OA" if self.allow else "OD"
+        return f"({kind};{flags};{rights};{obj};{inherited};{self.sid})"
 
     def to_bytes(self) -> bytes:
-        """The ACE as MS-DTYP 2.4.4.3 ACCESS_ALLOWED_OBJECT_ACE."""
+        """The ACE as MS-DTYP 2.4.4.3/2.4.4.4 ACCESS_{ALLOWED,DENIED}_OBJECT_ACE."""
         present = (_OBJECT_TYPE_PRESENT if self.object_type else 0) | (
             _INHERITED_OBJECT_TYPE_PRESENT if self.inherited_object_type else 0
         )
@@ -127,7 +129,8 @@ class Ace:
         body += self.object_type.bytes_le if self.object_type else b""
         body += self.inherited_object_type.bytes_le if self.inherited_object_type else b""
         body += sid_to_bytes(self.sid)
-        return struct.pack("<BBH", ACCESS_ALLOWED_OBJECT, int(self.flags), 4 + len(body)) + body
+        kind = ACCESS_ALLOWED_OBJECT if self.allow else ACCESS_DENIED_OBJECT
+        return struct.pack("<BBH", kind, int(self.flags), 4 + len(body)) + body
 
 
 def delegation(sid: str) -> tuple[Ace, Ace]:
@@ -140,6 +143,34 @@ def delegation(sid: str) -> tuple[Ace, Ace]:
             GROUP_RIGHTS,
             AceFlag.CONTAINER_INHERIT | AceFlag.INHERIT_ONLY,
             inherited_object_type=GROUP_CLASS,
+        ),
+    )
+
+
+def deletion_guard(sid: str) -> tuple[Ace, Ace]:
+    """Deny ACEs that stop ``sid`` from deleting group objects in the OU.
+
+    For Entra Connect's AD DS connector account during a migration: when its
+    group writeback is turned off, Connect exports a delete for every group it
+    wrote; with these in place the DC refuses them. AD lets a delete through with
+    DELETE on the object *or* DELETE_CHILD on its parent, so both are denied
+    (explicit denies come first in the DACL, so they beat inherited allows).
+    """
+    sid_to_bytes(sid)
+    return (
+        Ace(
+            sid,
+            Right.DELETE_CHILD,
+            AceFlag.CONTAINER_INHERIT,
+            object_type=GROUP_CLASS,
+            allow=False,
+        ),
+        Ace(
+            sid,
+            Right.DELETE | Right.DELETE_TREE,
+            AceFlag.CONTAINER_INHERIT | AceFlag.INHERIT_ONLY,
+            inherited_object_type=GROUP_CLASS,
+            allow=False,
         ),
     )
 
@@ -158,61 +189,95 @@ def sid_to_bytes(sid: str) -> bytes:
 
 # -- the commands an administrator can run instead of --apply ------------------------
 
+_PLACEHOLDER_SID = "S-1-0-0"  # the null SID: only the shape of the ACEs matters here
+_DSACLS_RIGHTS = {**_SDDL_RIGHTS, Right.CONTROL_ACCESS: "CA", Right.SELF_WRITE: "WS"}
+
 
 def _ps_quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def dsacls_commands(target_ou: str, account_dn: str) -> list[str]:
-    """The grant as dsacls commands, run from PowerShell (the account is resolved
+def _inherit_only(ace: Ace) -> bool:
+    return AceFlag.INHERIT_ONLY in ace.flags
+
+
+def dsacls_commands(target_ou: str, account_dn: str, aces: tuple[Ace, ...]) -> list[str]:
+    """``aces`` as dsacls commands, run from PowerShell (the account is resolved
     to DOMAIN\\name first, since dsacls does not take a DN)."""
     ou = target_ou.replace('"', '\\"')
-    return [
+    lines = [
         f"$account = (Get-ADObject -Identity {_ps_quote(account_dn)} "
-        "-Properties 'msDS-PrincipalName').'msDS-PrincipalName'",
-        f'dsacls "{ou}" /I:T /G "${{account}}:CCDC;group"',
-        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPSDLCLO;;group"',
+        "-Properties 'msDS-PrincipalName').'msDS-PrincipalName'"
     ]
+    for ace in aces:
+        rights = "".join(code for bit, code in _DSACLS_RIGHTS.items() if bit in ace.rights)
+        scope = "/I:S" if _inherit_only(ace) else "/I:T"
+        verb = "/G" if ace.allow else "/D"
+        target = ";;group" if ace.inherited_object_type else ";group"
+        lines.append(f'dsacls "{ou}" {scope} {verb} "${{account}}:{rights}{target}"')
+    return lines
 
 
-def powershell_commands(target_ou: str, account_dn: str) -> list[str]:
-    """The grant with the ActiveDirectory module and .NET access rules."""
-    child, inherited = delegation("S-1-0-0")  # shapes only; the SID is looked up
-    return [
+def powershell_commands(
+    target_ou: str, account_dn: str, aces: tuple[Ace, ...], *, remove: bool = False
+) -> list[str]:
+    """``aces`` with the ActiveDirectory module and .NET access rules."""
+    method = "RemoveAccessRuleSpecific" if remove else "AddAccessRule"
+    lines = [
         "Import-Module ActiveDirectory",
         f"$sid = (Get-ADObject -Identity {_ps_quote(account_dn)} -Properties objectSid).objectSid",
         f"$group = [Guid]'{GROUP_CLASS}'",
         f"$path = 'AD:\\' + {_ps_quote(target_ou)}",
         "$acl = Get-Acl -Path $path",
-        "$acl.AddAccessRule((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
-        f"$sid, '{_dotnet(child.rights)}', 'Allow', $group, 'All'))",
-        "$acl.AddAccessRule((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
-        f"$sid, '{_dotnet(inherited.rights)}', 'Allow', 'Descendents', $group))",
-        "Set-Acl -Path $path -AclObject $acl",
     ]
+    for ace in aces:
+        kind = "'Allow'" if ace.allow else "'Deny'"
+        shape = "'Descendents', $group" if _inherit_only(ace) else "$group, 'All'"
+        lines.append(
+            f"$acl.{method}((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
+            f"$sid, '{_dotnet(ace.rights)}', {kind}, {shape}))"
+        )
+    return [*lines, "Set-Acl -Path $path -AclObject $acl"]
 
 
 def _dotnet(rights: Right) -> str:
     return ", ".join(name for bit, name in _DOTNET_RIGHTS.items() if bit in rights)
 
 
-def describe(target_ou: str, account_dn: str, sid: str | None) -> list[str]:
+def describe(
+    target_ou: str,
+    account_dn: str,
+    sid: str | None,
+    *,
+    guard: bool = False,
+    revoke: bool = False,
+) -> list[str]:
     """The whole explanation the ``permissions`` command prints."""
-    aces = delegation(sid or "S-1-0-0")
-    sddl = [ace.sddl().replace("S-1-0-0", "<objectSid of the account>") for ace in aces]
+    aces = (deletion_guard if guard else delegation)(sid or _PLACEHOLDER_SID)
+    sddl = [ace.sddl().replace(_PLACEHOLDER_SID, "<objectSid of the account>") for ace in aces]
+    what = (
+        "# deny deleting group objects (Entra Connect's AD DS connector account, migration)"
+        if guard
+        else "# create, delete, read and write group objects; nothing on other classes"
+    )
+    shell = (
+        [f'dsacls "{target_ou}" /R <DOMAIN\\name>  # caution: removes ALL its ACEs there']
+        if revoke
+        else dsacls_commands(target_ou, account_dn, aces)
+    )
     return [
-        f"# Delegation for {account_dn}",
-        f"# on {target_ou} and everything below it: create, delete, read and write",
-        "# group objects; nothing on other classes, no rights outside the OU.",
+        f"# {'Revoke' if revoke else 'Grant'} for {account_dn}",
+        f"# on {target_ou} and everything below it:",
+        what,
         "",
-        "# ACEs added to the OU's DACL (SDDL):",
+        f"# ACEs {'removed from' if revoke else 'added to'} the OU's DACL (SDDL):",
         *(f"#   {line}" for line in sddl),
         "",
         "# dsacls (RSAT), from PowerShell:",
-        *dsacls_commands(target_ou, account_dn),
+        *shell,
         "",
         "# or PowerShell with the ActiveDirectory module:",
-        *powershell_commands(target_ou, account_dn),
+        *powershell_commands(target_ou, account_dn, aces, remove=revoke),
     ]
 
 
@@ -239,20 +304,28 @@ class SecurityDescriptor:
         return ace.to_bytes() in (self.dacl or [])
 
     def granting(self, aces: tuple[Ace, ...] | list[Ace]) -> SecurityDescriptor:
-        """A copy with ``aces`` added where missing, after the explicit ACEs and
-        before the inherited ones (the canonical order AD expects)."""
+        """A copy with ``aces`` added where missing, in the canonical order AD
+        expects: explicit denies first, then explicit allows, then inherited ACEs."""
         current = list(self.dacl or [])
-        missing = [ace.to_bytes() for ace in aces if not self.has(ace)]
-        first_inherited = next(
-            (i for i, raw in enumerate(current) if raw[1] & AceFlag.INHERITED), len(current)
-        )
-        current[first_inherited:first_inherited] = missing
+        for ace in aces:
+            if self.has(ace):
+                continue
+            at = 0 if not ace.allow else _first_inherited(current)
+            current.insert(at, ace.to_bytes())
+        return self._with_dacl(current)
+
+    def revoking(self, aces: tuple[Ace, ...] | list[Ace]) -> SecurityDescriptor:
+        """A copy without exactly these ACEs (other ACEs of the account stay)."""
+        gone = {ace.to_bytes() for ace in aces}
+        return self._with_dacl([raw for raw in self.dacl or [] if raw not in gone])
+
+    def _with_dacl(self, dacl: list[bytes]) -> SecurityDescriptor:
         return SecurityDescriptor(
             control=self.control | _SE_DACL_PRESENT,
             owner=self.owner,
             group=self.group,
             sacl=self.sacl,
-            dacl=current,
+            dacl=dacl,
             dacl_revision=ACL_REVISION_DS,
         )
 
@@ -269,6 +342,10 @@ class SecurityDescriptor:
         control = self.control | _SE_SELF_RELATIVE
         header = struct.pack("<BBHIIII", 1, 0, control, *offsets)
         return header + b"".join(parts)
+
+
+def _first_inherited(aces: list[bytes]) -> int:
+    return next((i for i, raw in enumerate(aces) if raw[1] & AceFlag.INHERITED), len(aces))
 
 
 def _acl_bytes(revision: int, aces: list[bytes]) -> bytes:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
 from ldap3 import BASE, MODIFY_REPLACE
 from ldap3.protocol.microsoft import security_descriptor_control
 
+from tests.support.accounts import Account, create_account, object_sid, run_permissions
 from tests.support.world import World, make_world
 from writeback import cli
 from writeback.adapters.directory import LdapDirectory
-from writeback.adapters.ldap_values import sid_from_bytes
 from writeback.domain.naming import DnFormat
 from writeback.permissions import delegation, parse_security_descriptor
 from writeback.sandbox.samba import SambaDC
@@ -31,13 +30,6 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 pytestmark = pytest.mark.samba
 
 INSUFFICIENT_ACCESS = 50
-PASSWORD = "Wr1teback-Svc-" + uuid.uuid4().hex[:12]
-
-
-@dataclass
-class Account:
-    dn: str
-    sam: str
 
 
 @pytest.fixture
@@ -49,41 +41,18 @@ def world(samba_dc: SambaDC, make_ou: Callable[[SambaDC], str]) -> Iterator[Worl
 
 @pytest.fixture
 def account(world: World) -> Account:
-    """An enabled user with a password and no rights beyond a plain domain user's."""
-    sam = f"svc{uuid.uuid4().hex[:10]}"
-    dn = f"CN={sam},{world.users_ou}"
-    conn = world.dc.connection()
-    try:
-        assert conn.add(
-            dn,
-            ["top", "person", "organizationalPerson", "user"],
-            {
-                "sAMAccountName": sam,
-                "unicodePwd": f'"{PASSWORD}"'.encode("utf-16-le"),
-                "userAccountControl": 512,
-            },
-        ), conn.result
-    finally:
-        conn.unbind()
-    return Account(dn, sam)
+    return create_account(world.dc, world.users_ou)
 
 
-def run_permissions(
-    world: World, account: Account, monkeypatch: pytest.MonkeyPatch, *args: str
-) -> tuple[int, str]:
-    monkeypatch.setenv("WRITEBACK_LDAP_URL", world.dc.ldaps_url)
-    monkeypatch.setenv("WRITEBACK_LDAP_CA_FILE", world.dc.ca_file)
-    monkeypatch.setattr("sys.stdin", io.StringIO(world.dc.admin_password + "\n"))
-    out = io.StringIO()
-    code = cli.main(["permissions", "--account", account.dn, "--ou", world.ou, *args], out)
-    return code, out.getvalue()
+def grant(world: World, account: Account, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    return run_permissions(world.dc, world.ou, account.dn, monkeypatch, "--apply")
 
 
 def as_account(world: World, account: Account) -> LdapDirectory:
     return LdapDirectory(
         url=world.dc.ldaps_url,
         user=account.dn,
-        password=PASSWORD,
+        password=account.password,
         target_ou=world.ou,
         ca_file=world.dc.ca_file,
     )
@@ -97,7 +66,7 @@ def apply_as(world: World, directory: LdapDirectory) -> dict[str, int]:
 
 
 def raw_result(world: World, account: Account, send: Callable[..., object]) -> int:
-    conn = world.dc.connection(user=account.dn, password=PASSWORD, raise_exceptions=False)
+    conn = world.dc.connection(user=account.dn, password=account.password, raise_exceptions=False)
     try:
         send(conn)
         return int(conn.result["result"])
@@ -121,15 +90,6 @@ def ou_dacl(world: World) -> list[bytes]:
     return parse_security_descriptor(raw).dacl or []
 
 
-def object_sid(world: World, dn: str) -> str:
-    conn = world.dc.connection()
-    try:
-        conn.search(dn, "(objectClass=*)", BASE, attributes=["objectSid"])
-        return sid_from_bytes(conn.response[0]["raw_attributes"]["objectSid"][0])
-    finally:
-        conn.unbind()
-
-
 def test_without_the_delegation_the_account_cannot_write_the_ou(
     world: World, account: Account
 ) -> None:
@@ -141,20 +101,16 @@ def test_without_the_delegation_the_account_cannot_write_the_ou(
 def test_apply_grants_exactly_the_two_aces_once(
     world: World, account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, text = run_permissions(
-        world, account, monkeypatch, "--apply", "--admin-user", world.dc.admin_dn
-    )
+    code, text = grant(world, account, monkeypatch)
     assert code == 0
     assert world.dc.admin_password not in text
     dacl = ou_dacl(world)
-    account_sid = object_sid(world, account.dn)
+    account_sid = object_sid(world.dc, account.dn)
     wanted = [ace.to_bytes() for ace in delegation(account_sid)]
     assert [raw for raw in dacl if raw in wanted] == wanted
     assert account_sid in text  # the SDDL printed names the real SID
 
-    again, _ = run_permissions(
-        world, account, monkeypatch, "--apply", "--admin-user", world.dc.admin_dn
-    )
+    again, _ = grant(world, account, monkeypatch)
     assert again == 0
     assert ou_dacl(world) == dacl
 
@@ -162,9 +118,7 @@ def test_apply_grants_exactly_the_two_aces_once(
 def test_the_account_writes_back_groups_in_the_ou_and_nothing_outside(
     world: World, account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, _ = run_permissions(
-        world, account, monkeypatch, "--apply", "--admin-user", world.dc.admin_dn
-    )
+    code, _ = grant(world, account, monkeypatch)
     assert code == 0
     first = world.add_group(1, "Sales", ["user0", "user1"], mail="sales@contoso.com")
     second = world.add_group(2, "Legal", ["user2"])
@@ -192,9 +146,7 @@ def test_the_account_writes_back_groups_in_the_ou_and_nothing_outside(
 def test_the_account_is_refused_everywhere_else(
     world: World, account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, _ = run_permissions(
-        world, account, monkeypatch, "--apply", "--admin-user", world.dc.admin_dn
-    )
+    code, _ = grant(world, account, monkeypatch)
     assert code == 0
     outside = world.dc.create_ou("Outside", world.users_ou.split(",", 1)[1])
     victim = world.dc.create_group(outside, f"victim{uuid.uuid4().hex[:8]}")

@@ -20,6 +20,7 @@ from writeback.permissions import (
     Right,
     SecurityDescriptor,
     delegation,
+    deletion_guard,
     describe,
     dsacls_commands,
     parse_security_descriptor,
@@ -93,20 +94,44 @@ def test_truncated_descriptors_are_refused(cut: int) -> None:
 def test_dsacls_and_powershell_name_the_ou_and_resolve_the_account() -> None:
     ou = "OU=M365 Groups,DC=corp,DC=example"
     account = "CN=svc-writeback,OU=Service Accounts,DC=corp,DC=example"
-    dsacls = dsacls_commands(ou, account)
+    dsacls = dsacls_commands(ou, account, delegation("S-1-0-0"))
     assert f"'{account}'" in dsacls[0] and "msDS-PrincipalName" in dsacls[0]
     assert dsacls[1:] == [
         f'dsacls "{ou}" /I:T /G "${{account}}:CCDC;group"',
-        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPSDLCLO;;group"',
+        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPLCLOSD;;group"',
     ]
-    script = "\n".join(powershell_commands(ou, account))
+    script = "\n".join(powershell_commands(ou, account, delegation("S-1-0-0")))
     assert "'CreateChild, DeleteChild', 'Allow', $group, 'All'" in script
     assert "'Allow', 'Descendents', $group" in script
     assert "GenericAll" not in script and "WriteDacl" not in script
 
 
+def test_the_deletion_guard_denies_both_ways_a_delete_is_allowed() -> None:
+    child, groups = deletion_guard(SID)
+    assert child.sddl() == f"(OD;CI;DC;{GROUP_CLASS};;{SID})"
+    assert groups.sddl() == f"(OD;CIIO;DTSD;;{GROUP_CLASS};{SID})"
+    dsacls = dsacls_commands("OU=G,DC=x", "CN=msol,DC=x", deletion_guard(SID))
+    assert dsacls[1:] == [
+        'dsacls "OU=G,DC=x" /I:T /D "${account}:DC;group"',
+        'dsacls "OU=G,DC=x" /I:S /D "${account}:DTSD;;group"',
+    ]
+    script = "\n".join(powershell_commands("OU=G,DC=x", "CN=msol,DC=x", deletion_guard(SID)))
+    assert script.count("'Deny'") == 2 and "'Allow'" not in script
+
+
+def test_denies_go_first_and_revoking_removes_exactly_those_aces() -> None:
+    explicit = delegation(OTHER)[1].to_bytes()
+    sd = parse_security_descriptor(descriptor(explicit, inherited=inherited_ace()))
+    guarded = sd.granting(deletion_guard(SID)).granting(delegation(SID))
+    assert guarded.dacl is not None
+    assert {guarded.dacl[0], guarded.dacl[1]} == {a.to_bytes() for a in deletion_guard(SID)}
+    assert guarded.dacl[-1] == inherited_ace()
+    back = guarded.revoking(deletion_guard(SID)).revoking(delegation(SID))
+    assert back.dacl == sd.dacl
+
+
 def test_powershell_quotes_a_hostile_dn() -> None:
-    script = "\n".join(powershell_commands("OU=O'Brien,DC=x", "CN=a'b,DC=x"))
+    script = "\n".join(powershell_commands("OU=O'Brien,DC=x", "CN=a'b,DC=x", delegation(SID)))
     assert "'CN=a''b,DC=x'" in script and "'OU=O''Brien,DC=x'" in script
 
 

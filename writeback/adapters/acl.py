@@ -1,4 +1,4 @@
-"""Writes the service account's delegation into the target OU's DACL over LDAP.
+"""Writes the service account's delegation (or a deletion guard) into the OU's DACL.
 
 A read-modify-write of ``nTSecurityDescriptor`` with the SD-flags control
 (1.2.840.113556.1.4.801) set to DACL only, so the owner, group and SACL are
@@ -28,7 +28,12 @@ from writeback.adapters.ldap_values import (
     sid_from_bytes,
 )
 from writeback.errors import ConfigError, DirectoryRefused, LdapUnavailable, WritebackError
-from writeback.permissions import SecurityDescriptor, delegation, parse_security_descriptor
+from writeback.permissions import (
+    Ace,
+    SecurityDescriptor,
+    delegation,
+    parse_security_descriptor,
+)
 
 DACL_SECURITY_INFORMATION = 0x4
 BAD_DN_RESULTS = frozenset({32, 34})  # noSuchObject, invalidDNSyntax
@@ -36,36 +41,39 @@ BAD_DN_RESULTS = frozenset({32, 34})  # noSuchObject, invalidDNSyntax
 
 @dataclass(frozen=True)
 class Grant:
-    """What ``grant_delegation`` did: the account's SID and how many ACEs it added."""
+    """What ``update_dacl`` did: the account's SID, ACEs changed and already so."""
 
     sid: str
-    added: int
-    present: int
+    changed: int
+    unchanged: int
 
 
-def grant_delegation(
+def update_dacl(
     *,
     url: str,
     admin_user: str,
     admin_password: str,
     target_ou: str,
     account_dn: str,
+    aces_for: Callable[[str], tuple[Ace, ...]] = delegation,
+    revoke: bool = False,
     ca_file: str | None = None,
     timeout: float = 30.0,
 ) -> Grant:
-    """Give ``account_dn`` the least-privilege delegation on ``target_ou``."""
+    """Add (or with ``revoke`` remove) ``aces_for(<account's objectSid>)`` on the OU."""
     conn = _bind(url, admin_user, admin_password, ca_file, timeout)
     try:
         sid = _object_sid(conn, account_dn, admin_password)
-        aces = delegation(sid)
+        aces = aces_for(sid)
         current = _read_dacl(conn, target_ou, admin_password)
-        missing = [ace for ace in aces if not current.has(ace)]
-        if missing:
-            _write_dacl(conn, target_ou, current.granting(missing), admin_password)
+        todo = [ace for ace in aces if current.has(ace) == revoke]
+        if todo:
+            wanted = current.revoking(todo) if revoke else current.granting(todo)
+            _write_dacl(conn, target_ou, wanted, admin_password)
             after = _read_dacl(conn, target_ou, admin_password)
-            if not all(after.has(ace) for ace in aces):
-                raise DirectoryRefused(f"the DC did not keep the delegation on {target_ou!r}")
-        return Grant(sid=sid, added=len(missing), present=len(aces) - len(missing))
+            if any(after.has(ace) == revoke for ace in aces):
+                raise DirectoryRefused(f"the DC did not keep the DACL change on {target_ou!r}")
+        return Grant(sid=sid, changed=len(todo), unchanged=len(aces) - len(todo))
     finally:
         conn.unbind()
 
