@@ -199,7 +199,11 @@ def member_digest(sids: list[str]) -> str:
 
 
 def group_page(
-    group: DirectoryGroup, sorted_sids: list[str], digest: str, offset: int
+    group: DirectoryGroup,
+    sorted_sids: list[str],
+    digest: str,
+    offset: int,
+    page_size: int = MEMBER_PAGE,
 ) -> dict[str, Any]:
     """One page of ``group`` as JSON; ``sorted_sids`` is its member SIDs in order."""
     return {
@@ -208,7 +212,7 @@ def group_page(
         "attributes": {name: list(values) for name, values in group.attributes.items()},
         "object_sid": group.object_sid,
         "other_members": sorted(group.other_members),
-        "member_sids": sorted_sids[offset : offset + MEMBER_PAGE],
+        "member_sids": sorted_sids[offset : offset + page_size],
         "members_total": len(sorted_sids),
         "offset": offset,
         "digest": digest,

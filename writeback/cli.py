@@ -1,4 +1,4 @@
-"""Command line: ``python -m writeback plan | sync | demo | serve | replay | status``.
+"""Command line: ``python -m writeback plan | sync | demo | serve | agent | replay | status``.
 
 Exit codes: 0 done, 1 some operations failed, 2 bad configuration,
 3 deletes held back by a safety rule (the delete threshold).
@@ -22,6 +22,7 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.relay import RelayDirectory
     from writeback.config import QueueKind
     from writeback.ports import EventQueue
 
@@ -81,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="queue depth, dead letters, subscription expiry, last reconcile"
     )
     status.set_defaults(run=_status)
+    agent = verbs.add_parser(
+        "agent",
+        help="on-premises relay agent: listen on the Azure Relay Hybrid Connection and "
+        "serve the cloud side's directory calls under the local policy",
+    )
+    agent.set_defaults(run=_agent)
     _add_permissions(verbs)
     return parser
 
@@ -131,6 +138,31 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     pipeline = load_pipeline_settings(default_queue=QueueKind.LOCAL)
     logging.getLogger("writeback").setLevel(logging.INFO)
     return run_until_signalled(Server.from_settings(settings, pipeline), out)
+
+
+def _agent(args: argparse.Namespace, out: TextIO) -> int:
+    import signal
+    import threading
+
+    from writeback.config import load_agent_settings
+    from writeback.hosting.agent import run_agent
+    from writeback.logging_setup import configure_logging
+
+    settings = load_agent_settings()
+    configure_logging(stream_handler=True)
+    logging.getLogger("writeback").setLevel(logging.INFO)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"writeback agent: {settings.relay.namespace}/{settings.relay.path} -> "
+        f"{settings.directory.target_ou}",
+        file=out,
+        flush=True,
+    )
+    run_agent(settings, stop)
+    print("writeback agent: stopped", file=out, flush=True)
+    return EXIT_OK
 
 
 def _replay(args: argparse.Namespace, out: TextIO) -> int:
@@ -261,8 +293,10 @@ def _queue() -> Iterator[EventQueue]:
 
 
 @contextmanager
-def _adapters(settings: Settings) -> Iterator[tuple[GraphCloud, LdapDirectory]]:
-    """Graph and LDAP adapters for one command, both closed after it."""
+def _adapters(
+    settings: Settings,
+) -> Iterator[tuple[GraphCloud, LdapDirectory | RelayDirectory]]:
+    """Graph and directory adapters for one command, both closed after it."""
     from writeback.wiring import build_cloud, build_directory
 
     cloud = build_cloud(settings)

@@ -43,6 +43,30 @@ class SoftDeletePolicy(StrEnum):
     DELETE = "delete"
 
 
+class DirectoryKind(StrEnum):
+    """How AD is reached: over LDAP directly, or through the relay to the agent."""
+
+    LDAP = "ldap"
+    RELAY = "relay"
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """One side of the Hybrid Connection: which rule's key it uses, and the caller key.
+
+    The cloud side holds a Send key, the agent a Listen key; both hold the caller
+    key that signs every request (:mod:`writeback.agent_protocol`).
+    """
+
+    namespace: str
+    path: str
+    key_name: str
+    key: str = field(repr=False)
+    caller_key: str = field(repr=False)
+    ca_file: str | None = None
+    timeout: float = 30.0
+
+
 @dataclass(frozen=True)
 class Settings:
     target_ou: str
@@ -59,6 +83,9 @@ class Settings:
     member_chunk: int = 5000
     graph_url: str = PUBLIC_GRAPH_URL
     graph_auth: GraphAuth = GraphAuth.MANAGED_IDENTITY
+    directory: DirectoryKind = DirectoryKind.LDAP
+    #: Set when ``directory`` is RELAY: the Send side of the Hybrid Connection.
+    relay: RelaySettings | None = None
 
     def mapping(self, schema_attributes: frozenset[str] = frozenset()) -> MappingOptions:
         return MappingOptions(
@@ -74,12 +101,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; raises ConfigError naming the first bad one."""
     env = os.environ if env is None else env
     reader = _Reader(env)
+    directory = reader.choice("WRITEBACK_DIRECTORY", DirectoryKind, DirectoryKind.LDAP)
+    relay = _relay(env, listen=False) if directory is DirectoryKind.RELAY else None
+    ldap = _ldap(env) if relay is None else ("", "", "", None)
     settings = Settings(
         target_ou=reader.required("WRITEBACK_TARGET_OU"),
-        ldap_url=_ldap_url(reader.required("WRITEBACK_LDAP_URL")),
-        ldap_user=reader.required("WRITEBACK_LDAP_USER"),
-        ldap_password=reader.required("WRITEBACK_LDAP_PASSWORD"),
-        ldap_ca_file=_existing_file("WRITEBACK_LDAP_CA_FILE", env.get("WRITEBACK_LDAP_CA_FILE")),
+        ldap_url=ldap[0],
+        ldap_user=ldap[1],
+        ldap_password=ldap[2],
+        ldap_ca_file=ldap[3],
+        directory=directory,
+        relay=relay,
         dn_format=reader.choice("WRITEBACK_DN_FORMAT", DnFormat, DnFormat.OBJECT_ID),
         group_type=reader.choice("WRITEBACK_GROUP_TYPE", GroupType, GroupType.DISTRIBUTION),
         member_limit=reader.integer(
@@ -95,6 +127,61 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     _check_target_ou(settings.target_ou)
     _check_graph(settings.graph_url, settings.graph_auth)
     return settings
+
+
+def _ldap(env: Mapping[str, str]) -> tuple[str, str, str, str | None]:
+    """URL, user, password and CA file of the direct LDAP connection."""
+    reader = _Reader(env)
+    return (
+        _ldap_url(reader.required("WRITEBACK_LDAP_URL")),
+        reader.required("WRITEBACK_LDAP_USER"),
+        reader.required("WRITEBACK_LDAP_PASSWORD"),
+        _existing_file("WRITEBACK_LDAP_CA_FILE", env.get("WRITEBACK_LDAP_CA_FILE")),
+    )
+
+
+def _relay(env: Mapping[str, str], *, listen: bool) -> RelaySettings:
+    """The relay settings of the cloud side (Send) or of the agent (``listen``)."""
+    reader = _Reader(env)
+    key_setting = "WRITEBACK_AGENT_LISTEN_KEY" if listen else "WRITEBACK_RELAY_SEND_KEY"
+    namespace = reader.required("WRITEBACK_RELAY_NAMESPACE").removeprefix("sb://")
+    namespace = namespace.removeprefix("https://").rstrip("/")
+    caller_key = reader.required("WRITEBACK_RELAY_CALLER_KEY")
+    if len(caller_key) < 32:  # 256 bits of base64 or more
+        raise ConfigError("WRITEBACK_RELAY_CALLER_KEY must be at least 32 characters")
+    return RelaySettings(
+        namespace=namespace,
+        path=reader.required("WRITEBACK_RELAY_PATH"),
+        key_name=env.get(key_setting + "_NAME", "").strip() or ("listen" if listen else "send"),
+        key=reader.required(key_setting),
+        caller_key=caller_key,
+        ca_file=_existing_file("WRITEBACK_RELAY_CA_FILE", env.get("WRITEBACK_RELAY_CA_FILE")),
+        timeout=float(reader.integer("WRITEBACK_RELAY_TIMEOUT", 30, 1, 300)),
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The on-premises agent: direct LDAP settings, the Listen side of the relay,
+    and its own limits."""
+
+    directory: Settings
+    relay: RelaySettings
+    delete_limit: int = 500
+    concurrency: int = 4
+
+
+def load_agent_settings(env: Mapping[str, str] | None = None) -> AgentSettings:
+    """The agent always talks LDAP itself, whatever WRITEBACK_DIRECTORY says."""
+    env = dict(os.environ if env is None else env)
+    env["WRITEBACK_DIRECTORY"] = DirectoryKind.LDAP.value
+    reader = _Reader(env)
+    return AgentSettings(
+        directory=load_settings(env),
+        relay=_relay(env, listen=True),
+        delete_limit=reader.integer("WRITEBACK_AGENT_DELETE_LIMIT", 500, 0, 10_000_000),
+        concurrency=reader.integer("WRITEBACK_AGENT_CONCURRENCY", 4, 1, 64),
+    )
 
 
 class _Reader:

@@ -11,20 +11,46 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from writeback.config import GraphAuth, PipelineSettings, QueueKind, Settings
+from writeback.config import GraphAuth, PipelineSettings, QueueKind, RelaySettings, Settings
 from writeback.errors import ConfigError
 
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.hybrid_connection import RelayEndpoint
     from writeback.adapters.local_queue import LocalQueue
+    from writeback.adapters.relay import RelayDirectory
     from writeback.adapters.servicebus import ServiceBusQueue
 
 #: How long a single-machine worker may hold a session before it is given back.
 LOCAL_LOCK_DURATION = 300.0
 
 
-def build_directory(settings: Settings) -> LdapDirectory:
+def build_directory(settings: Settings) -> LdapDirectory | RelayDirectory:
+    """AD as ``WRITEBACK_DIRECTORY`` says: over LDAP, or through the relay agent."""
+    if settings.relay is not None:
+        return build_relay_directory(settings.relay, settings.target_ou)
+    return build_ldap_directory(settings)
+
+
+def build_relay_directory(relay: RelaySettings, target_ou: str) -> RelayDirectory:
+    from writeback.adapters.hybrid_connection import HybridConnectionSender
+    from writeback.adapters.relay import RelayDirectory
+
+    sender = HybridConnectionSender(
+        relay_endpoint(relay), relay.key_name, relay.key, timeout=relay.timeout
+    )
+    return RelayDirectory(sender, relay.caller_key, target_ou=target_ou)
+
+
+def relay_endpoint(relay: RelaySettings) -> RelayEndpoint:
+    """Where both sides find the hybrid connection (the stand-in on loopback in tests)."""
+    from writeback.adapters.hybrid_connection import RelayEndpoint
+
+    return RelayEndpoint(namespace=relay.namespace, path=relay.path, ca_file=relay.ca_file)
+
+
+def build_ldap_directory(settings: Settings) -> LdapDirectory:
     from writeback.adapters.directory import LdapDirectory
 
     return LdapDirectory(

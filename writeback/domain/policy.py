@@ -67,7 +67,7 @@ def _check_add(op: Add) -> None:
     names = {name.lower(): values for name, values in op.attributes.items()}
     if names.get("admindescription") != (anchor_for(op.group_id),):
         raise PolicyRefused(f"an add must carry adminDescription={anchor_for(op.group_id)}")
-    if names.get("objectclass") != ("group",):
+    if {v.lower() for v in names.get("objectclass", ())} - {"top"} != {"group"}:
         raise PolicyRefused("an add must create objectClass=group and nothing else")
     _check_names(names, _ADD_ATTRIBUTES)
     _check_member_adds(op.members)

@@ -1,0 +1,316 @@
+"""AD through the relay: cloud side → Relay stand-in → agent → real Samba AD DC.
+
+The agent is the real AgentService behind the real Hybrid Connection listener; the
+cloud side is the real RelayDirectory over the real sender; the stand-in speaks
+the published protocol over TLS. AD is read back over an independent admin
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from ldap3 import BASE
+
+from tests.support.relay import LISTEN, PATH, SEND, RelayRig, relay_rig
+from tests.support.world import World, make_world
+from writeback.adapters.relay import RelayDirectory
+from writeback.agent_protocol import encode, sign
+from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
+from writeback.domain.naming import dn_for
+from writeback.errors import LdapUnavailable, PolicyRefused, RelayRefused, RelayUnavailable
+from writeback.sandbox.samba import SambaDC
+
+pytestmark = pytest.mark.samba
+
+
+@pytest.fixture
+def world(samba_dc: SambaDC, make_ou: Callable[[SambaDC], str]) -> Iterator[World]:
+    with make_world(samba_dc, make_ou(samba_dc)) as w:
+        yield w
+
+
+@pytest.fixture
+def rig() -> Iterator[RelayRig]:
+    with relay_rig() as r:
+        yield r
+
+
+def through_relay(world: World, rig: RelayRig, **agent: Any) -> RelayDirectory:
+    """Starts an agent for the world's OU and points the world's sync at the relay."""
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou, **agent)
+    world.directory.close()
+    world.directory = rig.directory(world.ou)  # type: ignore[assignment]
+    return world.directory  # type: ignore[return-value]
+
+
+def usn_changed(world: World, dn: str) -> int:
+    conn = world.dc.connection()
+    try:
+        assert conn.search(dn, "(objectClass=*)", BASE, attributes=["uSNChanged"])
+        return int(conn.entries[0].uSNChanged.value)
+    finally:
+        conn.unbind()
+
+
+def test_sync_through_the_relay_writes_one_round_trip_per_operation(
+    world: World, rig: RelayRig
+) -> None:
+    relay = through_relay(world, rig)
+    sales = world.add_group(1, "Sales", ["user0", "user1", "cloudonly"])
+    ops = world.add_group(2, "Ops", ["user2"])
+    result = world.sync()
+    assert result.applied == {"add": 2}
+    entry = world.ad_entry(sales)
+    assert entry is not None
+    assert entry["displayname"] == ["Sales"]
+    assert entry["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+    assert world.ad_entry(ops) is not None
+    world.tenant.update_group(sales, display_name="Sales EMEA")
+    world.tenant.add_members(ops, [world.uid("user3")])
+    trips = relay.round_trips
+    assert world.sync().applied == {"modify": 2}
+    assert relay.round_trips - trips == 2 + 1  # two writes and one listing page
+    trips = relay.round_trips
+    assert world.sync().applied == {}
+    assert relay.round_trips - trips == 1
+    entry = world.ad_entry(ops)
+    assert entry is not None
+    assert entry["member_sids"] == {world.sid_of("user2"), world.sid_of("user3")}
+
+
+def test_large_member_lists_are_read_in_pages_of_one_reading(world: World, rig: RelayRig) -> None:
+    relay = through_relay(world, rig, member_page=2)
+    users = ["user0", "user1", "user2", "user3", "user4"]
+    gid = world.add_group(1, "Paged", users)
+    world.add_group(2, "Small", ["user5"])
+    world.sync()
+    trips = relay.round_trips
+    group = relay.find_group(gid)
+    assert group is not None
+    assert group.member_sids == {world.sid_of(u) for u in users}
+    assert relay.round_trips - trips == 3  # 2 + 2 + 1 members
+    listed = {g.group_id: g for g in relay.iter_groups()}
+    assert listed[gid].member_sids == {world.sid_of(u) for u in users}
+    assert world.sync().applied == {}
+
+
+# --------------------------------------------------------- a cloud side gone wrong
+
+
+def _decoys(world: World) -> dict[str, str]:
+    """Objects the agent must never touch: no anchor in the OU, anchor outside it."""
+    outside = world.dc.create_ou("Outside", world.ou.split(",", 1)[1])
+    conn = world.dc.connection()
+    decoys = {
+        "no anchor": dn_for("Decoy", world.ou),
+        "anchor outside": f"CN=Anchored outside,{outside}",
+        "foreign anchor": dn_for("Foreign", world.ou),
+    }
+    assert conn.add(decoys["no anchor"], ["top", "group"], {"displayName": "decoy"})
+    assert conn.add(
+        decoys["anchor outside"],
+        ["top", "group"],
+        {"adminDescription": anchor_for(world.gid(7)), "displayName": "decoy"},
+    )
+    assert conn.add(
+        decoys["foreign anchor"],
+        ["top", "group"],
+        {"adminDescription": "Group_someone-else", "displayName": "decoy"},
+    )
+    conn.unbind()
+    return decoys
+
+
+def test_the_agent_refuses_what_a_modified_cloud_side_sends(world: World, rig: RelayRig) -> None:
+    relay = through_relay(world, rig)
+    ours = world.add_group(1, "Ours", ["user0"])
+    world.sync()
+    entry = world.ad_entry(ours)
+    assert entry is not None
+    decoys = _decoys(world)
+    before = {dn: usn_changed(world, dn) for dn in decoys.values()}
+    sid = f"<SID={world.sid_of('user1')}>"
+    admins = f"CN=Administrator,CN=Users,{world.dc.base_dn}"
+    hostile: list[Operation] = [
+        Delete(ours, decoys["no anchor"]),
+        Delete(world.gid(7), decoys["anchor outside"]),
+        Modify(ours, decoys["foreign anchor"], Changes(add_members=(sid,))),
+        Modify(ours, decoys["no anchor"], Changes(replace={"displayName": ("pwned",)})),
+        Rename(ours, decoys["no anchor"], "CN=Renamed"),
+        Modify(ours, entry["dn"], Changes(add_members=(admins,))),
+        Modify(ours, entry["dn"], Changes(replace={"adminDescription": ()})),
+        Rename(ours, entry["dn"], "CN=Escaped,CN=Users"),
+        Add(
+            world.gid(8),
+            dn_for("Planted", world.ou),
+            {"objectClass": ("top", "group"), "adminDescription": ("Group_someone-else",)},
+        ),
+        Delete(ours, f"CN=Administrator,CN=Users,{world.dc.base_dn}"),
+    ]
+    for operation in hostile:
+        with pytest.raises(PolicyRefused):
+            relay.apply(operation)
+    assert {dn: usn_changed(world, dn) for dn in decoys.values()} == before
+    after = world.ad_entry(ours)
+    assert after is not None
+    assert after["member_sids"] == {world.sid_of("user0")}
+    assert after["dn"] == entry["dn"]
+
+
+def test_unsigned_or_wrongly_signed_requests_never_reach_ad(world: World, rig: RelayRig) -> None:
+    through_relay(world, rig)
+    gid = world.add_group(1, "Kept", ["user0"])
+    world.sync()
+    entry = world.ad_entry(gid)
+    assert entry is not None
+    before = usn_changed(world, entry["dn"])
+    delete = Delete(gid, entry["dn"])
+    with pytest.raises(RelayRefused, match="does not match"):
+        rig.directory(world.ou, caller_key="x" * 43).apply(delete)
+    sender = rig.sender()
+    body = encode({"operation": {"kind": "delete", "group_id": gid, "dn": entry["dn"]}})
+    assert sender.request("POST", "/v1/apply", body).status == 401
+    signed = sign(rig.caller_key, "POST", "/v1/apply", body)
+    assert sender.request("POST", "/v1/apply", body, signed).status == 200
+    assert sender.request("POST", "/v1/apply", body, signed).status == 401  # a replay
+    assert world.ad_entry(gid) is None  # the one signed request did delete it
+    world.tenant.hard_delete_group(gid)
+    with pytest.raises(RelayRefused):  # the relay itself refuses a wrong Send key
+        rig.sender(key=LISTEN.key).request("POST", "/v1/schema", b"{}")
+    assert before > 0
+
+
+def test_the_agent_holds_its_own_delete_limit(world: World, rig: RelayRig) -> None:
+    relay = through_relay(world, rig, delete_limit=1)
+    world.add_group(9, "Stays", ["user0"])
+    gids = [world.add_group(n, f"G{n}", ["user0"]) for n in range(2)]
+    world.sync()
+    for gid in gids:
+        world.tenant.hard_delete_group(gid)
+    first, second = world.plan().operations
+    assert isinstance(first, Delete) and isinstance(second, Delete)
+    assert relay.apply(first) > 0
+    with pytest.raises(PolicyRefused, match="delete limit"):
+        relay.apply(second)
+    assert [world.ad_entry(gid) is None for gid in gids].count(True) == 1
+
+
+def test_every_request_leaves_an_audit_line(
+    world: World, rig: RelayRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = through_relay(world, rig)
+    gid = world.add_group(1, "Audited", ["user0"])
+    with caplog.at_level(logging.INFO, logger="writeback.audit"):
+        world.sync()
+        with pytest.raises(PolicyRefused):
+            relay.apply(Delete(gid, dn_for("Decoy", world.ou)))
+    lines = [r for r in caplog.records if r.name == "writeback.audit"]
+    calls = [(r.call, r.outcome) for r in lines]  # type: ignore[attr-defined]
+    assert ("apply", "ok") in calls
+    assert ("apply", "refused") in calls
+    assert ("list_groups", "ok") in calls
+    written = next(r for r in lines if r.call == "apply" and r.outcome == "ok")  # type: ignore[attr-defined]
+    assert written.group_id == gid  # type: ignore[attr-defined]
+    assert written.operation == "add"  # type: ignore[attr-defined]
+    assert rig.caller_key not in caplog.text
+    assert world.dc.admin_password not in caplog.text
+
+
+def test_ad_down_behind_the_agent_is_transient(world: World, rig: RelayRig) -> None:
+    relay = through_relay(world, rig)
+    world.dc.stop()
+    try:
+        with pytest.raises(LdapUnavailable):
+            relay.find_group(world.gid(1))
+    finally:
+        world.dc.start()
+    assert relay.find_group(world.gid(1)) is None
+
+
+def test_no_agent_listening_is_transient_and_a_second_agent_takes_over(
+    world: World, rig: RelayRig
+) -> None:
+    relay = through_relay(world, rig)
+    second = rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+    assert rig.standin.wait_for_listeners(PATH, 2)
+    gids = [world.add_group(n, f"G{n}", ["user0"]) for n in range(6)]
+    world.sync()
+    stats = rig.standin.stats(PATH)
+    assert len([n for n in stats["per_listener"].values() if n]) == 2, stats
+    rig.agents[0].stop()
+    world.tenant.update_group(gids[0], display_name="Still reachable")
+    assert world.sync().applied == {"modify": 1}
+    second.stop()
+    with pytest.raises(RelayUnavailable):
+        relay.find_group(gids[0])
+
+
+def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayRig) -> None:
+    """``python -m writeback agent`` on-prem, ``sync`` with WRITEBACK_DIRECTORY=relay."""
+    gid = world.add_group(1, "Via commands", ["user0", "user1"])
+    common = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WRITEBACK_")},
+        "WRITEBACK_TARGET_OU": world.ou,
+        "WRITEBACK_RELAY_NAMESPACE": rig.standin.namespace,
+        "WRITEBACK_RELAY_PATH": PATH,
+        "WRITEBACK_RELAY_CALLER_KEY": rig.caller_key,
+        "WRITEBACK_RELAY_CA_FILE": str(rig.standin.ca_file),
+    }
+    agent_env = {
+        **common,
+        "WRITEBACK_LDAP_URL": world.dc.ldaps_url,
+        "WRITEBACK_LDAP_USER": world.dc.admin_dn,
+        "WRITEBACK_LDAP_PASSWORD": world.dc.admin_password,
+        "WRITEBACK_LDAP_CA_FILE": world.dc.ca_file,
+        "WRITEBACK_AGENT_LISTEN_KEY_NAME": LISTEN.name,
+        "WRITEBACK_AGENT_LISTEN_KEY": LISTEN.key,
+    }
+    cloud_env = {
+        **common,
+        "WRITEBACK_DIRECTORY": "relay",
+        "WRITEBACK_RELAY_SEND_KEY_NAME": SEND.name,
+        "WRITEBACK_RELAY_SEND_KEY": SEND.key,
+        "WRITEBACK_GRAPH_URL": world.standin.url,
+        "WRITEBACK_GRAPH_AUTH": "none",
+    }
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "writeback", "agent"],
+        env=agent_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rig.standin.wait_for_listeners(PATH, 1, timeout=30), agent.stderr
+        sync = subprocess.run(
+            [sys.executable, "-m", "writeback", "sync"],
+            env=cloud_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert sync.returncode == 0, sync.stderr
+        agent.terminate()
+        out, err = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, err
+    assert "writeback agent: stopped" in out
+    entry = world.ad_entry(gid)
+    assert entry is not None
+    assert entry["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+    audit = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(a.get("call") == "apply" and a.get("outcome") == "ok" for a in audit), err
+    for secret in (LISTEN.key, SEND.key, rig.caller_key, world.dc.admin_password):
+        assert secret not in out + err + sync.stdout + sync.stderr
