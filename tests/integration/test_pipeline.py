@@ -8,6 +8,7 @@ on every write to it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,8 +27,8 @@ from typing import Any
 import pytest
 from ldap3 import BASE, MODIFY_REPLACE
 
+from tests.support.relay import PATH, RelayRig, relay_rig
 from tests.support.world import World, make_world
-from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.local_queue import LocalQueue
 from writeback.cli import EXIT_OK, main
 from writeback.domain.model import Operation
@@ -62,11 +63,16 @@ FAST = ServeConfig(
 
 
 class Pipeline:
-    """A started Server over a LocalQueue in ``tmp``; closes everything it made."""
+    """A started Server over a LocalQueue in ``tmp``; closes everything it made.
 
-    def __init__(self, world: World, tmp: Path) -> None:
+    With a ``relay`` rig the workers reach AD as ``WRITEBACK_DIRECTORY=relay`` does:
+    through the Relay stand-in to an agent that holds the LDAP connection.
+    """
+
+    def __init__(self, world: World, tmp: Path, relay: RelayRig | None = None) -> None:
         self.world = world
         self.tmp = tmp
+        self.relay = relay
         self.servers: list[Server] = []
 
     @property
@@ -81,7 +87,7 @@ class Pipeline:
         self,
         *,
         member_limit: int | None = None,
-        wrap: Callable[[LdapDirectory], Directory] | None = None,
+        wrap: Callable[[Directory], Directory] | None = None,
         **config: Any,
     ) -> Server:
         world = self.world
@@ -90,8 +96,12 @@ class Pipeline:
         if member_limit is not None:
             options = replace(options, member_limit=member_limit)
 
+        relay = self.relay
+        if relay is not None and not relay.agents:
+            relay.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+
         def directory() -> Directory:
-            made = world.dc.directory(world.ou)
+            made = world.dc.directory(world.ou) if relay is None else relay.directory(world.ou)
             return wrap(made) if wrap is not None else made
 
         server = Server(
@@ -113,11 +123,26 @@ class Pipeline:
             server.stop()
 
 
+@contextlib.contextmanager
+def _pipeline(world: World, tmp: Path, *, through_relay: bool) -> Iterator[Pipeline]:
+    with contextlib.ExitStack() as stack:
+        rig = stack.enter_context(relay_rig()) if through_relay else None
+        p = Pipeline(world, tmp, rig)
+        stack.callback(p.close)
+        yield p
+
+
+@pytest.fixture(params=["ldap", "relay"])
+def pipeline(world: World, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pipeline]:
+    """The pipeline with each WRITEBACK_DIRECTORY: direct LDAP, and through the relay."""
+    with _pipeline(world, tmp_path, through_relay=request.param == "relay") as p:
+        yield p
+
+
 @pytest.fixture
-def pipeline(world: World, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(world, tmp_path)
-    yield p
-    p.close()
+def relay_pipeline(world: World, tmp_path: Path) -> Iterator[Pipeline]:
+    with _pipeline(world, tmp_path, through_relay=True) as p:
+        yield p
 
 
 def settle(world: World, server: Server, timeout: float = 20.0) -> None:
@@ -383,6 +408,36 @@ def test_ldap_down_events_wait_and_then_apply_none_lost(pipeline: Pipeline) -> N
     assert server.stats.dead_lettered == 0
 
 
+def test_relay_drops_and_an_agent_restart_mid_stream_lose_no_event(
+    relay_pipeline: Pipeline,
+) -> None:
+    relay, world = relay_pipeline.relay, relay_pipeline.world
+    assert relay is not None
+    server = relay_pipeline.start()
+    gids = [world.add_group(n, f"Stream {n}", ["user0"]) for n in range(4)]
+    relay.standin.drop_listeners(PATH)  # the relay drops the agent's control channel
+    gids += [world.add_group(10 + n, f"After drop {n}", ["user1"]) for n in range(4)]
+    settle(world, server, timeout=30)  # the listener reconnected by itself
+    [agent] = relay.agents
+    agent.stop()  # the agent restarts: nobody listens for a while
+    world.tenant.add_members(gids[0], [world.uid("user2")])
+    gids += [world.add_group(20 + n, f"While down {n}", ["user2"]) for n in range(3)]
+    assert world.standin.wait_idle(10)  # the webhook took them all
+    wait_for(lambda: server.stats.abandoned >= 3)  # tried, put back to wait
+    relay.agents.clear()
+    relay.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+    settle(world, server, timeout=30)
+    for n, gid in enumerate(gids):
+        entry = world.ad_entry(gid)
+        assert entry is not None, n
+    first = world.ad_entry(gids[0])
+    assert first is not None
+    assert first["member_sids"] == {world.sid_of("user0"), world.sid_of("user2")}
+    assert server.queue.dead_letters() == []
+    assert server.stats.dead_lettered == 0
+    assert relay.standin.stats(PATH)["connects"] >= 3
+
+
 def test_an_unexpected_error_puts_the_event_back_and_it_applies_later(
     pipeline: Pipeline,
 ) -> None:
@@ -391,7 +446,7 @@ def test_an_unexpected_error_puts_the_event_back_and_it_applies_later(
     class Buggy:
         """The first write blows up with something no adapter is meant to raise."""
 
-        def __init__(self, inner: LdapDirectory) -> None:
+        def __init__(self, inner: Directory) -> None:
             self.inner = inner
 
         def __getattr__(self, name: str) -> Any:
