@@ -296,6 +296,27 @@ def test_relay_drop_listener_reconnects_and_the_next_request_succeeds(
     assert LISTEN_KEY not in caplog.text and "SharedAccessSignature" not in caplog.text
 
 
+def test_request_in_flight_when_the_relay_drops_fails_fast(
+    relay: RelayStandIn, sender: HybridConnectionSender
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(request: RelayRequest) -> RelayResponse:
+        entered.set()
+        release.wait(10)
+        return echo(request)
+
+    with listening(relay, stuck), ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(sender.request, "GET", "/slow")
+        assert entered.wait(5)
+        relay.drop_listeners(PATH)
+        with pytest.raises(RelayUnavailable):
+            in_flight.result(timeout=5)
+        release.set()
+        assert relay.wait_for_listeners(PATH, 1, timeout=10)
+        assert sender.request("GET", "/after").status == 200
+
+
 def test_outage_listener_backs_off_and_returns(
     relay: RelayStandIn, sender: HybridConnectionSender
 ) -> None:

@@ -113,6 +113,23 @@ class RelayEndpoint:
         suffix = target if not target or target[0] in "/?" else "/" + target
         return f"{'https' if self.secure else 'http'}://{self.namespace}/{quote(self.name)}{suffix}"
 
+    def trusts_address(self, url: str) -> bool:
+        """Whether a rendezvous address the relay sent is one we may connect to.
+
+        Same scheme security as the endpoint, and the namespace's host or a sibling
+        under its parent domain (the service hands out addresses of its own nodes).
+        """
+        parts = urlsplit(url)
+        if parts.scheme != ("wss" if self.secure else "ws") or not parts.hostname:
+            return False
+        host, ours = parts.hostname.lower(), _host_of(self.namespace).lower()
+        if host == ours:
+            return True
+        labels = ours.split(".")
+        if _is_ip(ours) or len(labels) < 3:
+            return False
+        return host.endswith("." + ".".join(labels[1:]))
+
     def ssl_context(self) -> ssl.SSLContext | None:
         """Certificate-validating TLS context (system trust plus ``ca_file``), or None."""
         if not self.secure:
@@ -134,6 +151,14 @@ def _host_of(namespace: str) -> str:
     if not host or "/" in namespace:
         raise ConfigError(f"relay namespace {namespace!r} is not a host name (with optional port)")
     return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -222,6 +247,7 @@ class HybridConnectionListener:
         self._max_concurrency = max_concurrency
         self._backoff_max = backoff_max
         self._token_ttl = token_ttl
+        self._tls = endpoint.ssl_context()
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._send_lock = threading.Lock()
         self._rendezvous: set[ClientConnection] = set()
@@ -269,7 +295,7 @@ class HybridConnectionListener:
                     self._listen_once(stop, pool)
                     failures = 0
                 except RelayRefused as exc:
-                    log.error("relay refused the listener: %s", exc)
+                    log.warning("relay refused the listener: %s", exc)
                     failures += 1
                 except RelayUnavailable as exc:
                     log.warning("relay unreachable: %s", exc)
@@ -338,12 +364,12 @@ class HybridConnectionListener:
         if "request" in envelope:
             request = envelope["request"]
             if "method" not in request:  # too large for the control channel
-                pool.submit(self._serve_large_request, str(request["address"]))
+                _submit(pool, self._serve_large_request, str(request["address"]))
                 return
             body = _read_body(channel) if request.get("body") else b""
-            pool.submit(self._serve_request, channel, request, body)
+            _submit(pool, self._serve_request, channel, request, body)
         elif "accept" in envelope:
-            pool.submit(self._decline_websocket, str(envelope["accept"]["address"]))
+            _submit(pool, self._decline_websocket, str(envelope["accept"]["address"]))
 
     def _serve_request(
         self, channel: ClientConnection, request: Mapping[str, Any], body: bytes
@@ -456,14 +482,14 @@ class HybridConnectionListener:
 
     def _open(self, url: str, *, authorize: bool) -> ClientConnection:
         """A WebSocket to the relay; relay faults as our errors, with no URL in them."""
-        if self._endpoint.secure and not url.startswith("wss://"):
-            raise RelayRefused("relay handed out a plain ws:// address on a TLS endpoint")
+        if not authorize and not self._endpoint.trusts_address(url):
+            raise RelayRefused("relay handed out a rendezvous address outside its namespace")
         headers = {"ServiceBusAuthorization": self._token()} if authorize else None
         where = self._endpoint.namespace
         try:
             return connect(
                 url,
-                ssl=self._endpoint.ssl_context(),
+                ssl=self._tls,
                 additional_headers=headers,
                 open_timeout=_OPEN_TIMEOUT,
                 max_size=MAX_MESSAGE,
@@ -475,6 +501,18 @@ class HybridConnectionListener:
             raise _refusal(exc.response.status_code, where) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise RelayUnavailable(f"relay {where}: {_describe(exc)}") from None
+
+
+def _submit(pool: ThreadPoolExecutor, work: Callable[..., None], *args: Any) -> None:
+    """Run ``work`` in the pool, logging what escapes it (a future would swallow it)."""
+
+    def guarded() -> None:
+        try:
+            work(*args)
+        except Exception:
+            log.exception("relay listener: unexpected error while serving a request")
+
+    pool.submit(guarded)
 
 
 def _refusal(status: int, where: str) -> WritebackError:
@@ -576,6 +614,8 @@ class HybridConnectionSender:
         headers: Mapping[str, str] | None = None,
     ) -> RelayResponse:
         """Send one request; the listener's answer comes back whatever its status."""
+        if method.upper() == "CONNECT":
+            raise ConfigError("the relay does not carry CONNECT requests")
         url = self._endpoint.http_url(target)
         sent = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_HEADERS}
         sent["ServiceBusAuthorization"] = self._token()
