@@ -1,0 +1,105 @@
+"""A worker in a child process that dies (SIGKILL) right after its first LDAP write.
+
+It shares the single-machine SQLite queue file with the server under test and
+handles sessions with the product's own :func:`run_once`, so the message whose
+write it made is neither completed nor abandoned: its lock has to expire before
+the message is delivered again, as after a real crash. Before dying it appends
+the group id to the marker file, so the parent knows a write did happen.
+
+Reads its settings as one JSON object on stdin (the DC password stays off the
+command line). Exits 0 when it found no write to make before its deadline.
+
+    python -m tests.reliability.crash_worker < spec.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.graph import GraphCloud
+from writeback.adapters.local_queue import LocalQueue
+from writeback.domain.mapping import MappingOptions
+from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import WritebackError
+from writeback.service.handle_event import WorkerContext, run_once
+
+
+class KillAfterWrite:
+    """The Directory port; the first successful ``apply`` is followed by SIGKILL."""
+
+    def __init__(self, inner: LdapDirectory, marker: Path) -> None:
+        self.inner = inner
+        self.marker = marker
+
+    def schema_attributes(self) -> frozenset[str]:
+        return self.inner.schema_attributes()
+
+    def find_group(self, group_id: str) -> DirectoryGroup | None:
+        return self.inner.find_group(group_id)
+
+    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
+        return self.inner.find_group_attributes(group_id)
+
+    def iter_groups(self) -> Iterator[DirectoryGroup]:
+        return self.inner.iter_groups()
+
+    def apply(self, operation: Operation) -> int:
+        requests = self.inner.apply(operation)
+        with self.marker.open("a") as out:
+            out.write(f"{operation.group_id}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+        return requests  # pragma: no cover - never reached
+
+
+def _context(spec: dict[str, Any], deadline: float) -> WorkerContext | None:
+    """Connect to both sides; retried, since the DC may be down when the child starts."""
+    while time.monotonic() < deadline:
+        try:
+            directory = LdapDirectory(**spec["ldap"])
+            options = MappingOptions(
+                target_ou=spec["ldap"]["target_ou"],
+                member_limit=spec["member_limit"],
+                schema_attributes=directory.schema_attributes(),
+            )
+        except WritebackError:
+            time.sleep(0.2)
+            continue
+        return WorkerContext(
+            cloud=GraphCloud(base_url=spec["graph_url"], backoff=0.05, max_wait=1.0),
+            directory=KillAfterWrite(directory, Path(spec["marker"])),
+            options=options,
+            attempts=1,
+            max_wait=0.1,
+            redelivery_scale=0.05,
+            max_redelivery_delay=0.5,
+        )
+    return None
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    deadline = time.monotonic() + spec["seconds"]
+    queue = LocalQueue(
+        spec["queue"],
+        lock_duration=spec["lock_duration"],
+        max_delivery_count=spec["max_delivery_count"],
+    )
+    context = _context(spec, deadline)
+    while context is not None and time.monotonic() < deadline:
+        try:
+            run_once(queue, context, wait=0.5)
+        except WritebackError:
+            time.sleep(0.1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
