@@ -265,6 +265,7 @@ class HybridConnectionListener:
         """Run :meth:`run` in a background thread until :meth:`close`."""
         if self._thread is not None:
             raise RuntimeError("relay listener already started")
+        self._own_stop.clear()
         self._thread = threading.Thread(
             target=self.run, args=(self._own_stop,), name="relay-listener", daemon=True
         )
