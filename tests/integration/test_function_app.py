@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
 from azure.functions.timer import TimerRequest
 
 import function_app
+from tests.support.settings import agent_only_settings, settings_read_by_the_code
 from tests.support.world import World, make_world
 from writeback import logging_setup
 from writeback.adapters.local_queue import LocalLock, LocalQueue
@@ -315,32 +315,6 @@ def test_host_json_sets_sessions_lock_renewal_and_prefetch() -> None:
     assert service_bus["sessionIdleTimeout"]
     assert host_json["functionTimeout"]
     assert host_json["logging"]["logLevel"]["Function"] == "Information"
-
-
-def settings_read_by_the_code() -> set[str]:
-    """Every WRITEBACK_* name in the app's code (the sandbox is the test harness's),
-    and every other environment name the code reads (the bindings' %SETTING%s are
-    WRITEBACK_* names too)."""
-    names: set[str] = set()
-    files = [ROOT / "function_app.py"] + [
-        p for p in (ROOT / "writeback").rglob("*.py") if "sandbox" not in p.parts
-    ]
-    for path in files:
-        text = path.read_text()
-        names.update(re.findall(r"\bWRITEBACK_[A-Z0-9_]*[A-Z0-9](?:__[A-Za-z]+)?", text))
-        names.update(
-            re.findall(
-                r"\b(AZURE_[A-Z_]+[A-Z]|APPLICATIONINSIGHTS_[A-Z_]+[A-Z]|"
-                r"FUNCTIONS_WORKER_RUNTIME)\b",
-                text,
-            )
-        )
-    return names
-
-
-def agent_only_settings(names: set[str]) -> set[str]:
-    """WRITEBACK_AGENT_* settings belong to the on-premises agent, not the Function app."""
-    return {name for name in names if name.startswith("WRITEBACK_AGENT_")}
 
 
 def test_every_setting_the_code_reads_is_in_the_sample_settings() -> None:

@@ -1,0 +1,268 @@
+// writeback on Azure: Graph webhook -> Service Bus (sessions per group) -> worker ->
+// AD, either over LDAP through VNet integration (directory = 'ldap') or through an
+// Azure Relay Hybrid Connection to the on-premises agent (directory = 'relay').
+// Deploy: see infra/README.md. Every setting the code reads is set below.
+targetScope = 'resourceGroup'
+
+@description('Azure region of every resource.')
+param location string = resourceGroup().location
+
+@description('Short name used in resource names (letters and digits).')
+@minLength(3)
+@maxLength(11)
+param prefix string = 'writeback'
+
+@description('How the Function app reaches AD: ldap (VNet integration and VPN/ExpressRoute to the DCs) or relay (the on-premises agent).')
+@allowed([ 'ldap', 'relay' ])
+param directory string = 'relay'
+
+@description('DN of the OU the groups are written to.')
+param targetOu string
+
+@description('ldap only: ldaps://dc:636 or ldap://dc:389 (StartTLS).')
+param ldapUrl string = ''
+
+@description('ldap only: the service account (DN or UPN) with the delegation from `python -m writeback permissions`.')
+param ldapUser string = ''
+
+@description('ldap only: its password, stored in Key Vault.')
+@secure()
+param ldapPassword string = ''
+
+@description('ldap only: subnet (delegated to Microsoft.Web/serverFarms) for VNet integration; empty for none.')
+param subnetId string = ''
+
+@description('Graph subscription clientState secret (python -c "import secrets; print(secrets.token_urlsafe(48))").')
+@secure()
+@minLength(32)
+param clientState string
+
+@description('Function host key for the Graph webhook URLs (32+ URL-safe characters).')
+@secure()
+@minLength(32)
+param webhookKey string
+
+@description('relay only: the caller key the Function app and the agent share (python -c "import secrets; print(secrets.token_urlsafe(48))").')
+@secure()
+param relayCallerKey string = ''
+
+@allowed([ 'objectid', 'displayname' ])
+param dnFormat string = 'objectid'
+
+@allowed([ 'distribution', 'security' ])
+param groupType string = 'distribution'
+
+@allowed([ 'keep', 'delete' ])
+param softDelete string = 'keep'
+
+@description('true writes groups; false makes the reconcile delete every group we wrote (behind the threshold). Never use false to pause: see WRITEBACK_PAUSED.')
+@allowed([ 'true', 'false' ])
+param enabled string = 'true'
+
+@description('true stops writes to AD while events wait in the queue.')
+@allowed([ 'true', 'false' ])
+param paused string = 'false'
+
+param memberLimit int = 50000
+param deleteThreshold int = 500
+
+@description('Elastic Premium size.')
+@allowed([ 'EP1', 'EP2', 'EP3' ])
+param planSku string = 'EP1'
+
+@description('Always-ready (pre-warmed) instances: no cold start on a notification.')
+@minValue(1)
+@maxValue(20)
+param alwaysReady int = 1
+
+@maxValue(100)
+param maximumBurst int = 10
+
+param tags object = { app: 'writeback' }
+
+var suffix = uniqueString(resourceGroup().id, prefix)
+var appName = 'func-${prefix}-${suffix}'
+var hostName = '${appName}.azurewebsites.net'
+var vaultName = 'kv-${take(prefix, 8)}-${take(suffix, 10)}'
+var queueName = 'group-events'
+var contentShare = toLower(take('${appName}-content', 63))
+var useRelay = directory == 'relay'
+var kv = '@Microsoft.KeyVault(VaultName=${vaultName};SecretName='
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: 'id-${prefix}-${suffix}'
+  location: location
+  tags: tags
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    location: location
+    prefix: '${prefix}-${suffix}'
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    location: location
+    name: take('st${prefix}${suffix}', 24)
+    contentShare: contentShare
+    principalId: identity.properties.principalId
+    tags: tags
+  }
+}
+
+module serviceBus 'modules/servicebus.bicep' = {
+  name: 'servicebus'
+  params: {
+    location: location
+    name: 'sb-${prefix}-${suffix}'
+    queueName: queueName
+    principalId: identity.properties.principalId
+    tags: tags
+  }
+}
+
+module relay 'modules/relay.bicep' = if (useRelay) {
+  name: 'relay'
+  params: {
+    location: location
+    name: 'relay-${prefix}-${suffix}'
+    hybridConnectionName: 'writeback-agent'
+    tags: tags
+  }
+}
+
+module vault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    location: location
+    name: vaultName
+    principalId: identity.properties.principalId
+    tags: tags
+    storageAccountName: storage.outputs.name
+    relaySendRuleId: useRelay ? relay.outputs.sendRuleId : ''
+    secretValues: {
+      'client-state': clientState
+      'notification-url': 'https://${hostName}/api/notifications?code=${webhookKey}'
+      'lifecycle-url': 'https://${hostName}/api/lifecycle?code=${webhookKey}'
+      'ldap-password': useRelay ? '' : ldapPassword
+      'relay-caller-key': useRelay ? relayCallerKey : ''
+    }
+  }
+}
+
+// app settings: every setting the code reads (tests/unit/test_infra.py checks it),
+// plus the host's own. Empty means the code's default.
+var appSettings = {
+  FUNCTIONS_EXTENSION_VERSION: '~4'
+  FUNCTIONS_WORKER_RUNTIME: 'python'
+  APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+  AzureWebJobsStorage__accountName: storage.outputs.name
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identity.properties.clientId
+  WEBSITE_CONTENTAZUREFILECONNECTIONSTRING: '${kv}content-share-connection)'
+  WEBSITE_CONTENTSHARE: contentShare
+  WEBSITE_SKIP_CONTENTSHARE_VALIDATION: '1'
+  WEBSITE_RUN_FROM_PACKAGE: '1'
+
+  WRITEBACK_SERVICEBUS__fullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
+  WRITEBACK_SERVICEBUS__credential: 'managedidentity'
+  WRITEBACK_SERVICEBUS__clientId: identity.properties.clientId
+  WRITEBACK_SERVICEBUS_NAMESPACE: serviceBus.outputs.fullyQualifiedNamespace
+  WRITEBACK_SERVICEBUS_QUEUE: serviceBus.outputs.queueName
+  WRITEBACK_SERVICEBUS_CONNECTION: ''
+  WRITEBACK_QUEUE: 'servicebus'
+  WRITEBACK_QUEUE_PATH: ''
+  WRITEBACK_MAX_DELIVERY_COUNT: '100'
+
+  WRITEBACK_RECONCILE_SCHEDULE: '0 */30 * * * *'
+  WRITEBACK_SUBSCRIPTION_SCHEDULE: '0 17 3 * * *'
+  WRITEBACK_RECONCILE_INCREMENTAL: 'true'
+  WRITEBACK_FULL_SYNC_EVERY: '48'
+  WRITEBACK_STATE_PATH: '/home/data/writeback/state.json'
+  WRITEBACK_PAUSED: paused
+
+  WRITEBACK_CLIENT_STATE: '${kv}client-state)'
+  WRITEBACK_CLIENT_STATE_PREVIOUS: ''
+  WRITEBACK_NOTIFICATION_URL: '${kv}notification-url)'
+  WRITEBACK_LIFECYCLE_URL: '${kv}lifecycle-url)'
+
+  WRITEBACK_GRAPH_AUTH: 'managed-identity'
+  WRITEBACK_GRAPH_URL: 'https://graph.microsoft.com/v1.0'
+  AZURE_CLIENT_ID: identity.properties.clientId
+  AZURE_TENANT_ID: tenant().tenantId
+  AZURE_CLIENT_SECRET: ''
+  AZURE_CLIENT_CERTIFICATE_PATH: ''
+
+  WRITEBACK_TARGET_OU: targetOu
+  WRITEBACK_DIRECTORY: directory
+  WRITEBACK_LDAP_URL: useRelay ? '' : ldapUrl
+  WRITEBACK_LDAP_USER: useRelay ? '' : ldapUser
+  WRITEBACK_LDAP_PASSWORD: useRelay ? '' : '${kv}ldap-password)'
+  WRITEBACK_LDAP_CA_FILE: ''
+  WRITEBACK_DN_FORMAT: dnFormat
+  WRITEBACK_GROUP_TYPE: groupType
+  WRITEBACK_MEMBER_LIMIT: string(memberLimit)
+  WRITEBACK_MEMBER_CHUNK: '5000'
+  WRITEBACK_DELETE_THRESHOLD: string(deleteThreshold)
+  WRITEBACK_ENABLED: enabled
+  WRITEBACK_SOFT_DELETE: softDelete
+  WRITEBACK_LOG_LEVEL: 'INFO'
+
+  WRITEBACK_RELAY_NAMESPACE: useRelay ? relay.outputs.namespaceHost : ''
+  WRITEBACK_RELAY_PATH: useRelay ? relay.outputs.hybridConnectionName : ''
+  WRITEBACK_RELAY_SEND_KEY_NAME: useRelay ? relay.outputs.sendRuleName : ''
+  WRITEBACK_RELAY_SEND_KEY: useRelay ? '${kv}relay-send-key)' : ''
+  WRITEBACK_RELAY_CALLER_KEY: useRelay ? '${kv}relay-caller-key)' : ''
+  WRITEBACK_RELAY_TIMEOUT: '30'
+  WRITEBACK_RELAY_CA_FILE: ''
+
+  // Read only by single-machine mode (python -m writeback serve), not by the
+  // Function app: empty, so a console session in the app sees no surprise.
+  WRITEBACK_RECONCILE_INTERVAL: ''
+  WRITEBACK_SUBSCRIPTION_INTERVAL: ''
+  WRITEBACK_LISTEN_ADDRESS: ''
+  WRITEBACK_LISTEN_PORT: ''
+  WRITEBACK_WORKERS: ''
+  WRITEBACK_WEBHOOK_KEY: ''
+}
+
+module app 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  dependsOn: [ vault ]
+  params: {
+    location: location
+    name: appName
+    tags: tags
+    identityId: identity.id
+    planSku: planSku
+    alwaysReady: alwaysReady
+    maximumBurst: maximumBurst
+    subnetId: subnetId
+    settings: appSettings
+    webhookKey: webhookKey
+  }
+}
+
+@description('Where Graph posts change notifications (the function key is in Key Vault, secret notification-url).')
+output webhookUrl string = 'https://${app.outputs.hostName}/api/notifications'
+output lifecycleUrl string = 'https://${app.outputs.hostName}/api/lifecycle'
+output functionAppName string = app.outputs.name
+@description('Grant the Graph application permissions to this service principal (infra/README.md).')
+output identityPrincipalId string = identity.properties.principalId
+output identityClientId string = identity.properties.clientId
+output keyVaultName string = vault.outputs.name
+output serviceBusNamespace string = serviceBus.outputs.fullyQualifiedNamespace
+@description('For the on-premises agent: WRITEBACK_RELAY_NAMESPACE.')
+output agentRelayNamespace string = useRelay ? relay.outputs.namespaceHost : ''
+@description('For the on-premises agent: WRITEBACK_RELAY_PATH.')
+output agentRelayPath string = useRelay ? relay.outputs.hybridConnectionName : ''
+@description('For the on-premises agent: WRITEBACK_AGENT_LISTEN_KEY_NAME; read the key with agentListenKeyCommand.')
+output agentListenKeyName string = useRelay ? relay.outputs.listenRuleName : ''
+output agentListenKeyCommand string = useRelay ? 'az relay hyco authorization-rule keys list --resource-group ${resourceGroup().name} --namespace-name ${relay.outputs.namespaceName} --hybrid-connection-name ${relay.outputs.hybridConnectionName} --name ${relay.outputs.listenRuleName} --query primaryKey --output tsv' : ''
+@description('For the on-premises agent: WRITEBACK_RELAY_CALLER_KEY is the relayCallerKey parameter, also kept here.')
+output agentCallerKeySecret string = useRelay ? 'az keyvault secret show --vault-name ${vaultName} --name relay-caller-key --query value --output tsv' : ''
