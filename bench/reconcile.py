@@ -3,7 +3,9 @@
 Prints groups, memberships, LDAP operations, seconds for a full initial sync
 and a no-op re-sync, and the sync's LDAP write rate next to a plain ldap3 loop
 that adds the same groups with the same members to another OU of the same DC,
-in the same run. Sizes are arguments so CI-sized and full-sized runs share code.
+in the same run; the no-op re-sync next to a plain ldap3 paged read of those
+copies with their members (the sync reads Graph as well, so it can only be
+slower). Sizes are arguments so CI-sized and full-sized runs share code.
 
     .venv/bin/python bench/reconcile.py --groups 1000 --memberships 20000
 """
@@ -17,7 +19,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from ldap3 import Connection
+from ldap3 import SUBTREE, Connection
 
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
@@ -25,7 +27,7 @@ from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
 from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC, running_dc
+from writeback.sandbox.samba import SambaDC, free_loopback_address, running_dc
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
 
 
@@ -34,9 +36,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--memberships", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=5000)
-    parser.add_argument("--address", default="127.0.0.30")
+    parser.add_argument("--address", default=None, help="loopback address for the DC")
     args = parser.parse_args(argv)
-    with running_dc(address=args.address) as dc:
+    with running_dc(address=args.address or free_loopback_address("127.0.0.30")) as dc:
         run(dc, args.groups, args.memberships, args.users)
 
 
@@ -56,7 +58,10 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int) -> None:
         started = time.monotonic()
         plan = plan_sync(cloud, directory, options, SyncPolicy())
         read_seconds = time.monotonic() - started
-        baseline_rate = plain_ldap3_loop(dc, [op for op in plan.operations if isinstance(op, Add)])
+        baseline_rate, plain_ou = plain_ldap3_loop(
+            dc, [op for op in plan.operations if isinstance(op, Add)]
+        )
+        plain_read_seconds = plain_ldap3_read(dc, plain_ou)
         first = apply_plan(plan, directory)
         assert not first.failures, first.failures[:3]
         first_total = read_seconds + first.seconds
@@ -73,6 +78,11 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int) -> None:
             ("initial sync, seconds (read + plan + write)", f"{first_total:.2f}"),
             ("  of which reading Graph and AD + planning", f"{read_seconds:.2f}"),
             ("no-op re-sync, seconds", f"{again_total:.2f}"),
+            (
+                "plain ldap3 paged read of the same groups and members, seconds",
+                f"{plain_read_seconds:.2f}",
+            ),
+            ("ratio no-op re-sync / plain read", f"{again_total / plain_read_seconds:.2f}"),
             ("LDAP operations, no-op re-sync", f"{again.ldap_requests}"),
             ("sync LDAP writes per second", f"{sync_rate:.1f}"),
             ("plain ldap3 loop writes per second", f"{baseline_rate:.1f}"),
@@ -120,7 +130,7 @@ def timed_sync(
     return result, time.monotonic() - started, planned - started
 
 
-def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> float:
+def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
     """The sync's own adds replayed as bare ldap3 calls into another OU: one add per group
     with the same attributes and members, no planning, no guard, no retries."""
     ou = dc.create_ou("BenchPlain")
@@ -136,7 +146,21 @@ def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> float:
             raise RuntimeError(f"plain add failed: {conn.result}")
     seconds = time.monotonic() - started
     conn.unbind()
-    return len(adds) / seconds
+    return len(adds) / seconds, ou
+
+
+def plain_ldap3_read(dc: SambaDC, ou: str) -> float:
+    """Seconds for a bare paged search of the plain copies with their members."""
+    conn: Connection = dc.connection()
+    started = time.monotonic()
+    entries = conn.extend.standard.paged_search(
+        ou, "(objectClass=group)", SUBTREE, attributes=["*", "member"], paged_size=1000
+    )
+    count = sum(1 for _ in entries)
+    seconds = time.monotonic() - started
+    conn.unbind()
+    assert count, "the plain copies were not found"
+    return seconds
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
