@@ -13,7 +13,8 @@ Graph stand-in in process, the real LDAP adapter), in one run on the same DC:
 each with the Graph requests, LDAP requests, values written, member values
 read and seconds, next to a plain ldap3 loop making the same writes (the add
 in the same chunks, then one modify adding one member) on a copy in another OU.
-Users are created offline (``SambaDC.create_users`` above 1,000 names).
+Users are created offline (``SambaDC.create_users`` above 1,000 names), 100,000
+at a time.
 
     .venv/bin/python -m bench.large_group --members 250000
 """
@@ -40,6 +41,8 @@ from writeback.service.handle_event import WorkerContext, converge
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 
 CHUNK = 5000
+#: Users per offline creation: one transaction of 250,000 overflows LMDB (MDB_TXN_FULL).
+USER_BATCH = 100_000
 #: What one measured step did: the operation it applied (if any) and its LDAP requests.
 Step = tuple[Operation | None, int]
 
@@ -70,7 +73,9 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
     users_ou = dc.create_ou("BenchBigUsers")
     started = time.monotonic()
     names = [f"m{i}" for i in range(size)]
-    sids = dc.create_users(users_ou, names)
+    sids: dict[str, str] = {}
+    for start in range(0, size, USER_BATCH):
+        sids |= dc.create_users(users_ou, names[start : start + USER_BATCH])
     print(f"setup: {size} users in {time.monotonic() - started:.1f} s", flush=True)
     plain_add, plain_modify = plain_loop(dc, [sids[n] for n in names])
     tenant = Tenant()
