@@ -193,6 +193,11 @@ class _Budget:
 
 
 class Chaos:
+    """One run: a server under faults, the check, then the limit raised and a replay.
+
+    ``members`` mirrors what the tenant holds per group, so every change the
+    stream makes is a real one (one notification each)."""
+
     def __init__(self, world: World, tmp: Path, config: ChaosConfig) -> None:
         self.world = world
         self.tmp = tmp
