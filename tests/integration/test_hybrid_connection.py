@@ -321,12 +321,17 @@ def test_outage_listener_backs_off_and_returns(
     relay: RelayStandIn, sender: HybridConnectionSender
 ) -> None:
     with listening(relay) as listener:
+        assert relay.wait_for_listeners(PATH, 1)  # registered on the relay's side too
         relay.pause()
         relay.drop_listeners(PATH)
         assert relay.wait_for_listeners(PATH, 0, timeout=5)
         with pytest.raises(RelayUnavailable):
             sender.request("GET", "/during")
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10  # the listener notices the cut (slower under load)
+        while listener.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listener.connected.is_set()
+        time.sleep(1.0)  # and keeps failing to reconnect while the relay is out
         assert not listener.connected.is_set()
         relay.resume()
         assert relay.wait_for_listeners(PATH, 1, timeout=10)

@@ -81,9 +81,12 @@ class RelayRig:
             self.endpoint, LISTEN.name, LISTEN.key, handler, backoff_max=0.5
         )
         agent = Agent(service, listener, local)
+        before = self.standin.listener_count(PATH)
         self.agents.append(agent)
         listener.start()
         assert listener.connected.wait(10), "the agent did not connect to the relay"
+        # The relay registers a listener just after its handshake: wait for that too.
+        assert self.standin.wait_for_listeners(PATH, before + 1), "the relay did not register it"
         return agent
 
     def sender(self, *, key: str = SEND.key, timeout: float = 10.0) -> HybridConnectionSender:

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -472,8 +473,8 @@ class HybridConnectionListener:
     def _close_rendezvous(self) -> None:
         with self._rendezvous_lock:
             sockets, self._rendezvous = list(self._rendezvous), set()
-        for socket in sockets:
-            socket.close()
+        for channel in sockets:
+            channel.close()
 
     # -- connections -------------------------------------------------------------
 
@@ -601,11 +602,12 @@ class HybridConnectionSender:
         self._token_renew_at = 0.0
         self._token_lock = threading.Lock()
         context = endpoint.ssl_context()
-        self._client = httpx.Client(
+        # One round trip per call, so no write may wait for a delayed ACK (Nagle).
+        transport = httpx.HTTPTransport(
             verify=context if context is not None else True,
-            timeout=timeout,
-            follow_redirects=False,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
+        self._client = httpx.Client(transport=transport, timeout=timeout, follow_redirects=False)
 
     def request(
         self,

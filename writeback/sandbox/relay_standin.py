@@ -279,14 +279,17 @@ class RelayStandIn:
                 hc.refusals.append(denied.status)
             raise
 
-    def add_listener(self, hc: _HybridConnection, control: _Control) -> bool:
+    def add_listener(self, hc: _HybridConnection, control: _Control) -> str | None:
+        """Registers a control channel; the reason when it is refused instead."""
         with self._lock:
+            if self._paused.is_set():  # the outage began during this listener's handshake
+                return "The service is unavailable."
             if len(hc.listeners) >= MAX_LISTENERS:
-                return False
+                return "Too many listeners on this hybrid connection."
             hc.listeners.append(control)
             hc.connects += 1
             self._lock.notify_all()
-            return True
+            return None
 
     def remove_listener(self, hc: _HybridConnection, control: _Control) -> None:
         with self._lock:
@@ -418,6 +421,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.standin = self.server.standin
+        # Frames go out in several writes; without this each waits for a delayed ACK.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         context = self.standin.ssl_context
         if context is not None:
             self.request.settimeout(10)
@@ -512,8 +517,9 @@ class _Handler(BaseHTTPRequestHandler):
         if conn is None:
             return
         control = _Control(params.get("sb-hc-id") or str(uuid.uuid4()), conn, expires_at)
-        if not self.standin.add_listener(hc, control):
-            conn.close(1008, "Too many listeners on this hybrid connection.")
+        refused = self.standin.add_listener(hc, control)
+        if refused is not None:
+            conn.close(1008, refused)
             return
         try:
             _ControlLoop(self.standin, hc, control).run()
