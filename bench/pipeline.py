@@ -13,7 +13,12 @@ In one run, on the same DC:
 3. a plain ldap3 loop making the same kind of write (one modify adding one
    member value to a group) on copies of the groups in another OU; the ratio
    of the pipeline's LDAP write rate to it;
-4. a very large group (``--big`` members): its creation, then one member added
+4. the relay path (``WRITEBACK_DIRECTORY=relay``): the Relay stand-in and an agent
+   in a child process (the agent is another machine in production), then the same
+   burst through it, and a sequential loop of single writes and reads through the
+   relay next to the same calls made directly, for the time the relay adds per
+   operation;
+5. a very large group (``--big`` members): its creation, then one member added
    to it and one removed, with the Graph requests (counted by the stand-in), the
    LDAP values written and read, and the time, next to the same figures for a
    small group. After its first event the worker holds the group's delta link,
@@ -48,12 +53,24 @@ from ldap3 import MODIFY_ADD
 
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
+from writeback.adapters.hybrid_connection import (
+    HybridConnectionListener,
+    HybridConnectionSender,
+    RelayEndpoint,
+    RelayRequest,
+    RelayResponse,
+)
 from writeback.adapters.local_queue import LocalQueue
+from writeback.adapters.relay import RelayDirectory
 from writeback.domain.mapping import MappingOptions
-from writeback.domain.model import Add, DirectoryGroup, Modify, Operation, Rename
-from writeback.hosting.serve import ServeConfig, Server, ServerStats
+from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
+from writeback.domain.policy import AgentPolicy
+from writeback.hosting.agent import AgentService
+from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
+from writeback.ports import Directory
 from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
+from writeback.sandbox.relay_standin import RelayStandIn, SasRule
 from writeback.sandbox.samba import SambaDC, running_dc
 
 CLIENT_STATE = "bench-client-state"
@@ -70,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10, help="notifications per Graph POST")
     parser.add_argument("--address", default="127.0.0.31")
+    parser.add_argument(
+        "--relay-ops", type=int, default=300, help="relay: sequential single writes and reads"
+    )
     args = parser.parse_args(argv)
     with running_dc(address=args.address) as dc, tempfile.TemporaryDirectory() as tmp:
         Bench(dc, args, Path(tmp)).run()
@@ -202,6 +222,71 @@ def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Connection) ->
                 conn.send((True, value))
 
 
+class RemoteRelay:
+    """The Relay stand-in and one agent (4 handler threads) in a forked child process.
+
+    In production the relay is Azure's and the agent another machine; here they
+    get their own process so their CPU does not compete with the cloud side's GIL.
+    """
+
+    PATH = "bench-agent"
+
+    def __init__(self, dc: SambaDC, target_ou: str) -> None:
+        self.caller_key = uuid.uuid4().hex + uuid.uuid4().hex
+        self.send = SasRule("send", uuid.uuid4().hex, frozenset({"Send"}))
+        listen = SasRule("listen", uuid.uuid4().hex, frozenset({"Listen"}))
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_relay,
+            args=(dc, target_ou, self.caller_key, (self.send, listen), child),
+            daemon=True,
+        )
+        self._process.start()
+        namespace, ca_file = self._conn.recv()
+        self.endpoint = RelayEndpoint(namespace=namespace, path=self.PATH, ca_file=ca_file)
+
+    def directory(self, target_ou: str) -> RelayDirectory:
+        sender = HybridConnectionSender(self.endpoint, self.send.name, self.send.key)
+        return RelayDirectory(sender, self.caller_key, target_ou=target_ou)
+
+    def cpu(self) -> float:
+        self._conn.send("cpu")
+        return float(self._conn.recv())
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(10)
+
+
+def _serve_relay(
+    dc: SambaDC,
+    target_ou: str,
+    caller_key: str,
+    rules: tuple[SasRule, SasRule],
+    conn: Connection,
+) -> None:
+    local = ThreadLocalDirectory(lambda: dc.directory(target_ou))
+    service = AgentService(local, AgentPolicy(target_ou=target_ou), caller_key)
+
+    def handler(request: RelayRequest) -> RelayResponse:
+        status, headers, body = service.handle(
+            request.method, request.target, request.headers, request.body
+        )
+        return RelayResponse(status, headers, body)
+
+    with RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay:
+        listener = HybridConnectionListener(
+            relay.endpoint(RemoteRelay.PATH), rules[1].name, rules[1].key, handler
+        )
+        with listener:
+            assert listener.connected.wait(30), "the bench agent did not connect"
+            conn.send((relay.namespace, relay.ca_file))
+            while (message := conn.recv()) is not None:
+                conn.send(cpu_seconds() if message == "cpu" else None)
+    local.close()
+
+
 # --------------------------------------------------------------------------- the bench
 
 
@@ -216,6 +301,9 @@ class Bench:
         self.small_sids: dict[str, str] = {}
         self.small_users: list[str] = []
         self.pipeline_write_rate = 0.0
+        self.direct_burst = ServerStats()
+        #: SIDs the single-call loop added, so it never adds one twice.
+        self.member_sids_added: dict[str, set[str]] = {}
         self.finding = ""
 
     def run(self) -> None:
@@ -245,6 +333,7 @@ class Bench:
             delivery_batch_window=0.005,
             delivery_retry_delays=(0.5, 1.0, 2.0),
         )
+        relay = RemoteRelay(self.dc, target)
         try:
             server = self.server(standin.url, target)
             try:
@@ -266,7 +355,9 @@ class Bench:
                 self.large_group(standin, server, sorted(big))
             finally:
                 server.stop()
+            self.relay_path(standin, relay, target, groups)
         finally:
+            relay.close()
             standin.close()
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.rows.append(("peak RSS of this process, MB", f"{peak_mb:.0f}"))
@@ -274,24 +365,27 @@ class Bench:
         print()
         print(self.finding)
 
-    def server(self, graph_url: str, target: str) -> Server:
+    def server(
+        self, graph_url: str, target: str, directory: Callable[[], Directory] | None = None
+    ) -> Server:
         dc, tally = self.dc, self.tally
 
-        def directory() -> CountingDirectory:
-            inner = dc.directory(target)
-            return CountingDirectory(inner, tally)
+        def counted() -> Directory:
+            return CountingDirectory(dc.directory(target), tally)
 
         cloud = GraphCloud(base_url=graph_url)
-        queue = LocalQueue(self.tmp / "queue.sqlite3", lock_duration=600, max_delivery_count=20)
+        queue = LocalQueue(
+            self.tmp / f"queue-{uuid.uuid4().hex}.sqlite3", lock_duration=600, max_delivery_count=20
+        )
         server = Server(
             queue=queue,
             cloud=cloud,
-            directory_factory=directory,
+            directory_factory=directory or counted,
             options=MappingOptions(target_ou=target, member_limit=250_000),
             client_states=[CLIENT_STATE],
             config=ServeConfig(
                 workers=self.args.workers,
-                state_path=str(self.tmp / "state.json"),
+                state_path=str(self.tmp / f"state-{uuid.uuid4().hex}.json"),
                 reconcile_interval=86400,
                 subscription_interval=86400,
                 receive_wait=0.2,
@@ -316,6 +410,7 @@ class Bench:
         cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
         delta = diff(before, server.stats)
         self.pipeline_write_rate = delta.writes / seconds
+        self.direct_burst = delta
         self.rows += [
             ("burst: cloud changes (distinct groups)", f"{len(order)} (made in {made:.2f} s)"),
             ("burst: events applied / batches", f"{delta.events} / {delta.batches}"),
@@ -425,6 +520,91 @@ class Bench:
             )
         )
 
+    def relay_path(
+        self, standin: RemoteStandIn, relay: RemoteRelay, target: str, groups: list[str]
+    ) -> None:
+        """The same burst with WRITEBACK_DIRECTORY=relay, then single calls side by side."""
+        server = self.server(standin.url, target, lambda: relay.directory(target))
+        try:
+            assert server.wait_ready(600), "relay: initial reconcile did not finish"
+            order = groups[:]
+            self.rng.shuffle(order)
+            before, agent_cpu = server.stats, relay.cpu()
+            started = time.monotonic()
+            for group in order:
+                self.add_member(standin, group)
+            assert standin.standin("wait_idle", 600) and server.wait_idle(600)
+            seconds = time.monotonic() - started
+            delta, agent_cpu = diff(before, server.stats), relay.cpu() - agent_cpu
+        finally:
+            server.stop()
+        rate, direct_rate = delta.writes / seconds, self.pipeline_write_rate
+        direct = self.direct_burst
+        self.rows += [
+            (
+                "relay: burst, events applied / dead letters",
+                f"{delta.events} / {delta.dead_lettered}",
+            ),
+            ("relay: burst, LDAP writes per second", f"{rate:.0f}"),
+            (
+                "relay: burst writes/s vs direct burst (ratio)",
+                f"{rate:.0f} vs {direct_rate:.0f} ({rate / direct_rate:.2f})",
+            ),
+            (
+                "relay: burst latency p50 / p99, ms (direct)",
+                f"{fmt_latency(delta)} ({fmt_latency(direct)})",
+            ),
+            ("relay: CPU seconds, relay stand-in + agent process", f"{agent_cpu:.2f}"),
+        ]
+        self.single_calls(relay, target, groups)
+
+    def single_calls(self, relay: RemoteRelay, target: str, groups: list[str]) -> None:
+        """One thread, one call at a time: what the relay adds to each operation."""
+        count = min(self.args.relay_ops, len(groups))
+        sids = [self.small_sids[name] for name in self.small_users]
+        timings: dict[str, list[float]] = {}
+        for path, directory in (
+            ("direct", self.dc.directory(target)),
+            ("relay", relay.directory(target)),
+        ):
+            reads, writes = [], []
+            for group in groups[:count]:
+                started = time.perf_counter()
+                current = directory.find_group_attributes(group)
+                reads.append(time.perf_counter() - started)
+                assert current is not None
+                value = f"<SID={self.rng.choice(sids)}>"
+                while value[5:-1] in self.members_sids(group):
+                    value = f"<SID={self.rng.choice(sids)}>"
+                self.member_sids_added.setdefault(group, set()).add(value[5:-1])
+                started = time.perf_counter()
+                directory.apply(Modify(group, current.dn, Changes(add_members=(value,))))
+                writes.append(time.perf_counter() - started)
+            directory.close()
+            timings[f"{path} read"], timings[f"{path} write"] = reads, writes
+        labels = {"read": "one group read (no members)", "write": "one write (one member added)"}
+        for kind, label in labels.items():
+            direct, through = median(timings[f"direct {kind}"]), median(timings[f"relay {kind}"])
+            self.rows.append(
+                (
+                    f"relay: {label}, p50 ms, relay vs direct (added)",
+                    f"{through * 1000:.1f} vs {direct * 1000:.1f} "
+                    f"(+{(through - direct) * 1000:.1f})",
+                )
+            )
+        writes_per_second = count / sum(timings["relay write"])
+        direct_per_second = count / sum(timings["direct write"])
+        self.rows.append(
+            (
+                f"relay: sequential writes/s, {count} ops (direct, ratio)",
+                f"{writes_per_second:.0f} ({direct_per_second:.0f}, "
+                f"{writes_per_second / direct_per_second:.2f})",
+            )
+        )
+
+    def members_sids(self, group: str) -> set[str]:
+        return self.member_sids_added.get(group, set())
+
     # ----------------------------------------------------------------- helpers
 
     def one_event(
@@ -487,6 +667,11 @@ def diff(before: ServerStats, after: ServerStats) -> ServerStats:
         dead_lettered=after.dead_lettered - before.dead_lettered,
         latencies=after.latencies[len(before.latencies) :],
     )
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 def cpu_seconds() -> float:
