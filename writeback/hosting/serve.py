@@ -344,6 +344,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Method, path and status only: the query carries the webhook key
+        (``?code=``) and validation tokens, which no log line may hold."""
+        path = urlsplit(self.path).path if hasattr(self, "path") else "-"
+        log.debug("http: %s %s %s", getattr(self, "command", "-"), path, code)
+
     def do_POST(self) -> None:
         self.server.owner._serve_http(self)
 

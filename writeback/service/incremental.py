@@ -11,7 +11,9 @@ groups that changed since; this module keeps that link between runs:
 * a stored link -> :meth:`GraphCloud.group_changes`; every changed,
   soft-deleted or hard-deleted group is read again (Graph and AD, as the worker
   does) and planned once; the delete threshold applies across the run, exactly
-  as in a full sync (past it, no delete is applied and the plan says why);
+  as in a full sync (past it, no delete is applied and the plan says why); a
+  run that would delete every group we own becomes a full sync, so an empty
+  cloud holds the deletes back here too;
 * the link has expired (410 Gone, :class:`DeltaExpired`) -> a full sync and a
   new link, with ``fell_back_reason`` saying so.
 
@@ -209,6 +211,16 @@ def _incremental(
             log.warning("reconcile: group %s not planned: %s", group_id, error)
             errors.append((group_id, f"{type(error).__name__}: {error}"))
     _guard(deletes, plan, policy)
+    unguarded = deletes and plan.deletes_blocked is None and not policy.allow_deletes
+    if unguarded and _would_empty(deletes, directory):
+        reason = (
+            f"the changes delete all {len(deletes)} written-back groups; a full read "
+            "decides (as a full sync would, an empty cloud deletes nothing)"
+        )
+        log.warning("reconcile: %s", reason)
+        return _full(
+            cloud, directory, options, policy, reason=reason, fell_back=None, progress=progress
+        )
     result = apply_plan(plan, directory, progress=progress)
     clean = not result.failures and not errors and plan.deletes_blocked is None
     next_link = changes.delta_link if clean and changes.delta_link else delta_link
@@ -273,6 +285,13 @@ def _plan_one(
         return
     plan.groups_in_cloud += 1
     plan_cloud_group(plan, group, current, options)
+
+
+def _would_empty(deletes: list[Delete], directory: Directory) -> bool:
+    """Whether ``deletes`` remove every group we own: what a cloud that suddenly
+    returns nothing (an outage, a bug) would look like through the delta."""
+    doomed = {d.group_id for d in deletes}
+    return all(group.group_id in doomed for group in directory.iter_groups())
 
 
 def _guard(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
