@@ -192,7 +192,36 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         status = collect_status(queue, state)
     for line in format_status(status):
         print(line, file=out)
-    return EXIT_FAILURES if status.queue_error else EXIT_OK
+    agent_ok = _print_agent_status(out)
+    return EXIT_FAILURES if status.queue_error or not agent_ok else EXIT_OK
+
+
+def _print_agent_status(out: TextIO) -> bool:
+    """With WRITEBACK_DIRECTORY=relay: whether the agent answers a signed call."""
+    import time
+
+    from writeback.config import DirectoryKind
+    from writeback.wiring import build_directory
+
+    if os.environ.get("WRITEBACK_DIRECTORY", "").strip().lower() != DirectoryKind.RELAY:
+        return True
+    settings = load_settings()
+    if settings.relay is None:
+        return True
+    where = f"{settings.relay.namespace}/{settings.relay.path}"
+    started = time.monotonic()
+    try:
+        directory = build_directory(settings)
+        try:
+            directory.schema_attributes()
+        finally:
+            directory.close()
+    except WritebackError as error:
+        print(f"relay agent: {where} FAILED: {type(error).__name__}: {error}", file=out)
+        return False
+    elapsed = (time.monotonic() - started) * 1000
+    print(f"relay agent: {where} answered a signed call in {elapsed:.0f} ms", file=out)
+    return True
 
 
 def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

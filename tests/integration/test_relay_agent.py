@@ -8,12 +8,14 @@ connection.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +23,10 @@ from ldap3 import BASE
 
 from tests.support.relay import LISTEN, PATH, SEND, RelayRig, relay_rig
 from tests.support.world import World, make_world
+from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
 from writeback.agent_protocol import encode, sign
+from writeback.cli import EXIT_FAILURES, EXIT_OK, main
 from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
 from writeback.domain.naming import dn_for
 from writeback.errors import LdapUnavailable, PolicyRefused, RelayRefused, RelayUnavailable
@@ -251,6 +255,36 @@ def test_no_agent_listening_is_transient_and_a_second_agent_takes_over(
     second.stop()
     with pytest.raises(RelayUnavailable):
         relay.find_group(gids[0])
+
+
+def test_status_says_whether_the_agent_answers(
+    world: World, rig: RelayRig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    through_relay(world, rig)
+    LocalQueue(tmp_path / "queue.sqlite3").close()
+    for name in [n for n in os.environ if n.startswith("WRITEBACK_")]:
+        monkeypatch.delenv(name)
+    for name, value in {
+        "WRITEBACK_QUEUE": "local",
+        "WRITEBACK_QUEUE_PATH": str(tmp_path / "queue.sqlite3"),
+        "WRITEBACK_STATE_PATH": str(tmp_path / "state.json"),
+        "WRITEBACK_DIRECTORY": "relay",
+        "WRITEBACK_TARGET_OU": world.ou,
+        "WRITEBACK_RELAY_NAMESPACE": rig.standin.namespace,
+        "WRITEBACK_RELAY_PATH": PATH,
+        "WRITEBACK_RELAY_SEND_KEY": SEND.key,
+        "WRITEBACK_RELAY_CALLER_KEY": rig.caller_key,
+        "WRITEBACK_RELAY_CA_FILE": str(rig.standin.ca_file),
+    }.items():
+        monkeypatch.setenv(name, value)
+    out = io.StringIO()
+    assert main(["status"], out=out) == EXIT_OK
+    assert f"relay agent: {rig.standin.namespace}/{PATH} answered a signed call" in out.getvalue()
+    monkeypatch.setenv("WRITEBACK_RELAY_CALLER_KEY", "w" * 40)
+    out = io.StringIO()
+    assert main(["status"], out=out) == EXIT_FAILURES
+    assert "FAILED: RelayRefused: request signature does not match" in out.getvalue()
+    assert rig.caller_key not in out.getvalue()
 
 
 def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayRig) -> None:
