@@ -37,6 +37,9 @@ from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
 from azure.functions.timer import TimerRequest
 
 import function_app
+from tests.support.relay import PATH as RELAY_PATH
+from tests.support.relay import SEND as RELAY_SEND
+from tests.support.relay import relay_rig
 from tests.support.settings import agent_only_settings, settings_read_by_the_code
 from tests.support.world import World, make_world
 from writeback import logging_setup
@@ -437,6 +440,46 @@ def test_notification_to_queue_to_worker_puts_the_group_in_ad(
     line = json.loads(JsonFormatter().format(record))
     assert (line["operation"], line["outcome"]) == ("add", "completed")
     assert line["latency_ms"] >= 0
+
+
+def test_the_worker_writes_through_the_relay_agent_and_never_holds_the_ad_password(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITEBACK_DIRECTORY=relay: the Function app holds a Send key and the caller key;
+    the agent on-premises holds the AD credential and its own policy."""
+    sub_ou = world.dc.create_ou("AgentOnly", world.ou)
+    with relay_rig() as rig:
+        rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+        for name in ("WRITEBACK_LDAP_URL", "WRITEBACK_LDAP_USER", "WRITEBACK_LDAP_PASSWORD"):
+            monkeypatch.delenv(name)
+        relay_env = {
+            "WRITEBACK_DIRECTORY": "relay",
+            "WRITEBACK_RELAY_NAMESPACE": rig.standin.namespace,
+            "WRITEBACK_RELAY_PATH": RELAY_PATH,
+            "WRITEBACK_RELAY_SEND_KEY": RELAY_SEND.key,
+            "WRITEBACK_RELAY_CALLER_KEY": rig.caller_key,
+            "WRITEBACK_RELAY_CA_FILE": str(rig.standin.ca_file),
+        }
+        for name, value in relay_env.items():
+            monkeypatch.setenv(name, value)
+        functions.reset()
+        gid = world.add_group(1, "Through the relay", ["user0", "user1"])
+        assert http("notifications", notification(gid)).status_code == 202
+        assert host.drain() == 1
+        entry_ = world.ad_entry(gid)
+        assert entry_ is not None
+        assert entry_["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+        # An agent whose own OU is narrower refuses: the event is dead-lettered with why.
+        rig.agents.pop().stop()
+        rig.start_agent(lambda: world.dc.directory(world.ou), sub_ou)
+        world.tenant.update_group(gid, display_name="Refused")
+        assert http("notifications", notification(gid, seq=2)).status_code == 202
+        assert host.drain() == 1
+        [letter] = host.queue.dead_letters()
+        assert letter.reason == "PolicyRefused"
+        assert "not below the target OU" in letter.description
+        entry_ = world.ad_entry(gid)
+        assert entry_ is not None and entry_["displayname"] == ["Through the relay"]
 
 
 def test_a_burst_for_one_group_is_one_invocation_and_one_write(world: World, host: Host) -> None:
