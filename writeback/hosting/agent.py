@@ -50,7 +50,7 @@ from writeback.agent_protocol import (
 from writeback.domain.model import Add, Delete, DirectoryGroup, Operation
 from writeback.domain.naming import dn_key
 from writeback.domain.policy import AgentPolicy, DeleteBudget, check_group_id, check_operation
-from writeback.errors import PolicyRefused, WritebackError
+from writeback.errors import ConfigError, PolicyRefused, WritebackError
 
 if TYPE_CHECKING:
     from writeback.config import AgentSettings
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 audit = logging.getLogger("writeback.audit")
 
+#: The digest of a group read without its members.
+NO_MEMBERS = member_digest([])
 #: How long a reading stays usable for the next page of the same read.
 READING_TTL = 60.0
 _MAX_READINGS = 16
@@ -130,7 +132,7 @@ class AgentService:
     ) -> None:
         """``member_page``: member SIDs per response (smaller in tests, to page)."""
         if not caller_key:
-            raise ValueError("the agent needs a caller key")
+            raise ConfigError("the agent needs a caller key (WRITEBACK_RELAY_CALLER_KEY)")
         self._directory = directory
         self._policy = policy
         self._signatures = SignatureCheck(caller_key)
@@ -184,11 +186,7 @@ class AgentService:
         record.fields["group_id"] = group_id
         if not payload.get("members", True):
             found = self._directory.find_group_attributes(group_id)
-            return {
-                "group": None
-                if found is None
-                else _Reading.of(found, 0.0, self._member_page).page(0)
-            }
+            return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
         offset = _whole(payload, "offset")
         reading = self._reading(group_id, str(payload.get("digest") or ""), offset)
         return {"group": None if reading is None else reading.page(offset)}
