@@ -8,7 +8,8 @@ Graph stand-in in process, the real LDAP adapter), in one run on the same DC:
 2. one member removed in the cloud, then one added back: each must be one
    small LDAP write (the member delta since the stored link), whatever the
    group's size;
-3. a no-op full sync over it (reads every member value from both sides);
+3. a no-op full sync over it (reads every member value from both sides), with the
+   adapter's default LDAP timeout and, if that times out, with a long one;
 
 each with the Graph requests, LDAP requests, values written, member values
 read and seconds, next to a plain ldap3 loop making the same writes (the add
@@ -27,13 +28,15 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
-from ldap3 import MODIFY_ADD
+from ldap3 import BASE, MODIFY_ADD
 
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.domain.mapping import MAX_MEMBER_LIMIT, MappingOptions
 from writeback.domain.model import Add, Modify, Operation, Rename
+from writeback.errors import LdapUnavailable
 from writeback.report import markdown_table
 from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.sandbox.samba import SambaDC, free_loopback_address, running_dc
@@ -43,6 +46,10 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 CHUNK = 5000
 #: Users per offline creation: one transaction of 250,000 overflows LMDB (MDB_TXN_FULL).
 USER_BATCH = 100_000
+#: Seconds a read may take when the default is not enough.
+LONG_TIMEOUT = 600.0
+#: Extended-DN control asking for the string form (<GUID=...>;<SID=...>;CN=...).
+EXTENDED_DN = ("1.2.840.113556.1.4.529", False, b"\x30\x03\x02\x01\x01")
 #: What one measured step did: the operation it applied (if any) and its LDAP requests.
 Step = tuple[Operation | None, int]
 
@@ -77,7 +84,8 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
     for start in range(0, size, USER_BATCH):
         sids |= dc.create_users(users_ou, names[start : start + USER_BATCH])
     print(f"setup: {size} users in {time.monotonic() - started:.1f} s", flush=True)
-    plain_add, plain_modify = plain_loop(dc, [sids[n] for n in names])
+    plain_add, plain_modify, plain_dn = plain_loop(dc, [sids[n] for n in names])
+    plain_read = plain_member_read(dc, plain_dn)
     tenant = Tenant()
     for name in names:
         tenant.add_user(_uid(name), sid=sids[name], synced=True)
@@ -105,10 +113,12 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
             created = costs.measure(event)
             removed = costs.measure(lambda: event(lambda: tenant.remove_members(group, first)))
             added = costs.measure(lambda: event(lambda: tenant.add_members(group, [one])))
-            noop = costs.measure(lambda: full_sync(cloud, directory, options))
+        finally:
+            directory.close()
+        try:
+            noop = no_op_syncs(standin, cloud, dc, options, plain_read)
         finally:
             cloud.close()
-            directory.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return [
         ("members of the group", f"{size:,}"),
@@ -123,7 +133,8 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
         ("1 member added back (member delta)", added.row()),
         ("plain ldap3: one modify adding one member, s", f"{plain_modify:.3f}"),
         ("ratio 1-member event / plain modify", f"{added.seconds / plain_modify:.1f}"),
-        ("no-op full sync over the group", noop.row()),
+        ("plain ldap3: reading the group's members (extended DN), s", f"{plain_read:.2f}"),
+        *noop,
         ("peak RSS of this process, MB", f"{peak:.0f}"),
     ]
 
@@ -150,6 +161,36 @@ class Costs:
         )
 
 
+def no_op_syncs(
+    standin: GraphStandIn,
+    cloud: GraphCloud,
+    dc: SambaDC,
+    options: MappingOptions,
+    plain_read: float,
+) -> list[tuple[str, str]]:
+    """The reconcile's full read over the group, with the adapter's default LDAP timeout
+    and, when that is not enough, with a long one, so both outcomes are on record."""
+    rows = []
+    for timeout in (None, LONG_TIMEOUT):
+        label = f"no-op full sync, LDAP timeout {timeout or 'default'} s"
+        directory = dc.directory(options.target_ou, **({"timeout": timeout} if timeout else {}))
+        started = time.monotonic()
+        try:
+            cost = Costs(standin, directory).measure(partial(full_sync, cloud, directory, options))
+        except LdapUnavailable as error:
+            seconds = time.monotonic() - started
+            rows.append((label, f"fails after {seconds:.0f} s: {type(error).__name__}"))
+            continue
+        finally:
+            directory.close()
+        rows.append((label, cost.row()))
+        rows.append(
+            ("ratio no-op full sync / plain member read", f"{cost.seconds / plain_read:.1f}")
+        )
+        break
+    return rows
+
+
 def full_sync(cloud: GraphCloud, directory: LdapDirectory, options: MappingOptions) -> Step:
     result = apply_plan(plan_sync(cloud, directory, options, SyncPolicy()), directory)
     assert not result.plan.operations, "the group did not converge"
@@ -167,7 +208,7 @@ def values_written(operation: Operation | None) -> int:
     return 0
 
 
-def plain_loop(dc: SambaDC, sids: list[str]) -> tuple[float, float]:
+def plain_loop(dc: SambaDC, sids: list[str]) -> tuple[float, float, str]:
     """The same writes as bare ldap3 calls into another OU: the add with the first
     chunk of members, the rest in modifies of the same size; then one modify."""
     ou = dc.create_ou("BenchBigPlain")
@@ -186,7 +227,20 @@ def plain_loop(dc: SambaDC, sids: list[str]) -> tuple[float, float]:
         started = time.monotonic()
         if not conn.modify(dn, {"member": [(MODIFY_ADD, [f"<SID={sids[0]}>"])]}):
             raise RuntimeError(f"plain modify failed: {conn.result}")
-        return add_seconds, time.monotonic() - started
+        return add_seconds, time.monotonic() - started, dn
+    finally:
+        conn.unbind()
+
+
+def plain_member_read(dc: SambaDC, dn: str) -> float:
+    """Seconds for a bare ldap3 read of every member value, as SIDs, like the adapter's."""
+    conn = dc.connection(receive_timeout=int(LONG_TIMEOUT))
+    try:
+        started = time.monotonic()
+        conn.search(dn, "(objectClass=group)", BASE, attributes=["member"], controls=[EXTENDED_DN])
+        seconds = time.monotonic() - started
+        assert conn.entries and conn.entries[0].entry_attributes_as_dict["member"]
+        return seconds
     finally:
         conn.unbind()
 
