@@ -209,6 +209,7 @@ class Chaos:
         self.members: dict[str, set[str]] = {}
         self.deleted: set[str] = set()
         self.crasher: threading.Thread | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
         self.graph_url = world.standin.url
 
     @property
@@ -249,10 +250,15 @@ class Chaos:
         started = time.monotonic()
         server = self.start(self.config.member_limit)
         try:
+            self.children = [self.spawn_crash_worker() for _ in range(self.config.crashes)]
             self.stream(server)
             self.settle(server)
             self.check(server)
         finally:
+            for child in self.children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
             server.stop()
             self.world.standin.clear_faults()
         server = self.start(self.config.member_limit * 100)
@@ -385,15 +391,18 @@ class Chaos:
         self.report.faults["poison messages"] += self.config.poison
 
     def crash_a_worker(self, server: Server) -> None:
-        """In the background: hold the server's workers so a child-process worker takes
-        the next sessions, and let it die right after its first write."""
+        """In the background: hold the server's workers so the next waiting child-process
+        worker (connected already) takes the next sessions and dies after its first write."""
         if self.crasher is not None:
             self.crasher.join()
+        child = next(child for child in self.children if child.stdin and not child.stdin.closed)
 
         def crash() -> None:
             server.pause()
             try:
-                child = self.spawn_crash_worker()
+                assert child.stdin is not None
+                child.stdin.write(b"go\n")
+                child.stdin.close()
                 child.wait(60)
             finally:
                 server.resume()
@@ -404,6 +413,7 @@ class Chaos:
         self.crasher.start()
 
     def spawn_crash_worker(self) -> subprocess.Popen[bytes]:
+        """A worker in a child process, connected and waiting for its ``go``."""
         dc, world = self.world.dc, self.world
         spec = {
             "queue": str(self.queue_path),
@@ -412,7 +422,7 @@ class Chaos:
             "graph_url": self.graph_url,
             "member_limit": self.config.member_limit,
             "marker": str(self.marker),
-            "seconds": 40,
+            "seconds": 120,
             "ldap": {
                 "url": dc.ldaps_url,
                 "user": dc.admin_dn,
@@ -421,15 +431,17 @@ class Chaos:
                 "ca_file": dc.ca_file,
             },
         }
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.crash_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.tmp / "crash-worker.log").open("ab"),
-        )
-        assert child.stdin is not None
-        child.stdin.write(json.dumps(spec).encode())
-        child.stdin.close()
+        with (self.tmp / "crash-worker.log").open("ab") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "tests.reliability.crash_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(spec).encode() + b"\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == b"ready", "the crash worker did not connect"
         return child
 
     # ----------------------------------------------------------------- the end

@@ -6,8 +6,10 @@ write it made is neither completed nor abandoned: its lock has to expire before
 the message is delivered again, as after a real crash. Before dying it appends
 the group id to the marker file, so the parent knows a write did happen.
 
-Reads its settings as one JSON object on stdin (the DC password stays off the
-command line). Exits 0 when it found no write to make before its deadline.
+Reads its settings as one JSON line on stdin (the DC password stays off the
+command line), connects, prints ``ready``, and waits for a ``go`` line before it
+takes any work, so the parent decides when the crash happens. Exits 0 when it
+found no write to make before its deadline.
 
     python -m tests.reliability.crash_worker < spec.json
 """
@@ -85,7 +87,7 @@ def _context(spec: dict[str, Any], deadline: float) -> WorkerContext | None:
 
 
 def main() -> int:
-    spec = json.load(sys.stdin)
+    spec = json.loads(sys.stdin.readline())
     deadline = time.monotonic() + spec["seconds"]
     queue = LocalQueue(
         spec["queue"],
@@ -93,6 +95,9 @@ def main() -> int:
         max_delivery_count=spec["max_delivery_count"],
     )
     context = _context(spec, deadline)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 0
     while context is not None and time.monotonic() < deadline:
         try:
             run_once(queue, context, wait=0.5)

@@ -44,6 +44,7 @@ def test_every_group_converges_through_faults(
     faults = report.faults
     assert report.events == config.events
     assert faults["DC stopped and restarted"] == 1
+    assert report.put_back > 0, "the outage and the faults never reached the workers"
     assert faults["Graph 429 with Retry-After"] > 0 and faults["Graph 503"] > 0
     assert faults["duplicate notification POSTs"] > 0
     assert faults["late, out-of-order notifications"] > 0
