@@ -334,7 +334,7 @@ def test_outage_listener_backs_off_and_returns(
         time.sleep(1.0)  # and keeps failing to reconnect while the relay is out
         assert not listener.connected.is_set()
         relay.resume()
-        assert relay.wait_for_listeners(PATH, 1, timeout=10)
+        assert relay.wait_for_listeners(PATH, 1, timeout=30)  # a retry after a stuck handshake
         assert sender.request("GET", "/after").status == 200
 
 

@@ -65,7 +65,8 @@ HOP_HEADERS = frozenset(
 )
 #: Statuses reserved to the relay itself; a listener answering them is sent as 500.
 _RELAY_ONLY_STATUSES = frozenset({502, 504})
-_OPEN_TIMEOUT = 15.0
+#: A handshake that gets no answer is given up and retried after this long.
+_OPEN_TIMEOUT = 10.0
 _BODY_FRAME_TIMEOUT = 30.0
 _POLL = 0.5
 
