@@ -32,18 +32,18 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ldap3 import SUBTREE
 
+from tests.reliability.crash_worker import AfterWrite
 from tests.support.world import EXTENDED_DN, World, user_id
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
-from writeback.domain.model import DirectoryGroup, Operation
+from writeback.domain.model import Operation
 from writeback.hosting.serve import ServeConfig, Server
 from writeback.ports import Directory, OutgoingMessage
 from writeback.service.reconcile import SyncPolicy, plan_sync
@@ -138,33 +138,16 @@ def _counts(counter: Counter[str]) -> str:
 # --------------------------------------------------------------------------- injected crashes
 
 
-class ErrorAfterWrite:
-    """The Directory port; chosen writes raise after they reached AD, before the ack."""
+class ErrorAfterWrite(AfterWrite):
+    """Chosen writes raise after they reached AD, before the acknowledgement."""
 
     def __init__(self, inner: LdapDirectory, budget: _Budget) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.budget = budget
 
-    def schema_attributes(self) -> frozenset[str]:
-        return self.inner.schema_attributes()
-
-    def find_group(self, group_id: str) -> DirectoryGroup | None:
-        return self.inner.find_group(group_id)
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
-        return self.inner.find_group_attributes(group_id)
-
-    def iter_groups(self) -> Iterator[DirectoryGroup]:
-        return self.inner.iter_groups()
-
-    def apply(self, operation: Operation) -> int:
-        requests = self.inner.apply(operation)
+    def after_write(self, operation: Operation) -> None:
         if self.budget.take():
             raise InjectedCrash(f"injected after the write to {operation.group_id}")
-        return requests
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class InjectedCrash(RuntimeError):
@@ -215,10 +198,6 @@ class Chaos:
     @property
     def queue_path(self) -> Path:
         return self.tmp / "queue.sqlite3"
-
-    @property
-    def marker(self) -> Path:
-        return self.tmp / "crashed-after-write.txt"
 
     def gid(self, n: int) -> str:
         return self.world.gid(n)
@@ -421,7 +400,6 @@ class Chaos:
             "max_delivery_count": MAX_DELIVERIES,
             "graph_url": self.graph_url,
             "member_limit": self.config.member_limit,
-            "marker": str(self.marker),
             "seconds": 120,
             "ldap": {
                 "url": dc.ldaps_url,

@@ -3,8 +3,8 @@
 It shares the single-machine SQLite queue file with the server under test and
 handles sessions with the product's own :func:`run_once`, so the message whose
 write it made is neither completed nor abandoned: its lock has to expire before
-the message is delivered again, as after a real crash. Before dying it appends
-the group id to the marker file, so the parent knows a write did happen.
+the message is delivered again, as after a real crash. Only that kill ends it
+with SIGKILL, so the parent knows a write happened from the exit status.
 
 Reads its settings as one JSON line on stdin (the DC password stays off the
 command line), connects, prints ``ready``, and waits for a ``go`` line before it
@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from writeback.adapters.directory import LdapDirectory
@@ -34,12 +33,12 @@ from writeback.errors import WritebackError
 from writeback.service.handle_event import WorkerContext, run_once
 
 
-class KillAfterWrite:
-    """The Directory port; the first successful ``apply`` is followed by SIGKILL."""
+class AfterWrite:
+    """The Directory port around the real adapter, with a step right after each write
+    (before the worker can acknowledge it): what the fault-injection wrappers share."""
 
-    def __init__(self, inner: LdapDirectory, marker: Path) -> None:
+    def __init__(self, inner: LdapDirectory) -> None:
         self.inner = inner
-        self.marker = marker
 
     def schema_attributes(self) -> frozenset[str]:
         return self.inner.schema_attributes()
@@ -55,10 +54,21 @@ class KillAfterWrite:
 
     def apply(self, operation: Operation) -> int:
         requests = self.inner.apply(operation)
-        with self.marker.open("a") as out:
-            out.write(f"{operation.group_id}\n")
+        self.after_write(operation)
+        return requests
+
+    def after_write(self, operation: Operation) -> None:
+        """Nothing here; a fault in a subclass."""
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class KillAfterWrite(AfterWrite):
+    """The process dies (SIGKILL) right after its first write."""
+
+    def after_write(self, operation: Operation) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
-        return requests  # pragma: no cover - never reached
 
 
 def _context(spec: dict[str, Any], deadline: float) -> WorkerContext | None:
@@ -76,7 +86,7 @@ def _context(spec: dict[str, Any], deadline: float) -> WorkerContext | None:
             continue
         return WorkerContext(
             cloud=GraphCloud(base_url=spec["graph_url"], backoff=0.05, max_wait=1.0),
-            directory=KillAfterWrite(directory, Path(spec["marker"])),
+            directory=KillAfterWrite(directory),
             options=options,
             attempts=1,
             max_wait=0.1,
