@@ -4,8 +4,10 @@ from hypothesis import strategies as st
 from writeback.domain.naming import (
     MAX_CN,
     DnFormat,
+    canonical_dn,
     cn_for,
     dn_for,
+    dn_key,
     escape_dn_value,
     escape_filter_value,
     first_rdn,
@@ -87,3 +89,16 @@ def test_a_child_dn_is_always_within_its_parent(cn: str, ou: str) -> None:
     dn = dn_for(cn, parent)
     assert parent_of(dn) == parent
     assert strictly_within(dn, parent)
+
+
+def test_canonical_dn_drops_escapes_a_dc_added_and_keeps_the_needed_ones() -> None:
+    assert canonical_dn("CN=On call\\?_12,OU=W,DC=x") == "CN=On call?_12,OU=W,DC=x"
+    assert canonical_dn("CN=caf\\C3\\A9,OU=M365\\, Groups,DC=x") == "CN=café,OU=M365\\, Groups,DC=x"
+    assert canonical_dn("cn=a+sn=b,OU=W") == "cn=a+sn=b,OU=W"
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_canonical_dn_keeps_our_own_dns_and_their_identity(cn: str, ou: str) -> None:
+    dn = dn_for(cn, f"OU={escape_dn_value(ou)},DC=example,DC=com")
+    assert canonical_dn(dn) == dn
+    assert dn_key(canonical_dn(dn)) == dn_key(dn)

@@ -135,6 +135,7 @@ from writeback.domain.model import (
 )
 from writeback.domain.naming import (
     DnKey,
+    canonical_dn,
     dn_key,
     escape_filter_value,
     parent_of,
@@ -412,7 +413,7 @@ class LdapDirectory:
             else:
                 others.add(member.dn)
         return DirectoryGroup(
-            dn=ref.dn,
+            dn=canonical_dn(ref.dn),
             group_id=group_id,
             attributes=attributes,
             member_sids=frozenset(sids),

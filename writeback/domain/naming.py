@@ -148,6 +148,28 @@ def strictly_within(dn: str, base_dn: str) -> bool:
     return len(key) > len(base) and key[len(key) - len(base) :] == base
 
 
+def canonical_dn(dn: str) -> str:
+    r"""``dn`` with every single-valued RDN's value re-escaped the RFC 4514 way.
+
+    DNs read from a DC are written back to it (modify, rename, delete), but a DC
+    may escape more than RFC 4514 asks and then fail to parse its own form:
+    Samba returns ``CN=On call\?`` for a CN holding ``?`` and refuses that DN as
+    a base or a target. Unescaping and escaping again gives the form every DC
+    accepts; a multi-valued RDN (an unescaped ``+``) is kept as it is.
+    """
+    rdns: list[str] = []
+    rest = dn
+    while rest.strip():
+        rdn = first_rdn(rest)
+        attr, sep, value = rdn.partition("=")
+        if not sep or _has_unescaped(rdn, "+"):
+            rdns.append(rdn.strip())
+        else:
+            rdns.append(f"{attr.strip()}={escape_dn_value(unescape_dn_value(_trim(value)))}")
+        rest = parent_of(rest)
+    return ",".join(rdns)
+
+
 def single_cn_rdn(rdn: str) -> bool:
     """True for exactly one ``CN=value`` RDN: no unescaped ``,`` or ``+``, a value."""
     if parent_of(rdn) or _has_unescaped(rdn, "+"):
