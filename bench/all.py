@@ -5,7 +5,7 @@ peak RSS of its process (``wait4``), and writes ``bench/results.md``; the README
 Benchmarks section shows the same tables (between the ``bench:results`` markers,
 rewritten by this command).
 
-    ./scripts/bench            # full sizes (about 10 minutes on 2 cores)
+    ./scripts/bench            # full sizes (about 20 minutes on 2 cores)
     ./scripts/bench --quick    # small sizes, to check the harness
 """
 
@@ -139,7 +139,10 @@ def render(outcomes: list[Outcome], note: str, *, quick: bool) -> str:
         command = " ".join(("python", *outcome.bench.command, *_without_address(outcome.arguments)))
         rows = [
             *outcome.rows,
-            ("peak RSS of the benchmark's largest process, MB (wait4)", f"{outcome.peak_mb:.0f}"),
+            (
+                "peak RSS of the largest process of its tree (its DC too), MB",
+                f"{outcome.peak_mb:.0f}",
+            ),
             ("benchmark wall time, s (setup included)", f"{outcome.seconds:.0f}"),
         ]
         lines += ["", f"#### {outcome.bench.title}", "", f"`{command}`", "", markdown_table(rows)]
