@@ -107,8 +107,7 @@ def exchange_ou(exchange_dc: SambaDC) -> str:
 def test_any_display_name_and_description_round_trip_in_displayname_format(
     samba_dc: SambaDC, plain_ou: str, name: str, description: str
 ) -> None:
-    directory = samba_dc.directory(plain_ou)
-    try:
+    with samba_dc.directory(plain_ou) as directory:
         options = MappingOptions(target_ou=plain_ou, dn_format=DnFormat.DISPLAY_NAME)
         group = CloudGroup(str(uuid.uuid4()), name, description=description)
         dn = write(directory, options, group)
@@ -121,8 +120,6 @@ def test_any_display_name_and_description_round_trip_in_displayname_format(
         assert got.get("description") == cleaned(description, 1024)
         [cn] = got["cn"]
         assert len(cn) <= MAX_CN and cn.endswith("_" + group.id[-12:])
-    finally:
-        directory.close()
 
 
 @EXAMPLES
@@ -130,9 +127,8 @@ def test_any_display_name_and_description_round_trip_in_displayname_format(
 def test_a_rename_between_any_two_names_lands_on_the_second(
     samba_dc: SambaDC, plain_ou: str, first: str, second: str
 ) -> None:
-    assume(encodable(first, second) and "?" not in first + second)
-    directory = samba_dc.directory(plain_ou)
-    try:
+    assume(encodable(first, second))
+    with samba_dc.directory(plain_ou) as directory:
         options = MappingOptions(target_ou=plain_ou, dn_format=DnFormat.DISPLAY_NAME)
         gid = str(uuid.uuid4())
         assert write(directory, options, CloudGroup(gid, first)) is not None
@@ -145,8 +141,6 @@ def test_a_rename_between_any_two_names_lands_on_the_second(
             )
             is None
         ), "a second sync must find nothing to write"
-    finally:
-        directory.close()
 
 
 @EXAMPLES
@@ -154,8 +148,7 @@ def test_a_rename_between_any_two_names_lands_on_the_second(
 def test_any_mail_nickname_round_trips_or_is_refused_with_a_reason(
     exchange_dc: SambaDC, exchange_ou: str, nickname: str, name: str
 ) -> None:
-    directory = exchange_dc.directory(exchange_ou)
-    try:
+    with exchange_dc.directory(exchange_ou) as directory:
         options = MappingOptions(
             target_ou=exchange_ou, schema_attributes=directory.schema_attributes()
         )
@@ -168,8 +161,6 @@ def test_any_mail_nickname_round_trips_or_is_refused_with_a_reason(
         got = read(exchange_dc, dn, "mailNickname", "displayName")
         assert got.get("mailnickname") == cleaned(nickname, 64)
         assert got.get("displayname") == cleaned(name, 256)
-    finally:
-        directory.close()
 
 
 @EXAMPLES
@@ -180,8 +171,7 @@ def test_an_escaped_filter_value_matches_exactly_that_value(
     # A token in the middle makes the value unique, so exactly one object may match;
     # an unescaped * ( ) \ around it would widen, break or reshape the filter.
     value = before + uuid.uuid4().hex + after
-    directory = samba_dc.directory(plain_ou)
-    try:
+    with samba_dc.directory(plain_ou) as directory:
         group = CloudGroup(str(uuid.uuid4()), value)
         assert write(directory, MappingOptions(target_ou=plain_ou), group) is not None
         conn = samba_dc.connection()
@@ -196,16 +186,13 @@ def test_an_escaped_filter_value_matches_exactly_that_value(
         finally:
             conn.unbind()
         assert anchors == [f"Group_{group.id}"]
-    finally:
-        directory.close()
 
 
 def test_a_question_mark_in_the_display_name_survives_a_later_write(
     samba_dc: SambaDC, make_ou: MakeOu
 ) -> None:
     ou = make_ou(samba_dc)
-    directory = samba_dc.directory(ou)
-    try:
+    with samba_dc.directory(ou) as directory:
         options = MappingOptions(target_ou=ou, dn_format=DnFormat.DISPLAY_NAME)
         gid = str(uuid.uuid4())
         assert write(directory, options, CloudGroup(gid, "On call?")) is not None
@@ -214,8 +201,6 @@ def test_a_question_mark_in_the_display_name_survives_a_later_write(
         assert read(samba_dc, f"<GUID={guid_of(samba_dc, ou, gid)}>", "description") == {
             "description": ["rota"]
         }
-    finally:
-        directory.close()
 
 
 def guid_of(dc: SambaDC, ou: str, gid: str) -> str:
@@ -232,13 +217,10 @@ def test_the_mapping_never_makes_a_value_the_schema_refuses(
     samba_dc: SambaDC, make_ou: MakeOu
 ) -> None:
     ou = make_ou(samba_dc)
-    directory = samba_dc.directory(ou)
-    try:
+    with samba_dc.directory(ou) as directory:
         options = MappingOptions(target_ou=ou, dn_format=DnFormat.DISPLAY_NAME)
         longest = CloudGroup(str(uuid.uuid4()), "n" * 5000, description="d" * 5000)
         dn = write(directory, options, longest)
         assert dn is not None
         got = read(samba_dc, dn, "displayName", "description")
         assert got == {"displayname": ["n" * 256], "description": ["d" * 1024]}
-    finally:
-        directory.close()

@@ -41,8 +41,10 @@ EXCHANGE = MappingOptions(
 
 def unescape_filter(value: str) -> str:
     """RFC 4515's decoding: ``\\XX`` is the byte 0xXX of the UTF-8 value."""
-    raw = re.sub(rb"\\([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode())
-    return raw.decode()
+    # surrogatepass: Graph's JSON can carry lone surrogates, escaping must not choke on them
+    encoded = value.encode("utf-8", "surrogatepass")
+    raw = re.sub(rb"\\([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), encoded)
+    return raw.decode("utf-8", "surrogatepass")
 
 
 @given(HOSTILE)

@@ -224,7 +224,9 @@ def test_fuzzed_requests_never_5xx_and_never_enqueue_garbage(
     if enqueued:
         assert status == 202
         assert body == notification() and honest
-        assert method == "POST" and path.rstrip("/") == "/api/notifications" and token is None
+        # http.server collapses leading slashes ("//api/..." is "/api/...").
+        served = "/" + path.strip("/")
+        assert method == "POST" and served == "/api/notifications" and token is None
         assert key in VALID_KEYS
     for line in records.lines:
         assert SECRET not in line
