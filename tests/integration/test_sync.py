@@ -202,8 +202,12 @@ def test_decoys_are_never_touched(world: World) -> None:
     outside_ou = world.dc.create_ou("Outside", world.users_ou.split(",", 1)[1])
     same_name = dn_for(f"Group_{gid}", world.users_ou)
     outside_anchor = f"CN=Anchored outside,{outside_ou}"
+    look_alike = dn_for("Finance", world.ou)  # an admin's own Group_ text, not an object id
     conn = world.dc.connection()
     assert conn.add(same_name, ["top", "group"], {"displayName": "same name, no anchor"})
+    assert conn.add(
+        look_alike, ["top", "group"], {"adminDescription": "Group_Finance", "displayName": "kept"}
+    )
     assert conn.add(
         outside_anchor,
         ["top", "group"],
@@ -214,7 +218,12 @@ def test_decoys_are_never_touched(world: World) -> None:
     world.tenant.hard_delete_group(gid)
     world.sync()
     conn = world.dc.connection()
-    for dn, name in ((same_name, "same name, no anchor"), (outside_anchor, "untouched")):
+    kept = (
+        (same_name, "same name, no anchor"),
+        (outside_anchor, "untouched"),
+        (look_alike, "kept"),
+    )
+    for dn, name in kept:
         assert conn.search(dn, "(objectClass=group)", attributes=["displayName"])
         assert conn.entries[0].displayName.value == name
     conn.unbind()

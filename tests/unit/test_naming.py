@@ -1,6 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from writeback.domain.model import group_id_from_anchor
 from writeback.domain.naming import (
     MAX_CN,
     DnFormat,
@@ -102,3 +103,9 @@ def test_canonical_dn_keeps_our_own_dns_and_their_identity(cn: str, ou: str) -> 
     dn = dn_for(cn, f"OU={escape_dn_value(ou)},DC=example,DC=com")
     assert canonical_dn(dn) == dn
     assert dn_key(canonical_dn(dn)) == dn_key(dn)
+
+
+def test_only_a_guid_after_the_prefix_makes_an_anchor_ours() -> None:
+    assert group_id_from_anchor(f"Group_{GID}") == GID
+    for text in ("Group_Finance", "Group_", f"Group_{GID}x", f"group_{GID}", GID):
+        assert group_id_from_anchor(text) is None

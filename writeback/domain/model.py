@@ -6,11 +6,13 @@ same inputs always returns the same operation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 ANCHOR_PREFIX = "Group_"
+OBJECT_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 #: Attribute values as AD stores them: every attribute a tuple of strings.
 #: An empty tuple in a replace means "clear the attribute".
@@ -80,8 +82,18 @@ def anchor_for(group_id: str) -> str:
     return f"{ANCHOR_PREFIX}{group_id}"
 
 
+def is_object_id(text: str) -> bool:
+    """An Entra object id: a GUID in its usual 8-4-4-4-12 hex form."""
+    return OBJECT_ID.fullmatch(text) is not None
+
+
 def group_id_from_anchor(anchor: str) -> str | None:
-    if anchor.startswith(ANCHOR_PREFIX) and len(anchor) > len(ANCHOR_PREFIX):
+    """The group id an anchor names, or None when it is not ``Group_<objectId>``.
+
+    An admin's own ``adminDescription=Group_Finance`` in the OU is not ours: only a
+    GUID after the prefix makes an object writeback's (or Entra Connect's).
+    """
+    if anchor.startswith(ANCHOR_PREFIX) and is_object_id(anchor[len(ANCHOR_PREFIX) :]):
         return anchor[len(ANCHOR_PREFIX) :]
     return None
 

@@ -19,12 +19,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from writeback.domain.mapping import CREATE_ONLY_ATTRIBUTES, MANAGED_ATTRIBUTES
-from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
+from writeback.domain.model import (
+    Add,
+    Changes,
+    Delete,
+    Modify,
+    Operation,
+    Rename,
+    anchor_for,
+    is_object_id,
+)
 from writeback.domain.naming import single_cn_rdn, strictly_within
 from writeback.errors import PolicyRefused
 
-#: Entra object ids are GUIDs; anything else cannot be one of our groups.
-_GROUP_ID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 #: A member we add is always a principal by SID, never a DN the sender chose.
 _SID_REFERENCE = re.compile(r"^<SID=S-1-\d+(?:-\d+){1,15}>$")
 
@@ -42,7 +49,7 @@ class AgentPolicy:
 
 
 def check_group_id(group_id: str) -> None:
-    if not _GROUP_ID.match(group_id):
+    if not is_object_id(group_id):
         raise PolicyRefused(f"{group_id!r} is not an Entra object id")
 
 
