@@ -71,9 +71,15 @@ def dn_for(cn: str, parent_dn: str) -> str:
 
 
 def escape_filter_value(value: str) -> str:
-    r"""Escape a value for an LDAP search filter (RFC 4515): ``* ( ) \ NUL``."""
-    table = {"*": "\\2a", "(": "\\28", ")": "\\29", "\\": "\\5c", "\x00": "\\00"}
-    return "".join(table.get(ch, ch) for ch in value)
+    r"""Escape a value for an LDAP search filter (RFC 4515).
+
+    ``* ( ) \`` and NUL must be escaped; control characters are escaped too
+    (``\0d``...), since Samba's filter parser mishandles some of them raw.
+    """
+    return "".join(
+        f"\\{ord(ch):02x}" if ch in "*()\\" or ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in value
+    )
 
 
 def sam_account_name_for(group_id: str) -> str:
