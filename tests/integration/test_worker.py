@@ -18,7 +18,7 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.events import Change, GroupChanged
 from writeback.ports import OutgoingMessage
 from writeback.sandbox.samba import SambaDC
-from writeback.service.handle_event import EventOutcome, WorkerContext, run_once
+from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes, run_once
 
 
 @pytest.fixture
@@ -159,3 +159,23 @@ def test_disabled_writeback_consumes_events_without_writing(
     [outcome] = drain(queue, replace(context(world), enabled=False))
     assert outcome.settlement == "completed" and outcome.ldap_requests == 0
     assert world.ad_entry(gid) is None
+
+
+def test_event_deletes_past_the_threshold_are_dead_lettered_not_made(
+    world: World, queue: LocalQueue
+) -> None:
+    """Graph answering "gone" for live groups (a fault) deletes at most the threshold
+    per 24 hours through events; the rest wait in the dead letters with the reason."""
+    gids = [world.add_group(n, f"G{n}", ["user0"]) for n in range(3)]
+    world.sync()
+    for gid in gids:
+        world.tenant.hard_delete_group(gid)
+        enqueue(queue, gid)
+    ctx = replace(context(world), deletes=event_deletes(2))
+    outcomes = drain(queue, ctx)
+    assert sorted(o.settlement for o in outcomes) == ["completed", "completed", "dead-lettered"]
+    [letter] = queue.dead_letters()
+    assert letter.reason == "PolicyRefused"
+    assert "delete limit reached" in letter.description
+    assert "WRITEBACK_DELETE_THRESHOLD" in letter.description
+    assert [world.ad_entry(gid) is None for gid in gids].count(True) == 2

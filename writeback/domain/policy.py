@@ -100,16 +100,24 @@ def _check_member_adds(values: Iterable[str]) -> None:
 class DeleteBudget:
     """At most ``limit`` deletes in any ``window`` seconds, across every caller.
 
-    The cloud side has its own threshold per reconcile; this one also holds when
-    deletes arrive one event at a time, or from a sender that skips the check.
-    Thread-safe: the agent serves several requests at once.
+    A reconcile counts its deletes against the threshold as a whole; events arrive
+    one group at a time, so the worker (and the agent, for any sender) count them
+    over a sliding window instead: a Graph fault answering "not found" for live
+    groups deletes at most ``limit`` of them. Thread-safe.
     """
 
     def __init__(
-        self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic
+        self,
+        limit: int,
+        window: float,
+        *,
+        setting: str = "WRITEBACK_AGENT_DELETE_LIMIT",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``setting`` names the knob in the refusal, so an admin knows what to raise."""
         self._limit = limit
         self._window = window
+        self._setting = setting
         self._clock = clock
         self._taken: deque[float] = deque()
         self._lock = threading.Lock()
@@ -122,6 +130,6 @@ class DeleteBudget:
             if len(self._taken) >= self._limit:
                 raise PolicyRefused(
                     f"delete limit reached: {self._limit} deletes in {self._window:.0f} s "
-                    "(WRITEBACK_AGENT_DELETE_LIMIT); replay the event once this is intended"
+                    f"({self._setting}); replay the event once this is intended"
                 )
             self._taken.append(now)

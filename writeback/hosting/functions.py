@@ -560,9 +560,11 @@ _runtime = _Runtime()
 
 def reset() -> None:
     """Close what the process built (tests switch settings between runs)."""
+    global _DELETES  # noqa: PLW0603
     _runtime.close()
     _schema_cache.clear()
     _reconciles.last_started = 0.0
+    _DELETES = None
 
 
 def servicebus_client(pipeline: PipelineSettings) -> ServiceBusClient:
@@ -756,11 +758,23 @@ def _worker_context(settings: Settings) -> tuple[Any, Any, WorkerContext]:
         soft_delete=settings.soft_delete,
         enabled=settings.enabled,
         links=_delta_links(),
+        deletes=_event_deletes(settings.delete_threshold),
     )
     return cloud, directory, ctx
 
 
 _LINKS: Any = None
+_DELETES: Any = None
+
+
+def _event_deletes(threshold: int) -> Any:
+    """The worker's delete cap, counted per warm instance across invocations."""
+    global _DELETES  # noqa: PLW0603 - one count per warm instance
+    if _DELETES is None:
+        from writeback.service.handle_event import event_deletes
+
+        _DELETES = event_deletes(threshold)
+    return _DELETES
 
 
 def _delta_links() -> Any:

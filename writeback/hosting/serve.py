@@ -68,6 +68,7 @@ from writeback.service.handle_event import (
     MAX_REDELIVERY_DELAY,
     EventOutcome,
     WorkerContext,
+    event_deletes,
     process_session,
     redelivery_delay,
 )
@@ -714,6 +715,7 @@ class Server:
             max_wait=config.max_wait,
             redelivery_scale=config.redelivery_scale,
             max_redelivery_delay=config.max_redelivery_delay,
+            deletes=event_deletes(self.policy.delete_threshold),
         )
         with self._lock:
             self._context = self._context or context

@@ -54,6 +54,7 @@ from writeback.domain.model import (
     Skip,
 )
 from writeback.domain.planner import plan_group, sid_ref
+from writeback.domain.policy import DeleteBudget
 from writeback.errors import PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
     CloudSource,
@@ -112,6 +113,17 @@ class WorkerContext:
     #: Per-group delta links (in memory unless given); None turns member deltas
     #: off, so every event reads the group in full from both sides.
     links: DeltaLinkStore | None = field(default_factory=_memory_links)
+    #: Deletes allowed over a sliding window (see :func:`event_deletes`); None: no cap.
+    deletes: DeleteBudget | None = None
+
+
+#: The window the worker counts its deletes over.
+DELETE_WINDOW = 24 * 3600.0
+
+
+def event_deletes(threshold: int) -> DeleteBudget:
+    """The worker's delete cap: WRITEBACK_DELETE_THRESHOLD deletes per 24 hours."""
+    return DeleteBudget(threshold, DELETE_WINDOW, setting="WRITEBACK_DELETE_THRESHOLD")
 
 
 @dataclass
@@ -226,6 +238,8 @@ def _converge_in_full(
         if current is None or _kept_as_soft_deleted(group_id, ctx):
             return None, 0, []
         operation = plan_group(None, current, ctx.options.target_ou)
+        if operation is not None and ctx.deletes is not None:
+            ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
         return operation, _apply(operation, ctx), []
     if not group.is_unified:
         return None, 0, []
