@@ -21,6 +21,7 @@ import pytest
 from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.core.exceptions import LDAPException
 
+from writeback.sandbox import samba
 from writeback.sandbox.samba import SambaDC, new_ca_pem
 
 pytestmark = pytest.mark.samba
@@ -201,9 +202,10 @@ def test_ranged_retrieval_of_a_group_over_1500_members(samba_dc: SambaDC, make_o
 
 
 def test_bulk_users_are_real_and_later_sids_do_not_collide(
-    samba_dc: SambaDC, make_ou: MakeOu
+    samba_dc: SambaDC, make_ou: MakeOu, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ou = make_ou(samba_dc)
+    monkeypatch.setattr(samba, "OFFLINE_BATCH", 120)  # three transactions, as for 300,000
     bulk = samba_dc.create_users(ou, [f"b{token()}{i:03d}" for i in range(300)], offline=True)
     assert samba_dc.is_running()
     later = samba_dc.create_users(ou, [f"l{token()}{i}" for i in range(5)], offline=False)

@@ -107,6 +107,8 @@ DEFAULT_ADDRESS = "127.0.0.2"
 DEFAULT_ADMIN_PASSWORD = "Wb-Adm1n-Passw0rd!"  # noqa: S105 - throwaway test domain
 #: ``create_users`` switches to the offline bulk path from this many users.
 OFFLINE_THRESHOLD = 1000
+#: Users per offline transaction (LMDB refuses a transaction much larger).
+OFFLINE_BATCH = 100_000
 
 #: Bump when the template layout changes, so stale cached templates are not used.
 _TEMPLATE_FORMAT = 3
@@ -801,30 +803,37 @@ class SambaDC:
         first, rest = names[0], names[1:]
         result = self._create_users_ldap(ou_dn, [first])
         template_dn = f"CN={escape_rdn(first)},{ou_dn}"
+        self.stop()
+        try:
+            # One LMDB transaction per batch: some 150,000 users overflow one.
+            for start in range(0, len(rest), OFFLINE_BATCH):
+                batch = rest[start : start + OFFLINE_BATCH]
+                result.update(self._bulk_add(template_dn, ou_dn, batch))
+        finally:
+            self.start()
+            if not was_running:
+                self.stop()
+        return result
+
+    def _bulk_add(self, template_dn: str, ou_dn: str, names: Sequence[str]) -> dict[str, str]:
         request = {
             "sam_ldb": str(self.workdir / "private" / "sam.ldb"),
             "private_dir": str(self.workdir / "private"),
             "base_dn": self.base_dn,
             "template_dn": template_dn,
-            "users": [[name, f"CN={escape_rdn(name)},{ou_dn}"] for name in rest],
+            "users": [[name, f"CN={escape_rdn(name)},{ou_dn}"] for name in names],
         }
-        self.stop()
-        try:
-            done = subprocess.run(
-                [SYSTEM_PYTHON, "-c", _BULK_SCRIPT],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        finally:
-            self.start()
-            if not was_running:
-                self.stop()
+        done = subprocess.run(
+            [SYSTEM_PYTHON, "-c", _BULK_SCRIPT],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise SambaHarnessError(f"offline user creation failed: {done.stderr[-3000:]}")
-        result.update(json.loads(done.stdout))
-        return result
+        created: dict[str, str] = json.loads(done.stdout)
+        return created
 
 
 def _pdeathsig() -> None:
