@@ -287,11 +287,13 @@ def test_find_group_ignores_unanchored_namesakes_and_anchored_objects_outside(
     gid = new_id()
     admin_group(samba_dc, dn_for(f"Group_{gid}", target))  # same name, no anchor
     admin_group(samba_dc, dn_for(f"Group_{gid}", outside), anchor_for(gid))
-    admin_group(samba_dc, dn_for("lookalike", target), anchor_for(gid) + "0")
+    admin_group(samba_dc, dn_for("lookalike", target), anchor_for(gid) + "0")  # not an id
+    other = new_id()
+    admin_group(samba_dc, dn_for("other", target), anchor_for(other))
     directory = open_directory(samba_dc, target)
 
     assert directory.find_group(gid) is None
-    assert [g.group_id for g in directory.iter_groups()] == [gid + "0"]
+    assert [g.group_id for g in directory.iter_groups()] == [other]
     assert directory.find_group("*") is None, "the id is escaped, never a wildcard"
 
 
