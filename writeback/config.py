@@ -103,13 +103,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     reader = _Reader(env)
     directory = reader.choice("WRITEBACK_DIRECTORY", DirectoryKind, DirectoryKind.LDAP)
     relay = _relay(env, listen=False) if directory is DirectoryKind.RELAY else None
-    ldap = _ldap(env) if relay is None else ("", "", "", None)
+    # With the relay, the AD credential lives on the agent only.
+    ldap_url, ldap_user, ldap_password, ldap_ca_file = (
+        _ldap(env) if relay is None else ("", "", "", None)
+    )
     settings = Settings(
         target_ou=reader.required("WRITEBACK_TARGET_OU"),
-        ldap_url=ldap[0],
-        ldap_user=ldap[1],
-        ldap_password=ldap[2],
-        ldap_ca_file=ldap[3],
+        ldap_url=ldap_url,
+        ldap_user=ldap_user,
+        ldap_password=ldap_password,
+        ldap_ca_file=ldap_ca_file,
         directory=directory,
         relay=relay,
         dn_format=reader.choice("WRITEBACK_DN_FORMAT", DnFormat, DnFormat.OBJECT_ID),
