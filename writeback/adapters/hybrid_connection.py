@@ -406,61 +406,61 @@ class HybridConnectionListener:
 
     def _respond_via_rendezvous(self, address: str, header: str, payload: bytes) -> None:
         try:
-            socket = self._open(address, authorize=False)
-            socket.send(header)
+            rendezvous = self._open(address, authorize=False)
+            rendezvous.send(header)
             if payload:
-                socket.send(payload)
+                rendezvous.send(payload)
         except (WritebackError, ConnectionClosed) as exc:
             log.warning("relay rendezvous for a large response failed: %s", exc)
             return
-        self._keep_rendezvous(socket)
+        self._keep_rendezvous(rendezvous)
 
     def _serve_large_request(self, address: str) -> None:
         try:
-            socket = self._open(address, authorize=False)
+            rendezvous = self._open(address, authorize=False)
         except WritebackError as exc:
             log.warning("relay rendezvous for a large request failed: %s", exc)
             return
-        self._keep_rendezvous(socket)
+        self._keep_rendezvous(rendezvous)
 
-    def _keep_rendezvous(self, socket: ClientConnection) -> None:
-        """Serve the sender's later requests on ``socket`` while the relay keeps it."""
+    def _keep_rendezvous(self, rendezvous: ClientConnection) -> None:
+        """Serve the sender's later requests on ``rendezvous`` while the relay keeps it."""
         with self._rendezvous_lock:
             if self._halted.is_set():
-                socket.close()
+                rendezvous.close()
                 return
-            self._rendezvous.add(socket)
+            self._rendezvous.add(rendezvous)
         threading.Thread(
-            target=self._serve_rendezvous, args=(socket,), name="relay-rendezvous", daemon=True
+            target=self._serve_rendezvous, args=(rendezvous,), name="relay-rendezvous", daemon=True
         ).start()
 
-    def _serve_rendezvous(self, socket: ClientConnection) -> None:
+    def _serve_rendezvous(self, rendezvous: ClientConnection) -> None:
         try:
             while not self._halted.is_set():
                 try:
-                    message = socket.recv(timeout=_POLL)
+                    message = rendezvous.recv(timeout=_POLL)
                 except TimeoutError:
                     continue
                 if isinstance(message, str):
-                    self._answer_on(socket, message)
+                    self._answer_on(rendezvous, message)
         except (ConnectionClosed, TimeoutError, ValueError, KeyError) as exc:
             if not isinstance(exc, ConnectionClosed):
                 log.warning("relay rendezvous dropped after a malformed request: %s", exc)
         finally:
             with self._rendezvous_lock:
-                self._rendezvous.discard(socket)
-            socket.close()
+                self._rendezvous.discard(rendezvous)
+            rendezvous.close()
 
-    def _answer_on(self, socket: ClientConnection, message: str) -> None:
+    def _answer_on(self, rendezvous: ClientConnection, message: str) -> None:
         request = json.loads(message).get("request")
         if not isinstance(request, dict):
             return
-        body = _read_body(socket) if request.get("body") else b""
+        body = _read_body(rendezvous) if request.get("body") else b""
         response = self._handle(_relay_request(request, body, self._endpoint.name))
         header, payload = _response_frames(str(request["id"]), response)
-        socket.send(header)
+        rendezvous.send(header)
         if payload:
-            socket.send(payload)
+            rendezvous.send(payload)
 
     def _decline_websocket(self, address: str) -> None:
         """Refuse a relayed WebSocket (only HTTP requests are served) as the protocol says."""
