@@ -57,15 +57,13 @@ from writeback.adapters.hybrid_connection import (
     HybridConnectionListener,
     HybridConnectionSender,
     RelayEndpoint,
-    RelayRequest,
-    RelayResponse,
 )
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
-from writeback.hosting.agent import AgentService
+from writeback.hosting.agent import AgentService, relay_handler
 from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
 from writeback.ports import Directory
 from writeback.report import markdown_table
@@ -268,16 +266,9 @@ def _serve_relay(
 ) -> None:
     local = ThreadLocalDirectory(lambda: dc.directory(target_ou))
     service = AgentService(local, AgentPolicy(target_ou=target_ou), caller_key)
-
-    def handler(request: RelayRequest) -> RelayResponse:
-        status, headers, body = service.handle(
-            request.method, request.target, request.headers, request.body
-        )
-        return RelayResponse(status, headers, body)
-
     with RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay:
         listener = HybridConnectionListener(
-            relay.endpoint(RemoteRelay.PATH), rules[1].name, rules[1].key, handler
+            relay.endpoint(RemoteRelay.PATH), rules[1].name, rules[1].key, relay_handler(service)
         )
         with listener:
             assert listener.connected.wait(30), "the bench agent did not connect"

@@ -223,8 +223,8 @@ def parse_group_page(data: object) -> GroupPage:
     item = _object(data, "group")
     attributes = _object(item.get("attributes"), "attributes")
     group = DirectoryGroup(
-        dn=_text(item, "dn"),
-        group_id=_text(item, "group_id"),
+        dn=text_field(item, "dn"),
+        group_id=text_field(item, "group_id"),
         attributes={name: _texts(values, name) for name, values in attributes.items()},
         member_sids=frozenset(_texts(item.get("member_sids"), "member_sids")),
         other_members=frozenset(_texts(item.get("other_members"), "other_members")),
@@ -232,9 +232,9 @@ def parse_group_page(data: object) -> GroupPage:
     )
     return GroupPage(
         group=group,
-        members_total=_number(item, "members_total"),
-        offset=_number(item, "offset"),
-        digest=_text(item, "digest"),
+        members_total=whole_field(item, "members_total"),
+        offset=whole_field(item, "offset"),
+        digest=text_field(item, "digest"),
     )
 
 
@@ -269,7 +269,11 @@ def _changes_to_json(changes: Changes) -> dict[str, Any]:
 def parse_operation(data: object) -> Operation:
     """An operation from untrusted JSON; ProtocolError for anything malformed."""
     item = _object(data, "operation")
-    kind, group_id, dn = _text(item, "kind"), _text(item, "group_id"), _text(item, "dn")
+    kind, group_id, dn = (
+        text_field(item, "kind"),
+        text_field(item, "group_id"),
+        text_field(item, "dn"),
+    )
     if kind == "add":
         attributes = _object(item.get("attributes"), "attributes")
         return Add(
@@ -284,7 +288,7 @@ def parse_operation(data: object) -> Operation:
         return Rename(
             group_id=group_id,
             dn=dn,
-            new_rdn=_text(item, "new_rdn"),
+            new_rdn=text_field(item, "new_rdn"),
             changes=_parse_changes(item.get("changes")),
         )
     if kind == "delete":
@@ -323,7 +327,8 @@ def _object(data: object, what: str) -> dict[str, Any]:
     return data
 
 
-def _text(item: Mapping[str, Any], name: str) -> str:
+def text_field(item: Mapping[str, Any], name: str) -> str:
+    """A non-empty string field of a request or response, else ProtocolError."""
     value = item.get(name)
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"{name} must be a non-empty string")
@@ -345,8 +350,9 @@ def _texts(values: object, name: str) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _number(item: Mapping[str, Any], name: str) -> int:
-    value = item.get(name)
+def whole_field(item: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    """A non-negative int field; ``default`` when it is absent (None: required)."""
+    value = item.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"{name} must be a whole number")
     return value

@@ -17,13 +17,11 @@ from writeback.adapters.hybrid_connection import (
     HybridConnectionListener,
     HybridConnectionSender,
     RelayEndpoint,
-    RelayRequest,
-    RelayResponse,
 )
 from writeback.adapters.relay import RelayDirectory
 from writeback.agent_protocol import MEMBER_PAGE
 from writeback.domain.policy import AgentPolicy
-from writeback.hosting.agent import AgentDirectory, AgentService
+from writeback.hosting.agent import AgentDirectory, AgentService, relay_handler
 from writeback.hosting.serve import ThreadLocalDirectory
 from writeback.sandbox.relay_standin import RelayStandIn, SasRule
 
@@ -70,15 +68,8 @@ class RelayRig:
             self.caller_key,
             member_page=member_page,
         )
-
-        def handler(request: RelayRequest) -> RelayResponse:
-            status, headers, body = service.handle(
-                request.method, request.target, request.headers, request.body
-            )
-            return RelayResponse(status, headers, body)
-
         listener = HybridConnectionListener(
-            self.endpoint, LISTEN.name, LISTEN.key, handler, backoff_max=0.5
+            self.endpoint, LISTEN.name, LISTEN.key, relay_handler(service), backoff_max=0.5
         )
         agent = Agent(service, listener, local)
         before = self.standin.listener_count(PATH)

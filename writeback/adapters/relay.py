@@ -7,10 +7,10 @@ into signed requests (:mod:`writeback.agent_protocol`): one relay round trip per
 LDAP operation, member lists paged, so neither side holds a 250,000-member
 group in one message.
 
-Nothing is retried here: reads and writes raise our transient errors (relay or
-agent unavailable, AD unavailable, the group changed between pages) and the
-worker's own retry re-reads and re-plans, which is what makes a retried write
-safe. A refusal by the agent's policy is a PolicyRefused, as it would be from
+Only a paged read that saw its group change between pages is read again here;
+otherwise reads and writes raise our transient errors (relay or agent
+unavailable, AD unavailable) and the worker's own retry re-reads and re-plans,
+which is what makes a retried write safe. A refusal by the agent's policy is a PolicyRefused, as it would be from
 the LDAP adapter.
 """
 

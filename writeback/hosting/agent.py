@@ -46,6 +46,8 @@ from writeback.agent_protocol import (
     member_digest,
     parse_operation,
     status_for,
+    text_field,
+    whole_field,
 )
 from writeback.domain.model import Add, Delete, DirectoryGroup, Operation
 from writeback.domain.naming import dn_key
@@ -53,6 +55,7 @@ from writeback.domain.policy import AgentPolicy, DeleteBudget, check_group_id, c
 from writeback.errors import ConfigError, PolicyRefused, WritebackError
 
 if TYPE_CHECKING:
+    from writeback.adapters.hybrid_connection import RelayRequest, RelayResponse
     from writeback.config import AgentSettings
     from writeback.hosting.serve import ThreadLocalDirectory
 
@@ -181,13 +184,13 @@ class AgentService:
         return {"attributes": sorted(self._directory.schema_attributes())}
 
     def _find_group(self, payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
-        group_id = _text(payload, "group_id")
+        group_id = text_field(payload, "group_id")
         check_group_id(group_id)
         record.fields["group_id"] = group_id
         if not payload.get("members", True):
             found = self._directory.find_group_attributes(group_id)
             return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
-        offset = _whole(payload, "offset")
+        offset = whole_field(payload, "offset", default=0)
         reading = self._reading(group_id, str(payload.get("digest") or ""), offset)
         return {"group": None if reading is None else reading.page(offset)}
 
@@ -339,20 +342,6 @@ def _position_after(listing: list[_Reading], cursor: tuple[str, Any]) -> int:
     return len(listing)
 
 
-def _text(payload: Mapping[str, Any], name: str) -> str:
-    value = payload.get(name)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"{name} must be a non-empty string")
-    return value
-
-
-def _whole(payload: Mapping[str, Any], name: str) -> int:
-    value = payload.get(name, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"{name} must be a whole number")
-    return value
-
-
 # -- the agent process ----------------------------------------------------------------
 
 
@@ -366,28 +355,30 @@ def build_agent(settings: AgentSettings) -> tuple[AgentService, ThreadLocalDirec
     return AgentService(directory, policy, settings.relay.caller_key), directory
 
 
-def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
-    """Listen on the hybrid connection until ``stop`` is set; reconnects on its own."""
-    from writeback.adapters.hybrid_connection import (
-        HybridConnectionListener,
-        RelayRequest,
-        RelayResponse,
-    )
-    from writeback.wiring import relay_endpoint
-
-    service, directory = build_agent(settings)
+def relay_handler(service: AgentService) -> Callable[[RelayRequest], RelayResponse]:
+    """The listener's handler: one relayed HTTP request, one call of ``service``."""
+    from writeback.adapters.hybrid_connection import RelayResponse
 
     def handler(request: RelayRequest) -> RelayResponse:
         status, headers, body = service.handle(
             request.method, request.target, request.headers, request.body
         )
-        return RelayResponse(status=status, headers=headers, body=body)
+        return RelayResponse(status, headers, body)
 
+    return handler
+
+
+def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
+    """Listen on the hybrid connection until ``stop`` is set; reconnects on its own."""
+    from writeback.adapters.hybrid_connection import HybridConnectionListener
+    from writeback.wiring import relay_endpoint
+
+    service, directory = build_agent(settings)
     listener = HybridConnectionListener(
         relay_endpoint(settings.relay),
         settings.relay.key_name,
         settings.relay.key,
-        handler,
+        relay_handler(service),
         max_concurrency=settings.concurrency,
     )
     log.info(
