@@ -10,8 +10,8 @@ group in one message.
 Only a paged read that saw its group change between pages is read again here;
 otherwise reads and writes raise our transient errors (relay or agent
 unavailable, AD unavailable) and the worker's own retry re-reads and re-plans,
-which is what makes a retried write safe. A refusal by the agent's policy is a PolicyRefused, as it would be from
-the LDAP adapter.
+which is what makes a retried write safe. A refusal by the agent's policy is a
+PolicyRefused, as it would be from the LDAP adapter.
 """
 
 from __future__ import annotations
