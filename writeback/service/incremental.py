@@ -52,9 +52,11 @@ from writeback.service.reconcile import (
     Progress,
     SyncPolicy,
     SyncResult,
+    add_deletes,
     apply_plan,
     build_plan,
     plan_cloud_group,
+    threshold_reason,
 )
 from writeback.service.status import StateFile, iso
 
@@ -210,7 +212,7 @@ def _incremental(
         except WritebackError as error:
             log.warning("reconcile: group %s not planned: %s", group_id, error)
             errors.append((group_id, f"{type(error).__name__}: {error}"))
-    _guard(deletes, plan, policy)
+    add_deletes(deletes, plan, policy, threshold_reason(deletes, policy))
     unguarded = deletes and plan.deletes_blocked is None and not policy.allow_deletes
     if unguarded and _would_empty(deletes, directory):
         reason = (
@@ -292,18 +294,6 @@ def _would_empty(deletes: list[Delete], directory: Directory) -> bool:
     returns nothing (an outage, a bug) would look like through the delta."""
     doomed = {d.group_id for d in deletes}
     return all(group.group_id in doomed for group in directory.iter_groups())
-
-
-def _guard(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
-    """The full sync's delete threshold, counted over this run's deletes."""
-    if len(deletes) <= policy.delete_threshold or policy.allow_deletes:
-        plan.operations.extend(deletes)
-        return
-    plan.deletes_blocked = (
-        f"{len(deletes)} deletes exceed the threshold of {policy.delete_threshold}; "
-        "nothing was deleted (use --allow-deletes to go ahead)"
-    )
-    plan.skips.extend(Skip(d.group_id, SkipReason.DELETE_THRESHOLD, d.dn) for d in deletes)
 
 
 @dataclass(frozen=True)

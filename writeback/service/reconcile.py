@@ -151,17 +151,27 @@ def _orphan_deletes(
 
 def _guard_deletes(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
     """Hold back every delete when a safety rule says so (accidental-delete protection)."""
-    reason = None
-    if len(deletes) > policy.delete_threshold:
-        reason = (
-            f"{len(deletes)} deletes exceed the threshold of {policy.delete_threshold}; "
-            "nothing was deleted (use --allow-deletes to go ahead)"
-        )
-    elif deletes and policy.enabled and plan.groups_in_cloud == 0:
+    reason = threshold_reason(deletes, policy)
+    if reason is None and deletes and policy.enabled and plan.groups_in_cloud == 0:
         reason = (
             f"the cloud returned no groups but {len(deletes)} written-back groups exist; "
             "nothing was deleted (use --allow-deletes if that is really so)"
         )
+    add_deletes(deletes, plan, policy, reason)
+
+
+def threshold_reason(deletes: list[Delete], policy: SyncPolicy) -> str | None:
+    """Why ``deletes`` may not all be made in one run, if they are too many."""
+    if len(deletes) <= policy.delete_threshold:
+        return None
+    return (
+        f"{len(deletes)} deletes exceed the threshold of {policy.delete_threshold}; "
+        "nothing was deleted (use --allow-deletes to go ahead)"
+    )
+
+
+def add_deletes(deletes: list[Delete], plan: Plan, policy: SyncPolicy, reason: str | None) -> None:
+    """Plan ``deletes``, or, with a ``reason`` and no --allow-deletes, hold them all back."""
     if reason is None or policy.allow_deletes:
         plan.operations.extend(deletes)
         return
