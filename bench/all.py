@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from writeback.report import markdown_table
-from writeback.sandbox.samba import free_loopback_address
+from writeback_sandbox.samba import free_loopback_address
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.md"

@@ -39,10 +39,10 @@ from writeback.domain.mapping import MAX_MEMBER_LIMIT, MappingOptions
 from writeback.domain.model import Add, Modify, Operation, Rename
 from writeback.errors import LdapUnavailable
 from writeback.report import markdown_table
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC, free_loopback_address, running_dc
 from writeback.service.handle_event import WorkerContext, converge
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
 
 CHUNK = 5000
 #: Users per offline creation: one transaction of 250,000 overflows LMDB (MDB_TXN_FULL).

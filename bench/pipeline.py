@@ -67,9 +67,9 @@ from writeback.hosting.agent import AgentService, relay_handler
 from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
 from writeback.ports import Directory
 from writeback.report import markdown_table
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.relay_standin import RelayStandIn, SasRule
-from writeback.sandbox.samba import SambaDC, running_dc
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.relay_standin import RelayStandIn, SasRule
+from writeback_sandbox.samba import SambaDC, running_dc
 
 CLIENT_STATE = "bench-client-state"
 

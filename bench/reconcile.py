@@ -26,9 +26,9 @@ from writeback.adapters.graph import GraphCloud
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
 from writeback.report import markdown_table
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC, free_loopback_address, running_dc
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system packages the Samba AD test harness needs
-# (writeback/sandbox/samba.py): Samba's AD DC, its provisioning data and
+# (sandbox/writeback_sandbox/samba.py): Samba's AD DC, its provisioning data and
 # Python bindings, OpenLDAP's command-line tools, iproute2 and openssl.
 #
 # Idempotent: when everything is present it only checks and exits at once.

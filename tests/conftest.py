@@ -1,4 +1,4 @@
-"""Shared fixtures: real Samba AD domain controllers (writeback/sandbox/samba.py).
+"""Shared fixtures: real Samba AD domain controllers (sandbox/writeback_sandbox/samba.py).
 
 * ``samba_dc``: a plain forest on 127.0.0.2, ``exchange_dc``: a forest whose
   schema Exchange prep would have extended, on 127.0.0.3. Both are
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from writeback.sandbox.samba import (
+from writeback_sandbox.samba import (
     SambaDC,
     SambaUnavailable,
     ensure_system_deps,

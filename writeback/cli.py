@@ -125,8 +125,16 @@ def exit_code(failed: bool, deletes_blocked: bool) -> int:
 
 
 def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    from writeback.sandbox.demo import run_demo
-
+    try:
+        from writeback_sandbox.demo import run_demo
+    except ModuleNotFoundError as error:
+        if error.name != "writeback_sandbox":
+            raise
+        raise ConfigError(
+            "the demo needs the sandbox package (a throwaway Samba DC and a Graph stand-in), "
+            "which the product does not ship: from a checkout of the repository run "
+            "./scripts/demo, or pip install ./sandbox beside the product"
+        ) from None
     return run_demo(out, keep=args.keep)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.world import World, make_world
 from writeback.cli import EXIT_CONFIG, EXIT_OK, EXIT_THRESHOLD, main
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 PASSWORD_MARKER = "the-password-must-never-print"
 

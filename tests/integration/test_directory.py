@@ -38,7 +38,7 @@ from writeback.errors import (
 )
 
 if TYPE_CHECKING:
-    from writeback.sandbox.samba import SambaDC
+    from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

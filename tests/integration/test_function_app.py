@@ -48,7 +48,7 @@ from writeback.errors import LockLost, TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "function-app-client-state-0123456789"

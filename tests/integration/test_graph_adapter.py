@@ -14,8 +14,8 @@ import pytest
 from writeback.adapters.graph import DeltaExpired, GraphCloud
 from writeback.domain.model import CloudGroup, MemberKind
 from writeback.errors import GraphRefused, GraphThrottled, GraphUnavailable
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.sample_tenant import (
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.sample_tenant import (
     SECURITY_GROUP_NAME,
     build_sample_tenant,
     cloud_only_user_name,

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.sample_tenant import (
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.sample_tenant import (
     SECURITY_GROUP_NAME,
     build_sample_tenant,
     object_id,

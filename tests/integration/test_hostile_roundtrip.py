@@ -26,7 +26,7 @@ from writeback.domain.model import CloudGroup
 from writeback.domain.naming import MAX_CN, DnFormat, escape_filter_value
 from writeback.domain.planner import plan_group
 from writeback.errors import DirectoryRefused
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

@@ -1,7 +1,7 @@
 """The hybrid relay transport end to end, against the local relay stand-in.
 
 Real listener, real sender, real TLS and WebSockets: only Azure is replaced, by
-writeback/sandbox/relay_standin.py. No Samba needed.
+sandbox/writeback_sandbox/relay_standin.py. No Samba needed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from writeback.adapters.hybrid_connection import (
     sas_token,
 )
 from writeback.errors import ConfigError, RelayRefused, RelayUnavailable
-from writeback.sandbox.relay_standin import RelayStandIn, SasRule
+from writeback_sandbox.relay_standin import RelayStandIn, SasRule
 
 PATH = "agent"
 LISTEN_KEY = "listen-key-0123456789"

@@ -19,13 +19,13 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.config import SoftDeletePolicy
 from writeback.domain.model import SkipReason
 from writeback.hosting.serve import ServeConfig, Server
-from writeback.sandbox.samba import SambaDC
 from writeback.service.incremental import (
     IncrementalResult,
     full_sync_due,
     reconcile_incremental,
 )
 from writeback.service.reconcile import SyncPolicy
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

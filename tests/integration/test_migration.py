@@ -24,7 +24,7 @@ from ldap3 import MODIFY_REPLACE
 from tests.support.accounts import Account, create_account, run_permissions
 from tests.support.world import World, make_world
 from writeback.cli import EXIT_OK, main
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

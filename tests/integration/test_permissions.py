@@ -24,8 +24,8 @@ from writeback import cli
 from writeback.adapters.directory import LdapDirectory
 from writeback.domain.naming import DnFormat
 from writeback.permissions import delegation, parse_security_descriptor
-from writeback.sandbox.samba import SambaDC
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

@@ -34,8 +34,8 @@ from writeback.cli import EXIT_OK, main
 from writeback.domain.model import Operation
 from writeback.hosting.serve import ServeConfig, Server
 from writeback.ports import Directory, OutgoingMessage
-from writeback.sandbox.samba import SambaDC
 from writeback.service.replay import ReplayFilter, replay
+from writeback_sandbox.samba import SambaDC
 
 SECRET = "pipeline-client-state-for-tests"
 KEY = "function-key-for-tests-0123456789"

@@ -26,9 +26,9 @@ from writeback.domain.events import Change, GroupChanged
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Modify
 from writeback.ports import OutgoingMessage, StoredLink
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC
 from writeback.service.handle_event import EventOutcome, WorkerContext, run_once
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC
 
 SIZE = 3000
 

@@ -30,7 +30,7 @@ from writeback.cli import EXIT_FAILURES, EXIT_OK, main
 from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
 from writeback.domain.naming import dn_for
 from writeback.errors import LdapUnavailable, PolicyRefused, RelayRefused, RelayUnavailable
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

@@ -23,9 +23,9 @@ from tests.support.world import World, make_world, user_id
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
 from writeback.hosting.serve import ServeConfig, Server
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

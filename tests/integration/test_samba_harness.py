@@ -3,7 +3,7 @@
 These tests pin down how the real DC behaves (TLS, ``<SID=...>`` references,
 extended DNs, ranged retrieval, controls, schema), so a Samba upgrade that
 changes any of it shows up here first. The facts are summed up in the
-docstring of ``writeback.sandbox.samba``.
+docstring of ``writeback_sandbox.samba``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.core.exceptions import LDAPException
 
-from writeback.sandbox import samba
-from writeback.sandbox.samba import SambaDC, new_ca_pem
+from writeback_sandbox import samba
+from writeback_sandbox.samba import SambaDC, new_ca_pem
 
 pytestmark = pytest.mark.samba
 

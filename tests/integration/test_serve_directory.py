@@ -7,7 +7,7 @@ from collections.abc import Callable
 from tests.support.world import make_world
 from writeback.adapters.directory import LdapDirectory
 from writeback.hosting.serve import ThreadLocalDirectory
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 
 def test_attribute_read_passes_through_and_reads_no_member_values(

@@ -20,13 +20,13 @@ from tests.unit.test_notifications import MemoryQueue
 from writeback.adapters.graph import GraphCloud, GraphNotFound, Subscription
 from writeback.domain.events import Change
 from writeback.errors import GraphRefused
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.service.notifications import LifecycleEvent, handle_webhook
 from writeback.service.subscriptions import (
     Action,
     ensure_subscription,
     handle_lifecycle,
 )
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 
 SECRET = "s3cret-client-state-for-tests"
 

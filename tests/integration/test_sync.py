@@ -16,8 +16,8 @@ from tests.support.world import World, make_world
 from writeback.config import SoftDeletePolicy
 from writeback.domain.model import Add, Delete, Modify, Rename, SkipReason
 from writeback.domain.naming import DnFormat, dn_for
-from writeback.sandbox.samba import SambaDC
 from writeback.service.reconcile import SyncPolicy
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
 

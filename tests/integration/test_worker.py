@@ -17,8 +17,8 @@ from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.events import Change, GroupChanged
 from writeback.ports import OutgoingMessage
-from writeback.sandbox.samba import SambaDC
 from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes, run_once
+from writeback_sandbox.samba import SambaDC
 
 
 @pytest.fixture

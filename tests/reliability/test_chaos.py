@@ -15,7 +15,7 @@ import pytest
 
 from tests.reliability.chaos import EXPECTED_REASONS, Chaos, ChaosConfig
 from tests.support.world import World, make_world
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.reliability
 

@@ -12,7 +12,7 @@ from ldap3 import BASE
 
 from writeback import cli
 from writeback.adapters.ldap_values import sid_from_bytes
-from writeback.sandbox.samba import SambaDC
+from writeback_sandbox.samba import SambaDC
 
 
 @dataclass(frozen=True)

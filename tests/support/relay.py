@@ -23,7 +23,7 @@ from writeback.agent_protocol import MEMBER_PAGE
 from writeback.domain.policy import AgentPolicy
 from writeback.hosting.agent import AgentDirectory, AgentService, relay_handler
 from writeback.hosting.serve import ThreadLocalDirectory
-from writeback.sandbox.relay_standin import RelayStandIn, SasRule
+from writeback_sandbox.relay_standin import RelayStandIn, SasRule
 
 PATH = "writeback-agent"
 SEND = SasRule("send", secrets.token_urlsafe(32), frozenset({"Send"}))

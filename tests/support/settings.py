@@ -13,13 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings_read_by_the_code() -> set[str]:
-    """Every WRITEBACK_* name in the app's code (the sandbox is the test harness's),
+    """Every WRITEBACK_* name in the app's code (not the sandbox's: that is the test harness),
     and every other environment name the code reads (the bindings' %SETTING%s are
     WRITEBACK_* names too)."""
     names: set[str] = set()
-    files = [ROOT / "function_app.py"] + [
-        p for p in (ROOT / "writeback").rglob("*.py") if "sandbox" not in p.parts
-    ]
+    files = [ROOT / "function_app.py", *(ROOT / "writeback").rglob("*.py")]
     for path in files:
         text = path.read_text()
         names.update(re.findall(r"\bWRITEBACK_[A-Z0-9_]*[A-Z0-9](?:__[A-Za-z]+)?", text))

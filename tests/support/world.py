@@ -19,9 +19,9 @@ from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.naming import DnFormat, escape_filter_value
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC
 from writeback.service.reconcile import Plan, SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC
 
 #: Extended-DN control asking for the string form: <GUID=...>;<SID=S-...>;CN=...
 EXTENDED_DN = ("1.2.840.113556.1.4.529", False, b"\x30\x03\x02\x01\x01")

@@ -29,8 +29,8 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.hosting.serve import ServeConfig, Server
 from writeback.ports import Directory
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
 from writeback.service.notifications import MAX_BODY_BYTES
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 
 SECRET = "hostile-client-state-5e0d"
 KEY = "hostile-webhook-key-0b7e41c9"

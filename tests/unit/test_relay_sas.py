@@ -12,7 +12,7 @@ import pytest
 
 from writeback.adapters.hybrid_connection import RelayEndpoint, sas_token
 from writeback.errors import ConfigError
-from writeback.sandbox.relay_standin import SasRule, _check_token, _Denied, _HybridConnection
+from writeback_sandbox.relay_standin import SasRule, _check_token, _Denied, _HybridConnection
 
 NAMESPACE = "contoso.servicebus.windows.net"
 KEY = "c2VjcmV0LWtleS1ub3QtZGVjb2RlZA=="

@@ -167,7 +167,7 @@ class RelayStandIn:
         return self
 
     def _make_tls(self) -> None:
-        from writeback.sandbox.samba import _issue_tls
+        from writeback_sandbox.samba import _issue_tls
 
         self._tmp = tempfile.TemporaryDirectory(prefix="relay-standin-")
         ca, cert, key = _issue_tls(Path(self._tmp.name), "127.0.0.1", "localhost")

@@ -1250,8 +1250,8 @@ def running_dc(*, keep: bool = False, **kwargs: Any) -> Iterator[SambaDC]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m writeback.sandbox.samba up``: run a DC until Ctrl-C (for the demo)."""
-    parser = argparse.ArgumentParser(prog="python -m writeback.sandbox.samba")
+    """``python -m writeback_sandbox.samba up``: run a DC until Ctrl-C (for the demo)."""
+    parser = argparse.ArgumentParser(prog="python -m writeback_sandbox.samba")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="provision and run a DC in the foreground")
     up.add_argument("--workdir", type=Path, help="keep the DC here (default: a temp dir)")

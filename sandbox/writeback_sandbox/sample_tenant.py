@@ -16,7 +16,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 
-from writeback.sandbox.graph_standin import Tenant
+from writeback_sandbox.graph_standin import Tenant
 
 #: Namespace of the deterministic object ids (uuid5 of a name in it).
 SAMPLE_NAMESPACE = uuid.UUID("3b0c7a52-6c1e-4f4e-9d0a-5a7e1f2b9c11")

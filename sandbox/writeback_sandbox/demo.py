@@ -29,10 +29,10 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.naming import DnFormat
 from writeback.hosting.serve import ServeConfig, Server, ServerStats
-from writeback.sandbox.graph_standin import GraphStandIn, Tenant
-from writeback.sandbox.samba import SambaDC, running_dc
-from writeback.sandbox.sample_tenant import build_sample_tenant, object_id, user_id_for
 from writeback.service.reconcile import SyncPolicy, plan_sync
+from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.samba import SambaDC, running_dc
+from writeback_sandbox.sample_tenant import build_sample_tenant, object_id, user_id_for
 
 DEMO_ADDRESS = "127.0.0.20"
 SAMPLE_USERS = 40
