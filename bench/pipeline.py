@@ -134,6 +134,11 @@ class CountingDirectory:
             self._tally.read += self._inner.member_values_read - before
         return group
 
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        return self._inner.find_groups(group_ids, members=members)
+
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._inner.iter_groups()
 

@@ -7,11 +7,12 @@ by any of them and tested against the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from writeback.domain.model import CloudGroup, CloudMember, DirectoryGroup, Operation
+from writeback.errors import WritebackError
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,22 @@ class CloudSnapshot:
     users_delta_link: str | None = None
 
 
+@dataclass(frozen=True)
+class GroupGone:
+    """Graph answered 404 for a group. ``soft_deleted``: it is in the recycle bin.
+
+    One such answer is an observation, not a fact: Graph is eventually
+    consistent, so a replica that lags can answer 404 for a group that exists.
+    """
+
+    soft_deleted: bool
+
+
+#: One group's answer in a batched read: the group, gone, or the error that item
+#: ended with after its own retries (so one throttled group does not fail the rest).
+GroupRead = CloudGroup | GroupGone | WritebackError
+
+
 class CloudSource(Protocol):
     def snapshot(self) -> CloudSnapshot:
         """Read all Unified groups with members (full delta round)."""
@@ -35,6 +52,11 @@ class CloudSource(Protocol):
 
     def get_group(self, group_id: str) -> CloudGroup | None:
         """One group with its members, or None when it no longer exists."""
+        ...
+
+    def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
+        """Many groups with their user members at once, and for each one Graph
+        answers 404 whether it is in the recycle bin; every id is in the result."""
         ...
 
     def soft_deleted_group_ids(self) -> frozenset[str]: ...
@@ -68,6 +90,13 @@ class MemberDeltaSource(Protocol):
         has expired (410), so the caller does a full read instead."""
         ...
 
+    def group_deltas(
+        self, links: Mapping[str, str]
+    ) -> dict[str, GroupDelta | WritebackError | None]:
+        """:meth:`group_delta` for many groups at once (group id -> its link); None
+        for a link Graph refused, so that group is read in full."""
+        ...
+
     def resolve_users(self, user_ids: Iterable[str]) -> dict[str, CloudMember]:
         """SID and sync state of the existing users among ``user_ids``."""
         ...
@@ -98,6 +127,13 @@ class Directory(Protocol):
 
     def find_group(self, group_id: str) -> DirectoryGroup | None:
         """The object anchored to ``group_id`` under the target OU, if any."""
+        ...
+
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        """The objects anchored to these ids, in as few requests as the adapter can
+        (ids with no object are absent); ``members=False`` leaves ``member`` unread."""
         ...
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:

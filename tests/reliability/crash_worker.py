@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from writeback.adapters.directory import LdapDirectory
@@ -48,6 +48,11 @@ class AfterWrite:
 
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
         return self.inner.find_group_attributes(group_id)
+
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        return self.inner.find_groups(group_ids, members=members)
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self.inner.iter_groups()

@@ -338,6 +338,17 @@ class LdapDirectory:
     def find_group(self, group_id: str) -> DirectoryGroup | None:
         return self._find_and_remember(group_id, members=True)
 
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        """The anchored objects of these ids (absent when there is none)."""
+        found: dict[str, DirectoryGroup] = {}
+        for group_id in dict.fromkeys(group_ids):
+            group = self._find_and_remember(group_id, members=members)
+            if group is not None:
+                found[group_id] = group
+        return found
+
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
         """Like :meth:`find_group`, without reading ``member`` (``member_sids`` and
         ``other_members`` come back empty): one search whose size does not grow

@@ -64,7 +64,15 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -80,8 +88,14 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from writeback.domain.model import CloudGroup, CloudMember, MemberKind
-from writeback.errors import ConfigError, GraphRefused, GraphThrottled, GraphUnavailable
-from writeback.ports import CloudSnapshot, GroupDelta
+from writeback.errors import (
+    ConfigError,
+    GraphRefused,
+    GraphThrottled,
+    GraphUnavailable,
+    WritebackError,
+)
+from writeback.ports import CloudSnapshot, GroupDelta, GroupGone, GroupRead
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +377,25 @@ class GraphCloud:
             return None
         return self._run(self._get_group(group_id))
 
+    def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
+        """Each group as :meth:`get_group` reads it; a 404 is checked against the
+        recycle bin. One group's error is its own entry, not the call's."""
+        self._check_open()
+        found: dict[str, GroupRead] = {}
+        soft_deleted: frozenset[str] | None = None
+        for group_id in dict.fromkeys(group_ids):
+            try:
+                group = self.get_group(group_id)
+                if group is None:
+                    if soft_deleted is None:
+                        soft_deleted = self.soft_deleted_group_ids()
+                    found[group_id] = GroupGone(soft_deleted=group_id in soft_deleted)
+                else:
+                    found[group_id] = group
+            except WritebackError as error:
+                found[group_id] = error
+        return found
+
     def soft_deleted_group_ids(self) -> frozenset[str]:
         """Ids of the groups in the recycle bin (deleted, restorable for 30 days)."""
         self._check_open()
@@ -392,6 +425,18 @@ class GraphCloud:
         except DeltaExpired:
             log.info("group %s: its delta link expired; a full read follows", group_id)
             return None
+
+    def group_deltas(
+        self, links: Mapping[str, str]
+    ) -> dict[str, GroupDelta | WritebackError | None]:
+        """:meth:`group_delta` for each group; one group's error is its own entry."""
+        found: dict[str, GroupDelta | WritebackError | None] = {}
+        for group_id, link in links.items():
+            try:
+                found[group_id] = self.group_delta(group_id, link)
+            except WritebackError as error:
+                found[group_id] = error
+        return found
 
     def resolve_users(self, user_ids: Iterable[str]) -> dict[str, CloudMember]:
         """SID and sync state of the existing users among ``user_ids``, by

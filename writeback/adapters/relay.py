@@ -17,7 +17,7 @@ PolicyRefused, as it would be from the LDAP adapter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from writeback.agent_protocol import (
@@ -95,6 +95,18 @@ class RelayDirectory:
             except DirectoryChanged:
                 log.info("group %s changed while its members were read; reading again", group_id)
         raise DirectoryChanged(f"group {group_id} kept changing while it was read")
+
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        """One agent call per group (the agent has no batched read yet)."""
+        read = self.find_group if members else self.find_group_attributes
+        found: dict[str, DirectoryGroup] = {}
+        for group_id in dict.fromkeys(group_ids):
+            group = read(group_id)
+            if group is not None:
+                found[group_id] = group
+        return found
 
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
         reply = self._call("find_group", {"group_id": group_id, "members": False})

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -81,6 +81,10 @@ class AgentDirectory(Protocol):
     def find_group(self, group_id: str) -> DirectoryGroup | None: ...
 
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
+
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]: ...
 
     def iter_groups(self) -> Iterator[DirectoryGroup]: ...
 

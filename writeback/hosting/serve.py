@@ -222,6 +222,11 @@ class ThreadLocalDirectory:
     def find_group(self, group_id: str) -> DirectoryGroup | None:
         return self._mine().find_group(group_id)
 
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        return self._mine().find_groups(group_ids, members=members)
+
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._mine().iter_groups()
 
