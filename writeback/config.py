@@ -373,6 +373,9 @@ class PipelineSettings:
     listen_port: int = 7071
     #: Single-machine mode: worker threads taking sessions from the queue.
     workers: int = 2
+    #: Seconds between an event's read and its confirmation read; a group must stay
+    #: gone this long before its object is deleted (Graph is eventually consistent).
+    settle_seconds: int = 60
     #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
     webhook_key: str | None = field(default=None, repr=False)
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
@@ -455,6 +458,7 @@ def load_pipeline_settings(
         listen_address=listen_address,
         listen_port=reader.integer("WRITEBACK_LISTEN_PORT", 7071, 0, 65535),
         workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
+        settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
         servicebus_connection=connection,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),

@@ -542,10 +542,10 @@ def test_an_unexpected_error_is_rescheduled_like_a_transient_fault(
 
     gid = world.add_group(10, "Bug", ["user0"])
 
-    def broken(group_id: str, ctx: Any) -> Any:
+    def broken(works: Any, ctx: Any) -> Any:
         raise KeyError("a bug, not a fault of the event")
 
-    monkeypatch.setattr(handle_event, "converge", broken)
+    monkeypatch.setattr(handle_event, "converge_groups", broken)
     assert http("notifications", notification(gid)).status_code == 202
     assert host.deliver() is not None
     assert host.queue.dead_letters() == []

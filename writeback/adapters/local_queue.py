@@ -212,7 +212,15 @@ class LocalQueue:
                         "INSERT OR REPLACE INTO seen_ids (message_id, expires_at) VALUES (?, ?)",
                         (message.message_id, now + self.duplicate_window),
                     )
-                self._insert(message.message_id, message.session_id, message.body, properties, now)
+                available = max(now, message.not_before or 0.0)
+                self._insert(
+                    message.message_id,
+                    message.session_id,
+                    message.body,
+                    properties,
+                    now,
+                    available_at=available,
+                )
         self._signal.notify()
 
     def _validated(self, message: OutgoingMessage) -> tuple[OutgoingMessage, str | None]:
@@ -240,11 +248,20 @@ class LocalQueue:
         body: bytes,
         properties: str | None,
         now: float,
+        *,
+        available_at: float | None = None,
     ) -> None:
         self._db.execute(
             "INSERT INTO messages (message_id, session_id, body, properties, enqueued_at,"
             " available_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, session_id, body, properties, now, now),
+            (
+                message_id,
+                session_id,
+                body,
+                properties,
+                now,
+                now if available_at is None else available_at,
+            ),
         )
 
     # -- receiving -------------------------------------------------------------
@@ -267,6 +284,24 @@ class LocalQueue:
             with self._signal.condition:
                 if self._signal.generation == generation:
                     self._signal.condition.wait(min(remaining, self._poll_interval))
+
+    def receive_sessions(
+        self, max_sessions: int, max_messages: int, wait: float
+    ) -> list[list[ReceivedMessage]]:
+        """Up to ``max_sessions`` sessions, each locked and batched as by
+        :meth:`receive_session`; waits up to ``wait`` for the first only."""
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        first = self.receive_session(max_messages, wait)
+        if not first:
+            return []
+        batches = [first]
+        while len(batches) < max_sessions:
+            batch = self._claim(max_messages)
+            if not batch:
+                break
+            batches.append(batch)
+        return batches
 
     def _claim(self, max_messages: int) -> list[ReceivedMessage]:
         token = uuid.uuid4().hex
