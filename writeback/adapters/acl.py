@@ -87,8 +87,9 @@ def update_dacl(
         aces = aces_for(sid)
         if revoke:
             aces = revocable(aces)
-        else:
-            check_target(conn, target_ou, admin_password, force=force)
+        else:  # the groups below only matter when something is allowed on them
+            grants = any(ace.allow for ace in aces)
+            check_target(conn, target_ou, admin_password, force=force or not grants)
         current = _read_dacl(conn, target_ou, admin_password)
         todo = [ace for ace in aces if current.has(ace) == revoke]
         if todo:
