@@ -17,7 +17,7 @@ the OWNER RIGHTS principal (S-1-3-4) READ_CONTROL only; from Windows Server
 2008 on, AD then grants an owner what OWNER RIGHTS ACEs say instead of the
 implicit rights ("AD DS: Owner Rights"), so the account cannot change the DACL
 of a group it created. Setting the owner to an admin group at creation is not
-open to it: MS-ADTS 6.1.3.4 lets the OWNER field name only the requester, a
+open to it: MS-ADTS (6.1.3) lets the OWNER field name only the requester, a
 group it holds with SE_GROUP_OWNER (the administrators group, for admins) or
 anyone with SeRestorePrivilege, so that would need an admin account. What
 still holds on Windows: MS-ADTS lets an add carry any security descriptor, so
