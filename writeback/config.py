@@ -294,11 +294,16 @@ def _existing_file(name: str, path: str | None) -> str | None:
 
 
 def _check_target_ou(dn: str) -> None:
-    first = dn.split(",", 1)[0].strip().lower()
-    if not (first.startswith("ou=") or first.startswith("cn=")) or "dc=" not in dn.lower():
+    """An OU of the domain's own, never a default container (domain/target.py says why)."""
+    from writeback.domain.target import TargetRefused, check_target_ou
+
+    try:
+        check_target_ou(dn)
+    except TargetRefused as refused:
         raise ConfigError(
-            f"WRITEBACK_TARGET_OU={dn!r} must be the DN of an OU, e.g. OU=Groups,DC=corp,DC=example"
-        )
+            f"WRITEBACK_TARGET_OU={dn!r} {refused}; it must be the DN of an OU of your own, "
+            "e.g. OU=M365 Groups,DC=corp,DC=example"
+        ) from None
 
 
 def _check_graph(url: str, auth: GraphAuth) -> None:
