@@ -89,6 +89,7 @@ what the host did after it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -506,9 +507,10 @@ class _Slot:
         while not self.host._stop.is_set():
             try:
                 self.iterate(_ACCEPT_SLICE)
-            except Exception:  # the extension logs loop errors and goes on
+            except Exception:  # the extension logs loop errors, closes the session, goes on
                 log.exception("listener %s-%s", self.instance, self.index)
-                self.close_session()
+                with contextlib.suppress(Exception):
+                    self.close_session()
         self.close_session()
 
     def iterate(self, accept_wait: float) -> Invocation | None:
@@ -547,10 +549,12 @@ class _Slot:
     def close_session(self) -> None:
         if self.session is None:
             return
+        session, self.session = self.session, None
         self.host._renewer.remove(self)
-        self.queue.release_session(self.session)
-        self.session = None
-        self.host._session_closed()
+        try:
+            self.queue.release_session(session)
+        finally:
+            self.host._session_closed()
 
     def _invoke(self, batch: Sequence[ReceivedMessage]) -> Invocation:
         host = self.host
