@@ -43,7 +43,10 @@ on Azure (decoded by ``azure.functions``' own converter), not hand-assembled
 4. **The converter**: ``azure.functions.servicebus.ServiceBusMessageInConverter.decode``.
 
 The trigger's own value is the message body: our binding has no ``dataType``,
-the host hands the worker ``byte[]`` (one message) or ``byte[][]`` (a batch).
+and it is taken to reach the worker as ``byte[]`` (one message) or ``byte[][]``
+(a batch), as the azure-functions library's own Service Bus tests model it
+(``CollectionBytes`` data with ``CollectionString``/``CollectionSint64``
+metadata); that step was not traced through the host's script binding code.
 Where this differs from Azure: Service Bus timestamps have millisecond precision,
 so enqueued times are rounded to the millisecond here as the broker's are;
 ``ExpiresAt`` is the enqueued time plus the queue's default time to live (14
