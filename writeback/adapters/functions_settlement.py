@@ -51,7 +51,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from writeback.domain.events import HANDOFF_MARK
-from writeback.errors import LockLost, PermanentError, QueueUnavailable
+from writeback.errors import PermanentError, QueueUnavailable
 from writeback.ports import OutgoingMessage, ReceivedMessage
 
 if TYPE_CHECKING:
@@ -115,23 +115,11 @@ def _copy(
     )
 
 
-class ServiceBusSettlement:
-    """Settlement of host-delivered Service Bus messages (see the module docstring)."""
+class _CopySettlement:
+    """What both settlements share: the host completes what it delivered, and every
+    other outcome is a copy (scheduled back into the session, or dead-lettered)."""
 
-    def __init__(
-        self,
-        client: ServiceBusClient,
-        queue_name: str,
-        *,
-        max_delivery_count: int,
-        handoff_wait: float = HANDOFF_WAIT,
-    ) -> None:
-        self._client = client
-        self.queue_name = queue_name
-        self.max_delivery_count = max_delivery_count
-        self.handoff_wait = handoff_wait
-        self._sender: ServiceBusSender | None = None
-        self._lock = threading.Lock()
+    max_delivery_count: int
 
     def complete(self, message: ReceivedMessage) -> None:
         """Nothing to do: the host completes the batch when the function returns."""
@@ -154,6 +142,31 @@ class ServiceBusSettlement:
         tag = f"p{count}-{uuid.uuid4().hex[:8]}"
         copy = _copy(message, tag=tag, session_id=message.session_id, prior=count - 1, extra={})
         self._schedule(copy, max(delay, MIN_RESCHEDULE))
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        raise NotImplementedError
+
+    def _schedule(self, copy: OutgoingMessage, delay: float) -> None:
+        raise NotImplementedError
+
+
+class ServiceBusSettlement(_CopySettlement):
+    """Settlement of host-delivered Service Bus messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: ServiceBusClient,
+        queue_name: str,
+        *,
+        max_delivery_count: int,
+        handoff_wait: float = HANDOFF_WAIT,
+    ) -> None:
+        self._client = client
+        self.queue_name = queue_name
+        self.max_delivery_count = max_delivery_count
+        self.handoff_wait = handoff_wait
+        self._sender: ServiceBusSender | None = None
+        self._lock = threading.Lock()
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         """Hand a copy to a session we hold, and dead-letter it there with the reason."""
@@ -219,32 +232,32 @@ class ServiceBusSettlement:
             self._client.close()
 
 
-class LocalSettlement:
-    """Settlement on the embedded queue, by the lock token and sequence number the
-    caller (a test host, or any process holding the session) handed over."""
+class LocalSettlement(_CopySettlement):
+    """The same settlement on the embedded queue (``WRITEBACK_QUEUE=local``: tests, a
+    dev box): copies scheduled into the SQLite file, dead letters written as copies,
+    so the host's own completion of what it delivered succeeds as on Service Bus."""
 
     def __init__(self, queue: LocalQueue) -> None:
         self._queue = queue
-
-    def _local(self, message: ReceivedMessage) -> ReceivedMessage:
-        from writeback.adapters.local_queue import LocalLock
-
-        lock = lock_of(message)
-        if lock.sequence_number is None or not lock.lock_token:
-            raise LockLost("the host handed over no lock token for this message")
-        return replace(message, lock=LocalLock(lock.sequence_number, lock.lock_token))
-
-    def complete(self, message: ReceivedMessage) -> None:
-        self._queue.complete(self._local(message))
-
-    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
-        self._queue.abandon(self._local(message), delay=delay)
-
-    def park(self, message: ReceivedMessage, *, delay: float) -> None:
-        self._queue.park(self._local(message), delay=delay)
+        self.max_delivery_count = queue.max_delivery_count
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
-        self._queue.dead_letter(self._local(message), reason, description)
+        lock_of(message)
+        self._queue.dead_letter_copy(
+            OutgoingMessage(
+                body=message.body,
+                message_id=message.message_id,
+                session_id=message.session_id,
+                application_properties=None,
+            ),
+            reason[:_MAX_DEAD_LETTER_TEXT],
+            description[:_MAX_DEAD_LETTER_TEXT],
+            delivery_count=message.delivery_count,
+            enqueued_at=message.enqueued_at,
+        )
+
+    def _schedule(self, copy: OutgoingMessage, delay: float) -> None:
+        self._queue.send([replace(copy, not_before=self._queue.now() + delay)])
 
     def close(self) -> None:
         """The queue is closed by whoever opened it."""

@@ -199,6 +199,10 @@ class LocalQueue:
         except sqlite3.Error as error:
             raise _map_sqlite_error(error, f"cannot open queue file {self.path}") from error
 
+    def now(self) -> float:
+        """The queue's clock (Unix seconds; tests move it)."""
+        return self._clock()
+
     # -- sending ---------------------------------------------------------------
 
     def send(self, messages: list[OutgoingMessage]) -> None:
@@ -445,6 +449,34 @@ class LocalQueue:
                 (now + max(delay, 0.0), lock.seq),
             )
         self._signal.notify()
+
+    def dead_letter_copy(
+        self,
+        message: OutgoingMessage,
+        reason: str,
+        description: str,
+        *,
+        delivery_count: int,
+        enqueued_at: float,
+    ) -> None:
+        """Write a copy of a message straight into the dead letters (the Functions
+        host's settlement: the host itself completes the message it delivered)."""
+        with self._write() as now:
+            self._db.execute(
+                "INSERT INTO dead_letters (message_id, session_id, body, properties,"
+                " enqueued_at, delivery_count, dead_lettered_at, reason, description)"
+                " VALUES (?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+                (
+                    message.message_id,
+                    message.session_id,
+                    message.body,
+                    enqueued_at,
+                    delivery_count,
+                    now,
+                    reason,
+                    description,
+                ),
+            )
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         """Move a received message to the dead letters with the reason a person will read."""
