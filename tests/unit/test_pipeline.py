@@ -616,6 +616,31 @@ def test_after_a_failed_reconcile_the_next_is_due_after_retry_delay() -> None:
     assert world.state.read()["last_reconcile"]["error"] is None
 
 
+def test_a_request_made_during_a_reconcile_is_not_lost() -> None:
+    world = memory_world()
+    pipeline = world.pipeline
+    pipeline.reconcile()
+
+    def missed_meanwhile() -> None:
+        world.clock.advance(1)
+        pipeline.request_reconcile("lifecycle missed")
+
+    world.cloud.faults.run("snapshot", missed_meanwhile)
+    world.clock.advance(10)
+    assert pipeline.reconcile() is not None
+    assert pipeline.reconcile_due() == "lifecycle missed"
+
+    # the same when a request was already pending as the reconcile began
+    pipeline.reconcile()
+    world.clock.advance(10)
+    pipeline.request_reconcile("subscription created")
+    world.clock.advance(1)
+    world.cloud.faults.run("snapshot", missed_meanwhile)
+    assert pipeline.reconcile_if_due() is not None
+    due = pipeline.reconcile_due()
+    assert due is not None and "lifecycle missed" in due
+
+
 def test_a_reconcile_repairs_drift_and_forgets_the_member_links_of_what_it_wrote(
     world: MemoryWorld,
 ) -> None:

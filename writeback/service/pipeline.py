@@ -534,20 +534,22 @@ class Pipeline:
     # ================================================================= reconcile
 
     def request_reconcile(self, reason: str) -> None:
-        """Record that a reconcile is wanted (the next due check runs it)."""
+        """Record that a reconcile is wanted (the next due check runs it).
+
+        ``at`` is when it was last asked for: a reconcile that began before that
+        does not answer it, even when the request joined one already pending."""
         with self._lock:
-            state = self.state.read()
-            pending = state.get("reconcile_request")
-            reasons = list(pending.get("reasons", [])) if isinstance(pending, dict) else []
+            reasons = self._pending_reasons()
             if reason not in reasons:
                 reasons.append(reason)
-            at = pending.get("at") if isinstance(pending, dict) else None
-            self._record_state(
-                reconcile_request={"at": at or iso(self.clock()), "reasons": reasons}
-            )
+            self._record_state(reconcile_request={"at": iso(self.clock()), "reasons": reasons})
         log.info("reconcile requested: %s", reason, extra={"reconcile_reason": reason})
         if self._on_reconcile_requested is not None:
             self._on_reconcile_requested()
+
+    def _pending_reasons(self) -> list[str]:
+        request = self.state.read().get("reconcile_request")
+        return [str(r) for r in request.get("reasons", [])] if isinstance(request, dict) else []
 
     def requested_reconcile(self) -> str | None:
         """The reasons of a pending reconcile request, or None when there is none."""
@@ -603,6 +605,7 @@ class Pipeline:
         outcome recorded; None when it failed (the error is recorded and logged)."""
         with self._reconcile_lock:
             started = self.clock()
+            answered = self._pending_reasons()
             try:
                 if self.config.incremental:
                     result = self._reconcile_incremental(started)
@@ -624,7 +627,7 @@ class Pipeline:
                         self._stats, reconcile_failures=self._stats.reconcile_failures + 1
                     )
                 self._finish_request(
-                    started, {"at": iso(started), "reason": reason, "error": message}
+                    started, {"at": iso(started), "reason": reason, "error": message}, answered
                 )
                 return None
         self.last_reconcile, self.last_reconcile_error = result, None
@@ -649,6 +652,7 @@ class Pipeline:
                 "deletes_blocked": plan.deletes_blocked,
                 "error": None,
             },
+            answered,
         )
         log.info(
             "reconcile done (%s): %s, %d LDAP requests, %d failures in %.2f s",
@@ -673,8 +677,11 @@ class Pipeline:
     def _policy(self) -> SyncPolicy:
         return self.config.policy
 
-    def _finish_request(self, started: datetime, record: dict[str, Any]) -> None:
-        """Record the run; a request made before it started is answered by it."""
+    def _finish_request(
+        self, started: datetime, record: dict[str, Any], answered: list[str]
+    ) -> None:
+        """Record the run; a request made before it started is answered by it. One
+        asked for again while it ran stays, without the reasons it answered."""
         with self._lock:
             request = self.state.read().get("reconcile_request")
             sections: dict[str, Any] = {"last_reconcile": record}
@@ -682,6 +689,10 @@ class Pipeline:
                 asked = _parse(request.get("at"))
                 if asked is None or asked <= started:
                     sections["reconcile_request"] = None
+                else:
+                    reasons = [str(r) for r in request.get("reasons", [])]
+                    left = [r for r in reasons if r not in answered] or reasons
+                    sections["reconcile_request"] = {**request, "reasons": left}
             self._record_state(**sections)
 
     def _reconcile_incremental(self, started: datetime) -> SyncResult:
