@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.memory.world import MemoryWorld, memory_world, object_id
-from writeback.domain.events import CONTROL_SESSION
+from writeback.domain.events import CONTROL_SESSION, ControlRequest
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.naming import sam_account_name_for
 from writeback.errors import (
@@ -551,6 +551,19 @@ def test_poison_control_bodies_are_dead_lettered(world: MemoryWorld) -> None:
     assert world.pipeline.requested_reconcile() is None
 
 
+def test_an_unknown_lifecycle_event_is_dead_lettered_as_poison(world: MemoryWorld) -> None:
+    body = ControlRequest(
+        "lifecycle", event="somethingNew", subscription_id=object_id("sub"), received_at=1.0
+    ).to_json()
+    message = OutgoingMessage(body, "lc-new", CONTROL_SESSION)
+
+    control(world, message, world.reconcile_request("alongside"))
+
+    assert [reason for reason, _ in dead(world)] == ["PoisonEvent"]
+    assert world.pipeline.requested_reconcile() == "requested: alongside"
+    assert empty(world)
+
+
 def test_a_transient_graph_error_abandons_control_messages(world: MemoryWorld) -> None:
     subscription = world.pipeline.subscription_upkeep().subscription
     world.cloud.faults.fail(
@@ -562,6 +575,19 @@ def test_a_transient_graph_error_abandons_control_messages(world: MemoryWorld) -
     assert world.cloud.reauthorizations(subscription.id) == 0
 
     world.later(20)
+    assert world.cloud.reauthorizations(subscription.id) == 1
+    assert empty(world) and dead(world) == []
+
+
+def test_an_unexpected_exception_in_a_control_call_puts_it_back(world: MemoryWorld) -> None:
+    subscription = world.pipeline.subscription_upkeep().subscription
+    world.cloud.faults.fail("reauthorize_subscription", RuntimeError("SDK bug"), times=1)
+
+    control(world, world.lifecycle(subscription.id, REAUTHORIZATION_REQUIRED))  # does not raise
+
+    assert world.pipeline.stats.errors == 1
+    (delay,) = delays(world)
+    world.later(delay)
     assert world.cloud.reauthorizations(subscription.id) == 1
     assert empty(world) and dead(world) == []
 

@@ -72,7 +72,7 @@ from writeback.service.handle_event import (
     redelivery_delay,
 )
 from writeback.service.incremental import DeltaState, IncrementalResult, run_incremental
-from writeback.service.notifications import LifecycleEvent
+from writeback.service.notifications import LIFECYCLE_EVENTS, LifecycleEvent
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback.service.subscriptions import (
     DEFAULT_LIFETIME,
@@ -394,12 +394,7 @@ class Pipeline:
 
     def _handle_control(self, settlement: Settlement, batch: list[ReceivedMessage]) -> None:
         tracked = _Tracked(settlement)
-        requests: list[tuple[ReceivedMessage, ControlRequest]] = []
-        for message in batch:
-            try:
-                requests.append((message, ControlRequest.from_json(message.body)))
-            except PoisonEvent as error:
-                tracked.dead_letter(message, "PoisonEvent", str(error))
+        requests = _control_requests(tracked, batch)
         if not requests:
             return
         started = time.perf_counter()
@@ -418,6 +413,15 @@ class Pipeline:
             for message, _ in requests:
                 tracked.dead_letter(message, type(error).__name__, str(error))
             outcome, detail = "dead-lettered", f"{type(error).__name__}: {error}"
+        except Exception as error:
+            # A bug or an unmapped library error: put back like a group batch, never
+            # raised to the host (which would redeliver at once, burning deliveries).
+            log.exception("control: unexpected %s; put back", type(error).__name__)
+            for message, _ in requests:
+                tracked.abandon(message, delay=self._redelivery(message.delivery_count))
+            outcome, detail = "abandoned", type(error).__name__
+            with self._lock:
+                self._stats = replace(self._stats, errors=self._stats.errors + 1)
         else:
             for message, _ in requests:
                 tracked.complete(message)
@@ -774,6 +778,23 @@ class _Tracked:
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         self._settle(message, self._settlement.dead_letter, reason, description)
+
+
+def _control_requests(
+    tracked: _Tracked, batch: list[ReceivedMessage]
+) -> list[tuple[ReceivedMessage, ControlRequest]]:
+    """The control requests of a batch; a body the worker cannot act on (malformed,
+    or a lifecycle event it does not know) is dead-lettered as poison at once."""
+    requests: list[tuple[ReceivedMessage, ControlRequest]] = []
+    for message in batch:
+        try:
+            request = ControlRequest.from_json(message.body)
+            if request.kind == "lifecycle" and request.event not in LIFECYCLE_EVENTS:
+                raise PoisonEvent(f"unknown lifecycle event {request.event!r}")
+            requests.append((message, request))
+        except PoisonEvent as error:
+            tracked.dead_letter(message, "PoisonEvent", str(error))
+    return requests
 
 
 def _memory_links() -> DeltaLinkStore:
