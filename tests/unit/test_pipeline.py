@@ -389,6 +389,22 @@ def test_event_deletes_are_capped_by_the_delete_threshold() -> None:
     assert world.pipeline.stats.operations == {"add": 4, "delete": 2}
 
 
+def test_a_delete_retried_in_process_counts_once_against_the_budget() -> None:
+    world = memory_world(policy=SyncPolicy(delete_threshold=1))
+    gid = world.group("Doomed", world.users("ann"))
+    world.notify(gid)
+    world.drain()
+    world.cloud.hard_delete_group(gid)
+    world.directory.faults.fail("apply", LdapUnavailable("DC busy"), times=1)
+
+    world.notify(gid)
+    world.drain()
+
+    assert dead(world) == []
+    assert world.ad(gid) is None  # one delete made: within a budget of one
+    assert world.directory.calls["apply"] == 3  # add, the failed delete, the delete
+
+
 # =========================================================================== pause, configuration
 
 

@@ -225,9 +225,14 @@ def _converge_in_full(
         if current is None or _kept_as_soft_deleted(group_id, ctx):
             return None, 0, []
         operation = plan_group(None, current, ctx.options.target_ou)
-        if operation is not None and ctx.deletes is not None:
-            ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
-        return operation, _apply(operation, ctx), []
+        if operation is None or ctx.deletes is None:
+            return operation, _apply(operation, ctx), []
+        ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
+        try:
+            return operation, _apply(operation, ctx), []
+        except Exception:
+            ctx.deletes.give_back()  # not made: the in-process retry must not count it twice
+            raise
     if not group.is_unified:
         return None, 0, []
     desired = desired_group(_within_limit(group, ctx), ctx.options)
