@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.memory.world import MemoryWorld, memory_world, object_id
+from writeback.adapters.directory import LdapRefused
 from writeback.domain.events import CONTROL_SESSION, ControlRequest
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.naming import sam_account_name_for
@@ -329,6 +330,20 @@ def test_a_write_the_directory_refuses_is_dead_lettered_with_its_reason(
     assert reason == "DirectoryRefused"
     assert "sAMAccountName" in description
     assert world.ad(gid) is None
+
+
+def test_a_dc_refusal_has_one_reason_whichever_adapter_reports_it(world: MemoryWorld) -> None:
+    """LdapDirectory raises its own LdapRefused; the relay, DirectoryRefused: both are
+    dead-lettered as the documented DirectoryRefused (what ``replay --reason`` filters on)."""
+    gid = world.group("Refused", world.users("ann"))
+    world.directory.faults.fail(
+        "apply", LdapRefused("LDAP add: constraintViolation (19)", code=19), times=1
+    )
+    world.notify(gid)
+    world.drain()
+    ((reason, description),) = dead(world)
+    assert reason == "DirectoryRefused"
+    assert "constraintViolation" in description
 
 
 def test_transient_faults_outliving_every_delivery_are_max_delivery_count_exceeded() -> None:

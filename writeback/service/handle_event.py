@@ -155,7 +155,7 @@ def process_session(
             queue.park(message, delay=CONFIG_RETRY_DELAY)
         outcome.settlement, outcome.error = "parked", f"ConfigError: {error}"
     except PermanentError as error:
-        reason = type(error).__name__
+        reason = dead_letter_reason(error)
         for message in valid:
             queue.dead_letter(message, reason, str(error))
         outcome.settlement, outcome.error = "dead-lettered", f"{reason}: {error}"
@@ -175,6 +175,16 @@ def process_session(
         outcome.latency = now() - min(e.received_at for e in events)
     _log(outcome)
     return outcome
+
+
+def dead_letter_reason(error: PermanentError) -> str:
+    """The reason a dead letter carries: the error's type, but an adapter's own
+    refinement (LdapDirectory's ``LdapRefused``) as the type it refines, so one fault
+    has one documented reason whichever adapter reported it (``replay --reason``)."""
+    for kind in type(error).__mro__:
+        if not kind.__module__.startswith("writeback.adapters."):
+            return kind.__name__
+    return type(error).__name__  # pragma: no cover - PermanentError is not an adapter's
 
 
 def _parse(
