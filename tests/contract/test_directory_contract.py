@@ -50,7 +50,7 @@ class DirectoryRig(Protocol):
     #: An OU beside the target (outside the scope).
     outside: str
 
-    def open(self) -> Directory:
+    def open(self, *, chunk_size: int = 5000) -> Directory:
         """Another adapter on ``target`` (a new connection: it has read nothing)."""
         ...
 
@@ -88,8 +88,8 @@ class SambaRig:
         self._opened: list[Directory] = []
         self.directory = self.open()
 
-    def open(self) -> Directory:
-        directory = self.dc.directory(self.target)
+    def open(self, *, chunk_size: int = 5000) -> Directory:
+        directory = self.dc.directory(self.target, chunk_size=chunk_size)
         self._opened.append(directory)
         return directory
 
@@ -179,8 +179,8 @@ class MemoryRig:
         self._count = 0
         self.directory = self.open()
 
-    def open(self) -> Directory:
-        return self.forest.directory(self.target)
+    def open(self, *, chunk_size: int = 5000) -> Directory:
+        return self.forest.directory(self.target, chunk_size=chunk_size)
 
     def users(self, count: int) -> list[str]:
         names = [f"user{self._count + i}" for i in range(count)]
@@ -375,6 +375,19 @@ def test_a_delete_takes_two_requests_and_a_gone_object_counts_as_deleted(
     assert rig.directory.apply(Delete(other, other_dn)) == 1  # the guard found nothing
     with pytest.raises(PolicyRefused):  # and it is forgotten: never read again
         rig.directory.apply(Modify(other, other_dn, Changes(replace={"info": ("x",)})))
+
+
+def test_member_values_go_in_chunks_of_chunk_size(rig: DirectoryRig) -> None:
+    sids = rig.users(9)
+    directory = rig.open(chunk_size=2)
+    gid = new_id()
+    dn = dn_for("Chunked", rig.target)
+    assert directory.apply(add_op(gid, dn, sids[:5])) == 3  # the add, then two modifies
+    assert directory.find_group(gid) is not None
+    change = Changes(add_members=refs(sids[5:]), remove_members=refs(sids[:1]))
+    assert directory.apply(Modify(gid, dn, change)) == 3  # five values, two a modify
+    entry = rig.read(dn)
+    assert entry is not None and entry.member_sids == set(sids[1:])
 
 
 def test_members_without_a_sid_are_other_members_and_can_be_removed(rig: DirectoryRig) -> None:

@@ -28,6 +28,8 @@ class QueueRig:
     """One queue under test, its settings, and how its time moves."""
 
     queue: EventQueue
+    #: Another receiver of the same queue (another process or instance).
+    another: Callable[[], EventQueue]
     advance: Callable[[float], None]
     lock_duration: float
     max_delivery_count: int
@@ -42,14 +44,24 @@ def local_queue(request: pytest.FixtureRequest) -> Iterator[QueueRig]:
     """LocalQueue on a real SQLite file in the test's tmp_path, on a hand-driven clock."""
     clock = ManualClock()
     path = request.getfixturevalue("tmp_path") / "queue.sqlite3"
-    with LocalQueue(
-        path,
-        lock_duration=LOCK,
-        max_delivery_count=DELIVERIES,
-        duplicate_window=WINDOW,
-        clock=clock,
-    ) as queue:
-        yield QueueRig(queue, clock.advance, LOCK, DELIVERIES, WINDOW)
+    opened: list[LocalQueue] = []
+
+    def open_queue() -> LocalQueue:
+        queue = LocalQueue(
+            path,
+            lock_duration=LOCK,
+            max_delivery_count=DELIVERIES,
+            duplicate_window=WINDOW,
+            clock=clock,
+        )
+        opened.append(queue)
+        return queue
+
+    try:
+        yield QueueRig(open_queue(), open_queue, clock.advance, LOCK, DELIVERIES, WINDOW)
+    finally:
+        for queue in opened:
+            queue.close()
 
 
 @contextmanager
@@ -58,7 +70,7 @@ def memory_queue(request: pytest.FixtureRequest) -> Iterator[QueueRig]:
     queue = MemoryQueue(
         clock=clock, lock_duration=LOCK, max_delivery_count=DELIVERIES, duplicate_window=WINDOW
     )
-    yield QueueRig(queue, clock.advance, LOCK, DELIVERIES, WINDOW)
+    yield QueueRig(queue, queue.receiver, clock.advance, LOCK, DELIVERIES, WINDOW)
 
 
 #: Every queue implementation the contract runs against, by test id.
@@ -119,6 +131,21 @@ def test_a_held_session_goes_to_no_other_receive_until_released(rig: QueueRig) -
     assert receive(rig) == []
     settle_all(rig, head)
     assert ids(receive(rig)) == ["g2", "g3", "g4"]
+
+
+def test_a_session_held_by_one_receiver_is_not_given_to_another(rig: QueueRig) -> None:
+    other = rig.another()
+    rig.queue.send([msg("g1", "G"), msg("h1", "H")])
+    held = receive(rig)
+    assert ids(held) == ["g1"]
+    rig.queue.send([msg("g2", "G")])
+    assert ids(other.receive_session(10, 0)) == ["h1"]
+    assert other.receive_session(10, 0) == []  # G is still held by the first
+    settle_all(rig, held)
+    again = other.receive_session(10, 0)
+    assert ids(again) == ["g2"]
+    other.complete(again[0])
+    other.release_session("G")
 
 
 def test_release_gives_back_unsettled_messages_in_order_counted(rig: QueueRig) -> None:
