@@ -133,3 +133,11 @@ class DeleteBudget:
                     f"({self._setting}); replay the event once this is intended"
                 )
             self._taken.append(now)
+
+    def give_back(self) -> None:
+        """Return the delete taken last: the write failed, so it was not made (a retry
+        takes it again). A delete whose answer was lost after the DC made it is given
+        back too; its retry finds the object gone and takes none."""
+        with self._lock:
+            if self._taken:
+                self._taken.pop()

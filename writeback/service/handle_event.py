@@ -346,9 +346,14 @@ def _gone(
     if first is None or now - first < ctx.settle:
         return Converged(confirm=True, gone_since=first if first is not None else now)
     operation = plan_group(None, current, ctx.options.target_ou)
-    if operation is not None and ctx.deletes is not None:
-        ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
-    return Converged(operation, _apply(operation, ctx))
+    if operation is None or ctx.deletes is None:
+        return Converged(operation, _apply(operation, ctx))
+    ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
+    try:
+        return Converged(operation, _apply(operation, ctx))
+    except Exception:
+        ctx.deletes.give_back()  # not made: the in-process retry must not count it twice
+        raise
 
 
 # --------------------------------------------------------------------------- member deltas
@@ -562,7 +567,7 @@ def _settle(
             queue.park(message, delay=CONFIG_RETRY_DELAY)
         outcome.settlement, outcome.error = "parked", f"ConfigError: {result}"
     elif isinstance(result, PermanentError):
-        reason = type(result).__name__
+        reason = dead_letter_reason(result)
         for message in valid:
             queue.dead_letter(message, reason, str(result))
         outcome.settlement, outcome.error = "dead-lettered", f"{reason}: {result}"
@@ -622,6 +627,16 @@ def confirmation(
         session_id=group_id,
         not_before=due,
     )
+
+
+def dead_letter_reason(error: PermanentError) -> str:
+    """The reason a dead letter carries: the error's type, but an adapter's own
+    refinement (LdapDirectory's ``LdapRefused``) as the type it refines, so one fault
+    has one documented reason whichever adapter reported it (``replay --reason``)."""
+    for kind in type(error).__mro__:
+        if not kind.__module__.startswith("writeback.adapters."):
+            return kind.__name__
+    return type(error).__name__  # pragma: no cover - PermanentError is not an adapter's
 
 
 def _parse(

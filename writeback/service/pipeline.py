@@ -74,7 +74,7 @@ from writeback.service.handle_event import (
     redelivery_delay,
 )
 from writeback.service.incremental import DeltaState, IncrementalResult, run_incremental
-from writeback.service.notifications import LifecycleEvent
+from writeback.service.notifications import LIFECYCLE_EVENTS, LifecycleEvent
 from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback.service.subscriptions import (
     DEFAULT_LIFETIME,
@@ -254,7 +254,7 @@ class Pipeline:
         self, settlement: Settlement, batches: list[list[ReceivedMessage]]
     ) -> list[EventOutcome]:
         tracked = _Tracked(settlement)
-        started = time.time()
+        started = self.clock().timestamp()
         outcomes: list[EventOutcome] = []
         try:
             if self.config.paused:
@@ -411,13 +411,14 @@ class Pipeline:
             deletes=self._deletes,
             sender=self._sender,
             settle=config.settle,
+            clock=lambda: self.clock().timestamp(),
         )
         with self._lock:
             self._context = self._context or context
             return self._context
 
     def _record(self, outcome: EventOutcome, batch: list[ReceivedMessage]) -> None:
-        now = time.time()
+        now = self.clock().timestamp()
         latencies = []
         done = outcome.settlement == "completed"
         if done:
@@ -460,12 +461,7 @@ class Pipeline:
 
     def _handle_control(self, settlement: Settlement, batch: list[ReceivedMessage]) -> None:
         tracked = _Tracked(settlement)
-        requests: list[tuple[ReceivedMessage, ControlRequest]] = []
-        for message in batch:
-            try:
-                requests.append((message, ControlRequest.from_json(message.body)))
-            except PoisonEvent as error:
-                tracked.dead_letter(message, "PoisonEvent", str(error))
+        requests = _control_requests(tracked, batch)
         if not requests:
             return
         started = time.perf_counter()
@@ -484,6 +480,15 @@ class Pipeline:
             for message, _ in requests:
                 tracked.dead_letter(message, type(error).__name__, str(error))
             outcome, detail = "dead-lettered", f"{type(error).__name__}: {error}"
+        except Exception as error:
+            # A bug or an unmapped library error: put back like a group batch, never
+            # raised to the host (which would redeliver at once, burning deliveries).
+            log.exception("control: unexpected %s; put back", type(error).__name__)
+            for message, _ in requests:
+                tracked.abandon(message, delay=self._redelivery(message.delivery_count))
+            outcome, detail = "abandoned", type(error).__name__
+            with self._lock:
+                self._stats = replace(self._stats, errors=self._stats.errors + 1)
         else:
             for message, _ in requests:
                 tracked.complete(message)
@@ -600,20 +605,22 @@ class Pipeline:
     # ================================================================= reconcile
 
     def request_reconcile(self, reason: str) -> None:
-        """Record that a reconcile is wanted (the next due check runs it)."""
+        """Record that a reconcile is wanted (the next due check runs it).
+
+        ``at`` is when it was last asked for: a reconcile that began before that
+        does not answer it, even when the request joined one already pending."""
         with self._lock:
-            state = self.state.read()
-            pending = state.get("reconcile_request")
-            reasons = list(pending.get("reasons", [])) if isinstance(pending, dict) else []
+            reasons = self._pending_reasons()
             if reason not in reasons:
                 reasons.append(reason)
-            at = pending.get("at") if isinstance(pending, dict) else None
-            self._record_state(
-                reconcile_request={"at": at or iso(self.clock()), "reasons": reasons}
-            )
+            self._record_state(reconcile_request={"at": iso(self.clock()), "reasons": reasons})
         log.info("reconcile requested: %s", reason, extra={"reconcile_reason": reason})
         if self._on_reconcile_requested is not None:
             self._on_reconcile_requested()
+
+    def _pending_reasons(self) -> list[str]:
+        request = self.state.read().get("reconcile_request")
+        return [str(r) for r in request.get("reasons", [])] if isinstance(request, dict) else []
 
     def requested_reconcile(self) -> str | None:
         """The reasons of a pending reconcile request, or None when there is none."""
@@ -669,6 +676,7 @@ class Pipeline:
         outcome recorded; None when it failed (the error is recorded and logged)."""
         with self._reconcile_lock:
             started = self.clock()
+            answered = self._pending_reasons()
             try:
                 if self.config.incremental:
                     result = self._reconcile_incremental(started)
@@ -690,7 +698,7 @@ class Pipeline:
                         self._stats, reconcile_failures=self._stats.reconcile_failures + 1
                     )
                 self._finish_request(
-                    started, {"at": iso(started), "reason": reason, "error": message}
+                    started, {"at": iso(started), "reason": reason, "error": message}, answered
                 )
                 return None
         self.last_reconcile, self.last_reconcile_error = result, None
@@ -715,6 +723,7 @@ class Pipeline:
                 "deletes_blocked": plan.deletes_blocked,
                 "error": None,
             },
+            answered,
         )
         log.info(
             "reconcile done (%s): %s, %d LDAP requests, %d failures in %.2f s",
@@ -739,8 +748,11 @@ class Pipeline:
     def _policy(self) -> SyncPolicy:
         return self.config.policy
 
-    def _finish_request(self, started: datetime, record: dict[str, Any]) -> None:
-        """Record the run; a request made before it started is answered by it."""
+    def _finish_request(
+        self, started: datetime, record: dict[str, Any], answered: list[str]
+    ) -> None:
+        """Record the run; a request made before it started is answered by it. One
+        asked for again while it ran stays, without the reasons it answered."""
         with self._lock:
             request = self.state.read().get("reconcile_request")
             sections: dict[str, Any] = {"last_reconcile": record}
@@ -748,6 +760,10 @@ class Pipeline:
                 asked = _parse(request.get("at"))
                 if asked is None or asked <= started:
                     sections["reconcile_request"] = None
+                else:
+                    reasons = [str(r) for r in request.get("reasons", [])]
+                    left = [r for r in reasons if r not in answered] or reasons
+                    sections["reconcile_request"] = {**request, "reasons": left}
             self._record_state(**sections)
 
     def _reconcile_incremental(self, started: datetime) -> SyncResult:
@@ -830,6 +846,23 @@ class _Tracked:
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         self._settle(message, self._settlement.dead_letter, reason, description)
+
+
+def _control_requests(
+    tracked: _Tracked, batch: list[ReceivedMessage]
+) -> list[tuple[ReceivedMessage, ControlRequest]]:
+    """The control requests of a batch; a body the worker cannot act on (malformed,
+    or a lifecycle event it does not know) is dead-lettered as poison at once."""
+    requests: list[tuple[ReceivedMessage, ControlRequest]] = []
+    for message in batch:
+        try:
+            request = ControlRequest.from_json(message.body)
+            if request.kind == "lifecycle" and request.event not in LIFECYCLE_EVENTS:
+                raise PoisonEvent(f"unknown lifecycle event {request.event!r}")
+            requests.append((message, request))
+        except PoisonEvent as error:
+            tracked.dead_letter(message, "PoisonEvent", str(error))
+    return requests
 
 
 def _memory_links() -> DeltaLinkStore:
