@@ -595,7 +595,7 @@ def test_batch_limits_and_malformed_batches(http: httpx.Client) -> None:
         response = http.post(url, json={"requests": too_many})
         assert response.status_code == 400
         assert "maximum of 20" in response.json()["error"]["message"]
-        for bad in (
+        malformed: tuple[dict[str, Any], ...] = (
             {"requests": []},
             {"requests": [{"id": "1", "method": "GET"}]},
             {
@@ -605,7 +605,8 @@ def test_batch_limits_and_malformed_batches(http: httpx.Client) -> None:
                 ]
             },
             {"requests": [{"id": "1", "method": "GET", "url": "/groups/g", "dependsOn": ["9"]}]},
-        ):
+        )
+        for bad in malformed:
             response = http.post(url, json=bad)
             assert response.status_code == 400, bad
             assert response.json()["error"]["code"] == "BadRequest"
