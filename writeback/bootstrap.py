@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from writeback.adapters.relay import RelayDirectory
     from writeback.adapters.servicebus import ServiceBusQueue
     from writeback.adapters.thread_local import ThreadLocalDirectory
-    from writeback.ports import StateStore
+    from writeback.ports import MessageSender, StateStore
     from writeback.service.pipeline import Pipeline, PipelineConfig
 
 #: How long a single-machine worker may hold a session before it is given back.
@@ -230,11 +230,19 @@ def pipeline_config(settings: Settings, pipeline: PipelineSettings) -> PipelineC
         lifecycle_url=pipeline.lifecycle_url,
         client_state=pipeline.client_states[0] if pipeline.client_states else None,
         paused=pipeline.paused,
+        settle=float(pipeline.settle_seconds),
     )
 
 
-def build_pipeline(settings: Settings, pipeline: PipelineSettings, **overrides: Any) -> Pipeline:
-    """The pipeline with real adapters: Graph, the directory (per thread), the state.
+def build_pipeline(
+    settings: Settings,
+    pipeline: PipelineSettings,
+    *,
+    sender: MessageSender | None = None,
+    **overrides: Any,
+) -> Pipeline:
+    """The pipeline with real adapters: Graph, the directory (per thread), the state;
+    confirmations go to ``sender`` (the host's queue).
 
     ``overrides`` replace fields of the :class:`PipelineConfig` (a host's own knobs)."""
     from dataclasses import replace
@@ -248,6 +256,7 @@ def build_pipeline(settings: Settings, pipeline: PipelineSettings, **overrides: 
             directory=build_thread_local_directory(settings),
             config=replace(pipeline_config(settings, pipeline), **overrides),
             state=build_state(pipeline),
+            sender=sender,
         )
     except BaseException:
         cloud.close()

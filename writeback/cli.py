@@ -253,16 +253,37 @@ def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
         "as --admin-user, whose password is read from standard input",
     )
     permissions.add_argument("--admin-user", metavar="DN|UPN", help="who may change the OU's DACL")
+    permissions.add_argument(
+        "--force",
+        action="store_true",
+        help="with --apply: grant even though the OU already holds groups that are not "
+        "writeback's (no Group_<objectId> anchor) or are protected (adminCount=1)",
+    )
     permissions.set_defaults(run=_permissions)
 
 
 def _permissions(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the ACEs and the commands that set them; with --apply, write them."""
-    from writeback.permissions import describe
+    """Print the ACEs and the commands that set them; with --apply, write them.
+
+    A grant (and a deletion guard) needs an OU of the domain's own, never a
+    default container or the domain root (writeback/domain/target.py); a revoke
+    is allowed anywhere, so a grant made on such a target can be taken back.
+    """
+    from writeback.domain.target import TargetRefused, check_target_ou
+    from writeback.permissions import UnsafeName, check_printable, describe
 
     ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
     if not ou:
         raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
+    try:
+        check_printable("--account", args.account)
+        check_printable("--ou", ou)
+        if not args.revoke:
+            check_target_ou(ou)
+    except TargetRefused as refused:
+        raise ConfigError(f"--ou {ou!r} {refused}; the target must be an OU of your own") from None
+    except UnsafeName as unsafe:
+        raise ConfigError(str(unsafe)) from None
     sid = _apply_permissions(args, ou) if args.apply else None
     lines = describe(ou, args.account, sid, guard=args.deny_deletes, revoke=args.revoke)
     for line in lines:
@@ -292,6 +313,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
         account_dn=args.account,
         aces_for=deletion_guard if args.deny_deletes else delegation,
         revoke=args.revoke,
+        force=args.force,
         ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
     )
     verb = "removed" if args.revoke else "added"

@@ -294,11 +294,16 @@ def _existing_file(name: str, path: str | None) -> str | None:
 
 
 def _check_target_ou(dn: str) -> None:
-    first = dn.split(",", 1)[0].strip().lower()
-    if not (first.startswith("ou=") or first.startswith("cn=")) or "dc=" not in dn.lower():
+    """An OU of the domain's own, never a default container (domain/target.py says why)."""
+    from writeback.domain.target import TargetRefused, check_target_ou
+
+    try:
+        check_target_ou(dn)
+    except TargetRefused as refused:
         raise ConfigError(
-            f"WRITEBACK_TARGET_OU={dn!r} must be the DN of an OU, e.g. OU=Groups,DC=corp,DC=example"
-        )
+            f"WRITEBACK_TARGET_OU={dn!r} {refused}; it must be the DN of an OU of your own, "
+            "e.g. OU=M365 Groups,DC=corp,DC=example"
+        ) from None
 
 
 def _check_graph(url: str, auth: GraphAuth) -> None:
@@ -373,6 +378,9 @@ class PipelineSettings:
     listen_port: int = 7071
     #: Single-machine mode: worker threads taking sessions from the queue.
     workers: int = 2
+    #: Seconds between an event's read and its confirmation read; a group must stay
+    #: gone this long before its object is deleted (Graph is eventually consistent).
+    settle_seconds: int = 60
     #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
     webhook_key: str | None = field(default=None, repr=False)
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
@@ -455,6 +463,7 @@ def load_pipeline_settings(
         listen_address=listen_address,
         listen_port=reader.integer("WRITEBACK_LISTEN_PORT", 7071, 0, 65535),
         workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
+        settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
         servicebus_connection=connection,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),

@@ -214,6 +214,8 @@ class OutgoingMessage:
     message_id: str
     session_id: str
     application_properties: dict[str, str] | None = None
+    #: Deliver no earlier than this (Unix seconds): a scheduled message.
+    not_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,13 @@ class EventQueue(MessageSender, Settlement, Protocol):
         """Lock the next available session and take up to ``max_messages`` of it."""
         ...
 
+    def receive_sessions(
+        self, max_sessions: int, max_messages: int, wait: float
+    ) -> list[list[ReceivedMessage]]:
+        """Lock up to ``max_sessions`` sessions with work (waiting at most ``wait`` for
+        the first) and take up to ``max_messages`` of each: one batch per session."""
+        ...
+
     def release_session(self, session_id: str) -> None: ...
 
     def dead_letters(self, limit: int = 1000) -> list[DeadLetter]: ...
@@ -300,10 +309,15 @@ class EventQueue(MessageSender, Settlement, Protocol):
 
 @dataclass(frozen=True)
 class StoredLink:
-    """A group's delta link and the user members it had when the link was stored."""
+    """A group's delta link and the user members it had when the link was stored.
+
+    ``delta_link`` is empty for a group read in full every time (a small one);
+    ``stored_at`` (Unix seconds; 0 when unknown) ages the link out before Graph's
+    delta token does."""
 
     delta_link: str
     member_count: int
+    stored_at: float = 0.0
 
 
 class DeltaLinkStore(Protocol):

@@ -2,13 +2,15 @@
 
 The user functions come out of ``function_app.app`` (``get_functions()`` then
 ``get_user_function()``) and get real ``azure.functions`` objects:
-``func.HttpRequest``, ``func.ServiceBusMessage`` (body, message id, session id,
-delivery count, lock token, sequence number) and ``TimerRequest``. There is no
-Service Bus here, so the app runs with ``WRITEBACK_QUEUE=local``: the webhook
+``func.HttpRequest``, ``func.ServiceBusMessage`` and ``TimerRequest``. There is
+no Service Bus here, so the app runs with ``WRITEBACK_QUEUE=local``: the webhook
 enqueues into the real SQLite queue, and :class:`Host` plays the Functions host
-for the trigger (takes one session's batch, calls the worker, completes the
-batch when it returns, abandons it when it raises). Graph is the stand-in, AD a
-real Samba DC, and AD is read back over an independent admin connection.
+for the trigger with the extension's own loop (tests/support/functions_host.py:
+the batch of one session, completed when the function returns, abandoned when
+it raises), the messages decoded by ``azure.functions`` from the data the
+extension and the host send (tests/support/functions_wire.py). Graph is the
+stand-in, AD a real Samba DC, and AD is read back over an independent admin
+connection.
 
 The Service Bus settlement (rescheduled copies, the dead-letter hand-off) is
 driven at the end against an in-memory broker with the SDK's own message types.
@@ -16,7 +18,6 @@ driven at the end against an in-memory broker with the SDK's own message types.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ import pytest
 from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
 from azure.functions.timer import TimerRequest
 
-import function_app
+from tests.support.functions_host import FunctionsHost, app_functions
 from tests.support.relay import PATH as RELAY_PATH
 from tests.support.relay import SEND as RELAY_SEND
 from tests.support.relay import relay_rig
@@ -44,9 +45,8 @@ from tests.support.settings import agent_only_settings, settings_read_by_the_cod
 from tests.support.world import World, make_world
 from writeback import logging_setup
 from writeback.adapters.functions_settlement import ServiceBusSettlement
-from writeback.adapters.local_queue import LocalLock, LocalQueue
 from writeback.domain.events import CONTROL_SESSION, HANDOFF_MARK, ControlRequest
-from writeback.errors import LockLost, TransientError
+from writeback.errors import TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage
@@ -57,8 +57,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "function-app-client-state-0123456789"
 FUNCTION_KEY = "fn-key-for-tests"
 
-#: ``get_functions()`` indexes the app, as the worker does once at start-up.
-FUNCTIONS = function_app.app.get_functions()
+#: ``get_functions()`` indexes the app, as the worker does once at start-up (once per
+#: process: a second indexing of the same app object is refused).
+FUNCTIONS = app_functions()
 USER_FUNCTIONS: dict[str, Callable[..., Any]] = {
     str(f.get_function_name()): f.get_user_function() for f in FUNCTIONS
 }
@@ -72,58 +73,41 @@ def entry(name: str) -> Callable[..., Any]:
 
 
 class Host:
-    """The Functions host's part for the Service Bus trigger, on the local queue."""
+    """The Functions host's part for the Service Bus trigger, on the app's local queue:
+    the extension's loop (tests/support/functions_host.py, the app's own binding and
+    host.json) calling the app's ``worker`` with the messages decoded as the worker
+    decodes them (tests/support/functions_wire.py). ``deliver`` is one invocation."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.queue = LocalQueue(path, lock_duration=120, max_delivery_count=100, clock=clock)
         self.delivered: list[list[func.ServiceBusMessage]] = []
+        self._host = FunctionsHost.for_app(
+            path,
+            function=self._worker,
+            lock_duration=120,
+            max_delivery_count=100,
+            clock=clock,
+            session_idle_timeout=0.1,  # host.json's 2 s: an idle session closes sooner here
+        )
+        self.queue = self._host.queue
+
+    def _worker(self, messages: list[func.ServiceBusMessage]) -> None:
+        self.delivered.append(messages)
+        entry("worker")(messages)
 
     def close(self) -> None:
-        self.queue.close()
+        self._host.close()
 
     def deliver(self, *, wait: float = 0.5) -> list[func.ServiceBusMessage] | None:
-        """One invocation of ``worker`` with the next session's batch; None when idle."""
-        batch = self.queue.receive_session(100, wait)
-        if not batch:
+        """One invocation of ``worker`` with the next batch; None when idle."""
+        if self._host.step(wait) is None:
             return None
-        messages = [to_function_message(m) for m in batch]
-        self.delivered.append(messages)
-        try:
-            entry("worker")(messages)
-        except Exception:
-            for message in batch:  # autoCompleteMessages: a raise abandons
-                with contextlib.suppress(LockLost):
-                    self.queue.abandon(message)
-            raise
-        else:
-            for message in batch:  # ... and a return completes what is still locked
-                with contextlib.suppress(LockLost):
-                    self.queue.complete(message)
-        finally:
-            self.queue.release_session(batch[0].session_id)
-        return messages
+        return self.delivered[-1]
 
     def drain(self, *, limit: int = 20) -> int:
         runs = 0
         while runs < limit and self.deliver(wait=0.2) is not None:
             runs += 1
         return runs
-
-
-def to_function_message(message: ReceivedMessage) -> func.ServiceBusMessage:
-    lock = message.lock
-    assert isinstance(lock, LocalLock)
-    return DeliveredMessage(
-        body=message.body,
-        message_id=message.message_id,
-        session_id=message.session_id,
-        delivery_count=message.delivery_count,
-        sequence_number=lock.seq,
-        lock_token=lock.token,
-        enqueued_time_utc=datetime.fromtimestamp(message.enqueued_at, UTC),
-        application_properties={},
-        user_properties={},
-    )
 
 
 def http(
@@ -542,10 +526,10 @@ def test_an_unexpected_error_is_rescheduled_like_a_transient_fault(
 
     gid = world.add_group(10, "Bug", ["user0"])
 
-    def broken(group_id: str, ctx: Any) -> Any:
+    def broken(works: Any, ctx: Any) -> Any:
         raise KeyError("a bug, not a fault of the event")
 
-    monkeypatch.setattr(handle_event, "converge", broken)
+    monkeypatch.setattr(handle_event, "converge_groups", broken)
     assert http("notifications", notification(gid)).status_code == 202
     assert host.deliver() is not None
     assert host.queue.dead_letters() == []

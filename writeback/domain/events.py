@@ -8,6 +8,7 @@ worker reads the current state from Graph and AD and converges.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -26,6 +27,9 @@ class Change(StrEnum):
     DELETED = "deleted"
     CREATED = "created"
     RECONCILE = "reconcile"
+    #: Not a notification: the worker's own read of the group after the settle
+    #: interval, because Graph may have answered an earlier read from a lagging replica.
+    CONFIRM = "confirm"
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,14 @@ class GroupChanged:
     #: Identifies one Graph delivery, so Graph's retries become duplicates.
     notification_id: str
     version: int = ENVELOPE_VERSION
+    #: On a confirmation: when the group was first seen gone (Unix seconds).
+    gone_since: float | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        body = asdict(self)
+        if self.gone_since is None:
+            del body["gone_since"]
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, body: bytes) -> GroupChanged:
@@ -58,9 +67,13 @@ class GroupChanged:
         try:
             change = Change(str(data.get("change")))
             received_at = float(data["received_at"])
+            gone = data.get("gone_since")
+            gone_since = None if gone is None else float(gone)
         except (KeyError, TypeError, ValueError):
-            raise PoisonEvent("change or received_at missing or invalid") from None
-        return cls(str(group_id), change, received_at, str(notification_id))
+            raise PoisonEvent("change, received_at or gone_since missing or invalid") from None
+        if not all(map(math.isfinite, (received_at, gone_since or 0.0))):
+            raise PoisonEvent("received_at or gone_since is not a finite time")
+        return cls(str(group_id), change, received_at, str(notification_id), gone_since=gone_since)
 
 
 def _valid_id(value: object) -> bool:

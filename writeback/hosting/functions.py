@@ -175,17 +175,19 @@ class _Runtime:
             return self._sender, self._settlement
 
     def pipeline(self, pipeline: PipelineSettings) -> Pipeline:
-        """The pipeline with the app's settings (built on first use, then kept warm)."""
+        """The pipeline with the app's settings (built on first use, then kept warm);
+        it schedules its confirmation reads through the queue's sender."""
         from writeback.bootstrap import build_pipeline
 
         settings = load_settings()
+        sender, _ = self.queue(pipeline)
         key = (settings, pipeline)
         with self._lock:
             if self._pipeline is None or self._pipeline_key != key:
                 if self._pipeline is not None:
                     self._pipeline.close()
                     self._pipeline = None
-                self._pipeline = build_pipeline(settings, pipeline)
+                self._pipeline = build_pipeline(settings, pipeline, sender=sender)
                 self._pipeline_key = key
             return self._pipeline
 

@@ -97,7 +97,11 @@ class ServeConfig:
     redelivery_scale: float = 1.0
     max_redelivery_delay: float = MAX_REDELIVERY_DELAY
     max_messages: int = 100
+    #: Sessions a worker takes in one step (read from Graph and AD together).
+    max_sessions: int = 20
     receive_wait: float = 0.5
+    #: Seconds between an event's read and its confirmation (WRITEBACK_SETTLE_SECONDS).
+    settle: float = 60.0
     #: Incremental reconcile (:mod:`writeback.service.incremental`): keep the groups
     #: delta link (in the state file's ``delta`` section, else in memory) so a run
     #: reads only what changed. Off by default: every reconcile is a full sync.
@@ -123,6 +127,7 @@ class ServeConfig:
             webhook_key=pipeline.webhook_key,
             state_path=pipeline.state_path,
             paused=pipeline.paused,
+            settle=float(pipeline.settle_seconds),
         )
 
     def pipeline_config(
@@ -144,7 +149,7 @@ class ServeConfig:
             client_state=client_state,
             subscription_lifetime=self.subscription_lifetime,
             renew_before=self.renew_before,
-            paused=self.paused,
+            settle=self.settle,
         )
 
 
@@ -327,9 +332,12 @@ class Server:
             directory=self.directory,
             config=self.config.pipeline_config(options, policy or SyncPolicy(), states[0]),
             state=store,
+            sender=queue,
             clock=clock,
             on_reconcile_requested=self._wake_timers,
         )
+        # The workers stop taking events while paused; the pipeline holds reconciles.
+        self.pipeline.paused = self.config.paused
         self._owned = list(owned)
         self._webhook_queue = _CountingSender(queue, self._count_enqueued)
         self._gate = _Gate()
@@ -684,16 +692,20 @@ class Server:
             self._gate.release_shared()
 
     def _receive_and_handle(self) -> None:
-        messages = self.queue.receive_session(self.config.max_messages, self.config.receive_wait)
-        if not messages:
+        config = self.config
+        batches = self.queue.receive_sessions(
+            config.max_sessions, config.max_messages, config.receive_wait
+        )
+        if not batches:
             return
         with self._lock:
             self._busy += 1
         try:
-            self.pipeline.handle(self.queue, messages)
+            self.pipeline.handle(self.queue, [m for batch in batches for m in batch])
         finally:
-            with contextlib.suppress(WritebackError):
-                self.queue.release_session(messages[0].session_id)
+            for batch in batches:
+                with contextlib.suppress(WritebackError):
+                    self.queue.release_session(batch[0].session_id)
             with self._lock:
                 self._busy -= 1
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from writeback.domain.events import CONTROL_SESSION, ControlRequest, GroupChanged
+from writeback.domain.events import CONTROL_SESSION, Change, ControlRequest, GroupChanged
 from writeback.domain.mapping import MappingOptions
 from writeback.errors import ConfigError, PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
@@ -57,6 +57,7 @@ from writeback.ports import (
     DeltaLinkStore,
     Directory,
     EventQueue,
+    MessageSender,
     ReceivedMessage,
     Settlement,
     StateStore,
@@ -64,11 +65,12 @@ from writeback.ports import (
 )
 from writeback.service.handle_event import (
     CONFIG_RETRY_DELAY,
+    DEFAULT_SETTLE,
     MAX_REDELIVERY_DELAY,
     EventOutcome,
     WorkerContext,
     event_deletes,
-    process_session,
+    process_sessions,
     redelivery_delay,
 )
 from writeback.service.incremental import DeltaState, IncrementalResult, run_incremental
@@ -117,17 +119,27 @@ class PipelineConfig:
     client_state: str | None = field(default=None, repr=False)
     subscription_lifetime: timedelta = DEFAULT_LIFETIME
     renew_before: timedelta = DEFAULT_RENEW_BEFORE
+    #: The pause switch as a setting (WRITEBACK_PAUSED): what arrives is parked,
+    #: and reconciles are held. A host that stops receiving itself (``serve``) leaves
+    #: it off and holds reconciles with :meth:`Pipeline.pause`.
     paused: bool = False
     pause_delay: float = PAUSE_DELAY
     config_retry_delay: float = CONFIG_RETRY_DELAY
+    #: Seconds between a read and its confirmation; also how long a group must stay
+    #: gone before its object is deleted (WRITEBACK_SETTLE_SECONDS).
+    settle: float = DEFAULT_SETTLE
 
 
 @dataclass(frozen=True)
 class PipelineStats:
     """Counters since the pipeline was built (a copy; the pipeline keeps counting)."""
 
-    #: Messages completed (each is one notified group change).
+    #: Notification messages completed (each is one notified group change).
     events: int = 0
+    #: Confirmation reads completed (the worker's own, after the settle interval).
+    confirmations: int = 0
+    #: Deletes waiting for a confirming read.
+    pending_deletes: int = 0
     #: Session batches handled (a burst for one group is one batch, one write).
     batches: int = 0
     operations: dict[str, int] = field(default_factory=dict)
@@ -170,6 +182,7 @@ class Pipeline:
         config: PipelineConfig,
         state: StateStore,
         links: DeltaLinkStore | None = None,
+        sender: MessageSender | None = None,
         clock: Callable[[], datetime] | None = None,
         on_reconcile_requested: Callable[[], None] | None = None,
     ) -> None:
@@ -182,6 +195,8 @@ class Pipeline:
         self._links = links if links is not None or not config.member_deltas else _memory_links()
         self._deletes = event_deletes(config.policy.delete_threshold)
         self._on_reconcile_requested = on_reconcile_requested
+        #: Where confirmation reads are scheduled (the hosts' queue); None: no confirmations.
+        self._sender = sender
         self._lock = threading.Lock()
         self._reconcile_lock = threading.Lock()
         self._context: WorkerContext | None = None
@@ -211,80 +226,123 @@ class Pipeline:
         for message in messages:
             sessions.setdefault(message.session_id, []).append(message)
         control = sessions.pop(CONTROL_SESSION, [])
-        outcomes = [self._handle_group(settlement, batch) for batch in sessions.values()]
+        outcomes = self._handle_groups(settlement, list(sessions.values())) if sessions else []
         if control:
             self._handle_control(settlement, control)
         return outcomes
 
     def handle_next(
-        self, queue: EventQueue, *, max_messages: int = 100, wait: float = 1.0
+        self,
+        queue: EventQueue,
+        *,
+        max_sessions: int = 1,
+        max_messages: int = 100,
+        wait: float = 1.0,
     ) -> list[EventOutcome] | None:
-        """Take the next session with work from ``queue``, handle it, release it.
-        None when no session had work within ``wait`` seconds."""
-        messages = queue.receive_session(max_messages, wait)
-        if not messages:
+        """Take up to ``max_sessions`` sessions with work from ``queue``, handle them
+        in one step, release them. None when none had work within ``wait`` seconds."""
+        batches = queue.receive_sessions(max_sessions, max_messages, wait)
+        if not batches:
             return None
         try:
-            return self.handle(queue, messages)
+            return self.handle(queue, [m for batch in batches for m in batch])
         finally:
-            queue.release_session(messages[0].session_id)
+            for batch in batches:
+                queue.release_session(batch[0].session_id)
 
-    def _handle_group(self, settlement: Settlement, batch: list[ReceivedMessage]) -> EventOutcome:
+    def _handle_groups(
+        self, settlement: Settlement, batches: list[list[ReceivedMessage]]
+    ) -> list[EventOutcome]:
         tracked = _Tracked(settlement)
-        session = batch[0].session_id
         started = time.time()
+        outcomes: list[EventOutcome] = []
         try:
-            if self.paused:
-                outcome = self._park(tracked, batch, self.config.pause_delay, "paused")
-            elif self._covered(batch):
-                for message in batch:
-                    tracked.complete(message)
-                outcome = EventOutcome(session, len(batch), "completed", error=None)
-                outcome.latency = 0.0
-                with self._lock:
-                    self._stats = replace(self._stats, covered=self._stats.covered + len(batch))
-                _log_covered(session, len(batch))
+            if self.config.paused:
+                outcomes = [
+                    self._park(tracked, batch, self.config.pause_delay, "paused")
+                    for batch in batches
+                ]
             else:
-                outcome = self._converge(tracked, batch, started)
+                work = []
+                for batch in batches:
+                    if self._covered(batch):
+                        outcomes.append(self._complete_covered(tracked, batch))
+                    else:
+                        work.append(batch)
+                if work:
+                    outcomes.extend(self._converge(tracked, work, started))
         except SettlementFailed:
             raise
         except Exception as error:
             # A bug or an unmapped library error: wait like a transient fault.
             log.exception(
-                "group %s: unexpected %s; put back",
-                session,
+                "groups %s: unexpected %s; put back",
+                ", ".join(batch[0].session_id for batch in batches[:5]),
                 type(error).__name__,
-                extra={"group_id": session, "operation": "none", "outcome": "abandoned"},
+                extra={"operation": "none", "outcome": "abandoned"},
             )
-            for message in tracked.unsettled(batch):
-                tracked.abandon(message, delay=self._redelivery(message.delivery_count))
-            outcome = EventOutcome(session, len(batch), "abandoned", error=type(error).__name__)
+            done = {o.group_id for o in outcomes}
+            for batch in batches:
+                unsettled = tracked.unsettled(batch)
+                for message in unsettled:
+                    tracked.abandon(message, delay=self._redelivery(message.delivery_count))
+                if batch[0].session_id not in done:
+                    outcomes.append(
+                        EventOutcome(
+                            batch[0].session_id,
+                            len(batch),
+                            "abandoned",
+                            error=type(error).__name__,
+                        )
+                    )
             with self._lock:
                 self._stats = replace(self._stats, errors=self._stats.errors + 1)
-        self._record(outcome, batch)
+        by_session = {batch[0].session_id: batch for batch in batches}
+        for outcome in outcomes:
+            self._record(outcome, by_session[outcome.group_id])
+        return outcomes
+
+    def _complete_covered(self, tracked: _Tracked, batch: list[ReceivedMessage]) -> EventOutcome:
+        session = batch[0].session_id
+        for message in batch:
+            tracked.complete(message)
+        outcome = EventOutcome(session, len(batch), "completed", notifications=len(batch))
+        outcome.latency = 0.0
+        with self._lock:
+            self._stats = replace(self._stats, covered=self._stats.covered + len(batch))
+        _log_covered(session, len(batch))
         return outcome
 
     def _converge(
-        self, tracked: _Tracked, batch: list[ReceivedMessage], started: float
-    ) -> EventOutcome:
-        session = batch[0].session_id
+        self, tracked: _Tracked, batches: list[list[ReceivedMessage]], started: float
+    ) -> list[EventOutcome]:
         try:
             ctx = self.worker_context()
         except ConfigError as error:
-            log.error("worker not ready: %s", error, extra={"group_id": session})
-            return self._park(tracked, batch, self.config.config_retry_delay, "config")
+            log.error("worker not ready: %s", error)
+            return [
+                self._park(tracked, batch, self.config.config_retry_delay, "config")
+                for batch in batches
+            ]
         except TransientError as error:
             log.warning("worker not ready: %s: %s", type(error).__name__, error)
-            for message in batch:
-                tracked.abandon(message, delay=self._redelivery(message.delivery_count))
-            return EventOutcome(session, len(batch), "abandoned", error=type(error).__name__)
-        outcome = process_session(tracked, batch, ctx)
-        if outcome.settlement == "completed":
-            with self._lock:
-                self._read_at[session] = started
-                if len(self._read_at) > 100_000:
-                    self._read_at.pop(next(iter(self._read_at)))
-        return outcome
+            outcomes = []
+            for batch in batches:
+                for message in batch:
+                    tracked.abandon(message, delay=self._redelivery(message.delivery_count))
+                outcome = EventOutcome(
+                    batch[0].session_id, len(batch), "abandoned", error=type(error).__name__
+                )
+                outcomes.append(outcome)
+            return outcomes
+        outcomes = process_sessions(tracked, batches, ctx)
+        with self._lock:
+            for outcome in outcomes:
+                if outcome.settlement == "completed":
+                    self._read_at[outcome.group_id] = started
+            while len(self._read_at) > 100_000:
+                self._read_at.pop(next(iter(self._read_at)))
+        return outcomes
 
     def _covered(self, batch: list[ReceivedMessage]) -> bool:
         """Whether a completed read of this group began after every message here
@@ -295,10 +353,11 @@ class Pipeline:
             return False
         for message in batch:
             try:
-                if GroupChanged.from_json(message.body).received_at >= read_at:
-                    return False
+                event = GroupChanged.from_json(message.body)
             except PoisonEvent:
                 return False  # the full path dead-letters it with the reason
+            if event.change is Change.CONFIRM or event.received_at >= read_at:
+                return False  # a confirmation reads, whatever was read before it
         return True
 
     def _park(
@@ -350,6 +409,8 @@ class Pipeline:
             max_redelivery_delay=config.max_redelivery_delay,
             links=self._links,
             deletes=self._deletes,
+            sender=self._sender,
+            settle=config.settle,
         )
         with self._lock:
             self._context = self._context or context
@@ -358,18 +419,23 @@ class Pipeline:
     def _record(self, outcome: EventOutcome, batch: list[ReceivedMessage]) -> None:
         now = time.time()
         latencies = []
-        if outcome.settlement == "completed":
+        done = outcome.settlement == "completed"
+        if done:
             for message in batch:
                 try:
-                    latencies.append(now - GroupChanged.from_json(message.body).received_at)
+                    event = GroupChanged.from_json(message.body)
                 except PermanentError:
                     continue
-        done = outcome.settlement == "completed"
+                if event.change is not Change.CONFIRM:
+                    latencies.append(now - event.received_at)
         with self._lock:
             s = self._stats
             self._stats = replace(
                 s,
-                events=s.events + (outcome.messages if done else 0),
+                events=s.events + (outcome.notifications if done else 0),
+                confirmations=s.confirmations
+                + ((outcome.messages - outcome.notifications) if done else 0),
+                pending_deletes=s.pending_deletes + outcome.pending_delete,
                 batches=s.batches + 1,
                 unchanged=s.unchanged + (done and outcome.operation is None),
                 writes=s.writes + outcome.ldap_requests,
@@ -710,6 +776,7 @@ class Pipeline:
     # ================================================================= pause, state
 
     def pause(self) -> None:
+        """Hold reconciles (and record it); the host stops handing over events."""
         self.paused = True
         self._record_state(paused=True)
 
