@@ -57,7 +57,9 @@ class GraphNotFound(GraphRefused):
 
 
 class DeltaExpired(GraphRefused):
-    """A delta or skip token is unknown or expired (410 Gone / syncStateNotFound).
+    """A delta or skip token is unknown or expired (410 Gone, syncStateNotFound,
+    resyncRequired, 400 Directory_ExpiredPageToken; for a per-group delta link,
+    any 4xx but 429).
 
     The caller drops its stored delta link and restarts with a full read.
     """

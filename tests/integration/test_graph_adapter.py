@@ -14,6 +14,7 @@ import pytest
 from writeback.adapters.graph import GraphCloud
 from writeback.domain.model import CloudGroup, MemberKind
 from writeback.errors import DeltaExpired, GraphRefused, GraphThrottled, GraphUnavailable
+from writeback.ports import GroupDelta, GroupGone
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.sample_tenant import (
     SECURITY_GROUP_NAME,
@@ -326,3 +327,217 @@ def test_importing_the_adapter_does_not_import_the_sdk() -> None:
         "for m in sys.modules), sorted(m for m in sys.modules if 'msgraph' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+# --------------------------------------------------------------------------- batched reads
+
+
+def small_tenant(groups: int, *, members: int = 3) -> Tenant:
+    tenant = Tenant()
+    users = add_users(tenant, members)
+    for n in range(groups):
+        tenant.add_group(
+            f"g{n:02d}", display_name=f"Group {n}", mail=f"g{n}@contoso.com", members=users
+        )
+    return tenant
+
+
+@pytest.mark.parametrize(("groups", "round_trips"), [(1, 1), (20, 2), (45, 5)])
+def test_batched_reads_cost_a_round_trip_per_20_requests(groups: int, round_trips: int) -> None:
+    tenant = small_tenant(groups)
+    ids = [f"g{n:02d}" for n in range(groups)]
+    with GraphStandIn(tenant) as server, cloud_for(server) as client:
+        one_by_one = {gid: client.get_group(gid) for gid in ids}
+        server.reset_log()
+        read = client.get_groups(ids)
+        assert read == one_by_one
+        assert list(read) == ids
+        # Two requests a group (properties, first member page), 20 to a batch.
+        assert server.count() == 2 * groups
+        assert server.count(batched=True) == 2 * groups
+        assert server.round_trips() == round_trips == server.round_trips("/$batch")
+        group = read["g00"]
+        assert isinstance(group, CloudGroup) and group.mail == "g0@contoso.com"
+        assert [m.sid for m in group.members] == [f"S-1-5-21-9-9-9-{1000 + i}" for i in range(3)]
+
+
+def test_get_groups_tells_live_binned_purged_and_lagging_groups_apart() -> None:
+    tenant = small_tenant(3)
+    for gid in ("binned", "purged", "restored"):
+        tenant.add_group(gid, display_name=gid)
+    tenant.soft_delete_group("binned")
+    tenant.soft_delete_group("restored")
+    tenant.soft_delete_group("purged")
+    tenant.hard_delete_group("purged")
+    ids = ["g00", "g01", "g02", "binned", "purged", "restored", "created", "missing"]
+    with GraphStandIn(tenant) as server, cloud_for(server) as client:
+        server.freeze_replica()  # the recycle bin keeps answering from a fresher replica
+        tenant.restore_group("restored")
+        tenant.add_group("created", display_name="Created")
+        server.inject_not_found("g02")  # one lagging answer for a live group
+        read = client.get_groups(ids)
+    assert isinstance(read["g00"], CloudGroup) and isinstance(read["g01"], CloudGroup)
+    assert read["binned"] == GroupGone(soft_deleted=True)
+    assert read["purged"] == GroupGone(soft_deleted=False)
+    # 404 on the group and absent from the bin: an observation, never an error.
+    assert read["restored"] == GroupGone(soft_deleted=False)
+    assert read["created"] == GroupGone(soft_deleted=False)
+    assert read["g02"] == GroupGone(soft_deleted=False)
+    assert read["missing"] == GroupGone(soft_deleted=False)
+    # First round: 16 requests in one batch; then the bin, for the six 404s only.
+    assert server.count("/directory/deletedItems/") == 6
+    assert server.round_trips() == 2
+
+
+def test_a_429_inside_a_batch_waits_its_retry_after_and_spares_the_others() -> None:
+    tenant = small_tenant(10)
+    ids = [f"g{n:02d}" for n in range(10)]
+    with GraphStandIn(tenant) as server, cloud_for(server, max_wait=2.0) as client:
+        server.inject(429, retry_after=0.3, path_contains="/groups/g05?")
+        started = time.monotonic()
+        read = client.get_groups(ids)
+        elapsed = time.monotonic() - started
+        log = server.log
+    assert all(isinstance(read[gid], CloudGroup) for gid in ids)
+    assert elapsed >= 0.3
+    g05 = [r for r in log if r.target.startswith("/v1.0/groups/g05?")]
+    assert [r.status for r in g05] == [429, 200]
+    assert g05[0].batch != g05[1].batch  # retried in a later round trip
+    others = [r for r in log if not r.envelope and not r.target.startswith("/v1.0/groups/g05?")]
+    assert len(others) == 2 * 10 - 1 and {r.status for r in others} == {200}
+
+
+def test_a_step_that_stays_throttled_ends_as_its_own_graph_throttled() -> None:
+    tenant = small_tenant(4)
+    ids = [f"g{n:02d}" for n in range(4)]
+    with GraphStandIn(tenant) as server, cloud_for(server, max_attempts=3) as client:
+        server.inject(429, times=100, retry_after=0.01, path_contains="/groups/g02?")
+        read = client.get_groups(ids)
+        assert server.count("/groups/g02?") == 3  # max_attempts, then it gives up
+        error = read["g02"]
+        assert isinstance(error, GraphThrottled) and error.retry_after == pytest.approx(0.01)
+        assert "http" not in str(error) and "g02" not in str(error)
+        assert all(isinstance(read[gid], CloudGroup) for gid in ids if gid != "g02")
+        # A Retry-After beyond max_wait is not waited out: raised at once, for that id.
+        server.clear_faults()
+        server.reset_log()
+        server.inject(429, times=100, retry_after=30, path_contains="/groups/g01/")
+        read = client.get_groups(ids)
+        assert isinstance(read["g01"], GraphThrottled) and read["g01"].retry_after == 30
+        assert server.count("/groups/g01/") == 1
+        # Another refusal is final at once (no retry) and also stays with its group.
+        server.clear_faults()
+        server.inject(403, times=100, path_contains="/groups/g03?")
+        read = client.get_groups(ids)
+        assert isinstance(read["g03"], GraphRefused) and "403" in str(read["g03"])
+        assert isinstance(read["g00"], CloudGroup)
+
+
+def test_a_throttled_or_dropped_batch_is_retried_whole() -> None:
+    tenant = small_tenant(5)
+    ids = [f"g{n:02d}" for n in range(5)]
+    with GraphStandIn(tenant) as server, cloud_for(server, max_wait=1.0) as client:
+        expected = {gid: client.get_group(gid) for gid in ids}
+        server.reset_log()
+        server.inject(429, retry_after=0.05, path_contains="/$batch")
+        server.inject_disconnect(path_contains="/$batch")
+        assert client.get_groups(ids) == expected
+        assert [r.status for r in server.log if r.envelope] == [429, 0, 200]
+        assert server.count() == 2 * 5  # steps of the refused batches never ran
+        server.reset_log()
+        server.inject(503, times=100, path_contains="/$batch")
+        read = client.get_groups(ids)
+        assert all(isinstance(read[gid], GraphThrottled) for gid in ids)
+        assert server.round_trips("/$batch") == 3
+
+
+def test_members_are_paged_across_batches() -> None:
+    tenant = Tenant()
+    users = add_users(tenant, 2600)
+    tenant.add_group("big1", display_name="Big 1", members=users[:2500])
+    tenant.add_group("big2", display_name="Big 2", members=users[100:2600])
+    tenant.add_group("small", display_name="Small", members=users[:2])
+    with GraphStandIn(tenant) as server, cloud_for(server) as client:
+        read = client.get_groups(["big1", "big2", "small"])
+        big1, big2 = read["big1"], read["big2"]
+        assert isinstance(big1, CloudGroup) and isinstance(big2, CloudGroup)
+        assert [m.id for m in big1.members] == users[:2500]
+        assert [m.id for m in big2.members] == users[100:2600]
+        assert big1.members[1234].sid == "S-1-5-21-9-9-9-2234"
+        # 999 a page: the first pages with the properties, then pages 2 and 3 of
+        # both big groups, each pair in one batch.
+        assert server.count("/members/") == 3 + 2 + 2
+        assert server.round_trips() == 3
+        batches = [r.batch for r in server.log if "$skiptoken" in r.target]
+        assert len(batches) == 4 and len(set(batches)) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "Directory_ExpiredPageToken"),
+        (410, "syncStateNotFound"),
+        (410, "resyncRequired"),
+        (400, "Request_BadRequest"),
+        (403, "Authorization_RequestDenied"),
+        (404, "Request_ResourceNotFound"),
+    ],
+)
+def test_a_refused_delta_link_is_none_whatever_the_4xx(status: int, code: str) -> None:
+    tenant = small_tenant(3)
+    ids = ["g00", "g01", "g02"]
+    with GraphStandIn(tenant) as server, cloud_for(server) as client:
+        links = {gid: client.group_delta_link(gid) or "" for gid in ids}
+        tenant.update_group("g02", display_name="Renamed")
+        server.refuse_delta_link(status, code, group_id="g01")
+        server.reset_log()
+        deltas = client.group_deltas(links)
+        assert deltas["g01"] is None
+        renamed = deltas["g02"]
+        assert isinstance(renamed, GroupDelta) and renamed.group is not None
+        assert renamed.group.display_name == "Renamed"
+        assert isinstance(deltas["g00"], GroupDelta)
+        assert server.round_trips() == 1 and server.count() == 6
+        # The one-group call refuses the same way.
+        server.refuse_delta_link(status, code, group_id="g02")
+        assert client.group_delta("g02", links["g02"]) is None
+
+
+def test_group_deltas_in_batches_with_errors_per_group() -> None:
+    tenant = small_tenant(25)
+    extra = add_users(tenant, 5, prefix="new")
+    ids = [f"g{n:02d}" for n in range(25)]
+    with GraphStandIn(tenant) as server, cloud_for(server, max_attempts=2) as client:
+        links = {gid: client.group_delta_link(gid) or "" for gid in ids}
+        tenant.add_members("g03", extra[:2])
+        tenant.remove_members("g04", ["user-00000"])
+        tenant.hard_delete_group("g05")
+        server.inject(503, times=100, path_contains="/groups/g06?")
+        server.reset_log()
+        deltas = client.group_deltas(links)
+        assert server.round_trips() == 3 + 1  # 50 requests, then g06's retry
+        g03, g04, g05 = deltas["g03"], deltas["g04"], deltas["g05"]
+        assert isinstance(g03, GroupDelta) and [m.id for m in g03.added] == extra[:2]
+        assert isinstance(g04, GroupDelta) and [m.id for m in g04.removed] == ["user-00000"]
+        assert isinstance(g05, GroupDelta) and g05.group is None  # gone: read in full
+        assert isinstance(deltas["g06"], GraphThrottled)
+        assert sum(isinstance(d, GroupDelta) for d in deltas.values()) == 24
+        assert isinstance(g03.delta_link, str) and g03.delta_link != links["g03"]
+
+
+def test_resolve_users_in_batches_and_a_user_not_yet_replicated() -> None:
+    tenant = Tenant()
+    users = add_users(tenant, 60)
+    with GraphStandIn(tenant) as server, cloud_for(server) as client:
+        server.freeze_replica()
+        tenant.add_user("late", sid="S-1-5-21-9-9-9-99", synced=True)
+        server.reset_log()
+        found = client.resolve_users([*users, "late", "nobody"])
+        assert set(found) == set(users)  # "late" is not visible yet
+        assert found[users[7]].sid == "S-1-5-21-9-9-9-1007" and found[users[7]].synced
+        assert server.count("/users?") == 5  # 15 ids a request
+        assert server.round_trips() == 1
+        server.release_replica()
+        server.reset_log()
+        assert set(client.resolve_users(["late"])) == {"late"}
+        assert server.round_trips("/$batch") == 0  # a lone request is sent on its own

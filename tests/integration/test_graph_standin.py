@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -475,3 +476,340 @@ def test_sample_tenant_is_realistic_and_deterministic() -> None:
     assert any(tenant.kind(m) == "user" and m not in synced for m in members)  # cloud-only
     assert security in members  # the nested group
     assert len(tenant.user_ids()) == 25
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def batch(http: httpx.Client, standin: GraphStandIn, *urls: str) -> dict[str, dict[str, Any]]:
+    """POST one ``$batch`` of GETs (ids "1", "2", ...); its responses by id."""
+    steps = [{"id": str(n), "method": "GET", "url": url} for n, url in enumerate(urls, 1)]
+    response = http.post(standin.url + "/$batch", json={"requests": steps})
+    assert response.status_code == 200, response.text
+    answers: list[dict[str, Any]] = response.json()["responses"]
+    assert sorted(a["id"] for a in answers) == sorted(s["id"] for s in steps)
+    return {a["id"]: a for a in answers}
+
+
+def test_latency_is_per_round_trip_and_overlaps_across_connections() -> None:
+    tenant = Tenant()
+    for n in range(20):
+        tenant.add_group(f"g{n}", display_name=f"G{n}")
+    latency = 0.2
+    with GraphStandIn(tenant, latency=latency) as standin:
+        with httpx.Client(timeout=10) as http:
+            started = time.monotonic()
+            assert http.get(standin.url + "/groups/g0").status_code == 200
+            assert time.monotonic() - started >= latency
+            started = time.monotonic()
+            answers = batch(http, standin, *(f"/groups/g{n}?$select=id" for n in range(20)))
+            assert latency <= time.monotonic() - started < 2 * latency  # one round trip
+            assert {a["status"] for a in answers.values()} == {200}
+
+        # 50 requests on 50 connections at once: the server's threads overlap their latency.
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        with httpx.Client(timeout=10, limits=limits) as shared, ThreadPoolExecutor(50) as pool:
+
+            def one(n: int) -> int:
+                return shared.get(f"{standin.url}/groups/g{n % 20}").status_code
+
+            started = time.monotonic()
+            statuses = list(pool.map(one, range(50)))
+            elapsed = time.monotonic() - started
+        assert statuses == [200] * 50
+        assert elapsed < 4 * latency, f"50 concurrent requests took {elapsed:.2f} s"
+        assert standin.round_trips() == 1 + 1 + 50
+        standin.latency = 0.0  # settable while serving
+        with httpx.Client(timeout=10) as http:
+            started = time.monotonic()
+            http.get(standin.url + "/groups/g0")
+            assert time.monotonic() - started < latency
+
+
+# --------------------------------------------------------------------------- $batch
+
+
+def test_batch_answers_each_step_with_its_own_status_headers_and_body(
+    http: httpx.Client,
+) -> None:
+    tenant = Tenant()
+    u = users(tenant, 3)
+    tenant.add_group("live", display_name="Live", mail="live@contoso.com", members=u)
+    tenant.add_group("binned", display_name="Binned")
+    tenant.soft_delete_group("binned")
+    with GraphStandIn(tenant, seed=1) as standin:
+        answers = batch(
+            http,
+            standin,
+            "/groups/live?$select=id,displayName,mail",
+            "/groups/binned?$select=id",
+            "groups/live" + MEMBERS + "&$top=2",  # a url without the leading slash
+            f"/users?$filter=id in ('{u[0]}','nobody')&$select=id",
+            "/directory/deletedItems/binned?$select=id",
+            "/directory/deletedItems/live",
+        )
+        assert answers["1"]["status"] == 200
+        assert answers["1"]["headers"]["Content-Type"].startswith("application/json")
+        body = answers["1"]["body"]
+        assert (body["id"], body["displayName"], body["mail"]) == (
+            "live",
+            "Live",
+            "live@contoso.com",
+        )
+        assert answers["2"]["status"] == 404
+        assert answers["2"]["body"]["error"]["code"] == "Request_ResourceNotFound"
+        members = answers["3"]["body"]
+        assert [m["id"] for m in members["value"]] == u[:2]
+        assert members["@odata.nextLink"].startswith(standin.url + "/groups/live/members/")
+        assert [x["id"] for x in answers["4"]["body"]["value"]] == [u[0]]
+        deleted = answers["5"]["body"]
+        assert (deleted["@odata.type"], deleted["id"]) == ("#microsoft.graph.group", "binned")
+        assert answers["6"]["status"] == 404
+        # Each step is a request of its own; the batch is one round trip.
+        assert standin.count() == 6 and standin.count(batched=True) == 6
+        assert standin.round_trips() == 1 and standin.round_trips("/$batch") == 1
+        assert standin.count("/groups/live") == 2
+        log = standin.log
+        assert [r.envelope for r in log] == [False] * 6 + [True]
+        assert len({r.batch for r in log}) == 1
+        assert standin.requests[-1] == ("POST", "/v1.0/$batch", 200)
+        # Responses come back in another order than the requests, as Graph allows.
+        response = http.post(
+            standin.url + "/$batch",
+            json={
+                "requests": [
+                    {"id": str(n), "method": "GET", "url": "/groups/live?$select=id"}
+                    for n in range(20)
+                ]
+            },
+        )
+        assert [a["id"] for a in response.json()["responses"]] != [str(n) for n in range(20)]
+
+
+def test_batch_limits_and_malformed_batches(http: httpx.Client) -> None:
+    tenant = Tenant()
+    tenant.add_group("g", display_name="G")
+    with GraphStandIn(tenant) as standin:
+        url = standin.url + "/$batch"
+        too_many = [{"id": str(n), "method": "GET", "url": "/groups/g"} for n in range(21)]
+        response = http.post(url, json={"requests": too_many})
+        assert response.status_code == 400
+        assert "maximum of 20" in response.json()["error"]["message"]
+        malformed: tuple[dict[str, Any], ...] = (
+            {"requests": []},
+            {"requests": [{"id": "1", "method": "GET"}]},
+            {
+                "requests": [
+                    {"id": "a", "method": "GET", "url": "/groups/g"},
+                    {"id": "A", "method": "GET", "url": "/groups/g"},  # ids are not case-sensitive
+                ]
+            },
+            {"requests": [{"id": "1", "method": "GET", "url": "/groups/g", "dependsOn": ["9"]}]},
+        )
+        for bad in malformed:
+            response = http.post(url, json=bad)
+            assert response.status_code == 400, bad
+            assert response.json()["error"]["code"] == "BadRequest"
+        assert http.post(url, content=b"not json").status_code == 400
+        assert standin.count() == 0 and standin.round_trips("/$batch") == 6
+        answers = batch(http, standin, standin.url + "/groups/g", "/$batch", "/groups/g")
+        assert answers["1"]["status"] == 400  # an absolute url
+        assert answers["2"]["status"] == 400  # no batch inside a batch
+        assert answers["3"]["status"] == 200
+        response = http.post(
+            url,
+            json={
+                "requests": [
+                    {"id": "1", "method": "GET", "url": "/groups/missing"},
+                    {"id": "2", "method": "GET", "url": "/groups/g", "dependsOn": ["1"]},
+                ]
+            },
+        )
+        answers = {a["id"]: a for a in response.json()["responses"]}
+        assert (answers["1"]["status"], answers["2"]["status"]) == (404, 424)
+
+
+def test_throttling_inside_a_batch_and_of_the_batch(http: httpx.Client) -> None:
+    tenant = Tenant()
+    for n in range(3):
+        tenant.add_group(f"g{n}", display_name=f"G{n}")
+    with GraphStandIn(tenant) as standin:
+        standin.inject(429, retry_after=0.5, path_contains="/groups/g1?")
+        answers = batch(http, standin, *(f"/groups/g{n}?$select=id" for n in range(3)))
+        assert [answers[k]["status"] for k in "123"] == [200, 429, 200]
+        throttled = answers["2"]
+        assert throttled["headers"]["Retry-After"] == "0.5"
+        assert throttled["body"]["error"]["code"] == "TooManyRequests"
+        # The whole batch throttled: no step is served, nor logged.
+        standin.reset_log()
+        standin.inject(429, retry_after=2, path_contains="/$batch")
+        response = http.post(
+            standin.url + "/$batch",
+            json={"requests": [{"id": "1", "method": "GET", "url": "/groups/g0"}]},
+        )
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "2"
+        assert standin.count() == 0 and standin.round_trips("/$batch") == 1
+        # An injected rate hits the steps one by one.
+        standin.inject(503, rate=0.5, seed=4, path_contains="/groups/")
+        answers = batch(http, standin, *(f"/groups/g{n % 3}?$select=id" for n in range(20)))
+        statuses = [a["status"] for a in answers.values()]
+        assert 0 < statuses.count(503) < 20 and statuses.count(200) == 20 - statuses.count(503)
+
+
+# --------------------------------------------------------------------------- replica lag
+
+
+def test_a_lagging_replica_serves_the_past(http: httpx.Client) -> None:
+    tenant = Tenant()
+    u = users(tenant, 3)
+    tenant.add_group("old", display_name="Old", members=u[:2])
+    lag = 1.0
+    with GraphStandIn(tenant, lag=lag) as standin:
+        time.sleep(lag + 0.1)  # the replica has caught up with the set-up
+        tenant.add_group("new", display_name="New", members=u[:1])
+        tenant.update_group("old", display_name="Old renamed")
+        tenant.add_members("old", [u[2]])
+        tenant.add_user("u-new", sid="S-1-5-21-7-7-7-9", synced=True)
+        started = time.monotonic()
+        status, body = get(http, standin.url + "/groups/new?$select=id,displayName")
+        assert status == 404
+        assert body["error"]["code"] == "Request_ResourceNotFound"
+        assert "'new' does not exist" in body["error"]["message"]
+        assert get(http, standin.url + "/groups/new" + MEMBERS)[0] == 404
+        status, body = get(http, standin.url + "/groups/old?$select=id,displayName")
+        assert (status, body["displayName"]) == (200, "Old")
+        _, members = get(http, standin.url + "/groups/old" + MEMBERS)
+        assert [m["id"] for m in members["value"]] == u[:2]
+        _, found = get(http, standin.url + f"/users?$filter=id in ('{u[0]}','u-new')")
+        assert [x["id"] for x in found["value"]] == [u[0]]
+        pages, _ = read_round(http, standin.url + GROUP_DELTA)
+        items = by_id(pages)
+        assert set(items) == {"old"} and items["old"][0]["displayName"] == "Old"
+        assert time.monotonic() - started < lag, "too slow to observe the lag"
+        time.sleep(lag + 0.1 - (time.monotonic() - started))
+        status, body = get(http, standin.url + "/groups/new?$select=id,displayName")
+        assert (status, body["displayName"]) == (200, "New")
+        assert get(http, standin.url + "/groups/old?$select=displayName")[1]["displayName"] == (
+            "Old renamed"
+        )
+        _, members = get(http, standin.url + "/groups/old" + MEMBERS)
+        assert [m["id"] for m in members["value"]] == u
+        standin.lag = 0.0
+        tenant.add_group("now", display_name="Now")
+        assert get(http, standin.url + "/groups/now")[0] == 200
+
+
+def test_a_frozen_replica_and_a_fresher_recycle_bin(http: httpx.Client) -> None:
+    tenant = Tenant()
+    u = users(tenant, 2)
+    tenant.add_group("restored", display_name="Restored", members=u)
+    tenant.add_group("purged", display_name="Purged", members=u)
+    tenant.soft_delete_group("restored")
+    bin_url = standin_bin = "/directory/deletedItems/microsoft.graph.group?$select=id"
+    with GraphStandIn(tenant) as standin:
+        with standin.frozen_replica() as seq:
+            assert seq == tenant.sequence
+            tenant.restore_group("restored")
+            tenant.hard_delete_group("purged")
+            tenant.remove_members("restored", [u[0]])
+            # The inconvenient combination: 404 on the group, absent from the bin.
+            assert get(http, standin.url + "/groups/restored")[0] == 404
+            assert get(http, standin.url + "/directory/deletedItems/restored")[0] == 404
+            assert get(http, standin.url + bin_url)[1]["value"] == []
+            # A group deleted for good still answers, members and all.
+            assert get(http, standin.url + "/groups/purged?$select=id")[0] == 200
+            _, members = get(http, standin.url + "/groups/purged" + MEMBERS)
+            assert [m["id"] for m in members["value"]] == u
+            assert standin.replica_sequence() == seq
+            assert standin.deleted_items_sequence() is None
+        assert get(http, standin.url + "/groups/restored")[0] == 200
+        _, members = get(http, standin.url + "/groups/restored" + MEMBERS)
+        assert [m["id"] for m in members["value"]] == [u[1]]
+        assert get(http, standin.url + "/groups/purged")[0] == 404
+        # The bin can lag too, on its own.
+        tenant.soft_delete_group("restored")
+        standin.freeze_replica(deleted_items=True)
+        tenant.restore_group("restored")
+        assert get(http, standin.url + "/directory/deletedItems/restored")[0] == 200
+        assert [x["id"] for x in get(http, standin.url + standin_bin)[1]["value"]] == ["restored"]
+        standin.release_replica()
+        assert get(http, standin.url + "/directory/deletedItems/restored")[0] == 404
+
+
+def test_delta_from_a_lagging_replica(http: httpx.Client) -> None:
+    tenant = Tenant()
+    u = users(tenant, 4)
+    tenant.add_group("g", display_name="G", members=u[:1])
+    with GraphStandIn(tenant) as standin:
+        _, link = read_round(http, standin.url + GROUP_DELTA)
+        standin.freeze_replica()
+        tenant.add_members("g", [u[1]])
+        pages, same = read_round(http, link)
+        assert pages == [[]]  # not seen yet, and the link did not move past it
+        # ``latest`` is issued where the primary is: a change before it is never reported.
+        _, body = get(http, standin.url + GROUP_DELTA + "&$deltatoken=latest")
+        latest = body["@odata.deltaLink"]
+        standin.release_replica()
+        pages, _ = read_round(http, same)
+        assert [m["id"] for m in by_id(pages)["g"][0]["members@delta"]] == [u[1]]
+        tenant.add_members("g", [u[2]])
+        pages, _ = read_round(http, latest)
+        assert [m["id"] for m in by_id(pages)["g"][0]["members@delta"]] == [u[2]]
+
+
+# --------------------------------------------------------------------------- one-shot faults
+
+
+def test_a_one_shot_404_for_a_live_group(http: httpx.Client) -> None:
+    tenant = Tenant()
+    tenant.add_group("g", display_name="G")
+    tenant.add_group("g2", display_name="G2")
+    with GraphStandIn(tenant) as standin:
+        standin.inject_not_found("g")
+        assert get(http, standin.url + "/groups/g2")[0] == 200  # another group: untouched
+        status, body = get(http, standin.url + "/groups/g?$select=id")
+        assert status == 404
+        assert body["error"]["code"] == "Request_ResourceNotFound"
+        assert "'g' does not exist" in body["error"]["message"]
+        assert get(http, standin.url + "/groups/g?$select=id")[0] == 200
+        standin.inject_not_found("g", times=2)
+        answers = batch(http, standin, "/groups/g?$select=id", "/groups/g" + MEMBERS, "/groups/g")
+        assert sorted(a["status"] for a in answers.values()) == [200, 404, 404]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "Directory_ExpiredPageToken"),
+        (410, "syncStateNotFound"),
+        (410, "resyncRequired"),
+        (403, "Authorization_RequestDenied"),
+        (404, "Request_ResourceNotFound"),
+    ],
+)
+def test_refused_delta_links(http: httpx.Client, status: int, code: str) -> None:
+    tenant = Tenant()
+    tenant.add_group("g1", display_name="G1")
+    tenant.add_group("g2", display_name="G2")
+    with GraphStandIn(tenant) as standin:
+        links = {}
+        for gid in ("g1", "g2"):
+            _, body = get(
+                http, standin.url + GROUP_DELTA + f"&$filter=id eq '{gid}'&$deltatoken=latest"
+            )
+            links[gid] = body["@odata.deltaLink"]
+        standin.refuse_delta_link(status, code, group_id="g2")
+        assert get(http, links["g1"])[0] == 200  # another group's link
+        response = http.get(links["g2"])
+        assert response.status_code == status
+        assert response.json()["error"]["code"] == code
+        assert response.json()["error"]["message"]
+        if status == 410:
+            assert response.headers["location"].endswith("/groups/delta")
+        assert get(http, links["g2"])[0] == 200  # one shot
+        standin.refuse_delta_link(status, code)
+        relative = links["g1"][len(standin.url) :]
+        answers = batch(http, standin, relative, "/groups/g1")
+        assert (answers["1"]["status"], answers["2"]["status"]) == (status, 200)
+        assert answers["1"]["body"]["error"]["code"] == code

@@ -16,6 +16,10 @@ for the users delta):
   since); ``GET /users?$filter=id in ('...')&$select=id,onPremisesSecurityIdentifier,
   onPremisesSyncEnabled`` for the SIDs of the members a delta names (15 ids a request,
   Graph's limit for one ``in``)
+* ``GET /directory/deletedItems/{id}?$select=id`` for a group that answered 404
+* ``POST /$batch`` carrying up to 20 of the GETs above (JSON batching), for the
+  batched reads :meth:`GraphCloud.get_groups`, :meth:`GraphCloud.group_deltas`
+  and :meth:`GraphCloud.resolve_users`
 
 and, to keep the change-notification subscription alive (same permission):
 
@@ -38,6 +42,18 @@ Notes on the SDK that shaped this module:
   ``PageIterator`` loses ``@odata.deltaLink``.
 * The SDK's ``RetryHandler`` is left out of the middleware: retries happen
   here, bounded by ``max_attempts`` and ``max_wait``, so they never multiply.
+* Batched reads: the coroutines of one call (one per group, per page, per
+  recycle-bin check) queue their GETs; what is queued within a few loop
+  iterations goes out as ``POST /$batch`` requests of up to 20, all at once
+  (a lone GET is sent on its own), through the same request adapter and
+  middleware, so a call for 20 groups costs about two round trips instead of
+  60. Each GET keeps its own retries: a step answered 429 waits its own
+  ``Retry-After`` (Graph evaluates the steps of a batch one by one and expects
+  the failed ones to be retried, concepts/throttling.md) and goes into a later
+  batch; a batch that fails as a whole fails each of its steps, which retry
+  together. msgraph-core's ``BatchRequestContent`` is not used: its modules
+  import ``deprecated``, which msgraph-core 1.5 does not declare, and it
+  deserialises the answers into models, which this module avoids (above).
 * msgraph is imported lazily (``importlib``) in the constructor: importing it
   takes about a second, and keeping it out of mypy's import graph keeps type
   checking of the project fast (mypy would otherwise analyse the whole
@@ -46,13 +62,19 @@ Notes on the SDK that shaped this module:
 Errors come out as writeback's own types only: 429/503 ->
 :class:`GraphThrottled` (``retry_after`` from ``Retry-After``), other 5xx,
 timeouts and connection errors -> :class:`GraphUnavailable`, an expired delta
-or skip token -> :class:`DeltaExpired`, other 4xx -> :class:`GraphRefused`.
-Messages name the operation, never a URL, token or secret.
+or skip token (410, ``syncStateNotFound``, ``resyncRequired``, 400
+``Directory_ExpiredPageToken``) -> :class:`DeltaExpired`, other 4xx ->
+:class:`GraphRefused`. A per-group delta link refused with any 4xx but 429 is
+dropped (:meth:`GraphCloud.group_delta` answers None; the caller reads in full).
+In a batched read these are each item's own result, so one group's failure
+never fails the others. Messages name the operation, never a URL, token or secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
 import functools
 import importlib
@@ -77,7 +99,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from tenacity import (
     AsyncRetrying,
@@ -137,7 +159,17 @@ _MEMBER_KINDS = {
     "#microsoft.graph.orgcontact": MemberKind.CONTACT,
 }
 #: Graph error codes that mean "this delta/skip token is no longer usable".
-_EXPIRED_TOKEN_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
+_EXPIRED_TOKEN_CODES = frozenset(
+    {"syncstatenotfound", "syncstateinvalid", "resyncrequired", "directory_expiredpagetoken"}
+)
+#: Graph takes at most 20 requests in one JSON batch.
+MAX_BATCH = 20
+#: Loop iterations a batch waits for more requests made at the same moment
+#: (coroutines woken by one batch's answers submit their next request within these).
+_GATHER_TICKS = 3
+#: Seconds a batch of retried requests waits for the others retried at about the
+#: same time (their waits end a little apart), so they go out together again.
+_RETRY_GATHER = 0.005
 _SECRETISH = re.compile(
     r"(?i)(\$?(?:skiptoken|deltatoken|code|sig|client_secret|access_token)=)[^&\s'\"]+"
     r"|(bearer\s+)[A-Za-z0-9._~+/=-]+"
@@ -153,6 +185,26 @@ class _GroupParts:
     removed: str | None = None
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One request's answer, from a JSON batch or sent on its own: status,
+    headers (lower-case names) and the body as JSON."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+
+@dataclass
+class _Step:
+    """A GET waiting to be sent: ``url`` relative to the version (batchable) or
+    absolute (a link outside the base URL, sent on its own)."""
+
+    url: str
+    future: asyncio.Future[_Answer]
+    retry: bool = False
+
+
 #: Request builders reached on the way to the calls above; imported up front so
 #: their import-time deprecation warnings are silenced in one place.
 _BUILDER_MODULES = (
@@ -161,6 +213,7 @@ _BUILDER_MODULES = (
     "msgraph.generated.groups.item.members.members_request_builder",
     "msgraph.generated.directory.directory_request_builder",
     "msgraph.generated.directory.deleted_items.deleted_items_request_builder",
+    "msgraph.generated.directory.deleted_items.item.directory_object_item_request_builder",
 )
 
 
@@ -188,6 +241,8 @@ class _Sdk:
         self.RequestConfiguration = load(
             "kiota_abstractions.base_request_configuration"
         ).RequestConfiguration
+        self.RequestInformation = load("kiota_abstractions.request_information").RequestInformation
+        self.Method = load("kiota_abstractions.method").Method
         self.KiotaClientFactory = load("kiota_http.kiota_client_factory").KiotaClientFactory
         self.RetryHandler = load("kiota_http.middleware").RetryHandler
         self.AzureIdentityAuthenticationProvider = load(
@@ -218,6 +273,9 @@ class _Sdk:
         self.MemberUsers = load(
             "msgraph.generated.groups.item.members.graph_user.graph_user_request_builder"
         ).GraphUserRequestBuilder
+        self.DeletedItem = load(
+            "msgraph.generated.directory.deleted_items.item.directory_object_item_request_builder"
+        ).DirectoryObjectItemRequestBuilder
         self.DeletedGroups = load(
             "msgraph.generated.directory.deleted_items.graph_group.graph_group_request_builder"
         ).GraphGroupRequestBuilder
@@ -267,6 +325,9 @@ class GraphCloud:
         self._error_map = {"XXX": self._sdk.ODataError}
         self._closed = False
         self._close_lock = threading.Lock()
+        #: GETs gathered for the next JSON batch (used on the loop thread only)
+        self._pending: list[_Step] = []
+        self._flusher: asyncio.Future[None] | None = None
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="graph-cloud-loop", daemon=True)
@@ -344,23 +405,18 @@ class GraphCloud:
         return self._run(self._get_group(group_id))
 
     def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
-        """Each group as :meth:`get_group` reads it; a 404 is checked against the
-        recycle bin. One group's error is its own entry, not the call's."""
+        """Each group as :meth:`get_group` reads it, many at once: every group's
+        properties, user-member pages and (after a 404) its recycle-bin entry go
+        out in JSON batches of up to 20 requests, sent concurrently, so 20
+        groups cost about two round trips. One group's 404 is
+        :class:`GroupGone` (``soft_deleted`` from ``GET
+        /directory/deletedItems/{id}``); an error that outlasts its retries is
+        that group's entry only. Every id is in the result."""
         self._check_open()
-        found: dict[str, GroupRead] = {}
-        soft_deleted: frozenset[str] | None = None
-        for group_id in dict.fromkeys(group_ids):
-            try:
-                group = self.get_group(group_id)
-                if group is None:
-                    if soft_deleted is None:
-                        soft_deleted = self.soft_deleted_group_ids()
-                    found[group_id] = GroupGone(soft_deleted=group_id in soft_deleted)
-                else:
-                    found[group_id] = group
-            except WritebackError as error:
-                found[group_id] = error
-        return found
+        ids = list(dict.fromkeys(group_ids))
+        if not ids:
+            return {}
+        return self._run(self._get_groups(ids))
 
     def soft_deleted_group_ids(self) -> frozenset[str]:
         """Ids of the groups in the recycle bin (deleted, restorable for 30 days)."""
@@ -383,30 +439,34 @@ class GraphCloud:
 
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
         """The group's properties now plus its member changes since ``delta_link``
-        (the group read and the delta round run concurrently). None when the
-        link has expired (410): the caller reads the group in full instead."""
+        (the group read and the delta round run concurrently). None when Graph
+        refuses the link (any 4xx but 429: expired, unknown, or anything else):
+        the caller reads the group in full instead."""
         self._check_open()
         try:
             return self._run(self._group_delta(group_id, delta_link))
-        except DeltaExpired:
-            log.info("group %s: its delta link expired; a full read follows", group_id)
+        except DeltaExpired as error:
+            log.info(
+                "group %s: Graph refused its delta link (%s); a full read follows", group_id, error
+            )
             return None
 
     def group_deltas(
         self, links: Mapping[str, str]
     ) -> dict[str, GroupDelta | WritebackError | None]:
-        """:meth:`group_delta` for each group; one group's error is its own entry."""
-        found: dict[str, GroupDelta | WritebackError | None] = {}
-        for group_id, link in links.items():
-            try:
-                found[group_id] = self.group_delta(group_id, link)
-            except WritebackError as error:
-                found[group_id] = error
-        return found
+        """:meth:`group_delta` for many groups at once (the groups' reads and the
+        delta pages go out in JSON batches, concurrently). None for a link Graph
+        refuses with any 4xx but 429 (expired, unknown, or anything else: the
+        caller reads that group in full); one group's error is its own entry."""
+        self._check_open()
+        if not links:
+            return {}
+        return self._run(self._group_deltas(dict(links)))
 
     def resolve_users(self, user_ids: Iterable[str]) -> dict[str, CloudMember]:
         """SID and sync state of the existing users among ``user_ids``, by
-        ``GET /users?$filter=id in (...)`` (15 ids a request, run concurrently)."""
+        ``GET /users?$filter=id in (...)`` (15 ids a request, Graph's limit for
+        one ``in``), the requests in JSON batches of 20, run concurrently."""
         self._check_open()
         ids = list(dict.fromkeys(i for i in user_ids if i))
         if not ids:
@@ -513,7 +573,13 @@ class GraphCloud:
         return self._sdk.RequestConfiguration(query_parameters=query)
 
     async def _get_json(
-        self, what: str, builder: Any, config: Any = None, *, delta: bool = False
+        self,
+        what: str,
+        builder: Any,
+        config: Any = None,
+        *,
+        delta: bool = False,
+        link: bool = False,
     ) -> dict[str, Any]:
         """GET through the SDK's request builder and pipeline; the body as JSON.
 
@@ -530,7 +596,7 @@ class GraphCloud:
             )
             return sent
 
-        raw = await self._call(what, request, delta=delta)
+        raw = await self._call(what, request, delta=delta, link=link)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -540,16 +606,23 @@ class GraphCloud:
         return body
 
     async def _pages(
-        self, what: str, builder: Any, config: Any = None, *, delta: bool = False
+        self,
+        what: str,
+        builder: Any,
+        config: Any = None,
+        *,
+        delta: bool = False,
+        link: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """The first page and every page after it through ``@odata.nextLink``."""
-        page = await self._get_json(what, builder, config, delta=delta)
+        page = await self._get_json(what, builder, config, delta=delta, link=link)
         while True:
             yield page
-            link = page.get("@odata.nextLink")
-            if not link:
+            next_link = page.get("@odata.nextLink")
+            if not next_link:
                 return
-            page = await self._get_json(what, builder.with_url(str(link)), delta=delta)
+            builder = builder.with_url(str(next_link))
+            page = await self._get_json(what, builder, delta=delta, link=link)
 
     async def _snapshot(self) -> CloudSnapshot:
         for attempt in (1, 2):
@@ -659,7 +732,7 @@ class GraphCloud:
             gone = False
             link: str | None = None
             builder = self._client.groups.delta.with_url(delta_link)
-            async for page in self._pages("group delta", builder, delta=True):
+            async for page in self._pages("group delta", builder, delta=True, link=True):
                 for item in _items(page):
                     if _opt_str(item.get("id")) != group_id:
                         continue
@@ -682,29 +755,6 @@ class GraphCloud:
             removed=tuple(CloudMember(m, kind) for m, kind in sorted(removed.items())),
             delta_link=link,
         )
-
-    async def _resolve_users(self, ids: list[str]) -> dict[str, CloudMember]:
-        chunks = [ids[i : i + MAX_IN_VALUES] for i in range(0, len(ids), MAX_IN_VALUES)]
-        found: dict[str, CloudMember] = {}
-        for page in await _all(*(self._users_by_id(chunk) for chunk in chunks)):
-            found.update(page)
-        return found
-
-    async def _users_by_id(self, ids: list[str]) -> dict[str, CloudMember]:
-        sdk = self._sdk
-        quoted = ",".join(f"'{_odata_quote(i)}'" for i in ids)
-        query = sdk.Users.UsersRequestBuilderGetQueryParameters(
-            select=list(USER_SELECT), filter=f"id in ({quoted})", top=MAX_PAGE_SIZE
-        )
-        config = sdk.RequestConfiguration(query_parameters=query)
-        found: dict[str, CloudMember] = {}
-        async for page in self._pages("list users by id", self._client.users, config):
-            for item in _items(page):
-                user_id = _opt_str(item.get("id"))
-                if user_id is not None:
-                    sid, synced = _user_facts(item)
-                    found[user_id] = CloudMember(user_id, MemberKind.USER, sid=sid, synced=synced)
-        return found
 
     async def _get_group(self, group_id: str) -> CloudGroup | None:
         sdk = self._sdk
@@ -747,6 +797,329 @@ class GraphCloud:
         async for page in self._pages("list deleted groups", builder, config):
             ids.update(i for i in (_opt_str(item.get("id")) for item in _items(page)) if i)
         return frozenset(ids)
+
+    # ----------------------------------------------------------------- batched reads
+
+    async def _get_groups(self, ids: list[str]) -> dict[str, GroupRead]:
+        reads = await asyncio.gather(*(self._read_group(group_id) for group_id in ids))
+        return dict(zip(ids, reads, strict=True))
+
+    async def _read_group(self, group_id: str) -> GroupRead:
+        """One group's properties and user members through the batcher; on a 404
+        its recycle-bin entry. Errors are returned, not raised."""
+        if not group_id:
+            return GroupGone(soft_deleted=False)
+        sdk = self._sdk
+        item = self._client.groups.by_group_id(group_id)
+        config = self._query(
+            sdk.GroupItem.GroupItemRequestBuilderGetQueryParameters, select=GROUP_SELECT
+        )
+        members_config = self._query(
+            sdk.MemberUsers.GraphUserRequestBuilderGetQueryParameters,
+            select=USER_SELECT,
+            top=MAX_PAGE_SIZE,
+        )
+        first = await asyncio.gather(
+            self._batched_get("get group", self._step_url(item.to_get_request_information(config))),
+            self._batched_get(
+                "list group members",
+                self._step_url(item.members.graph_user.to_get_request_information(members_config)),
+            ),
+            return_exceptions=True,
+        )
+        if any(isinstance(result, GraphNotFound) for result in first):
+            return await self._gone(group_id)
+        for result in first:
+            if isinstance(result, BaseException):
+                if isinstance(result, WritebackError):
+                    return result
+                raise result
+        body, first_page = first[0], first[1]
+        assert isinstance(body, dict) and isinstance(first_page, dict)
+        members: dict[str, CloudMember] = {}
+        try:
+            async for page in self._batched_pages("list group members", first_page):
+                for user in _items(page):
+                    user_id = _opt_str(user.get("id"))
+                    if user_id is not None:
+                        sid, synced = _user_facts(user)
+                        members[user_id] = CloudMember(
+                            user_id, MemberKind.USER, sid=sid, synced=synced
+                        )
+        except GraphNotFound:
+            return await self._gone(group_id)
+        except WritebackError as error:
+            return error
+        part = _GroupParts()
+        _merge(part, body)
+        return _to_group(
+            _opt_str(body.get("id")) or group_id, part, {}, members=tuple(members.values())
+        )
+
+    async def _gone(self, group_id: str) -> GroupGone | WritebackError:
+        """A group Graph answered 404 for: is it in the recycle bin?"""
+        builder = self._client.directory.deleted_items.by_directory_object_id(group_id)
+        config = self._query(
+            self._sdk.DeletedItem.DirectoryObjectItemRequestBuilderGetQueryParameters,
+            select=("id",),
+        )
+        try:
+            body = await self._batched_get(
+                "get deleted group", self._step_url(builder.to_get_request_information(config))
+            )
+        except GraphNotFound:
+            return GroupGone(soft_deleted=False)
+        except WritebackError as error:
+            return error
+        odata_type = str(body.get("@odata.type") or "#microsoft.graph.group").lower()
+        return GroupGone(soft_deleted=odata_type == "#microsoft.graph.group")
+
+    async def _group_deltas(
+        self, links: dict[str, str]
+    ) -> dict[str, GroupDelta | WritebackError | None]:
+        ids = list(links)
+        reads = await asyncio.gather(*(self._read_delta(gid, links[gid]) for gid in ids))
+        return dict(zip(ids, reads, strict=True))
+
+    async def _read_delta(
+        self, group_id: str, delta_link: str
+    ) -> GroupDelta | WritebackError | None:
+        """:meth:`_group_delta` through the batcher; a refused link is None."""
+        sdk = self._sdk
+        config = self._query(
+            sdk.GroupItem.GroupItemRequestBuilderGetQueryParameters, select=GROUP_SELECT
+        )
+        item = self._client.groups.by_group_id(group_id)
+
+        async def read_group() -> dict[str, Any] | None:
+            try:
+                return await self._batched_get(
+                    "get group", self._step_url(item.to_get_request_information(config))
+                )
+            except GraphNotFound:
+                return None
+
+        async def read_delta() -> tuple[
+            dict[str, MemberKind], dict[str, MemberKind], bool, str | None
+        ]:
+            added: dict[str, MemberKind] = {}
+            removed: dict[str, MemberKind] = {}
+            gone = False
+            link: str | None = None
+            first = await self._batched_get(
+                "group delta", self._relative(delta_link), delta=True, link=True
+            )
+            async for page in self._batched_pages("group delta", first, delta=True, link=True):
+                for entry in _items(page):
+                    if _opt_str(entry.get("id")) != group_id:
+                        continue
+                    if entry.get("@removed") is not None:
+                        gone = True
+                        continue
+                    _fold_members(entry, added, removed)
+                link = _opt_str(page.get("@odata.deltaLink")) or link
+            return added, removed, gone, link
+
+        group_read, delta_read = await asyncio.gather(
+            read_group(), read_delta(), return_exceptions=True
+        )
+        if isinstance(delta_read, DeltaExpired):
+            log.info(
+                "group %s: Graph refused its delta link (%s); a full read follows",
+                group_id,
+                delta_read,
+            )
+            return None
+        for result in (group_read, delta_read):
+            if isinstance(result, BaseException):
+                if isinstance(result, WritebackError):
+                    return result
+                raise result
+        assert not isinstance(group_read, BaseException)
+        assert not isinstance(delta_read, BaseException)
+        added, removed, gone, link = delta_read
+        group: CloudGroup | None = None
+        if group_read is not None and not gone:
+            part = _GroupParts()
+            _merge(part, group_read)
+            group = _to_group(group_id, part, {}, members=())
+        return GroupDelta(
+            group=group,
+            added=tuple(CloudMember(m, kind) for m, kind in added.items()),
+            removed=tuple(CloudMember(m, kind) for m, kind in sorted(removed.items())),
+            delta_link=link,
+        )
+
+    async def _resolve_users(self, ids: list[str]) -> dict[str, CloudMember]:
+        chunks = [ids[i : i + MAX_IN_VALUES] for i in range(0, len(ids), MAX_IN_VALUES)]
+        found: dict[str, CloudMember] = {}
+        for page in await _all(*(self._users_by_id(chunk) for chunk in chunks)):
+            found.update(page)
+        return found
+
+    async def _users_by_id(self, ids: list[str]) -> dict[str, CloudMember]:
+        sdk = self._sdk
+        quoted = ",".join(f"'{_odata_quote(i)}'" for i in ids)
+        query = sdk.Users.UsersRequestBuilderGetQueryParameters(
+            select=list(USER_SELECT), filter=f"id in ({quoted})", top=MAX_PAGE_SIZE
+        )
+        info = self._client.users.to_get_request_information(
+            sdk.RequestConfiguration(query_parameters=query)
+        )
+        first = await self._batched_get("list users by id", self._step_url(info))
+        found: dict[str, CloudMember] = {}
+        async for page in self._batched_pages("list users by id", first):
+            for item in _items(page):
+                user_id = _opt_str(item.get("id"))
+                if user_id is not None:
+                    sid, synced = _user_facts(item)
+                    found[user_id] = CloudMember(user_id, MemberKind.USER, sid=sid, synced=synced)
+        return found
+
+    async def _batched_pages(
+        self, what: str, page: dict[str, Any], *, delta: bool = False, link: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``page`` and every page after it, each next page through the batcher."""
+        while True:
+            yield page
+            next_link = page.get("@odata.nextLink")
+            if not next_link:
+                return
+            page = await self._batched_get(
+                what, self._relative(str(next_link)), delta=delta, link=link
+            )
+
+    async def _batched_get(
+        self, what: str, url: str, *, delta: bool = False, link: bool = False
+    ) -> dict[str, Any]:
+        """GET ``url`` (relative to the version) in the next JSON batch, with the
+        same bounded retries as a request sent alone: a step answered 429 waits
+        its own ``Retry-After`` and goes into a later batch; the answer as JSON."""
+
+        attempts = 0
+
+        async def request() -> dict[str, Any]:
+            nonlocal attempts
+            attempts += 1
+            answer = await self._submit(url, retry=attempts > 1)
+            if 200 <= answer.status < 300:
+                if not isinstance(answer.body, dict):
+                    raise GraphUnavailable(f"Graph {what} returned an unexpected JSON document")
+                return answer.body
+            code, message = _body_error(answer.body)
+            retry_after = _parse_retry_after(answer.headers.get("retry-after"))
+            raise _map_status(
+                answer.status, code, message, retry_after, what, delta=delta, link=link
+            )
+
+        result: dict[str, Any] = await self._call(what, request, delta=delta, link=link)
+        return result
+
+    def _submit(self, url: str, *, retry: bool = False) -> asyncio.Future[_Answer]:
+        """Queue one GET for the next batch (on the loop thread)."""
+        future: asyncio.Future[_Answer] = self._loop.create_future()
+        self._pending.append(_Step(url, future, retry))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_soon())
+        return future
+
+    async def _flush_soon(self) -> None:
+        """Send what was queued, after a few loop iterations in which the other
+        coroutines woken at the same moment queue theirs: in batches of 20, all
+        at once; a lone request (or one outside the base URL) is sent alone."""
+        try:
+            for _ in range(_GATHER_TICKS):
+                await asyncio.sleep(0)
+            if any(step.retry for step in self._pending):
+                await asyncio.sleep(_RETRY_GATHER)
+        finally:
+            self._flusher = None
+        steps, self._pending = self._pending, []
+        steps = [step for step in steps if not step.future.done()]
+        alone = [step for step in steps if not step.url.startswith("/")]
+        batchable = [step for step in steps if step.url.startswith("/")]
+        chunks = [batchable[i : i + MAX_BATCH] for i in range(0, len(batchable), MAX_BATCH)]
+        alone.extend(chunk[0] for chunk in chunks if len(chunk) == 1)
+        sends = [self._send_alone(step) for step in alone]
+        sends.extend(self._send_batch(chunk) for chunk in chunks if len(chunk) > 1)
+        await asyncio.gather(*sends)
+
+    async def _send_alone(self, step: _Step) -> None:
+        sdk = self._sdk
+        info = sdk.RequestInformation(sdk.Method.GET)
+        base = str(self._adapter.base_url).rstrip("/")
+        info.url = base + step.url if step.url.startswith("/") else step.url
+        info.headers.try_add("Accept", "application/json")
+        try:
+            raw = await self._adapter.send_primitive_async(info, "bytes", self._error_map)
+        except sdk.APIError as error:
+            code, message = _odata_error(error)
+            headers = _lower_headers(error.response_headers)
+            body = {"error": {"code": code, "message": message}}
+            _settle(step, _Answer(int(error.response_status_code or 0), headers, body))
+            return
+        except asyncio.CancelledError:
+            step.future.cancel()
+            raise
+        except Exception as error:
+            _fail((step,), self._map_error(error, "batched read") or error)
+            return
+        _settle(step, _Answer(200, {}, _json_or_none(raw)))
+
+    async def _send_batch(self, steps: list[_Step]) -> None:
+        """One ``POST /$batch`` through the SDK's adapter and middleware (auth,
+        telemetry); each step's answer to its future. A failure of the batch
+        itself (throttled, unreachable) is every step's failure, retried by each."""
+        sdk = self._sdk
+        payload = {
+            "requests": [
+                {"id": str(n), "method": "GET", "url": step.url} for n, step in enumerate(steps)
+            ]
+        }
+        info = sdk.RequestInformation(sdk.Method.POST, "{+baseurl}/$batch")
+        info.headers.try_add("Accept", "application/json")
+        info.set_stream_content(json.dumps(payload).encode("utf-8"), "application/json")
+        try:
+            raw = await self._adapter.send_primitive_async(info, "bytes", self._error_map)
+        except asyncio.CancelledError:
+            for step in steps:
+                step.future.cancel()
+            raise
+        except Exception as error:
+            _fail(steps, self._map_error(error, "batch") or error)
+            return
+        document = _json_or_none(raw)
+        responses = document.get("responses") if isinstance(document, dict) else None
+        if not isinstance(responses, list):
+            _fail(steps, GraphUnavailable("Graph batch returned an unexpected JSON document"))
+            return
+        by_id = {str(r.get("id")).lower(): r for r in responses if isinstance(r, Mapping)}
+        for n, step in enumerate(steps):
+            found = by_id.get(str(n))
+            if found is None:
+                _fail((step,), GraphUnavailable("Graph batch returned no answer for a request"))
+                continue
+            lowered = _lower_headers(found.get("headers"))
+            try:
+                status = int(found.get("status") or 0)
+            except (TypeError, ValueError):
+                status = 0
+            _settle(step, _Answer(status, lowered, _step_body(found.get("body"))))
+
+    def _step_url(self, info: Any) -> str:
+        """A request builder's URL as a batch step takes it: relative to the
+        version (kiota leaves ``{+baseurl}`` to the adapter) with plain names."""
+        return _decode_names(self._relative(str(info.url)))
+
+    def _relative(self, link: str) -> str:
+        """A link Graph returned (next or delta link) relative to the version, for
+        a batch; unchanged when it points outside the base URL (sent alone)."""
+        base, target = urlsplit(str(self._adapter.base_url).rstrip("/")), urlsplit(link)
+        same_origin = (target.scheme, target.netloc.lower()) == (base.scheme, base.netloc.lower())
+        if not same_origin or not target.path.startswith(base.path + "/"):
+            return link
+        relative = target.path[len(base.path) :]
+        return f"{relative}?{target.query}" if target.query else relative
 
     async def _create_subscription(self, model: Any) -> Subscription:
         builder = self._client.subscriptions
@@ -807,7 +1180,12 @@ class GraphCloud:
     # ----------------------------------------------------------------- calls
 
     async def _call(
-        self, what: str, request: Callable[[], Awaitable[Any]], *, delta: bool = False
+        self,
+        what: str,
+        request: Callable[[], Awaitable[Any]],
+        *,
+        delta: bool = False,
+        link: bool = False,
     ) -> Any:
         """One Graph request with bounded retries of transient faults; the
         answer, or the mapped error after the last attempt."""
@@ -824,7 +1202,7 @@ class GraphCloud:
                 try:
                     result = await request()
                 except Exception as error:
-                    mapped = self._map_error(error, what, delta=delta)
+                    mapped = self._map_error(error, what, delta=delta, link=link)
                     if mapped is None:
                         raise
                     raise mapped from None
@@ -835,8 +1213,12 @@ class GraphCloud:
 
     def _wait(self, state: RetryCallState) -> float:
         # Exponential with jitter: backoff * 2**(n-1) plus up to one backoff of noise.
+        # The noise is drawn per failure, not per waiter: the steps of a batch that
+        # failed as a whole share one exception, wait alike and go out together again.
         exponent = min(state.attempt_number - 1, 30)
-        backoff = self._backoff * 2.0**exponent + random.uniform(0, self._backoff)
+        failure = state.outcome.exception() if state.outcome is not None else None
+        noise = random.Random(id(failure)).uniform(0, self._backoff)
+        backoff = self._backoff * 2.0**exponent + noise
         retry_after = _retry_after_of(state)
         return min(max(backoff, retry_after or 0.0), self._max_wait)
 
@@ -846,10 +1228,12 @@ class GraphCloud:
         delay = state.next_action.sleep if state.next_action else 0.0
         log.warning("%s; attempt %d, retrying in %.2f s", error, state.attempt_number, delay)
 
-    def _map_error(self, error: Exception, what: str, *, delta: bool) -> Exception | None:
+    def _map_error(
+        self, error: Exception, what: str, *, delta: bool = False, link: bool = False
+    ) -> Exception | None:
         sdk = self._sdk
         if isinstance(error, sdk.APIError):
-            return _map_api_error(error, what, delta=delta)
+            return _map_api_error(error, what, delta=delta, link=link)
         if isinstance(error, sdk.httpx.TimeoutException):
             return GraphUnavailable(f"Graph {what} timed out ({type(error).__name__})")
         if isinstance(error, sdk.httpx.TransportError):
@@ -971,6 +1355,58 @@ def _fold_members(
             added[member_id] = kind
 
 
+def _settle(step: _Step, answer: _Answer) -> None:
+    if not step.future.done():
+        step.future.set_result(answer)
+
+
+def _fail(steps: Iterable[_Step], error: BaseException) -> None:
+    for step in steps:
+        if not step.future.done():
+            step.future.set_exception(error)
+
+
+def _json_or_none(raw: Any) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+
+
+def _step_body(body: Any) -> Any:
+    """A batch step's body: JSON inline, or (for other content types) base64 text."""
+    if isinstance(body, str):
+        try:
+            return json.loads(base64.b64decode(body, validate=True))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+    return body
+
+
+def _lower_headers(headers: Any) -> dict[str, str]:
+    """Response headers as one string per lower-case name."""
+    if not isinstance(headers, Mapping):
+        return {}
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        first = next(iter(value), "") if isinstance(value, list | tuple | set) else value
+        out[str(name).lower()] = str(first)
+    return out
+
+
+def _decode_names(url: str) -> str:
+    """``url`` with its query parameter names percent-decoded (``%24select`` ->
+    ``$select``), as kiota's middleware does for requests sent alone."""
+    path, _, query = url.partition("?")
+    if not query:
+        return path
+    names = []
+    for part in query.split("&"):
+        name, equals, value = part.partition("=")
+        names.append(unquote(name) + equals + value)
+    return f"{path}?{'&'.join(names)}"
+
+
 def _odata_quote(value: str) -> str:
     """A string literal's content in an OData filter (a quote is doubled)."""
     return value.replace("'", "''")
@@ -1006,25 +1442,52 @@ def _to_group(
     )
 
 
-def _map_api_error(error: Any, what: str, *, delta: bool) -> Exception:
-    status = int(error.response_status_code or 0)
-    headers = error.response_headers
+def _map_api_error(error: Any, what: str, *, delta: bool, link: bool = False) -> Exception:
     code, message = _odata_error(error)
+    retry_after = _parse_retry_after(_header(error.response_headers, "retry-after"))
+    status = int(error.response_status_code or 0)
+    return _map_status(status, code, message, retry_after, what, delta=delta, link=link)
+
+
+def _map_status(
+    status: int,
+    code: str | None,
+    message: str | None,
+    retry_after: float | None,
+    what: str,
+    *,
+    delta: bool,
+    link: bool = False,
+) -> Exception:
+    """Graph's answer as writeback's error. ``delta``: a delta or skip token was
+    used (410 and the expired-token codes mean it is gone); ``link``: a
+    per-group delta link, refused by any 4xx but 429 (the caller reads in full)."""
     detail = f"Graph {what} answered {status}"
     if code:
         detail += f" {code}"
     if message:
         detail += f": {message}"
-    retry_after = _parse_retry_after(_header(headers, "retry-after"))
     if status in (429, 503):
         return GraphThrottled(detail, retry_after=retry_after)
     if status >= 500:
         return GraphUnavailable(detail, retry_after=retry_after)
+    if link and 400 <= status < 500:
+        return DeltaExpired(detail)
     if delta and (status == 410 or (code or "").lower() in _EXPIRED_TOKEN_CODES):
         return DeltaExpired(detail)
     if status == 404:
         return GraphNotFound(detail)
     return GraphRefused(detail)
+
+
+def _body_error(body: Any) -> tuple[str | None, str | None]:
+    """(code, message) of Graph's error body in a batch answer, message scrubbed."""
+    main = body.get("error") if isinstance(body, Mapping) else None
+    if not isinstance(main, Mapping):
+        return None, None
+    code, message = main.get("code"), main.get("message")
+    text = _scrub(str(message))[:300] if message else None
+    return (str(code) if code else None), text
 
 
 def _odata_error(error: Any) -> tuple[str | None, str | None]:
