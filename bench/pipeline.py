@@ -51,6 +51,7 @@ from typing import Any
 
 from ldap3 import MODIFY_ADD
 
+from writeback.adapters.agent_state import AgentStateStore
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.hybrid_connection import (
@@ -60,11 +61,12 @@ from writeback.adapters.hybrid_connection import (
 )
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
+from writeback.agent_protocol import audience
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
 from writeback.hosting.agent import AgentService, relay_handler
-from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
+from writeback.hosting.serve import ServeConfig, Server, ServerStats
 from writeback.ports import Directory
 from writeback.report import markdown_table
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
@@ -269,9 +271,18 @@ def _serve_relay(
     rules: tuple[SasRule, SasRule],
     conn: Connection,
 ) -> None:
-    local = ThreadLocalDirectory(lambda: dc.directory(target_ou))
-    service = AgentService(local, AgentPolicy(target_ou=target_ou), caller_key)
-    with RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay:
+    with (
+        RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        state = AgentStateStore(Path(tmp) / "agent-state.sqlite3")
+        service = AgentService(
+            lambda: dc.directory(target_ou),
+            AgentPolicy(target_ou=target_ou),
+            caller_key,
+            audience=audience(relay.namespace, RemoteRelay.PATH),
+            state=state,
+        )
         listener = HybridConnectionListener(
             relay.endpoint(RemoteRelay.PATH), rules[1].name, rules[1].key, relay_handler(service)
         )
@@ -280,7 +291,8 @@ def _serve_relay(
             conn.send((relay.namespace, relay.ca_file))
             while (message := conn.recv()) is not None:
                 conn.send(cpu_seconds() if message == "cpu" else None)
-    local.close()
+        service.close()
+        state.close()
 
 
 # --------------------------------------------------------------------------- the bench

@@ -25,7 +25,7 @@ from tests.support.relay import LISTEN, PATH, SEND, RelayRig, relay_rig
 from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
-from writeback.agent_protocol import encode, sign
+from writeback.agent_protocol import ForgedReply, encode, sign
 from writeback.cli import EXIT_FAILURES, EXIT_OK, main
 from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
 from writeback.domain.naming import dn_for
@@ -49,6 +49,8 @@ def rig() -> Iterator[RelayRig]:
 
 def through_relay(world: World, rig: RelayRig, **agent: Any) -> RelayDirectory:
     """Starts an agent for the world's OU and points the world's sync at the relay."""
+    agent.setdefault("group_type", world.options.group_type)
+    agent.setdefault("dn_format", world.options.dn_format)
     rig.start_agent(lambda: world.dc.directory(world.ou), world.ou, **agent)
     world.directory.close()
     world.directory = rig.directory(world.ou)  # type: ignore[assignment]
@@ -177,12 +179,14 @@ def test_unsigned_or_wrongly_signed_requests_never_reach_ad(world: World, rig: R
     assert entry is not None
     before = usn_changed(world, entry["dn"])
     delete = Delete(gid, entry["dn"])
-    with pytest.raises(RelayRefused, match="does not match"):
+    # The agent refuses, and signs its refusal with its own key: a reply the cloud side
+    # cannot verify, reported with what it claims (and retried, never believed).
+    with pytest.raises(ForgedReply, match="HTTP 401: request signature does not match"):
         rig.directory(world.ou, caller_key="x" * 43).apply(delete)
     sender = rig.sender()
     body = encode({"operation": {"kind": "delete", "group_id": gid, "dn": entry["dn"]}})
     assert sender.request("POST", "/v1/apply", body).status == 401
-    signed = sign(rig.caller_key, "POST", "/v1/apply", body)
+    signed = sign(rig.caller_key, "POST", "/v1/apply", body, audience=rig.audience)
     assert sender.request("POST", "/v1/apply", body, signed).status == 200
     assert sender.request("POST", "/v1/apply", body, signed).status == 401  # a replay
     assert world.ad_entry(gid) is None  # the one signed request did delete it
@@ -283,11 +287,15 @@ def test_status_says_whether_the_agent_answers(
     monkeypatch.setenv("WRITEBACK_RELAY_CALLER_KEY", "w" * 40)
     out = io.StringIO()
     assert main(["status"], out=out) == EXIT_FAILURES
-    assert "FAILED: RelayRefused: request signature does not match" in out.getvalue()
+    assert "FAILED: ForgedReply: an answer (HTTP 401: request signature does not match" in (
+        out.getvalue()
+    )
     assert rig.caller_key not in out.getvalue()
 
 
-def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayRig) -> None:
+def test_the_agent_and_sync_commands_through_the_relay(
+    world: World, rig: RelayRig, tmp_path: Path
+) -> None:
     """``python -m writeback agent`` on-prem, ``sync`` with WRITEBACK_DIRECTORY=relay."""
     gid = world.add_group(1, "Via commands", ["user0", "user1"])
     common = {
@@ -306,6 +314,8 @@ def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayR
         "WRITEBACK_LDAP_CA_FILE": world.dc.ca_file,
         "WRITEBACK_AGENT_LISTEN_KEY_NAME": LISTEN.name,
         "WRITEBACK_AGENT_LISTEN_KEY": LISTEN.key,
+        "WRITEBACK_AGENT_STATE_PATH": str(tmp_path / "agent" / "state.sqlite3"),
+        "WRITEBACK_AGENT_MAIL_DOMAINS": "contoso.com",
     }
     cloud_env = {
         **common,
@@ -341,6 +351,8 @@ def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayR
             agent.wait()
     assert agent.returncode == 0, err
     assert "writeback agent: stopped" in out
+    state = tmp_path / "agent" / "state.sqlite3"
+    assert state.stat().st_mode & 0o777 == 0o600  # the delete budget: nobody else resets it
     entry = world.ad_entry(gid)
     assert entry is not None
     assert entry["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}

@@ -43,6 +43,7 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
+from writeback.agent_protocol import audience
 from writeback.errors import ConfigError, RelayRefused, RelayUnavailable, WritebackError
 
 log = logging.getLogger(__name__)
@@ -638,6 +639,11 @@ class HybridConnectionSender:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    @property
+    def audience(self) -> str:
+        """The hybrid connection, as the caller key's signatures name it."""
+        return audience(self._endpoint.namespace, self._endpoint.name)
 
     def _where(self) -> str:
         return f"{self._endpoint.namespace}/{self._endpoint.name}"
