@@ -14,6 +14,8 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from writeback.cli import EXIT_FAILURES, EXIT_OK, main
 from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
 from writeback.domain.naming import dn_for
 from writeback.errors import LdapUnavailable, PolicyRefused, RelayRefused, RelayUnavailable
+from writeback.hosting.serve import ServeConfig, Server
 from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
@@ -360,3 +363,78 @@ def test_the_agent_and_sync_commands_through_the_relay(
     assert any(a.get("call") == "apply" and a.get("outcome") == "ok" for a in audit), err
     for secret in (LISTEN.key, SEND.key, rig.caller_key, world.dc.admin_password):
         assert secret not in out + err + sync.stdout + sync.stderr
+
+
+# --------------------------------------------------------- an agent outage mid-stream
+
+
+def test_an_agent_outage_mid_stream_dead_letters_nothing(world: World, rig: RelayRig) -> None:
+    """Issue 16: while no agent listens, the relay answers 404 with its text in the
+    reason phrase and a JSON body that does not name listeners (the stand-in answers
+    as the service does). Every event sent meanwhile must wait, none dead-lettered,
+    and all of them apply once an agent is back."""
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = LocalQueue(Path(tmp) / "queue.sqlite3", lock_duration=30, max_delivery_count=50)
+        server = Server(
+            queue=queue,
+            cloud=world.cloud,
+            directory_factory=lambda: rig.directory(world.ou),
+            options=world.options,
+            client_states=[STREAM_SECRET],
+            config=STREAM,
+            owned=[queue],
+        )
+        server.start()
+        try:
+            assert server.wait_ready(30)
+            before = [world.add_group(n, f"Before {n}", ["user0"]) for n in range(3)]
+            _settle(world, server)
+            [agent] = rig.agents
+            agent.stop()  # the agent goes away in the middle of the stream
+            assert rig.standin.wait_for_listeners(PATH, 0)
+            during = [world.add_group(10 + n, f"During {n}", ["user1"]) for n in range(5)]
+            world.tenant.add_members(before[0], [world.uid("user2")])
+            assert world.standin.wait_idle(10)  # the webhook took every notification
+            # Each is tried, and put back to wait (or, wrongly, dead-lettered).
+            _wait(lambda: server.stats.abandoned >= 6 or server.stats.dead_lettered > 0)
+            assert [d.reason for d in server.queue.dead_letters()] == []
+            rig.agents.clear()
+            rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+            _settle(world, server, timeout=30)
+            for gid in before + during:
+                assert world.ad_entry(gid) is not None, gid
+            first = world.ad_entry(before[0])
+            assert first is not None
+            assert first["member_sids"] == {world.sid_of("user0"), world.sid_of("user2")}
+            assert server.queue.dead_letters() == []
+            assert server.stats.dead_lettered == 0
+        finally:
+            server.stop()
+
+
+STREAM_SECRET = "relay-outage-client-state"
+STREAM = ServeConfig(
+    workers=2,
+    reconcile_at_start=False,
+    reconcile_interval=3600,
+    subscription_interval=3600,
+    retry_delay=0.2,
+    attempts=1,
+    max_wait=0.1,
+    redelivery_scale=0.05,
+    max_redelivery_delay=0.5,
+    receive_wait=0.1,
+)
+
+
+def _settle(world: World, server: Server, timeout: float = 20.0) -> None:
+    assert world.standin.wait_idle(timeout), "the stand-in still has notifications to deliver"
+    assert server.wait_idle(timeout), "the pipeline did not go idle"
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
