@@ -9,7 +9,8 @@ key both sides share: HMAC-SHA256 over the hybrid connection it is meant for
 (namespace and name, so a request cannot be moved to another connection), method,
 target, time, a nonce and the body's hash. Every answer is signed too, over the
 request's nonce, the status and the body's hash, so whoever holds a Listen key
-cannot answer in the agent's name ("done", or a schema of its choosing). The
+cannot answer in the agent's name ("done", or a schema of its choosing), nor pass
+the agent's refusal of a forged copy off as the answer to the genuine request. The
 relay's Send and Listen keys only prove someone may talk to the relay; the
 signatures prove who is speaking and that a request is fresh.
 
@@ -122,23 +123,32 @@ def sign(
     }
 
 
-def sign_reply(key: str, audience: str, nonce: str, status: int, body: bytes) -> dict[str, str]:
-    """The header that authenticates the agent's answer to the request ``nonce``."""
-    return {REPLY_SIGNATURE_HEADER: _mac(key, "reply", (audience, nonce, str(status)), body)}
+def sign_reply(
+    key: str, audience: str, request: Mapping[str, str], status: int, body: bytes
+) -> dict[str, str]:
+    """The header that authenticates the agent's answer to ``request`` (its headers):
+    bound to the request's nonce and signature, so an answer made for one request
+    (a refusal of a forged copy, say) cannot pass for the answer to another."""
+    return {
+        REPLY_SIGNATURE_HEADER: _mac(key, "reply", _reply_parts(audience, request, status), body)
+    }
 
 
 def verify_reply(
-    key: str, audience: str, nonce: str, reply: tuple[int, Mapping[str, str], bytes]
+    key: str,
+    audience: str,
+    request: Mapping[str, str],
+    reply: tuple[int, Mapping[str, str], bytes],
 ) -> None:
     """Raises ForgedReply unless ``reply`` (status, headers, body) is our agent's
-    answer to the request ``nonce``.
+    answer to ``request`` (the headers we signed it with).
 
     An agent with another caller key signs its refusal with that key, so a key
     mismatch shows up here too: the message says what the answer claimed.
     """
     status, headers, body = reply
     given = _header(headers, REPLY_SIGNATURE_HEADER)
-    expected = _mac(key, "reply", (audience, nonce, str(status)), body)
+    expected = _mac(key, "reply", _reply_parts(audience, request, status), body)
     if given and hmac.compare_digest(expected.encode(), given.encode()):
         return
     claimed = _message(body)
@@ -147,6 +157,11 @@ def verify_reply(
         f"{'without a signature' if not given else 'not signed with our caller key'}: "
         "the caller keys differ, or something other than our agent answered"
     )
+
+
+def _reply_parts(audience: str, request: Mapping[str, str], status: int) -> tuple[str, ...]:
+    nonce, signature = _header(request, NONCE_HEADER), _header(request, SIGNATURE_HEADER)
+    return (audience, nonce, signature, str(status))
 
 
 def _mac(key: str, kind: str, parts: tuple[str, ...], body: bytes) -> str:

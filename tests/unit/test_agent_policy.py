@@ -282,26 +282,29 @@ def test_a_replay_after_a_restart_or_to_another_agent_on_the_host_is_refused(
         neighbour.verify("POST", "/v1/apply", headers, b"{}", now=1031.0)
 
 
-def test_replies_are_believed_only_with_the_agents_signature_over_our_nonce() -> None:
+def test_replies_are_believed_only_with_the_agents_signature_over_our_request() -> None:
     """Issue 12, finding 6: anyone with a Listen key could answer "done"."""
     body = b'{"requests":1}'
-    good = (200, sign_reply(KEY, HC, "nonce-1", 200, body), body)
-    verify_reply(KEY, HC, "nonce-1", good)
+    ours = _signed(1000.0)
+    good = (200, sign_reply(KEY, HC, ours, 200, body), body)
+    verify_reply(KEY, HC, ours, good)
+    copy = dict(ours, **{SIGNATURE_HEADER: _signed(1000.0, body=b"{}")[SIGNATURE_HEADER]})
     forged = [
         (200, {}, body),  # unsigned
-        (200, sign_reply("o" * 40, HC, "nonce-1", 200, body), body),  # another key
-        (200, sign_reply(KEY, HC, "nonce-0", 200, body), body),  # another request's answer
-        (200, sign_reply(KEY, HC, "nonce-1", 403, body), body),  # another status
+        (200, sign_reply("o" * 40, HC, ours, 200, body), body),  # another key
+        (200, sign_reply(KEY, HC, _signed(1000.0), 200, body), body),  # another request's
+        (200, sign_reply(KEY, HC, copy, 200, body), body),  # same nonce, forged copy
+        (200, sign_reply(KEY, HC, ours, 403, body), body),  # another status
         (200, good[1], b'{"requests":0}'),  # another body
-        (200, sign_reply(KEY, audience("x.example", "agent"), "nonce-1", 200, body), body),
+        (200, sign_reply(KEY, audience("x.example", "agent"), ours, 200, body), body),
     ]
     for reply in forged:
         with pytest.raises(ForgedReply) as raised:
-            verify_reply(KEY, HC, "nonce-1", reply)
+            verify_reply(KEY, HC, ours, reply)
         assert isinstance(raised.value, RelayUnavailable)  # transient: the event waits
     refusal = error_body(RelayRefused("request signature does not match the caller key"))
     with pytest.raises(ForgedReply, match="HTTP 401: request signature does not match"):
-        verify_reply(KEY, HC, "n", (401, sign_reply("o" * 40, HC, "n", 401, refusal), refusal))
+        verify_reply(KEY, HC, ours, (401, sign_reply("o" * 40, HC, ours, 401, refusal), refusal))
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 from writeback.agent_protocol import (
     API_PREFIX,
-    NONCE_HEADER,
     DirectoryChanged,
     ForgedReply,
     GroupPage,
@@ -188,10 +187,7 @@ class RelayDirectory:
         reply = self._transport.request("POST", target, body, headers)
         try:
             verify_reply(
-                self._caller_key,
-                audience,
-                headers[NONCE_HEADER],
-                (reply.status, reply.headers, reply.body),
+                self._caller_key, audience, headers, (reply.status, reply.headers, reply.body)
             )
         except ForgedReply as forged:
             log.warning("relay call %s: %s; not believed", name, forged)

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from writeback.agent_protocol import (
     API_PREFIX,
     MEMBER_PAGE,
-    NONCE_HEADER,
     DirectoryChanged,
     NonceStore,
     ProtocolError,
@@ -266,8 +265,7 @@ class AgentService:
             reply = (500, dict(_JSON), error_body(WritebackError(type(error).__name__)))
             record.fields["error"] = type(error).__name__
         status, reply_headers, reply_body = reply
-        nonce = next((v for k, v in headers.items() if k.lower() == NONCE_HEADER.lower()), "")
-        reply_headers.update(sign_reply(self._key, self._audience, nonce, status, reply_body))
+        reply_headers.update(sign_reply(self._key, self._audience, headers, status, reply_body))
         self._audit(record, status, time.perf_counter() - started)
         return status, reply_headers, reply_body
 
