@@ -179,7 +179,8 @@ var appSettings = {
   WRITEBACK_QUEUE_PATH: ''
   WRITEBACK_MAX_DELIVERY_COUNT: '100'
 
-  WRITEBACK_RECONCILE_SCHEDULE: '0 */30 * * * *'
+  WRITEBACK_RECONCILE_SCHEDULE: '0 */5 * * * *'
+  WRITEBACK_RECONCILE_INTERVAL: '1800'
   WRITEBACK_SUBSCRIPTION_SCHEDULE: '0 17 3 * * *'
   WRITEBACK_RECONCILE_INCREMENTAL: 'true'
   WRITEBACK_FULL_SYNC_EVERY: '48'
@@ -223,7 +224,6 @@ var appSettings = {
 
   // Read only by single-machine mode (python -m writeback serve), not by the
   // Function app: empty, so a console session in the app sees no surprise.
-  WRITEBACK_RECONCILE_INTERVAL: ''
   WRITEBACK_SUBSCRIPTION_INTERVAL: ''
   WRITEBACK_LISTEN_ADDRESS: ''
   WRITEBACK_LISTEN_PORT: ''

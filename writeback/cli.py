@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
     from writeback.adapters.relay import RelayDirectory
-    from writeback.config import QueueKind
     from writeback.ports import EventQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
@@ -139,11 +138,11 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
-    from writeback.config import QueueKind, load_pipeline_settings
+    from writeback.config import Host, load_pipeline_settings
     from writeback.hosting.serve import Server, run_until_signalled
 
     settings = load_settings()
-    pipeline = load_pipeline_settings(default_queue=QueueKind.LOCAL)
+    pipeline = load_pipeline_settings(host=Host.SERVE)
     logging.getLogger("writeback").setLevel(logging.INFO)
     return run_until_signalled(Server.from_settings(settings, pipeline), out)
 
@@ -191,11 +190,11 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    from writeback.config import load_pipeline_settings
+    from writeback.config import Host, load_pipeline_settings
     from writeback.service.status import StateFile, collect_status, format_status
 
-    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
-    state = StateFile(pipeline.state_path).read()
+    pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
+    state = StateFile(pipeline.state_path).read() if pipeline.state_path else {}
     with _queue() as queue:
         status = collect_status(queue, state)
     for line in format_status(status):
@@ -208,10 +207,10 @@ def _print_agent_status(out: TextIO) -> bool:
     """With WRITEBACK_DIRECTORY=relay: whether the agent answers a signed call."""
     import time
 
-    from writeback.config import DirectoryKind
-    from writeback.wiring import build_directory
+    from writeback.bootstrap import build_directory
+    from writeback.config import DirectoryKind, load_directory_kind
 
-    if os.environ.get("WRITEBACK_DIRECTORY", "").strip().lower() != DirectoryKind.RELAY:
+    if load_directory_kind() is not DirectoryKind.RELAY:
         return True
     settings = load_settings()
     if settings.relay is None:
@@ -300,23 +299,13 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
     return done.sid
 
 
-def _tool_queue() -> QueueKind:
-    """An unset WRITEBACK_QUEUE means Service Bus where one is configured, else local."""
-    from writeback.config import QueueKind
-
-    configured = os.environ.get("WRITEBACK_SERVICEBUS_NAMESPACE") or os.environ.get(
-        "WRITEBACK_SERVICEBUS_CONNECTION"
-    )
-    return QueueKind.SERVICEBUS if configured else QueueKind.LOCAL
-
-
 @contextmanager
 def _queue() -> Iterator[EventQueue]:
-    """The queue the settings name (see :func:`_tool_queue`)."""
-    from writeback.config import QueueKind, load_pipeline_settings
-    from writeback.wiring import build_queue
+    """The queue the settings name (Service Bus where one is configured, else local)."""
+    from writeback.bootstrap import build_queue
+    from writeback.config import Host, QueueKind, load_pipeline_settings
 
-    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
+    pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
     if pipeline.queue is QueueKind.LOCAL and not os.path.exists(pipeline.queue_path):
         raise ConfigError(
             f"WRITEBACK_QUEUE_PATH={pipeline.queue_path!r}: no queue file there "
@@ -334,7 +323,7 @@ def _adapters(
     settings: Settings,
 ) -> Iterator[tuple[GraphCloud, LdapDirectory | RelayDirectory]]:
     """Graph and directory adapters for one command, both closed after it."""
-    from writeback.wiring import build_cloud, build_directory
+    from writeback.bootstrap import build_cloud, build_directory
 
     cloud = build_cloud(settings)
     try:

@@ -43,11 +43,14 @@ from tests.support.relay import relay_rig
 from tests.support.settings import agent_only_settings, settings_read_by_the_code
 from tests.support.world import World, make_world
 from writeback import logging_setup
+from writeback.adapters.functions_settlement import ServiceBusSettlement
 from writeback.adapters.local_queue import LocalLock, LocalQueue
+from writeback.domain.events import CONTROL_SESSION, HANDOFF_MARK, ControlRequest
 from writeback.errors import LockLost, TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage
+from writeback.service.pipeline import PAUSE_DELAY
 from writeback_sandbox.samba import SambaDC
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -559,11 +562,11 @@ def test_pause_switch_keeps_events_and_writes_nothing(
     assert host.deliver() is not None
     assert world.ad_entry(gid) is None
     assert host.queue.scheduled_count() == 1 and host.queue.dead_letters() == []
-    # The reconcile timer plans but does not write either.
+    # The reconcile timer holds the reconcile too.
     entry("reconcile")(TimerRequest(past_due=False))
     assert world.ad_entry(gid) is None
     monkeypatch.setenv("WRITEBACK_PAUSED", "false")
-    later = Host(Path(host.queue.path), clock=lambda: time.time() + functions.PAUSE_DELAY + 5)
+    later = Host(Path(host.queue.path), clock=lambda: time.time() + PAUSE_DELAY + 5)
     try:
         assert later.deliver() is not None
     finally:
@@ -573,6 +576,13 @@ def test_pause_switch_keeps_events_and_writes_nothing(
 
 
 # --------------------------------------------------------------------------- timers
+
+
+def request_reconcile(host: Host) -> None:
+    """A reconcile asked for through the control session, as a lifecycle item does."""
+    body = ControlRequest("reconcile", reason="test", received_at=time.time()).to_json()
+    host.queue.send([OutgoingMessage(body, f"rc-{uuid.uuid4().hex}", CONTROL_SESSION)])
+    assert host.deliver() is not None
 
 
 def test_reconcile_timer_writes_what_the_cloud_has(world: World, host: Host) -> None:
@@ -597,6 +607,9 @@ def test_reconcile_timer_keeps_its_delta_link_and_then_reads_only_changes(
 
     world.tenant.update_group(first, description="changed in the cloud")
     world.standin.reset_log()
+    entry("reconcile")(TimerRequest(past_due=False))  # not due: the interval has not passed
+    assert json.loads(state_path.read_text())["last_reconcile"]["applied"] == {"add": 2}
+    request_reconcile(host)
     entry("reconcile")(TimerRequest(past_due=False))
     state = json.loads(state_path.read_text())
     assert state["delta"]["last_mode"] == "incremental"
@@ -639,7 +652,7 @@ def test_lifecycle_reauthorization_is_enqueued_then_done_by_the_worker(
     assert standin.needs_reauthorization(subscription_id)  # the webhook only enqueued
     assert host.queue.depth() == 1
     messages = host.deliver()
-    assert messages is not None and messages[0].session_id == functions.CONTROL_SESSION
+    assert messages is not None and messages[0].session_id == CONTROL_SESSION
     assert not standin.needs_reauthorization(subscription_id)
     assert standin.subscription_ids() == [subscription_id]
     assert host.queue.depth() == 0
@@ -657,14 +670,41 @@ def test_subscription_removed_recreates_it_and_reconciles(
     assert standin.subscription_ids() == []
     gid = world.add_group(9, "Changed while removed", ["user1"])  # nobody is notified
     assert standin.wait_idle(10)
-    assert host.drain() == 1  # the control message
+    assert host.drain() == 1  # the control message: recreate, and ask for a reconcile
     [new] = standin.subscription_ids()
     assert new != old
-    assert world.ad_entry(gid) is not None  # the reconcile after recreating found it
+    assert world.ad_entry(gid) is None  # the trigger never runs the reconcile itself
+    entry("reconcile")(TimerRequest(past_due=False))
+    assert world.ad_entry(gid) is not None  # the timer ran the requested reconcile
 
 
-def test_a_poison_control_message_is_dead_lettered(app_env: Path, host: Host) -> None:
-    host.queue.send([OutgoingMessage(b'{"kind":"reboot"}', "ctl-1", functions.CONTROL_SESSION)])
+def test_a_broken_setting_parks_events_without_counting_a_delivery(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gid = world.add_group(11, "Broken setting", ["user0"])
+    assert http("notifications", notification(gid)).status_code == 202
+    url = os.environ["WRITEBACK_LDAP_URL"]
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", "")
+    for _ in range(3):  # every retry comes back with the same count: none is charged
+        later = Host(Path(host.queue.path), clock=lambda: time.time() + 400 * len(host.delivered))
+        try:
+            [message] = later.deliver() or []
+            host.delivered.append([message])
+        finally:
+            later.close()
+        assert message.delivery_count == 1
+    assert host.queue.dead_letters() == [] and world.ad_entry(gid) is None
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", url)
+    fixed = Host(Path(host.queue.path), clock=lambda: time.time() + 2000)
+    try:
+        assert fixed.deliver() is not None
+    finally:
+        fixed.close()
+    assert world.ad_entry(gid) is not None and host.queue.depth() == 0
+
+
+def test_a_poison_control_message_is_dead_lettered(world: World, host: Host) -> None:
+    host.queue.send([OutgoingMessage(b'{"kind":"reboot"}', "ctl-1", CONTROL_SESSION)])
     assert host.deliver() is not None
     [letter] = host.queue.dead_letters()
     assert letter.reason == "PoisonEvent" and "reboot" in letter.description
@@ -793,8 +833,8 @@ def triggered(
     )
 
 
-def settlement(broker: Broker, max_delivery_count: int = 5) -> functions.ServiceBusSettlement:
-    return functions.ServiceBusSettlement(
+def settlement(broker: Broker, max_delivery_count: int = 5) -> ServiceBusSettlement:
+    return ServiceBusSettlement(
         cast(Any, broker), "group-events", max_delivery_count=max_delivery_count
     )
 
@@ -828,7 +868,7 @@ def test_abandon_schedules_a_copy_that_carries_the_count_and_the_original_id() -
 def test_pause_reschedules_without_counting_a_delivery() -> None:
     broker = Broker()
     message = triggered(delivery_count=3)
-    settlement(broker).park(message, delay=functions.PAUSE_DELAY)
+    settlement(broker).park(message, delay=PAUSE_DELAY)
     [(copy, _)] = broker.scheduled
     assert functions.from_trigger(as_trigger_message(copy)).delivery_count == 3
 
@@ -848,7 +888,7 @@ def test_dead_letter_hands_a_copy_to_a_session_it_locked_first() -> None:
     settlement(broker).dead_letter(message, "OverMemberLimit", "group has 60001 members")
     [(letter, reason, description)] = broker.dead_letters
     assert (reason, description) == ("OverMemberLimit", "group has 60001 members")
-    assert letter.session_id.startswith(gid + functions.HANDOFF_MARK)
+    assert letter.session_id.startswith(gid + HANDOFF_MARK)
     assert broker.sent_before_lock == []  # the host could never have taken it
     # Replayed from the dead letters, it comes back in the hand-off session: the
     # worker sees the group's session and the original id again.

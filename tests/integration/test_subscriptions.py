@@ -17,9 +17,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from tests.unit.test_notifications import MemoryQueue
-from writeback.adapters.graph import GraphCloud, GraphNotFound, Subscription
+from writeback.adapters.graph import GraphCloud
 from writeback.domain.events import Change
-from writeback.errors import GraphRefused
+from writeback.errors import GraphNotFound, GraphRefused
+from writeback.ports import Subscription
 from writeback.service.notifications import LifecycleEvent, handle_webhook
 from writeback.service.subscriptions import (
     Action,

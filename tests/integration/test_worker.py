@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.worker import run_once
 from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.events import Change, GroupChanged
 from writeback.ports import OutgoingMessage
-from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes, run_once
+from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes
 from writeback_sandbox.samba import SambaDC
 
 

@@ -346,6 +346,20 @@ class LocalQueue:
                 )
         self._signal.notify()
 
+    def park(self, message: ReceivedMessage, *, delay: float) -> None:
+        """Give a message back for ``delay`` seconds and take back the delivery its
+        receive counted: the pause switch and configuration errors are not the
+        event's fault, so waiting them out never brings it nearer the dead letters."""
+        lock = _lock_of(message)
+        with self._write() as now:
+            self._check_lock(lock, now)
+            self._db.execute(
+                "UPDATE messages SET lock_token = NULL, available_at = ?,"
+                " delivery_count = MAX(delivery_count - 1, 0) WHERE seq = ?",
+                (now + max(delay, 0.0), lock.seq),
+            )
+        self._signal.notify()
+
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         """Move a received message to the dead letters with the reason a person will read."""
         lock = _lock_of(message)

@@ -32,6 +32,7 @@ import datetime
 import hashlib
 import logging
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -457,6 +458,18 @@ class ServiceBusQueue:
         copy = _outgoing_copy(raw, message.message_id, f"d{count}", prior_deliveries=count)
         when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
         with translated_errors("abandon"):
+            self._send_one(to_servicebus_message(copy, scheduled_at=when))
+            receiver.complete_message(raw)
+
+    def park(self, message: ReceivedMessage, *, delay: float) -> None:
+        """A copy scheduled ``delay`` seconds ahead carrying one delivery fewer, then
+        the original completed: the wait is not counted against the event."""
+        raw, receiver = self._settlement(message)
+        count = message.delivery_count
+        tag = f"p{count}-{uuid.uuid4().hex[:8]}"
+        copy = _outgoing_copy(raw, message.message_id, tag, prior_deliveries=count - 1)
+        when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=max(delay, 1.0))
+        with translated_errors("park"):
             self._send_one(to_servicebus_message(copy, scheduled_at=when))
             receiver.complete_message(raw)
 

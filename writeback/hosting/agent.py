@@ -44,9 +44,9 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from writeback.agent_protocol import (
     API_PREFIX,
@@ -77,6 +77,7 @@ from writeback.domain.policy import (
     removals_by_dn,
 )
 from writeback.errors import ConfigError, PolicyRefused, WritebackError
+from writeback.ports import Directory
 
 if TYPE_CHECKING:
     from writeback.adapters.hybrid_connection import RelayRequest, RelayResponse
@@ -100,18 +101,8 @@ _JSON = {"Content-Type": "application/json"}
 _T = TypeVar("_T")
 
 
-class AgentDirectory(Protocol):
-    """What the agent needs of AD: the LDAP adapter (one per shard)."""
-
-    def schema_attributes(self) -> frozenset[str]: ...
-
-    def find_group(self, group_id: str) -> DirectoryGroup | None: ...
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
-
-    def iter_groups(self) -> Iterator[DirectoryGroup]: ...
-
-    def apply(self, operation: Operation) -> int: ...
+#: What the agent needs of AD: the LDAP adapter (one per shard).
+AgentDirectory: TypeAlias = Directory
 
 
 class AgentState(NonceStore, DeleteLedger, Protocol):
@@ -299,7 +290,7 @@ class AgentService:
 
         def read(shard: _Shard) -> dict[str, Any]:
             if not members:
-                found = shard.directory.find_group_attributes(group_id)
+                found = shard.directory.find_groups([group_id], members=False).get(group_id)
                 shard.saw(group_id, found, self._clock(), members=False)
                 return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
             reading = self._reading(shard, group_id, digest, offset)
@@ -368,7 +359,7 @@ class AgentService:
         """Checks the operation against the object that carries the group's anchor."""
         gid = operation.group_id
         if isinstance(operation, Add):
-            current = shard.directory.find_group_attributes(gid)
+            current = shard.directory.find_groups([gid], members=False).get(gid)
             shard.saw(gid, current, self._clock(), members=False)
             record.fields["checked"] = "read"
             if current is not None:
@@ -410,10 +401,7 @@ class AgentService:
         return seen
 
     def _read(self, shard: _Shard, group_id: str, *, members: bool) -> _Seen:
-        directory = shard.directory
-        found = (
-            directory.find_group(group_id) if members else directory.find_group_attributes(group_id)
-        )
+        found = shard.directory.find_groups([group_id], members=members).get(group_id)
         shard.saw(group_id, found, self._clock(), members=members)
         return shard.seen[group_id]
 
@@ -501,7 +489,7 @@ def build_agent(settings: AgentSettings, state: AgentState | None = None) -> Age
     """The agent's service: its policy from its own settings, one LDAP connection
     per shard (``WRITEBACK_AGENT_CONCURRENCY`` of them)."""
     from writeback.agent_protocol import audience
-    from writeback.wiring import build_ldap_directory
+    from writeback.bootstrap import build_ldap_directory
 
     directory = settings.directory
     policy = AgentPolicy(
@@ -538,7 +526,7 @@ def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
     """Listen on the hybrid connection until ``stop`` is set; reconnects on its own."""
     from writeback.adapters.agent_state import AgentStateStore
     from writeback.adapters.hybrid_connection import HybridConnectionListener
-    from writeback.wiring import relay_endpoint
+    from writeback.bootstrap import relay_endpoint
 
     state = AgentStateStore(settings.state_path)
     service = build_agent(settings, state)

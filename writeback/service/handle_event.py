@@ -34,7 +34,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base
@@ -55,14 +54,13 @@ from writeback.domain.model import (
 )
 from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
-from writeback.errors import PermanentError, PoisonEvent, TransientError
+from writeback.errors import ConfigError, PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
     CloudSource,
     DeltaLinkStore,
     Directory,
-    EventQueue,
-    MemberDeltaSource,
     ReceivedMessage,
+    Settlement,
     StoredLink,
 )
 
@@ -74,13 +72,6 @@ MAX_REDELIVERY_DELAY = 300.0
 
 class OverMemberLimit(PermanentError):
     """The group has more members than the configured limit; it is not written."""
-
-
-@runtime_checkable
-class AttributeReader(Protocol):
-    """A directory that can read a group without its members (LdapDirectory)."""
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
 
 
 def _memory_links() -> DeltaLinkStore:
@@ -117,6 +108,9 @@ class WorkerContext:
     deletes: DeleteBudget | None = None
 
 
+#: A configuration error is not the event's fault: it waits this long, uncounted.
+CONFIG_RETRY_DELAY = 300.0
+
 #: The window the worker counts its deletes over.
 DELETE_WINDOW = 24 * 3600.0
 
@@ -130,7 +124,7 @@ def event_deletes(threshold: int) -> DeleteBudget:
 class EventOutcome:
     group_id: str
     messages: int
-    settlement: str  # "completed" | "dead-lettered" | "abandoned"
+    settlement: str  # "completed" | "dead-lettered" | "abandoned" | "parked"
     operation: Operation | None = None
     ldap_requests: int = 0
     skips: list[Skip] = field(default_factory=list)
@@ -140,7 +134,7 @@ class EventOutcome:
 
 
 def process_session(
-    queue: EventQueue,
+    queue: Settlement,
     messages: list[ReceivedMessage],
     ctx: WorkerContext,
     *,
@@ -156,6 +150,10 @@ def process_session(
         outcome.operation, outcome.ldap_requests, outcome.skips = _retrying(ctx)(
             converge, session, ctx
         )
+    except ConfigError as error:
+        for message in valid:
+            queue.park(message, delay=CONFIG_RETRY_DELAY)
+        outcome.settlement, outcome.error = "parked", f"ConfigError: {error}"
     except PermanentError as error:
         reason = type(error).__name__
         for message in valid:
@@ -180,7 +178,7 @@ def process_session(
 
 
 def _parse(
-    queue: EventQueue, messages: list[ReceivedMessage]
+    queue: Settlement, messages: list[ReceivedMessage]
 ) -> tuple[list[GroupChanged], list[ReceivedMessage]]:
     """Valid events of the batch; poison messages go to the dead-letter queue at once."""
     events, valid = [], []
@@ -204,34 +202,23 @@ def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, 
     """Read both sides now, plan, and apply the one operation (if any)."""
     if not ctx.enabled:
         return None, 0, []
-    deltas = _member_deltas(ctx)
-    if deltas is not None and ctx.links is not None:
+    if ctx.links is not None:
         stored = ctx.links.get(group_id)
         if stored is not None:
-            done = _converge_by_deltas(group_id, ctx, deltas, ctx.links, stored)
+            done = _converge_by_deltas(group_id, ctx, ctx.links, stored)
             if done is not None:
                 return done
             ctx.links.forget(group_id)
-    return _converge_in_full(group_id, ctx, deltas)
-
-
-def _member_deltas(ctx: WorkerContext) -> MemberDeltaSource | None:
-    if ctx.links is None:
-        return None
-    cloud: object = ctx.cloud
-    needed = ("group_delta_link", "group_delta", "resolve_users")
-    if all(callable(getattr(cloud, name, None)) for name in needed):
-        return cloud  # type: ignore[return-value]
-    return None
+    return _converge_in_full(group_id, ctx)
 
 
 def _converge_in_full(
-    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource | None
+    group_id: str, ctx: WorkerContext
 ) -> tuple[Operation | None, int, list[Skip]]:
     """Read the whole group from both sides; store a delta link taken before the reads."""
     # Taken first: a change racing the reads shows up again in the next delta,
     # where writing it once more is harmless; one taken after could miss it.
-    link = deltas.group_delta_link(group_id) if deltas is not None else None
+    link = ctx.cloud.group_delta_link(group_id) if ctx.links is not None else None
     group = ctx.cloud.get_group(group_id)
     current = ctx.directory.find_group(group_id)
     if group is None:
@@ -265,12 +252,11 @@ class _Deltas:
 def _converge_by_deltas(
     group_id: str,
     ctx: WorkerContext,
-    deltas: MemberDeltaSource,
     links: DeltaLinkStore,
     stored: StoredLink,
 ) -> tuple[Operation | None, int, list[Skip]] | None:
     """Converge from the member changes since the stored link; None: read in full."""
-    read = _read_deltas(group_id, ctx, deltas, stored)
+    read = _read_deltas(group_id, ctx, stored)
     if read is None:
         return None
     current = _attributes_only(group_id, ctx)
@@ -295,13 +281,11 @@ def _converge_by_deltas(
     return operation, requests, list(desired.skips)
 
 
-def _read_deltas(
-    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource, stored: StoredLink
-) -> _Deltas | None:
+def _read_deltas(group_id: str, ctx: WorkerContext, stored: StoredLink) -> _Deltas | None:
     """The group now and its member changes, SIDs resolved; None when only a full
     read can settle it (link expired, group gone or not Unified, a removed
     member Graph no longer knows, too many ids, a count that may pass the limit)."""
-    delta = deltas.group_delta(group_id, stored.delta_link)
+    delta = ctx.cloud.group_delta(group_id, stored.delta_link)
     if delta is None or delta.group is None or delta.delta_link is None:
         return None
     if not delta.group.is_unified:
@@ -312,7 +296,7 @@ def _read_deltas(
     lookups = [*added_users, *removed_users]
     if count > ctx.options.member_limit or len(lookups) > MAX_DELTA_LOOKUPS:
         return None
-    users = deltas.resolve_users(lookups) if lookups else {}
+    users = ctx.cloud.resolve_users(lookups) if lookups else {}
     if any(member_id not in users for member_id in removed_users):
         return None  # gone from Graph: the SID to remove is unknown here
     return _Deltas(
@@ -326,13 +310,7 @@ def _read_deltas(
 
 def _attributes_only(group_id: str, ctx: WorkerContext) -> DirectoryGroup | None:
     """The AD object without its members (the member values are planned from deltas)."""
-    directory: object = ctx.directory
-    if isinstance(directory, AttributeReader):
-        return directory.find_group_attributes(group_id)
-    current = ctx.directory.find_group(group_id)
-    if current is None:
-        return None
-    return replace(current, member_sids=frozenset(), other_members=frozenset())
+    return ctx.directory.find_groups([group_id], members=False).get(group_id)
 
 
 def _user_count(group: CloudGroup) -> int:
@@ -411,16 +389,3 @@ def _log(outcome: EventOutcome) -> None:
             "latency_ms": None if outcome.latency is None else round(outcome.latency * 1000, 1),
         },
     )
-
-
-def run_once(
-    queue: EventQueue, ctx: WorkerContext, *, max_messages: int = 100, wait: float = 1.0
-) -> EventOutcome | None:
-    """Take the next session with work, handle it, release it. None when idle."""
-    messages = queue.receive_session(max_messages, wait)
-    if not messages:
-        return None
-    try:
-        return process_session(queue, messages, ctx)
-    finally:
-        queue.release_session(messages[0].session_id)

@@ -27,11 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
 from urllib.parse import urlsplit
 
-from writeback.adapters.graph import GraphNotFound, Subscription
-from writeback.errors import GraphRefused
+from writeback.errors import GraphNotFound, GraphRefused
+from writeback.ports import Subscription, SubscriptionClient
 from writeback.service.notifications import (
     MISSED,
     REAUTHORIZATION_REQUIRED,
@@ -49,29 +48,6 @@ MAX_LIFETIME = timedelta(minutes=41_760)
 DEFAULT_LIFETIME = timedelta(days=28)
 #: With a daily timer, two weeks of failed runs before a subscription lapses.
 DEFAULT_RENEW_BEFORE = timedelta(days=14)
-
-
-class SubscriptionClient(Protocol):
-    """The subscription calls of :class:`writeback.adapters.graph.GraphCloud`."""
-
-    def create_subscription(
-        self,
-        notification_url: str,
-        lifecycle_url: str | None,
-        client_state: str,
-        expiration: datetime,
-        *,
-        resource: str = ...,
-        change_type: str = ...,
-    ) -> Subscription: ...
-
-    def list_subscriptions(self) -> list[Subscription]: ...
-
-    def renew_subscription(self, subscription_id: str, expiration: datetime) -> Subscription: ...
-
-    def reauthorize_subscription(self, subscription_id: str) -> None: ...
-
-    def delete_subscription(self, subscription_id: str) -> None: ...
 
 
 class Action(StrEnum):
