@@ -65,6 +65,13 @@ BENCHES = (
         "127.0.0.32",
     ),
     Bench(
+        "Function app trigger: batch with sessions vs single dispatch (30 ms Graph latency)",
+        ("-m", "bench.functions_trigger"),
+        ("--groups", "1000"),
+        ("--groups", "60", "--users", "50"),
+        "127.0.0.33",
+    ),
+    Bench(
         "Single-machine pipeline (bench/pipeline.py)",
         ("bench/pipeline.py",),
         (),

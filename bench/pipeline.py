@@ -35,6 +35,7 @@ for this process's GIL. Tenant changes are sent to it over a pipe.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import multiprocessing
 import random
@@ -51,6 +52,7 @@ from typing import Any
 
 from ldap3 import MODIFY_ADD
 
+from writeback.adapters.agent_state import AgentStateStore
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.hybrid_connection import (
@@ -60,7 +62,7 @@ from writeback.adapters.hybrid_connection import (
 )
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
-from writeback.adapters.thread_local import ThreadLocalDirectory
+from writeback.agent_protocol import audience
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
@@ -258,9 +260,31 @@ class RemoteRelay:
         self._conn.send("cpu")
         return float(self._conn.recv())
 
+    def agent_writes(self) -> tuple[list[float], dict[str, int]]:
+        """The agent's own time per ``apply`` (ms) since the last call, and how each
+        write's target was checked (against its reading, or read again)."""
+        self._conn.send("writes")
+        times, checks = self._conn.recv()
+        return list(times), dict(checks)
+
     def close(self) -> None:
         self._conn.send(None)
         self._process.join(10)
+
+
+class _AgentWrites(logging.Handler):
+    """Collects the agent's audit lines for ``apply``: time and how it was checked."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+        self.checks: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "call", "") == "apply" and getattr(record, "status", 0) == 200:
+            self.times.append(float(getattr(record, "ms", 0.0)))
+            checked = str(getattr(record, "checked", "-"))
+            self.checks[checked] = self.checks.get(checked, 0) + 1
 
 
 def _serve_relay(
@@ -270,18 +294,37 @@ def _serve_relay(
     rules: tuple[SasRule, SasRule],
     conn: Connection,
 ) -> None:
-    local = ThreadLocalDirectory(lambda: dc.directory(target_ou))
-    service = AgentService(local, AgentPolicy(target_ou=target_ou), caller_key)
-    with RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay:
+    with (
+        RelayStandIn({RemoteRelay.PATH: list(rules)}) as relay,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        state = AgentStateStore(Path(tmp) / "agent-state.sqlite3")
+        service = AgentService(
+            lambda: dc.directory(target_ou),
+            AgentPolicy(target_ou=target_ou),
+            caller_key,
+            audience=audience(relay.namespace, RemoteRelay.PATH),
+            state=state,
+        )
         listener = HybridConnectionListener(
             relay.endpoint(RemoteRelay.PATH), rules[1].name, rules[1].key, relay_handler(service)
         )
+        writes = _AgentWrites()
+        audit = logging.getLogger("writeback.audit")
+        audit.addHandler(writes)
+        audit.setLevel(logging.INFO)
+        audit.propagate = False
         with listener:
             assert listener.connected.wait(30), "the bench agent did not connect"
             conn.send((relay.namespace, relay.ca_file))
             while (message := conn.recv()) is not None:
-                conn.send(cpu_seconds() if message == "cpu" else None)
-    local.close()
+                if message == "writes":
+                    conn.send((writes.times, writes.checks))
+                    writes.times, writes.checks = [], {}
+                else:
+                    conn.send(cpu_seconds() if message == "cpu" else None)
+        service.close()
+        state.close()
 
 
 # --------------------------------------------------------------------------- the bench
@@ -560,6 +603,7 @@ class Bench:
         count = min(self.args.relay_ops, len(groups))
         sids = [self.small_sids[name] for name in self.small_users]
         timings: dict[str, list[float]] = {}
+        relay.agent_writes()  # forget the burst's
         for path, directory in (
             ("direct", self.dc.directory(target)),
             ("relay", relay.directory(target)),
@@ -589,6 +633,14 @@ class Bench:
                     f"(+{(through - direct) * 1000:.1f})",
                 )
             )
+        agent_ms, checks = relay.agent_writes()
+        self.rows.append(
+            (
+                "relay: the agent's own time per write, p50 ms (target checked: how)",
+                f"{median(agent_ms):.1f} "
+                f"({', '.join(f'{n} {how}' for how, n in sorted(checks.items()))})",
+            )
+        )
         writes_per_second = count / sum(timings["relay write"])
         direct_per_second = count / sum(timings["direct write"])
         self.rows.append(

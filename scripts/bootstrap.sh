@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-system-deps.sh
+bash scripts/install-interop.sh
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

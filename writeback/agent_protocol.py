@@ -1,14 +1,24 @@
 """What the cloud side and the on-premises agent say to each other over the relay.
 
-Pure: JSON codecs for directory groups and planned operations, the request
-signature, and how errors travel as HTTP statuses. Both ends import this one
-module, so the wire format cannot drift between them.
+Pure: JSON codecs for directory groups and planned operations, the request and
+response signatures, and how errors travel as HTTP statuses. Both ends import
+this one module, so the wire format cannot drift between them.
 
 Every request is a ``POST /v1/<call>`` with a JSON body, signed with the caller
-key both sides share (HMAC-SHA256 over method, target, time, nonce and the body's
-hash). The relay's Send key only proves someone may talk to the relay; the
-signature proves the request comes from our cloud side and was not replayed, so
-a leaked Send key alone cannot drive the agent.
+key both sides share: HMAC-SHA256 over the hybrid connection it is meant for
+(namespace and name, so a request cannot be moved to another connection), method,
+target, time, a nonce and the body's hash. Every answer is signed too, over the
+request's nonce, the status and the body's hash, so whoever holds a Listen key
+cannot answer in the agent's name ("done", or a schema of its choosing), nor pass
+the agent's refusal of a forged copy off as the answer to the genuine request. The
+relay's Send and Listen keys only prove someone may talk to the relay; the
+signatures prove who is speaking and that a request is fresh.
+
+Freshness: a request is valid from ``CLOCK_SKEW`` seconds before its stamp (the
+sender's clock may be ahead) to ``REQUEST_WINDOW`` seconds after it, and its nonce
+is kept at least until then, so no stamp outlives its nonce. ``REQUEST_WINDOW``
+covers the relay's own 60 s response deadline and the skew; a request older than
+that has been given up by its sender anyway.
 """
 
 from __future__ import annotations
@@ -18,10 +28,11 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from writeback.domain.model import (
     Add,
@@ -47,12 +58,17 @@ API_PREFIX = "/v1/"
 #: Member SIDs per response page: about 1 MB of JSON, so a 250,000-member group
 #: is 13 round trips and no single response needs much memory on either side.
 MEMBER_PAGE = 20_000
-#: How far apart the two clocks may be, and so how long a nonce is remembered.
-MAX_CLOCK_SKEW = 300.0
+#: How far ahead of the agent's clock a request's stamp may be.
+CLOCK_SKEW = 30.0
+#: How long after its stamp a request is accepted (the relay answers a sender
+#: within 60 s or gives up; the rest is for clock skew).
+REQUEST_WINDOW = 90.0
 
 DATE_HEADER = "X-Writeback-Date"
 NONCE_HEADER = "X-Writeback-Nonce"
 SIGNATURE_HEADER = "X-Writeback-Signature"
+#: The agent's signature over its answer.
+REPLY_SIGNATURE_HEADER = "X-Writeback-Reply-Signature"
 
 
 class ProtocolError(PermanentError):
@@ -64,36 +80,157 @@ class DirectoryChanged(TransientError):
     the read a write was planned from): read and plan again."""
 
 
+class ForgedReply(RelayUnavailable):
+    """An answer that does not carry the agent's signature over our request.
+
+    Someone other than our agent answered (a listener with a leaked Listen key,
+    or a broken proxy), so the outcome is unknown: transient, the event is tried
+    again and reaches a genuine agent."""
+
+
 # -- signing ----------------------------------------------------------------------
 
 
+def audience(namespace: str, path: str) -> str:
+    """The hybrid connection a signature is bound to, in one spelling on both sides:
+    lower case, without a scheme, a default port or surrounding slashes."""
+    host = namespace.strip().lower()
+    for prefix in ("sb://", "https://", "wss://"):
+        host = host.removeprefix(prefix)
+    host = host.rstrip("/").removesuffix(":443")
+    return f"{host}/{path.strip().strip('/').lower()}"
+
+
 def sign(
-    key: str, method: str, target: str, body: bytes, *, now: float | None = None
+    key: str,
+    method: str,
+    target: str,
+    body: bytes,
+    *,
+    audience: str,
+    now: float | None = None,
+    nonce: str | None = None,
 ) -> dict[str, str]:
-    """Headers that authenticate one request to the agent."""
+    """Headers that authenticate one request to the agent of ``audience``."""
     stamp = str(int(time.time() if now is None else now))
-    nonce = secrets.token_urlsafe(16)
+    nonce = nonce or secrets.token_urlsafe(16)
     return {
         DATE_HEADER: stamp,
         NONCE_HEADER: nonce,
-        SIGNATURE_HEADER: _mac(key, method, target, body, stamp=stamp, nonce=nonce),
+        SIGNATURE_HEADER: _mac(
+            key, "request", (audience, method.upper(), target, stamp, nonce), body
+        ),
     }
 
 
-def _mac(key: str, method: str, target: str, body: bytes, *, stamp: str, nonce: str) -> str:
+def sign_reply(
+    key: str, audience: str, request: Mapping[str, str], status: int, body: bytes
+) -> dict[str, str]:
+    """The header that authenticates the agent's answer to ``request`` (its headers):
+    bound to the request's nonce and signature, so an answer made for one request
+    (a refusal of a forged copy, say) cannot pass for the answer to another."""
+    return {
+        REPLY_SIGNATURE_HEADER: _mac(key, "reply", _reply_parts(audience, request, status), body)
+    }
+
+
+def verify_reply(
+    key: str,
+    audience: str,
+    request: Mapping[str, str],
+    reply: tuple[int, Mapping[str, str], bytes],
+) -> None:
+    """Raises ForgedReply unless ``reply`` (status, headers, body) is our agent's
+    answer to ``request`` (the headers we signed it with).
+
+    An agent with another caller key signs its refusal with that key, so a key
+    mismatch shows up here too: the message says what the answer claimed.
+    """
+    status, headers, body = reply
+    given = _header(headers, REPLY_SIGNATURE_HEADER)
+    expected = _mac(key, "reply", _reply_parts(audience, request, status), body)
+    if given and hmac.compare_digest(expected.encode(), given.encode()):
+        return
+    claimed = _message(body)
+    raise ForgedReply(
+        f"an answer (HTTP {status}{': ' + claimed[:200] if claimed else ''}) "
+        f"{'without a signature' if not given else 'not signed with our caller key'}: "
+        "the caller keys differ, or something other than our agent answered"
+    )
+
+
+def _reply_parts(audience: str, request: Mapping[str, str], status: int) -> tuple[str, ...]:
+    nonce, signature = _header(request, NONCE_HEADER), _header(request, SIGNATURE_HEADER)
+    return (audience, nonce, signature, str(status))
+
+
+def _mac(key: str, kind: str, parts: tuple[str, ...], body: bytes) -> str:
+    """HMAC-SHA256 over the kind ("request" or "reply"), the parts and the body's hash,
+    one per line (no part can hold a newline: they are headers, paths and host names)."""
     digest = hashlib.sha256(body).hexdigest()
-    message = "\n".join((method.upper(), target, stamp, nonce, digest)).encode()
+    message = "\n".join((kind, *parts, digest)).encode()
     raw = hmac.new(key.encode(), message, hashlib.sha256).digest()
     return base64.b64encode(raw).decode()
 
 
-class SignatureCheck:
-    """Verifies signatures and refuses a nonce seen within the skew window (replays)."""
+def _header(headers: Mapping[str, str], name: str) -> str:
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return ""
 
-    def __init__(self, key: str, *, skew: float = MAX_CLOCK_SKEW) -> None:
-        self._key = key
-        self._skew = skew
+
+class NonceStore(Protocol):
+    """Where seen nonces are kept until their request expires."""
+
+    def claim(self, nonce: str, until: float, now: float) -> bool:
+        """Record ``nonce`` until ``until``; False when it is already recorded."""
+        ...
+
+
+class MemoryNonces:
+    """Nonces in this process only (tests, and a store's front cache)."""
+
+    def __init__(self) -> None:
         self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def claim(self, nonce: str, until: float, now: float) -> bool:
+        with self._lock:
+            if now >= self._next_sweep:
+                self._seen = {n: t for n, t in self._seen.items() if t >= now}
+                self._next_sweep = now + 10.0
+            kept = self._seen.get(nonce)
+            if kept is not None and kept >= now:
+                return False
+            self._seen[nonce] = until
+            return True
+
+
+class SignatureCheck:
+    """Verifies requests for one hybrid connection and refuses replays.
+
+    A nonce is claimed in ``nonces`` until its request's stamp + window: with a
+    store on disk shared by the agents of a host, a replay is refused after a
+    restart and by the host's other agents too.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        audience: str,
+        *,
+        nonces: NonceStore | None = None,
+        window: float = REQUEST_WINDOW,
+        skew: float = CLOCK_SKEW,
+    ) -> None:
+        self._key = key
+        self._audience = audience
+        self._nonces: NonceStore = nonces if nonces is not None else MemoryNonces()
+        self._window = window
+        self._skew = skew
 
     def verify(
         self,
@@ -103,28 +240,27 @@ class SignatureCheck:
         body: bytes,
         *,
         now: float | None = None,
-    ) -> None:
-        """Raises RelayRefused naming what is wrong (never the key or the signature)."""
+    ) -> str:
+        """The request's nonce; raises RelayRefused naming what is wrong (never the
+        key or the signature)."""
         now = time.time() if now is None else now
-        lower = {k.lower(): v for k, v in headers.items()}
-        stamp = lower.get(DATE_HEADER.lower(), "")
-        nonce = lower.get(NONCE_HEADER.lower(), "")
-        given = lower.get(SIGNATURE_HEADER.lower(), "")
+        stamp = _header(headers, DATE_HEADER)
+        nonce = _header(headers, NONCE_HEADER)
+        given = _header(headers, SIGNATURE_HEADER)
         if not (stamp.isdigit() and nonce and given):
             raise RelayRefused("request is not signed")
-        if abs(now - int(stamp)) > self._skew:
+        stamped = int(stamp)
+        if stamped > now + self._skew:
+            raise RelayRefused("request is stamped in the future (check both clocks)")
+        if now - stamped > self._window:
             raise RelayRefused("request signature has expired (check both clocks)")
-        expected = _mac(self._key, method, target, body, stamp=stamp, nonce=nonce)
+        parts = (self._audience, method.upper(), target, stamp, nonce)
+        expected = _mac(self._key, "request", parts, body)
         if not hmac.compare_digest(expected.encode(), given.encode()):
             raise RelayRefused("request signature does not match the caller key")
-        self._forget_before(now - self._skew)
-        if nonce in self._seen:
+        if not self._nonces.claim(nonce, stamped + self._window, now):
             raise RelayRefused("request was replayed")
-        self._seen[nonce] = now
-
-    def _forget_before(self, cutoff: float) -> None:
-        for nonce in [n for n, at in self._seen.items() if at < cutoff]:
-            del self._seen[nonce]
+        return nonce
 
 
 # -- errors as statuses -------------------------------------------------------------

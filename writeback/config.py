@@ -219,6 +219,10 @@ class AgentSettings:
 
     directory: Settings
     relay: RelaySettings
+    #: SQLite file for the request nonces and the delete budget (survive restarts).
+    state_path: str = ""
+    #: Domains the groups' mail and proxyAddresses may use (lower case).
+    mail_domains: frozenset[str] = frozenset()
     delete_limit: int = 500
     concurrency: int = 4
 
@@ -231,9 +235,20 @@ def load_agent_settings(env: Mapping[str, str] | None = None) -> AgentSettings:
     return AgentSettings(
         directory=load_settings(env),
         relay=_relay(env, listen=True),
+        state_path=reader.required("WRITEBACK_AGENT_STATE_PATH"),
+        mail_domains=_domains(reader.required("WRITEBACK_AGENT_MAIL_DOMAINS")),
         delete_limit=reader.integer("WRITEBACK_AGENT_DELETE_LIMIT", 500, 0, 10_000_000),
         concurrency=reader.integer("WRITEBACK_AGENT_CONCURRENCY", 4, 1, 64),
     )
+
+
+def _domains(value: str) -> frozenset[str]:
+    """A comma-separated list of mail domains, lower case."""
+    domains = frozenset(d.strip().lower() for d in value.split(",") if d.strip())
+    bad = sorted(d for d in domains if "@" in d or "." not in d or " " in d)
+    if bad:
+        raise ConfigError(f"WRITEBACK_AGENT_MAIL_DOMAINS: {', '.join(bad)} is not a domain")
+    return domains
 
 
 class _Reader:

@@ -209,6 +209,10 @@ def configure_logging(
         in_functions = _under_functions_host()
         chosen = level or os.environ.get("WRITEBACK_LOG_LEVEL", "").strip().upper() or "INFO"
         logging.getLogger("writeback").setLevel(chosen)
+        # The HTTP clients log every request with its full URL (delta and skip tokens,
+        # ids) at INFO: one line per Graph call is noise, and the URLs are not ours to log.
+        for chatty in _CHATTY:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         formatter = JsonFormatter()
         root = logging.getLogger()
         if in_functions and root.handlers:
@@ -225,6 +229,10 @@ def configure_logging(
                 root.setLevel(logging.INFO)
         _configure_azure_monitor()
         _State.configured = True
+
+
+#: Libraries whose request-by-request INFO lines are kept out of the logs.
+_CHATTY = ("httpx", "httpcore", "azure", "msal", "websockets")
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -1,27 +1,51 @@
 """A local stand-in of the Azure Relay Hybrid Connections rendezvous service.
 
-Written from the published protocol (azure-relay/relay-hybrid-connections-protocol) so
-the relay adapter and the agent can be driven end to end without Azure. One loopback
-port serves, like the namespace's port 443 (TLS by default, with its own CA):
+Written from the published protocol (azure-relay/relay-hybrid-connections-protocol),
+Microsoft's .NET tests and its Node.js client (``hyco-https``, run against this
+stand-in in tests/interop), so the relay adapter and the agent can be driven end to
+end without Azure. One loopback port serves, like the namespace's port 443 (TLS by
+default, with its own CA):
 
 * ``wss://.../$hc/{path}?sb-hc-action=listen``: listener control channels, token in
   the ``ServiceBusAuthorization`` header or ``sb-hc-token``; up to 25 per hybrid
-  connection; closed with 1008 when the token expires unless ``renewToken`` replaced it;
-* ``https://.../{path}/...``: sender HTTP requests, token in ``ServiceBusAuthorization``,
-  ``sb-hc-token`` or ``Authorization``. Each goes to a listener picked at random as a
-  ``request`` message (body as a following binary frame), or, above 64 kB, as an
-  address-only ``request``; the listener's ``response`` comes back on the control
-  channel, or on the rendezvous WebSocket it opens at the request's ``address``
-  (``sb-hc-action=request``), which then carries that sender connection's later
-  requests. Listener responses carry ``Via``; the relay's own errors do not;
+  connection; pinged every ``ping_interval`` seconds (a listener that does not pong
+  within ``ping_timeout`` is dropped); closed with 1008 when the token expires
+  unless ``renewToken`` replaced it;
+* ``https://.../{path}/...``: sender HTTP requests, token in ``sb-hc-token``,
+  ``ServiceBusAuthorization`` or, only when neither is there, ``Authorization``
+  (which is then stripped; otherwise it is passed on as the sender wrote it). The
+  request target goes to the listener as sent (trailing slash, encoding, query),
+  less ``sb-hc-*`` query parameters; repeated headers are joined with ", ". Each
+  request goes to a listener picked at random as a ``request`` message (body as a
+  following binary frame), or, above 64 kB, as an address-only ``request``; the
+  listener's ``response`` comes back on the control channel, or on the rendezvous
+  WebSocket it opens at the request's ``address`` (``sb-hc-action=request``, valid
+  30 s), which then carries that sender connection's later requests. Listener
+  responses carry ``Via``; the relay's own errors do not;
+* ``wss://.../$hc/{path}?sb-hc-action=connect``: sender WebSockets. The listener gets
+  an ``accept`` message; it accepts by connecting to its address, or declines by
+  connecting with ``sb-hc-statusCode``/``sb-hc-statusDescription`` (answered 410, as
+  the protocol says), and the sender's handshake then fails with that status;
 * tokens: HMAC-SHA256 over the token's URL-encoded ``sr``, a newline and ``se``,
-  checked against the hybrid connection's rules (Listen, Send; Manage implies both).
-  Missing, malformed, badly signed or expired: 401; right or resource missing: 403.
+  checked against the hybrid connection's rules (Listen, Send; Manage implies both);
+  the audience's host may carry the default port (``:443``, as ``createRelayToken``
+  writes it). Missing, malformed, badly signed, expired or with under
+  ``min_token_lifetime`` (60 s) left: 401; right or resource missing: 403.
 
-No listener: 404 "There are no listeners connected for the endpoint", as the service
-answers; no answer within ``response_timeout``: 504. Test hooks: :meth:`endpoint`,
-:meth:`wait_for_listeners`, :meth:`listener_count`, :meth:`drop_listeners`,
-:meth:`pause`/:meth:`resume` and the counters in :meth:`stats`.
+The relay's own errors carry their text in the HTTP reason phrase (where Microsoft's
+.NET tests read it) and a JSON body ``{"error": {"code", "message"}}`` (the shape of
+Microsoft's RelayEmulator) whose message is the endpoint-level text: for "no
+listener" (404, reason "There are no listeners connected for the endpoint.") the
+body only says the endpoint was not found, so a sender that reads the body alone
+misses it, as it could with the real service. When a listener drops, the requests
+it had in flight run to ``response_timeout`` (504), as the service lets them.
+
+Where it differs from the service: one process and port instead of a namespace's
+gateways (rendezvous addresses point at the same port); no anonymous senders, no
+listener-selection criteria, no quotas beyond 25 listeners; tracking ids are made
+up. Test hooks: :meth:`endpoint`, :meth:`wait_for_listeners`,
+:meth:`listener_count`, :meth:`drop_listeners`, :meth:`pause`/:meth:`resume` and the
+counters in :meth:`stats`.
 """
 
 from __future__ import annotations
@@ -49,6 +73,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.sync.connection import Connection
 
@@ -67,7 +92,18 @@ _ws_log.setLevel(logging.INFO)
 MAX_LISTENERS = 25
 RENDEZVOUS_VALIDITY = 30.0
 NO_LISTENER = "There are no listeners connected for the endpoint."
-_AUTH_HEADERS = frozenset({"servicebusauthorization", "authorization"})
+#: What the body of a relay error says, per status (the endpoint-level text).
+_BODY_TEXT = {
+    400: "Bad request.",
+    401: "Unauthorized.",
+    403: "Forbidden.",
+    404: "The endpoint was not found.",
+    410: "Gone.",
+    413: "The request is too large.",
+    502: "Bad gateway.",
+    503: "The service is unavailable.",
+    504: "Gateway timeout.",
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +135,20 @@ class _Pending:
     answer: tuple[int, str, dict[str, str], bytes] | None = None
     failure: tuple[int, str] | None = None
     rendezvous: Connection | None = None
+    sender_socket: socket.socket | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Accept:
+    """One sender WebSocket waiting for its listener to accept or decline it."""
+
+    id: str
+    decided: threading.Event = field(default_factory=threading.Event)
+    declined: tuple[int, str] | None = None
+    listener_side: Connection | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -125,6 +173,10 @@ class _HybridConnection:
     renewals: int = 0
     refusals: list[int] = field(default_factory=list)
     rendezvous: int = 0
+    pings: int = 0
+    pongs: int = 0
+    accepts: int = 0
+    declines: list[int] = field(default_factory=list)
 
 
 class RelayStandIn:
@@ -136,15 +188,28 @@ class RelayStandIn:
         *,
         tls: bool = True,
         response_timeout: float = 60.0,
+        ping_interval: float = 30.0,
+        ping_timeout: float = 10.0,
+        min_token_lifetime: float = 60.0,
+        rendezvous_validity: float = RENDEZVOUS_VALIDITY,
     ) -> None:
+        """``response_timeout``: how long a request waits for its listener (the
+        service: 60 s); ``ping_interval``/``ping_timeout``: the pings to listeners;
+        ``min_token_lifetime``: tokens with less left are refused;
+        ``rendezvous_validity``: how long a rendezvous address works (30 s)."""
         self._hcs = {
             name.lower(): _HybridConnection(name, {rule.name: rule for rule in rules})
             for name, rules in hybrid_connections.items()
         }
         self._tls = tls
         self.response_timeout = response_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.min_token_lifetime = min_token_lifetime
+        self.rendezvous_validity = rendezvous_validity
         self._lock = threading.Condition()
         self._addresses: dict[str, tuple[_Pending, float]] = {}
+        self._accepts: dict[str, tuple[_Accept, _HybridConnection, float]] = {}
         self._paused = threading.Event()
         self._closing = threading.Event()
         self._sockets: set[socket.socket] = set()
@@ -241,7 +306,9 @@ class RelayStandIn:
 
     def stats(self, path: str) -> dict[str, Any]:
         """Counters: requests forwarded (in all and per listener id), control-channel
-        connects, token renewals, refused connects (their statuses), rendezvous."""
+        connects, token renewals, refused connects (their statuses), rendezvous,
+        pings sent to listeners and pongs back, WebSockets accepted and declined
+        (the listeners' statuses)."""
         with self._lock:
             hc = self._hc(path)
             return {
@@ -251,6 +318,10 @@ class RelayStandIn:
                 "renewals": hc.renewals,
                 "refusals": list(hc.refusals),
                 "rendezvous": hc.rendezvous,
+                "pings": hc.pings,
+                "pongs": hc.pongs,
+                "accepts": hc.accepts,
+                "declines": list(hc.declines),
             }
 
     # -- internals used by the handler ------------------------------------------
@@ -261,19 +332,19 @@ class RelayStandIn:
     def find(self, path: str) -> _HybridConnection | None:
         return self._hcs.get(path.strip("/").lower())
 
-    def route(self, path: str) -> tuple[_HybridConnection, str] | None:
-        """The hybrid connection a sender path names, and the rest of the path."""
+    def route(self, path: str) -> _HybridConnection | None:
+        """The hybrid connection a sender path names (its first segments, decoded)."""
         segments = path.lstrip("/").split("/")
         for cut in range(len(segments), 0, -1):
             hc = self.find(unquote("/".join(segments[:cut])))
             if hc is not None:
-                return hc, "/" + "/".join(segments[cut:])
+                return hc
         return None
 
     def authorize(self, hc: _HybridConnection, token: str | None, right: str) -> float:
         """The token's expiry if it grants ``right`` on ``hc``; else raises _Denied."""
         try:
-            return _check_token(hc, self.namespace, token, right)
+            return _check_token(hc, self.namespace, token, right, self.min_token_lifetime)
         except _Denied as denied:
             with self._lock:
                 hc.refusals.append(denied.status)
@@ -292,14 +363,12 @@ class RelayStandIn:
             return None
 
     def remove_listener(self, hc: _HybridConnection, control: _Control) -> None:
+        """Unregisters a control channel. Its requests in flight are not failed: as
+        with the service, they wait for their answer until ``response_timeout``."""
         with self._lock:
             if control in hc.listeners:
                 hc.listeners.remove(control)
-            orphans = [p for p in control.pending.values() if p.rendezvous is None]
             self._lock.notify_all()
-        for pending in orphans:
-            pending.failure = (502, "The listener disconnected before answering.")
-            pending.ready.set()
 
     def pick_listener(self, hc: _HybridConnection) -> _Control | None:
         with self._lock:
@@ -317,7 +386,7 @@ class RelayStandIn:
     def issue_address(self, hc: _HybridConnection, pending: _Pending) -> str:
         secret = secrets.token_urlsafe(24)
         with self._lock:
-            self._addresses[secret] = (pending, time.monotonic() + RENDEZVOUS_VALIDITY)
+            self._addresses[secret] = (pending, time.monotonic() + self.rendezvous_validity)
         scheme = "wss" if self._tls else "ws"
         query = urlencode(
             {"sb-hc-action": "request", "sb-hc-id": pending.id, "sb-hc-rendezvous": secret}
@@ -338,6 +407,37 @@ class RelayStandIn:
             if pending.listener in hc.listeners:
                 hc.rendezvous += 1
 
+    def issue_accept(self, hc: _HybridConnection, accept: _Accept) -> str:
+        secret = secrets.token_urlsafe(24)
+        with self._lock:
+            self._accepts[secret] = (accept, hc, time.monotonic() + self.rendezvous_validity)
+        scheme = "wss" if self._tls else "ws"
+        query = urlencode(
+            {"sb-hc-action": "accept", "sb-hc-id": accept.id, "sb-hc-rendezvous": secret}
+        )
+        return f"{scheme}://{self.namespace}/$hc/{quote(hc.name)}?{query}"
+
+    def claim_accept(self, secret: str) -> tuple[_Accept, _HybridConnection] | None:
+        with self._lock:
+            accept, hc, deadline = self._accepts.pop(secret, (None, None, 0.0))
+        if accept is None or hc is None or time.monotonic() >= deadline:
+            return None
+        return accept, hc
+
+    def count_accept(self, hc: _HybridConnection, declined: int | None) -> None:
+        with self._lock:
+            if declined is None:
+                hc.accepts += 1
+            else:
+                hc.declines.append(declined)
+
+    def count_ping(self, hc: _HybridConnection, *, pong: bool) -> None:
+        with self._lock:
+            if pong:
+                hc.pongs += 1
+            else:
+                hc.pings += 1
+
     def forget_address(self, pending: _Pending) -> None:
         with self._lock:
             for secret, (candidate, _) in list(self._addresses.items()):
@@ -355,7 +455,13 @@ class RelayStandIn:
 # ------------------------------------------------------------------ tokens
 
 
-def _check_token(hc: _HybridConnection, namespace: str, token: str | None, right: str) -> float:
+def _check_token(
+    hc: _HybridConnection,
+    namespace: str,
+    token: str | None,
+    right: str,
+    min_lifetime: float = 60.0,
+) -> float:
     if not token:
         raise _Denied(401, "MissingToken: the request has no SAS token.")
     fields = _token_fields(token)
@@ -372,6 +478,8 @@ def _check_token(hc: _HybridConnection, namespace: str, token: str | None, right
         raise _Denied(401, "InvalidSignature: the SAS token signature does not match.")
     if expiry <= time.time():
         raise _Denied(401, "ExpiredToken: the SAS token has expired.")
+    if expiry - time.time() < min_lifetime:
+        raise _Denied(401, "ExpiredToken: the SAS token expires in less than a minute.")
     if not _covers(unquote(fields["sr"]), namespace, hc.name):
         raise _Denied(403, "InvalidAudience: the SAS token is not valid for this path.")
     if not rule.grants(right):
@@ -387,9 +495,11 @@ def _token_fields(token: str) -> dict[str, str]:
 
 
 def _covers(resource: str, namespace: str, name: str) -> bool:
-    """Whether a token's resource URI is this hybrid connection or a parent of it."""
-    bare = resource.lower().split("://", 1)[-1].rstrip("/")
-    target = f"{namespace}/{name}".lower()
+    """Whether a token's resource URI is this hybrid connection or a parent of it
+    (the default port may be written in the host: ``http://ns:443/hc``)."""
+    host, _, path = resource.lower().split("://", 1)[-1].partition("/")
+    bare = f"{host.removesuffix(':443')}/{path}".rstrip("/")
+    target = f"{namespace.lower().removesuffix(':443')}/{name.lower()}"
     return target == bare or target.startswith(bare + "/")
 
 
@@ -453,21 +563,27 @@ class _Handler(BaseHTTPRequestHandler):
         if self.standin.paused or self.standin._closing.is_set():
             self.close_connection = True
             return
-        split = urlsplit(self.path)
-        if not split.path.startswith("/$hc/"):
-            self._sender_request(split.path, split.query)
+        path, _, query = _origin_form(self.path).partition("?")
+        if not path.startswith("/$hc/"):
+            self._sender_request(path, query)
         elif self.headers.get("Upgrade", "").lower() == "websocket":
-            self._websocket(unquote(split.path[len("/$hc/") :]), dict(parse_qsl(split.query)))
+            self._websocket(unquote(path[len("/$hc/") :]), dict(parse_qsl(query)))
         else:
             self._relay_error(400, "A WebSocket upgrade is required on this address.")
 
     # -- relay answers -------------------------------------------------------------
 
     def _relay_error(self, status: int, detail: str, path: str = "") -> None:
-        """An error the relay itself generates: XML body, no Via header."""
-        tracking = f"TrackingId:{uuid.uuid4()}, SystemTracker:{self.standin.namespace}/{path}"
-        body = f"<Error><Code>{status}</Code><Detail>{detail} {tracking}</Detail></Error>"
-        self._reply(status, "", {"Content-Type": "application/xml; charset=utf-8"}, body.encode())
+        """An error the relay itself generates, no Via header: the text in the reason
+        phrase, a JSON body whose message is the status's endpoint-level text."""
+        reason = " ".join(detail.split()).encode("latin-1", "replace").decode("latin-1")
+        tracking = (
+            f"TrackingId:{uuid.uuid4()}, SystemTracker:{self.standin.namespace}/{path}, "
+            f"Timestamp:{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}"
+        )
+        message = _BODY_TEXT.get(status, detail)
+        body = json.dumps({"error": {"code": status, "message": f"{message} {tracking}"}})
+        self._reply(status, reason, {"Content-Type": "application/json"}, body.encode())
 
     def _reply(
         self,
@@ -498,13 +614,88 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "request":
             self._rendezvous(params.get("sb-hc-rendezvous", ""))
             return
-        hc = self.standin.find(path)
+        if action == "accept":
+            self._accepted(params)
+            return
+        hc = self.standin.route(path)
         if hc is None:
             self._relay_error(404, "The Hybrid Connection path is invalid.", path)
         elif action == "listen":
             self._listen(hc, params)
+        elif action == "connect":
+            self._connect(hc, params)
         else:
             self._relay_error(400, f"Action '{action}' is not supported by this stand-in.", path)
+
+    def _connect(self, hc: _HybridConnection, params: dict[str, str]) -> None:
+        """A sender's WebSocket: offered to a listener, which accepts or declines it."""
+        token = params.get("sb-hc-token") or self.headers.get("ServiceBusAuthorization")
+        try:
+            self.standin.authorize(hc, token, "Send")
+        except _Denied as denied:
+            self._relay_error(denied.status, denied.detail, hc.name)
+            return
+        control = self.standin.pick_listener(hc)
+        if control is None:
+            self._relay_error(404, NO_LISTENER, hc.name)
+            return
+        accept = _Accept(params.get("sb-hc-id") or str(uuid.uuid4()))
+        headers = {
+            name: value
+            for name, value in self.headers.items()
+            if name.lower() not in ("servicebusauthorization", "authorization")
+        }
+        message = {
+            "accept": {
+                "address": self.standin.issue_accept(hc, accept),
+                "id": accept.id,
+                "connectHeaders": headers,
+                "remoteEndpoint": {"address": self.client_address[0], "port": 0},
+            }
+        }
+        try:
+            with control.send_lock:
+                control.conn.send(json.dumps(message))
+        except ConnectionClosed:
+            self._relay_error(502, "The listener disconnected.", hc.name)
+            return
+        if not accept.decided.wait(self.standin.rendezvous_validity):
+            self._relay_error(504, "The listener did not accept the connection in time.", hc.name)
+            return
+        if accept.declined is not None:
+            self._relay_error(*accept.declined, hc.name)
+            return
+        conn = self._upgrade()
+        listener_side = accept.listener_side
+        if conn is None or listener_side is None:
+            accept.done.set()
+            return
+        _pump(conn, listener_side)
+        accept.done.set()
+
+    def _accepted(self, params: dict[str, str]) -> None:
+        """The listener's answer to ``accept``: its rendezvous, or its refusal."""
+        claimed = self.standin.claim_accept(params.get("sb-hc-rendezvous", ""))
+        if claimed is None:
+            self._relay_error(403, "The accept URL is not valid or has expired.")
+            return
+        accept, hc = claimed
+        status = params.get("sb-hc-statusCode")
+        if status is not None:
+            code = int(status) if status.isdigit() and 400 <= int(status) < 600 else 500
+            description = params.get("sb-hc-statusDescription") or "Rejected"
+            accept.declined = (code, description)
+            self.standin.count_accept(hc, code)
+            accept.decided.set()
+            self._relay_error(410, "The connection was rejected by the listener.", hc.name)
+            return
+        conn = self._upgrade()
+        if conn is None:
+            return
+        accept.listener_side = conn
+        self.standin.count_accept(hc, None)
+        accept.decided.set()
+        accept.done.wait()
 
     def _listen(self, hc: _HybridConnection, params: dict[str, str]) -> None:
         token = self.headers.get("ServiceBusAuthorization") or params.get("sb-hc-token")
@@ -537,7 +728,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         pending.rendezvous = conn
         pending.ready.set()
-        pending.released.wait()
+        while not pending.released.wait(0.1):
+            if conn.protocol.state is State.CLOSED:
+                # The listener dropped it: the service drops the sender's connection too.
+                sender = pending.sender_socket
+                if sender is not None:
+                    _abort(sender)
+                return
         conn.close(1001, "The sender client shut down the connection.")
 
     def _upgrade(self) -> Connection | None:
@@ -559,39 +756,50 @@ class _Handler(BaseHTTPRequestHandler):
     # -- HTTP side (senders) -------------------------------------------------------
 
     def _sender_request(self, path: str, query: str) -> None:
-        routed = self.standin.route(path)
-        if routed is None:
+        hc = self.standin.route(path)
+        if hc is None:
             self._relay_error(404, "The Hybrid Connection path is invalid.", path)
             return
-        hc, rest = routed
-        params = parse_qsl(query, keep_blank_values=True)
+        params = [part for part in query.split("&") if part] if query else []
+        query_token = next(
+            (unquote(p.partition("=")[2]) for p in params if _param_name(p) == "sb-hc-token"),
+            None,
+        )
+        bus_token = self.headers.get("ServiceBusAuthorization")
+        # The service evaluates Authorization only when neither of the others is there.
+        token = query_token or bus_token or self.headers.get("Authorization")
         try:
             body = self._read_body()
-            self.standin.authorize(hc, self._sender_token(params), "Send")
+            self.standin.authorize(hc, token, "Send")
         except _Denied as denied:
             self._relay_error(denied.status, denied.detail, hc.name)
             return
-        kept = urlencode([(k, v) for k, v in params if not k.lower().startswith("sb-hc-")])
-        target = f"/{hc.name}{rest if rest != '/' else ''}" + (f"?{kept}" if kept else "")
+        kept = "&".join(p for p in params if not _param_name(p).startswith("sb-hc-"))
+        raw_path = self.path.partition("?")[0]  # as sent: absolute form, encoding, slashes
         request = {
-            "requestTarget": target,
+            "requestTarget": raw_path + (f"?{kept}" if kept else ""),
             "method": self.command,
-            "requestHeaders": self._forwarded_headers(),
+            "requestHeaders": self._forwarded_headers(
+                strip_authorization=query_token is None and bus_token is None
+            ),
         }
         self._forward(hc, request, body)
 
-    def _sender_token(self, params: list[tuple[str, str]]) -> str | None:
-        for name, value in params:
-            if name == "sb-hc-token":
-                return value
-        return self.headers.get("ServiceBusAuthorization") or self.headers.get("Authorization")
-
-    def _forwarded_headers(self) -> dict[str, str]:
-        return {
-            name: value
-            for name, value in self.headers.items()
-            if name.lower() not in HOP_HEADERS and name.lower() not in _AUTH_HEADERS
-        }
+    def _forwarded_headers(self, *, strip_authorization: bool) -> dict[str, str]:
+        """The sender's headers less hop-by-hop ones and the relay token, repeated
+        ones joined with ", " (as the service does)."""
+        stripped = {"servicebusauthorization"} | (
+            {"authorization"} if strip_authorization else set()
+        )
+        joined: dict[str, str] = {}
+        names: dict[str, str] = {}
+        for name in self.headers:
+            low = name.lower()
+            if low in HOP_HEADERS or low in stripped or low in names:
+                continue
+            names[low] = name
+            joined[name] = ", ".join(self.headers.get_all(name) or [])
+        return joined
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -662,6 +870,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(status, reason, headers, body, via=True)
         elif pending.rendezvous is not None:
             self.rendezvous = pending
+            pending.sender_socket = self.request
             if pending.deliver is not None:
                 self._exchange(hc, pending.rendezvous, *pending.deliver)
             else:
@@ -707,13 +916,29 @@ class _ControlLoop:
 
     def run(self) -> None:
         conn = self.control.conn
+        next_ping = time.monotonic() + self.standin.ping_interval
+        waiting: tuple[threading.Event, float] | None = None
         while not self.standin._closing.is_set():
             left = self.control.expires_at - time.time()
             if left <= 0:
                 conn.close(1008, "The security token has expired.")
                 return
+            now = time.monotonic()
+            if waiting is not None and waiting[0].is_set():
+                self.standin.count_ping(self.hc, pong=True)
+                waiting = None
+            elif waiting is not None and now >= waiting[1]:
+                conn.close(1011, "The listener did not answer a ping.")
+                return
+            if waiting is None and now >= next_ping:
+                try:
+                    waiting = (conn.ping(), now + self.standin.ping_timeout)
+                except ConnectionClosed:
+                    return
+                self.standin.count_ping(self.hc, pong=False)
+                next_ping = now + self.standin.ping_interval
             try:
-                message = conn.recv(timeout=min(0.5, left))
+                message = conn.recv(timeout=min(0.5, left, self.standin.ping_interval))
             except TimeoutError:
                 continue
             except ConnectionClosed:
@@ -763,6 +988,37 @@ def _answer(meta: Mapping[str, Any], body: bytes) -> tuple[int, str, dict[str, s
 
 def _binary(data: str | bytes) -> bytes:
     return data if isinstance(data, bytes) else data.encode()
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of a request target, also when it came in absolute form."""
+    if "://" in target.partition("?")[0]:
+        parts = urlsplit(target)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return target
+
+
+def _param_name(part: str) -> str:
+    return unquote(part.partition("=")[0]).lower()
+
+
+def _pump(sender: Connection, listener: Connection) -> None:
+    """Relays messages both ways between two WebSockets until one side closes."""
+
+    def copy(source: Connection, sink: Connection) -> None:
+        try:
+            while True:
+                sink.send(source.recv())
+        except ConnectionClosed:
+            pass
+        finally:
+            sink.close()
+            source.close()
+
+    other = threading.Thread(target=copy, args=(listener, sender), daemon=True)
+    other.start()
+    copy(sender, listener)
+    other.join(5)
 
 
 def _abort(sock: socket.socket) -> None:

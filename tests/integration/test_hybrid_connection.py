@@ -7,6 +7,7 @@ sandbox/writeback_sandbox/relay_standin.py. No Samba needed.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import random
 import threading
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -26,6 +29,7 @@ from writeback.adapters.hybrid_connection import (
     RelayEndpoint,
     RelayRequest,
     RelayResponse,
+    handler_target,
     sas_token,
 )
 from writeback.errors import ConfigError, RelayRefused, RelayUnavailable
@@ -75,6 +79,7 @@ def listening(
     wait: bool = True,
     max_concurrency: int = 4,
     token_ttl: float = 3600,
+    **options: Any,
 ) -> Iterator[HybridConnectionListener]:
     listener = HybridConnectionListener(
         relay.endpoint(PATH),
@@ -84,10 +89,14 @@ def listening(
         backoff_max=1.0,
         max_concurrency=max_concurrency,
         token_ttl=token_ttl,
+        **options,
     )
+    before = relay.listener_count(PATH)
     with listener:
         if wait:
             assert listener.connected.wait(10), "listener did not connect"
+            # The relay registers a listener just after its handshake: wait for that too.
+            assert relay.wait_for_listeners(PATH, before + 1), "the relay did not register it"
         yield listener
 
 
@@ -262,15 +271,32 @@ def test_expired_tokens_are_refused(relay: RelayStandIn) -> None:
     assert "via" not in answer.headers
 
 
-def test_listener_renews_its_token_and_keeps_its_channel(
-    relay: RelayStandIn, sender: HybridConnectionSender
-) -> None:
-    with listening(relay, token_ttl=3):
+def test_listener_renews_its_token_and_keeps_its_channel() -> None:
+    # Tokens of 3 s, so the renewals happen within the test: this stand-in takes
+    # tokens with under a minute left (the service does not: see the next test).
+    with (
+        RelayStandIn({PATH: RULES}, response_timeout=10, min_token_lifetime=0) as relay,
+        HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY) as sender,
+        listening(relay, token_ttl=3),
+    ):
         time.sleep(4.5)  # past the first token's expiry, when the relay closes unrenewed channels
         assert sender.request("GET", "/still-there").status == 200
-    stats = relay.stats(PATH)
+        stats = relay.stats(PATH)
     assert stats["renewals"] >= 2
     assert stats["connects"] == 1
+
+
+def test_tokens_with_under_a_minute_left_are_refused(relay: RelayStandIn) -> None:
+    with listening(relay, token_ttl=50, wait=False) as short:
+        assert not short.connected.wait(1.5)
+    assert relay.stats(PATH)["refusals"][:1] == [401]
+    endpoint = relay.endpoint(PATH)
+    with (
+        HybridConnectionSender(endpoint, "send", SEND_KEY, token_ttl=50) as sender,
+        listening(relay),
+        pytest.raises(RelayRefused, match="less than a minute"),
+    ):
+        sender.request("GET", "/x")
 
 
 # -- faults --------------------------------------------------------------------------
@@ -296,9 +322,9 @@ def test_relay_drop_listener_reconnects_and_the_next_request_succeeds(
     assert LISTEN_KEY not in caplog.text and "SharedAccessSignature" not in caplog.text
 
 
-def test_request_in_flight_when_the_relay_drops_fails_fast(
-    relay: RelayStandIn, sender: HybridConnectionSender
-) -> None:
+def test_request_in_flight_when_the_relay_drops_runs_to_the_relays_timeout() -> None:
+    """The service does not fail a request at once when its listener drops: it waits
+    for the answer until its response deadline (here 2 s), then answers 504."""
     entered, release = threading.Event(), threading.Event()
 
     def stuck(request: RelayRequest) -> RelayResponse:
@@ -306,12 +332,19 @@ def test_request_in_flight_when_the_relay_drops_fails_fast(
         release.wait(10)
         return echo(request)
 
-    with listening(relay, stuck), ThreadPoolExecutor(1) as pool:
+    with (
+        RelayStandIn({PATH: RULES}, response_timeout=2) as relay,
+        HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY, timeout=10) as sender,
+        listening(relay, stuck),
+        ThreadPoolExecutor(1) as pool,
+    ):
         in_flight = pool.submit(sender.request, "GET", "/slow")
         assert entered.wait(5)
+        dropped = time.monotonic()
         relay.drop_listeners(PATH)
-        with pytest.raises(RelayUnavailable):
-            in_flight.result(timeout=5)
+        with pytest.raises(RelayUnavailable, match="HTTP 504"):
+            in_flight.result(timeout=8)
+        assert time.monotonic() - dropped > 1.0  # not failed at once
         release.set()
         assert relay.wait_for_listeners(PATH, 1, timeout=10)
         assert sender.request("GET", "/after").status == 200
@@ -389,3 +422,252 @@ def test_plain_round_trip_on_loopback() -> None:
             HybridConnectionSender(plain.endpoint(PATH), "send", SEND_KEY) as sender,
         ):
             assert sender.request("POST", "/x", b"plain").body == b"plain"
+
+
+# -- the relay's own errors, in the shapes the service uses ---------------------------
+
+
+def _relay_answer(status: int, reason: str, body: bytes, content_type: str) -> httpx.Response:
+    return httpx.Response(
+        status,
+        headers={"content-type": content_type},
+        content=body,
+        extensions={"reason_phrase": reason.encode()},
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "body"),
+    [
+        # Microsoft's .NET tests read the text in the reason phrase.
+        (404, "None of the connected listeners meet the AllowedListeners criteria", b""),
+        (404, "There are no listeners connected for the endpoint.", b'{"error": {}}'),
+        # The RelayEmulator's JSON body, and the real-world message in it.
+        (
+            404,
+            "Not Found",
+            b'{"error": {"code": "NoListenerConnected", "message": "The endpoint was not '
+            b'found. There are no listeners connected for the endpoint."}}',
+        ),
+        (502, "Bad Gateway", b""),  # the protocol document's "no active listener"
+        (503, "Service Unavailable", b"<Error><Detail>Could not route</Detail></Error>"),
+        (429, "Too Many Requests", b""),
+    ],
+)
+def test_no_listener_and_relay_faults_are_transient_whatever_their_shape(
+    relay: RelayStandIn, status: int, reason: str, body: bytes
+) -> None:
+    with HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY) as sender:
+        answer = _relay_answer(status, reason, body, "application/json")
+        with pytest.raises(RelayUnavailable):
+            sender._classify(answer)
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "body", "text"),
+    [
+        (
+            404,
+            "Not Found",
+            b'{"error": {"code": 404, "message": "The Hybrid Connection path is invalid."}}',
+            "path is invalid",
+        ),
+        (401, "MissingToken: the request has no SAS token.", b"", "MissingToken"),
+        (400, "Bad Request", b"<Error><Detail>Malformed request</Detail></Error>", "Malformed"),
+    ],
+)
+def test_other_relay_errors_stay_permanent_and_say_what_the_relay_said(
+    relay: RelayStandIn, status: int, reason: str, body: bytes, text: str
+) -> None:
+    with (
+        HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY) as sender,
+        pytest.raises(RelayRefused, match=text),
+    ):
+        sender._classify(_relay_answer(status, reason, body, "application/json"))
+
+
+def test_the_standin_answers_no_listener_the_way_the_service_does(relay: RelayStandIn) -> None:
+    endpoint = relay.endpoint(PATH)
+    token = sas_token(endpoint.resource_uri, "send", SEND_KEY)
+    answer = httpx.get(
+        endpoint.http_url("/x"),
+        headers={"ServiceBusAuthorization": token},
+        verify=endpoint.ssl_context() or True,
+    )
+    assert answer.status_code == 404
+    assert answer.reason_phrase == "There are no listeners connected for the endpoint."
+    error = answer.json()["error"]
+    assert error["code"] == 404 and "TrackingId" in error["message"]
+    assert "listener" not in error["message"]  # a sender reading the body alone misses it
+    assert "via" not in answer.headers
+
+
+# -- what the listener is handed: the request as the sender sent it ---------------------
+
+
+def _raw_request(
+    relay: RelayStandIn, method: str, target: str, headers: list[tuple[str, str]]
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly this target and these headers (repeats included)."""
+    context = relay.endpoint(PATH).ssl_context()
+    assert context is not None
+    host, port = relay.namespace.split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
+    try:
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        answer = conn.getresponse()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+    finally:
+        conn.close()
+
+
+def test_target_query_and_headers_reach_the_listener_as_sent(relay: RelayStandIn) -> None:
+    seen: list[RelayRequest] = []
+
+    def record(request: RelayRequest) -> RelayResponse:
+        seen.append(request)
+        return RelayResponse(204)
+
+    endpoint = relay.endpoint(PATH)
+    token = sas_token(endpoint.resource_uri, "send", SEND_KEY)
+    with listening(relay, record):
+        status, _, _ = _raw_request(
+            relay,
+            "GET",
+            f"/{PATH}/a%20b/c/?x=1&sb-hc-token={quote(token, safe='')}&y=%2F&sb-hc-id=7",
+            [("X-Tag", "one"), ("X-Tag", "two"), ("Authorization", "Bearer for-the-agent")],
+        )
+        assert status == 204
+        status, _, _ = _raw_request(
+            relay, "GET", f"/{PATH}/", [("ServiceBusAuthorization", token), ("X-Tag", "solo")]
+        )
+        assert status == 204
+        status, _, _ = _raw_request(relay, "GET", f"/{PATH}/z", [("Authorization", token)])
+        assert status == 204
+    first, second, third = seen
+    assert first.target == "/a%20b/c/?x=1&y=%2F"  # encoding and trailing slash kept
+    assert first.headers["x-tag"] == "one, two"  # repeated headers joined
+    assert first.headers["authorization"] == "Bearer for-the-agent"  # not the relay token
+    assert second.target == "/" and "servicebusauthorization" not in second.headers
+    assert third.target == "/z" and "authorization" not in third.headers  # it was the token
+
+
+def test_absolute_form_targets_and_an_encoded_name_reach_the_handler(
+    relay: RelayStandIn,
+) -> None:
+    seen: list[str] = []
+
+    def record(request: RelayRequest) -> RelayResponse:
+        seen.append(request.target)
+        return RelayResponse(200, {}, b"ok")
+
+    endpoint = relay.endpoint(PATH)
+    token = sas_token(endpoint.resource_uri, "send", SEND_KEY)
+    auth = [("ServiceBusAuthorization", token)]
+    with listening(relay, record):
+        absolute = f"https://{relay.namespace}/{PATH}/v1/apply?q=1"
+        assert _raw_request(relay, "POST", absolute, auth)[0] == 200
+        assert _raw_request(relay, "POST", "/%61%67%65%6Et/v1/apply", auth)[0] == 200
+        assert _raw_request(relay, "POST", "/AGENT/v1/apply", auth)[0] == 200
+    assert seen == ["/v1/apply?q=1", "/v1/apply", "/v1/apply"]
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/agent/v1/apply", "/v1/apply"),
+        ("/agent", "/"),
+        ("/agent/", "/"),
+        ("/Agent?x=1", "/?x=1"),
+        ("https://ns.servicebus.windows.net:443/agent/v1/x?y=%2F", "/v1/x?y=%2F"),
+        ("/ag%65nt/v1/apply", "/v1/apply"),
+        ("/agents/v1", "/agents/v1"),  # another name: left as it is
+        ("/v1/apply", "/v1/apply"),
+    ],
+)
+def test_handler_target_cuts_only_the_connection_name(target: str, expected: str) -> None:
+    assert handler_target(target, "agent") == expected
+    assert handler_target("/a%2Fb/rest", "a/b") == "/rest"
+
+
+# -- pings, accept mode -------------------------------------------------------------
+
+
+def test_the_relay_pings_listeners_and_ours_answer() -> None:
+    with (
+        RelayStandIn({PATH: RULES}, ping_interval=0.2, ping_timeout=1) as relay,
+        HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY) as sender,
+        listening(relay),
+    ):
+        time.sleep(1.5)
+        assert sender.request("GET", "/still-here").status == 200
+        stats = relay.stats(PATH)
+    assert stats["pings"] >= 3 and stats["pongs"] >= 3
+    assert stats["connects"] == 1  # never dropped for a missed pong
+
+
+def test_the_listener_declines_a_relayed_websocket(relay: RelayStandIn) -> None:
+    """Only HTTP requests are served: a sender's WebSocket is declined with 501, which
+    the relay hands back as the sender's handshake status."""
+    endpoint = relay.endpoint(PATH)
+    token = sas_token(endpoint.resource_uri, "send", SEND_KEY)
+    url = endpoint.websocket_url("connect", "sender-1")
+    with listening(relay):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(
+                url,
+                ssl=endpoint.ssl_context(),
+                additional_headers={"ServiceBusAuthorization": token},
+            )
+        assert refused.value.response.status_code == 501
+    assert relay.stats(PATH)["declines"] == [501]
+    assert relay.stats(PATH)["accepts"] == 0
+
+
+# -- rendezvous: slow handlers, kept sockets ------------------------------------------
+
+
+def test_a_slow_handler_gets_its_rendezvous_while_the_address_is_valid() -> None:
+    """Addresses live 2 s here (30 s at the service): a handler taking 3 s still answers,
+    because its rendezvous is opened early (after 1 s here, 10 s by default)."""
+
+    def slow(request: RelayRequest) -> RelayResponse:
+        time.sleep(3)
+        return echo(request)
+
+    with (
+        RelayStandIn({PATH: RULES}, response_timeout=10, rendezvous_validity=2) as relay,
+        HybridConnectionSender(relay.endpoint(PATH), "send", SEND_KEY) as sender,
+        listening(relay, slow, rendezvous_early=1.0),
+    ):
+        large = sender.request("GET", "/report?size=200000")
+        small = sender.request("POST", "/small", b"tiny")  # on the same rendezvous
+    assert large.status == 200 and large.body == _pattern(200_000)
+    assert small.status == 200 and small.body == b"tiny"
+    assert relay.stats(PATH)["rendezvous"] == 1
+
+
+def test_kept_rendezvous_are_bounded_and_idle_ones_closed(relay: RelayStandIn) -> None:
+    endpoint = relay.endpoint(PATH)
+    senders = [HybridConnectionSender(endpoint, "send", SEND_KEY) for _ in range(4)]
+    try:
+        with listening(relay, max_rendezvous=2, rendezvous_idle=1.0) as listener:
+            for sender in senders:  # one large answer each: one rendezvous each
+                assert sender.request("GET", "/big?size=100000").body == _pattern(100_000)
+            assert listener.kept_rendezvous == 2
+            assert listener.rendezvous_refused == 2
+            time.sleep(0.5)  # the relay drops the senders whose rendezvous was closed
+            for sender in senders:  # and those reconnect by themselves
+                assert sender.request("POST", "/again", b"x").body == b"x"
+            deadline = time.monotonic() + 10
+            while listener.kept_rendezvous and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert listener.kept_rendezvous == 0  # idle for over a second: closed
+            time.sleep(0.5)  # and the relay dropped those senders' connections
+            assert senders[0].request("POST", "/after-idle", b"y").body == b"y"
+    finally:
+        for sender in senders:
+            sender.close()

@@ -14,22 +14,30 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ldap3 import BASE
+from ldap3 import BASE, MODIFY_ADD
 
 from tests.support.relay import LISTEN, PATH, SEND, RelayRig, relay_rig
 from tests.support.world import World, make_world
+from writeback.adapters.hybrid_connection import (
+    HybridConnectionListener,
+    RelayRequest,
+    RelayResponse,
+)
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
-from writeback.agent_protocol import encode, sign
+from writeback.agent_protocol import ForgedReply, audience, encode, operation_to_json, sign
 from writeback.cli import EXIT_FAILURES, EXIT_OK, main
 from writeback.domain.model import Add, Changes, Delete, Modify, Operation, Rename, anchor_for
 from writeback.domain.naming import dn_for
 from writeback.errors import LdapUnavailable, PolicyRefused, RelayRefused, RelayUnavailable
+from writeback.hosting.serve import ServeConfig, Server
 from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
@@ -49,6 +57,8 @@ def rig() -> Iterator[RelayRig]:
 
 def through_relay(world: World, rig: RelayRig, **agent: Any) -> RelayDirectory:
     """Starts an agent for the world's OU and points the world's sync at the relay."""
+    agent.setdefault("group_type", world.options.group_type)
+    agent.setdefault("dn_format", world.options.dn_format)
     rig.start_agent(lambda: world.dc.directory(world.ou), world.ou, **agent)
     world.directory.close()
     world.directory = rig.directory(world.ou)  # type: ignore[assignment]
@@ -177,12 +187,14 @@ def test_unsigned_or_wrongly_signed_requests_never_reach_ad(world: World, rig: R
     assert entry is not None
     before = usn_changed(world, entry["dn"])
     delete = Delete(gid, entry["dn"])
-    with pytest.raises(RelayRefused, match="does not match"):
+    # The agent refuses, and signs its refusal with its own key: a reply the cloud side
+    # cannot verify, reported with what it claims (and retried, never believed).
+    with pytest.raises(ForgedReply, match="HTTP 401: request signature does not match"):
         rig.directory(world.ou, caller_key="x" * 43).apply(delete)
     sender = rig.sender()
     body = encode({"operation": {"kind": "delete", "group_id": gid, "dn": entry["dn"]}})
     assert sender.request("POST", "/v1/apply", body).status == 401
-    signed = sign(rig.caller_key, "POST", "/v1/apply", body)
+    signed = sign(rig.caller_key, "POST", "/v1/apply", body, audience=rig.audience)
     assert sender.request("POST", "/v1/apply", body, signed).status == 200
     assert sender.request("POST", "/v1/apply", body, signed).status == 401  # a replay
     assert world.ad_entry(gid) is None  # the one signed request did delete it
@@ -283,11 +295,15 @@ def test_status_says_whether_the_agent_answers(
     monkeypatch.setenv("WRITEBACK_RELAY_CALLER_KEY", "w" * 40)
     out = io.StringIO()
     assert main(["status"], out=out) == EXIT_FAILURES
-    assert "FAILED: RelayRefused: request signature does not match" in out.getvalue()
+    assert "FAILED: ForgedReply: an answer (HTTP 401: request signature does not match" in (
+        out.getvalue()
+    )
     assert rig.caller_key not in out.getvalue()
 
 
-def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayRig) -> None:
+def test_the_agent_and_sync_commands_through_the_relay(
+    world: World, rig: RelayRig, tmp_path: Path
+) -> None:
     """``python -m writeback agent`` on-prem, ``sync`` with WRITEBACK_DIRECTORY=relay."""
     gid = world.add_group(1, "Via commands", ["user0", "user1"])
     common = {
@@ -306,6 +322,8 @@ def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayR
         "WRITEBACK_LDAP_CA_FILE": world.dc.ca_file,
         "WRITEBACK_AGENT_LISTEN_KEY_NAME": LISTEN.name,
         "WRITEBACK_AGENT_LISTEN_KEY": LISTEN.key,
+        "WRITEBACK_AGENT_STATE_PATH": str(tmp_path / "agent" / "state.sqlite3"),
+        "WRITEBACK_AGENT_MAIL_DOMAINS": "contoso.com",
     }
     cloud_env = {
         **common,
@@ -341,6 +359,8 @@ def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayR
             agent.wait()
     assert agent.returncode == 0, err
     assert "writeback agent: stopped" in out
+    state = tmp_path / "agent" / "state.sqlite3"
+    assert state.stat().st_mode & 0o777 == 0o600  # the delete budget: nobody else resets it
     entry = world.ad_entry(gid)
     assert entry is not None
     assert entry["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
@@ -348,3 +368,304 @@ def test_the_agent_and_sync_commands_through_the_relay(world: World, rig: RelayR
     assert any(a.get("call") == "apply" and a.get("outcome") == "ok" for a in audit), err
     for secret in (LISTEN.key, SEND.key, rig.caller_key, world.dc.admin_password):
         assert secret not in out + err + sync.stdout + sync.stderr
+
+
+# --------------------------------------------------------- an agent outage mid-stream
+
+
+def test_an_agent_outage_mid_stream_dead_letters_nothing(world: World, rig: RelayRig) -> None:
+    """Issue 16: while no agent listens, the relay answers 404 with its text in the
+    reason phrase and a JSON body that does not name listeners (the stand-in answers
+    as the service does). Every event sent meanwhile must wait, none dead-lettered,
+    and all of them apply once an agent is back."""
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = LocalQueue(Path(tmp) / "queue.sqlite3", lock_duration=30, max_delivery_count=50)
+        server = Server(
+            queue=queue,
+            cloud=world.cloud,
+            directory_factory=lambda: rig.directory(world.ou),
+            options=world.options,
+            client_states=[STREAM_SECRET],
+            config=STREAM,
+            owned=[queue],
+        )
+        server.start()
+        try:
+            assert server.wait_ready(30)
+            before = [world.add_group(n, f"Before {n}", ["user0"]) for n in range(3)]
+            _settle(world, server)
+            [agent] = rig.agents
+            agent.stop()  # the agent goes away in the middle of the stream
+            assert rig.standin.wait_for_listeners(PATH, 0)
+            during = [world.add_group(10 + n, f"During {n}", ["user1"]) for n in range(5)]
+            world.tenant.add_members(before[0], [world.uid("user2")])
+            assert world.standin.wait_idle(10)  # the webhook took every notification
+            # Each is tried, and put back to wait (or, wrongly, dead-lettered).
+            _wait(lambda: server.stats.abandoned >= 6 or server.stats.dead_lettered > 0)
+            assert [d.reason for d in server.queue.dead_letters()] == []
+            rig.agents.clear()
+            rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)
+            _settle(world, server, timeout=30)
+            for gid in before + during:
+                assert world.ad_entry(gid) is not None, gid
+            first = world.ad_entry(before[0])
+            assert first is not None
+            assert first["member_sids"] == {world.sid_of("user0"), world.sid_of("user2")}
+            assert server.queue.dead_letters() == []
+            assert server.stats.dead_lettered == 0
+        finally:
+            server.stop()
+
+
+STREAM_SECRET = "relay-outage-client-state"
+STREAM = ServeConfig(
+    settle=0.3,
+    workers=2,
+    reconcile_at_start=False,
+    reconcile_interval=3600,
+    subscription_interval=3600,
+    retry_delay=0.2,
+    attempts=1,
+    max_wait=0.1,
+    redelivery_scale=0.05,
+    max_redelivery_delay=0.5,
+    receive_wait=0.1,
+)
+
+
+def _settle(world: World, server: Server, timeout: float = 20.0) -> None:
+    assert world.standin.wait_idle(timeout), "the stand-in still has notifications to deliver"
+    assert server.wait_idle(timeout), "the pipeline did not go idle"
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------- issue 12, findings 5 and 6
+
+
+def test_the_agent_pins_what_a_group_may_become_inside_the_ou(world: World, rig: RelayRig) -> None:
+    """Finding 5: with the caller key one could add a global security group named
+    linux-admins with Domain Admins as a member, flip a group to security on a
+    distribution-only deployment, claim another recipient's address, and remove
+    members given by DN. The agent refuses each, and AD is left as it was."""
+    relay = through_relay(world, rig)
+    ours = world.add_group(1, "Ours", ["user0", "user1"], mail="ours@contoso.com")
+    world.sync()
+    entry = world.ad_entry(ours)
+    assert entry is not None
+    before = usn_changed(world, entry["dn"])
+    domain_admins = f"<SID={world.dc.domain_sid()}-512>"
+    planted = world.gid(8)
+    user0_dn = f"CN={world.token}user0,{world.users_ou}"  # a member, with a SID
+    hostile: list[Operation] = [
+        Add(
+            planted,
+            f"CN=linux-admins,{world.ou}",
+            {
+                "objectClass": ("top", "group"),
+                "adminDescription": (anchor_for(planted),),
+                "groupType": (str(0x2 - 0x80000000),),  # global security
+                "sAMAccountName": ("linux-admins",),
+            },
+            (domain_admins,),
+        ),
+        Modify(ours, entry["dn"], Changes(replace={"groupType": (str(0x8 - 0x80000000),)})),
+        Modify(ours, entry["dn"], Changes(replace={"proxyAddresses": ("SMTP:ceo@fabrikam.com",)})),
+        Modify(ours, entry["dn"], Changes(replace={"mail": ("ceo@fabrikam.com",)})),
+        Rename(ours, entry["dn"], "CN=linux-admins"),
+        Modify(
+            ours,
+            entry["dn"],
+            Changes(remove_members=(f"CN=Administrator,CN=Users,{world.dc.base_dn}",)),
+        ),
+    ]
+    hostile.append(Modify(ours, entry["dn"], Changes(remove_members=(user0_dn,))))
+    for operation in hostile:
+        with pytest.raises(PolicyRefused):
+            relay.apply(operation)
+    assert world.ad_entry(planted) is None
+    assert usn_changed(world, entry["dn"]) == before
+    after = world.ad_entry(ours)
+    assert after is not None
+    assert after["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+    assert [str(v) for v in after["grouptype"]] == ["8"]
+    # and what the planner sends still passes: a rename of the display name is a modify
+    world.tenant.update_group(ours, display_name="Ours renamed")
+    assert world.sync().applied == {"modify": 1}
+
+
+def test_a_member_without_a_sid_is_removed_by_dn_only_when_the_group_holds_it(
+    world: World, rig: RelayRig
+) -> None:
+    relay = through_relay(world, rig)
+    gid = world.add_group(1, "With a contact", ["user0"])
+    world.sync()
+    entry = world.ad_entry(gid)
+    assert entry is not None
+    conn = world.dc.connection()
+    contact = f"CN=A contact,{world.ou}"
+    stranger = f"CN=Not a member,{world.ou}"
+    try:
+        for dn in (contact, stranger):
+            assert conn.add(dn, ["top", "person", "organizationalPerson", "contact"], {"sn": "x"})
+        assert conn.modify(entry["dn"], {"member": [(MODIFY_ADD, [contact])]})
+    finally:
+        conn.unbind()
+    with pytest.raises(PolicyRefused, match="must be members of group"):
+        relay.apply(Modify(gid, entry["dn"], Changes(remove_members=(stranger,))))
+    assert world.sync().applied == {"modify": 1}  # the planner removes the contact by DN
+    conn = world.dc.connection()
+    try:
+        assert conn.search(entry["dn"], "(objectClass=*)", BASE, attributes=["member"])
+        members = [str(v).lower() for v in conn.entries[0].entry_attributes_as_dict["member"]]
+    finally:
+        conn.unbind()
+    assert members == [f"cn={world.token}user0,{world.users_ou}".lower()]
+
+
+def _apply_body(gid: str, dn: str) -> bytes:
+    return encode({"operation": {"kind": "delete", "group_id": gid, "dn": dn}})
+
+
+def test_a_captured_request_is_refused_by_a_second_agent_and_after_a_restart(
+    world: World, rig: RelayRig
+) -> None:
+    """Finding 6: a signed request refused (as a replay) by one agent was applied by a
+    second, and by the same agent after a restart. Agents on one host share the state
+    file, so a replay that would undo a later revocation is refused by all of them."""
+    through_relay(world, rig)
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)  # a second agent
+    gid = world.add_group(1, "Captured", ["user0"])
+    world.sync()
+    entry = world.ad_entry(gid)
+    assert entry is not None
+    grant = Modify(gid, entry["dn"], Changes(add_members=(f"<SID={world.sid_of('user1')}>",)))
+    body = encode({"operation": operation_to_json(grant)})
+    captured = sign(rig.caller_key, "POST", "/v1/apply", body, audience=rig.audience)
+    sender = rig.sender()
+    assert sender.request("POST", "/v1/apply", body, captured).status == 200
+    assert world.sync().applied == {"modify": 1}  # the cloud side revokes it again
+    for _ in range(6):  # whichever agent the relay picks
+        answer = sender.request("POST", "/v1/apply", body, captured)
+        assert (answer.status, b"replayed" in answer.body) == (401, True)
+    for agent in list(rig.agents):
+        agent.stop()
+    rig.agents.clear()
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou)  # restarted
+    answer = sender.request("POST", "/v1/apply", body, captured)
+    assert (answer.status, b"replayed" in answer.body) == (401, True)
+    after = world.ad_entry(gid)
+    assert after is not None and after["member_sids"] == {world.sid_of("user0")}
+
+
+def test_stamps_in_the_future_and_other_connections_signatures_are_refused(
+    world: World, rig: RelayRig
+) -> None:
+    """Finding 6: a request stamped 290 s ahead was accepted (and again 301 s later);
+    the MAC did not bind the namespace or the connection name."""
+    through_relay(world, rig)
+    gid = world.add_group(1, "Kept", ["user0"])
+    world.sync()
+    entry = world.ad_entry(gid)
+    assert entry is not None
+    body = _apply_body(gid, entry["dn"])
+    sender = rig.sender()
+    ahead = sign(
+        rig.caller_key, "POST", "/v1/apply", body, audience=rig.audience, now=time.time() + 290
+    )
+    answer = sender.request("POST", "/v1/apply", body, ahead)
+    assert (answer.status, b"in the future" in answer.body) == (401, True)
+    for hc in (
+        audience("contoso.servicebus.windows.net", PATH),
+        audience(rig.standin.namespace, "another-agent"),
+    ):
+        elsewhere = sign(rig.caller_key, "POST", "/v1/apply", body, audience=hc)
+        answer = sender.request("POST", "/v1/apply", body, elsewhere)
+        assert (answer.status, b"does not match" in answer.body) == (401, True)
+    assert world.ad_entry(gid) is not None
+
+
+def test_answers_from_anyone_but_the_agent_are_never_believed(world: World, rig: RelayRig) -> None:
+    """Finding 6: anyone holding a Listen key could answer apply with "done" (a
+    revocation silently dropped) or poison the cached schema."""
+    relay = RelayDirectory(rig.sender(), rig.caller_key, target_ou=world.ou)
+
+    def impostor(request: RelayRequest) -> RelayResponse:
+        if request.target.endswith("/schema"):
+            return RelayResponse(
+                200,
+                {"content-type": "application/json"},
+                b'{"attributes": ["mailnickname", "evil"]}',
+            )
+        return RelayResponse(200, {"content-type": "application/json"}, b'{"requests": 1}')
+
+    rogue = HybridConnectionListener(rig.endpoint, LISTEN.name, LISTEN.key, impostor)
+    with rogue:
+        assert rogue.connected.wait(10) and rig.standin.wait_for_listeners(PATH, 1)
+        with pytest.raises(ForgedReply, match="without a signature"):
+            relay.schema_attributes()
+        with pytest.raises(ForgedReply):
+            relay.apply(
+                Modify(
+                    world.gid(1),
+                    f"CN=Group_{world.gid(1)},{world.ou}",
+                    Changes(remove_members=(f"<SID={world.sid_of('user0')}>",)),
+                )
+            )
+    assert isinstance(ForgedReply("x"), RelayUnavailable)  # the event waits for the agent
+    through_relay(world, rig)
+    assert "evil" not in relay.schema_attributes()
+
+
+def test_the_agents_delete_limit_survives_a_restart(world: World, rig: RelayRig) -> None:
+    """Finding 6: the agent's delete limit was per process."""
+    relay = through_relay(world, rig, delete_limit=1)
+    world.add_group(9, "Stays", ["user0"])
+    gids = [world.add_group(n, f"G{n}", ["user0"]) for n in range(2)]
+    world.sync()
+    for gid in gids:
+        world.tenant.hard_delete_group(gid)
+    first, second = world.plan().operations
+    assert relay.apply(first) > 0
+    [agent] = rig.agents
+    agent.stop()
+    rig.agents.clear()
+    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou, delete_limit=1)
+    with pytest.raises(PolicyRefused, match="delete limit"):
+        relay.apply(second)
+    assert [world.ad_entry(gid) is None for gid in gids].count(True) == 1
+
+
+def test_a_write_is_checked_against_the_agents_own_reading(
+    world: World, rig: RelayRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read a write is planned from and the write meet on one shard: the agent
+    checks the write against that reading instead of reading the group again, and
+    reads it itself when it has none (or the DN differs)."""
+    relay = through_relay(world, rig)
+    gid = world.add_group(1, "Read then written", ["user0"])
+    world.sync()
+    sid = f"<SID={world.sid_of('user1')}>"
+    with caplog.at_level(logging.INFO, logger="writeback.audit"):
+        caplog.clear()  # the sync's own lines, when an earlier test left INFO on
+        current = relay.find_group_attributes(gid)
+        assert current is not None
+        relay.apply(Modify(gid, current.dn, Changes(add_members=(sid,))))
+        relay.apply(Modify(gid, current.dn, Changes(remove_members=(sid,))))  # no reading now
+        with pytest.raises(PolicyRefused, match="not the object that carries the anchor"):
+            relay.find_group_attributes(gid)
+            relay.apply(Modify(gid, dn_for("Decoy", world.ou), Changes(add_members=(sid,))))
+    checks = [
+        r.checked  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "writeback.audit" and getattr(r, "call", "") == "apply"
+    ]
+    assert checks == ["reading", "read", "read"]
+    entry = world.ad_entry(gid)
+    assert entry is not None and entry["member_sids"] == {world.sid_of("user0")}

@@ -49,7 +49,7 @@ def _hc() -> _HybridConnection:
 def test_standin_accepts_another_encoder_of_the_resource_uri() -> None:
     # .NET's HttpUtility.UrlEncode writes lower-case escapes and a trailing slash: the
     # signature covers the sr exactly as written, so that token must be accepted.
-    sr, expiry = "http%3a%2f%2fcontoso.servicebus.windows.net%2fagent%2f", int(time.time()) + 60
+    sr, expiry = "http%3a%2f%2fcontoso.servicebus.windows.net%2fagent%2f", int(time.time()) + 600
     digest = hmac.new(KEY.encode(), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
     sig = base64.b64encode(digest).decode().replace("+", "%2B").replace("/", "%2F")
     token = f"SharedAccessSignature sr={sr}&sig={sig.replace('=', '%3D')}&se={expiry}&skn=listen"
@@ -59,11 +59,13 @@ def test_standin_accepts_another_encoder_of_the_resource_uri() -> None:
 @pytest.mark.parametrize(
     "case",
     [
-        ("http://contoso.servicebus.windows.net/agent", "listen", "wrong", "Listen", 60, 401),
-        ("http://contoso.servicebus.windows.net/agent", "nobody", KEY, "Listen", 60, 401),
+        ("http://contoso.servicebus.windows.net/agent", "listen", "wrong", "Listen", 600, 401),
+        ("http://contoso.servicebus.windows.net/agent", "nobody", KEY, "Listen", 600, 401),
         ("http://contoso.servicebus.windows.net/agent", "listen", KEY, "Listen", -5, 401),
-        ("http://contoso.servicebus.windows.net/other", "listen", KEY, "Listen", 60, 403),
-        ("http://contoso.servicebus.windows.net/agent", "listen", KEY, "Send", 60, 403),
+        ("http://contoso.servicebus.windows.net/agent", "listen", KEY, "Listen", 50, 401),
+        ("http://contoso.servicebus.windows.net/other", "listen", KEY, "Listen", 600, 403),
+        ("http://contoso.servicebus.windows.net:444/agent", "listen", KEY, "Listen", 600, 403),
+        ("http://contoso.servicebus.windows.net/agent", "listen", KEY, "Send", 600, 403),
     ],
 )
 def test_standin_refuses_bad_tokens(case: tuple[str, str, str, str, float, int]) -> None:
@@ -72,6 +74,20 @@ def test_standin_refuses_bad_tokens(case: tuple[str, str, str, str, float, int])
     with pytest.raises(_Denied) as denied:
         _check_token(_hc(), NAMESPACE, token, right)
     assert denied.value.status == status
+
+
+def test_standin_refuses_tokens_with_under_a_minute_left() -> None:
+    token = sas_token(f"http://{NAMESPACE}/agent", "listen", KEY, ttl=59)
+    with pytest.raises(_Denied, match="less than a minute"):
+        _check_token(_hc(), NAMESPACE, token, "Listen")
+    assert _check_token(_hc(), NAMESPACE, token, "Listen", min_lifetime=0) > time.time()
+
+
+def test_standin_takes_the_default_port_in_a_token_audience() -> None:
+    # hyco-https's createRelayToken keeps the :443 of createRelayListenUri in sr.
+    for resource in (f"http://{NAMESPACE}:443/agent", f"http://{NAMESPACE.upper()}:443/"):
+        token = sas_token(resource, "root", KEY, ttl=600)
+        assert _check_token(_hc(), NAMESPACE, token, "Listen") > time.time()
 
 
 def test_manage_grants_listen_and_send_and_a_namespace_token_covers_its_entities() -> None:

@@ -27,6 +27,9 @@ AGENT = {
     "WRITEBACK_AGENT_LISTEN_KEY": "listen-key",
     "WRITEBACK_RELAY_CALLER_KEY": CALLER,
     "WRITEBACK_AGENT_DELETE_LIMIT": "20",
+    "WRITEBACK_AGENT_STATE_PATH": "/var/lib/writeback/agent.sqlite3",
+    "WRITEBACK_AGENT_MAIL_DOMAINS": "Contoso.com, contoso.onmicrosoft.com",
+    "WRITEBACK_GROUP_TYPE": "security",
 }
 
 
@@ -47,6 +50,9 @@ def test_the_agent_uses_the_listen_rule_and_its_own_limits() -> None:
     assert agent.directory.ldap_url == "ldaps://dc01.corp.example"
     assert (agent.relay.key_name, agent.relay.key) == ("listen", "listen-key")
     assert (agent.delete_limit, agent.concurrency) == (20, 4)
+    assert agent.state_path == "/var/lib/writeback/agent.sqlite3"
+    assert agent.mail_domains == {"contoso.com", "contoso.onmicrosoft.com"}
+    assert agent.directory.group_type.value == "security"  # the agent's own group type
     for secret in ("listen-key", CALLER, "ldap-password"):
         assert secret not in repr(agent)
 
@@ -69,3 +75,20 @@ def test_the_agent_refuses_to_start_without_ldap_settings() -> None:
     without = {k: v for k, v in AGENT.items() if k != "WRITEBACK_LDAP_PASSWORD"}
     with pytest.raises(ConfigError, match="WRITEBACK_LDAP_PASSWORD"):
         load_agent_settings(without)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"WRITEBACK_AGENT_STATE_PATH": ""}, "WRITEBACK_AGENT_STATE_PATH"),
+        ({"WRITEBACK_AGENT_MAIL_DOMAINS": ""}, "WRITEBACK_AGENT_MAIL_DOMAINS"),
+        ({"WRITEBACK_AGENT_MAIL_DOMAINS": "contoso.com,@evil"}, "WRITEBACK_AGENT_MAIL_DOMAINS"),
+        ({"WRITEBACK_AGENT_MAIL_DOMAINS": "localhost"}, "WRITEBACK_AGENT_MAIL_DOMAINS"),
+    ],
+)
+def test_the_agent_needs_its_state_file_and_mail_domains(
+    change: dict[str, str], named: str
+) -> None:
+    """The delete budget and the nonces live on disk; addresses only in the agent's domains."""
+    with pytest.raises(ConfigError, match=named):
+        load_agent_settings({**AGENT, **change})

@@ -10,11 +10,16 @@ reach into the customer's network, so both connect outbound to Azure Relay over 
 * :class:`HybridConnectionSender` (the cloud) sends plain HTTPS requests to
   ``https://{namespace}/{path}/...`` with a SAS token in ``ServiceBusAuthorization``.
 
-Written from the published protocol (azure-relay/relay-hybrid-connections-protocol).
+Written from the published protocol (azure-relay/relay-hybrid-connections-protocol)
+and checked against Microsoft's Node.js client, ``hyco-https`` (tests/interop).
 Relay faults become :class:`RelayUnavailable` or :class:`RelayRefused`; statuses the
 listener chose are handed back untouched, told apart by the ``Via`` header the relay
-adds to every response that came from a listener. Keys and tokens are never logged,
-and tokens travel in headers, never in URLs, so no URL we log can carry one.
+adds to every response that came from a listener. The relay's own errors are read
+from every place the service puts text: the reason phrase (where Microsoft's tests
+find it), a JSON ``{"error": {"code", "message"}}`` body, an XML ``<Detail>``; "no
+listener" in any of them is transient, so an agent restart never loses an event.
+Keys and tokens are never logged, and tokens travel in headers, never in URLs, so
+no URL we log can carry one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
@@ -37,12 +43,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
+from writeback.agent_protocol import audience
 from writeback.errors import ConfigError, RelayRefused, RelayUnavailable, WritebackError
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,19 @@ _RELAY_ONLY_STATUSES = frozenset({502, 504})
 _OPEN_TIMEOUT = 10.0
 _BODY_FRAME_TIMEOUT = 30.0
 _POLL = 0.5
+#: A rendezvous address is valid for 30 s (the protocol's figure): a handler still
+#: running after this long gets its response rendezvous opened while it is valid.
+RENDEZVOUS_EARLY = 10.0
+#: A kept rendezvous that carries no request for this long is closed.
+RENDEZVOUS_IDLE = 60.0
+#: The relay's texts for "nobody is listening" (404 "There are no listeners
+#: connected for the endpoint", "None of the connected listeners meet...", the
+#: NoListenerConnected code...).
+_NO_LISTENER = re.compile(
+    r"\bno\s+(?:active\s+)?listeners?\b|\bnone of the connected listeners\b"
+    r"|\blisteners?\s+(?:is|are)\s+not\s+connected\b|nolistener",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -239,9 +259,18 @@ class HybridConnectionListener:
         max_concurrency: int = 4,
         backoff_max: float = 30.0,
         token_ttl: float = 3600,
+        rendezvous_early: float = RENDEZVOUS_EARLY,
+        rendezvous_idle: float = RENDEZVOUS_IDLE,
+        max_rendezvous: int | None = None,
     ) -> None:
+        """``rendezvous_early``: seconds after which a handler still running gets its
+        response rendezvous opened (well inside the address's 30 s); ``rendezvous_idle``:
+        seconds a kept rendezvous may carry nothing before it is closed;
+        ``max_rendezvous``: how many are kept at once (default 4 per handler slot)."""
         if max_concurrency < 1 or backoff_max <= 0 or token_ttl < 2:
             raise ConfigError("relay listener: max_concurrency, backoff_max or token_ttl invalid")
+        if not 0 < rendezvous_early < 30 or rendezvous_idle <= 0:
+            raise ConfigError("relay listener: rendezvous_early or rendezvous_idle invalid")
         self._endpoint = endpoint
         self._key_name = key_name
         self._key = key
@@ -254,6 +283,13 @@ class HybridConnectionListener:
         self._send_lock = threading.Lock()
         self._rendezvous: set[ClientConnection] = set()
         self._rendezvous_lock = threading.Lock()
+        self._rendezvous_early = rendezvous_early
+        self._rendezvous_idle = rendezvous_idle
+        self._max_rendezvous = max_rendezvous or 4 * max_concurrency
+        self._running: dict[int, _Route] = {}
+        self._running_lock = threading.Condition()
+        #: Kept rendezvous sockets refused because ``max_rendezvous`` were kept.
+        self.rendezvous_refused = 0
         self._halted = threading.Event()
         self._own_stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -291,6 +327,8 @@ class HybridConnectionListener:
         """Listen until ``stop`` is set, reconnecting whenever the channel is lost."""
         self._halted.clear()
         pool = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="relay-handler")
+        watchdog = threading.Thread(target=self._watch, name="relay-rendezvous-early", daemon=True)
+        watchdog.start()
         failures = 0
         try:
             while not stop.is_set():
@@ -309,6 +347,8 @@ class HybridConnectionListener:
                     stop.wait(delay)
         finally:
             self._halted.set()
+            with self._running_lock:
+                self._running_lock.notify_all()
             self.connected.clear()
             self._close_rendezvous()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -377,10 +417,21 @@ class HybridConnectionListener:
     def _serve_request(
         self, channel: ClientConnection, request: Mapping[str, Any], body: bytes
     ) -> None:
-        response = self._handle(_relay_request(request, body, self._endpoint.name))
+        route = _Route(str(request["address"]), time.monotonic())
+        with self._running_lock:
+            self._running[id(route)] = route
+        try:
+            response = self._handle(_relay_request(request, body, self._endpoint.name))
+        finally:
+            with self._running_lock:
+                self._running.pop(id(route), None)
         header, payload = _response_frames(str(request["id"]), response)
+        early = route.finish(_OPEN_TIMEOUT + 1)
+        if early is not None:  # the handler was slow: its rendezvous is already open
+            self._send_on(early, header, payload)
+            return
         if len(payload) > CONTROL_BODY_LIMIT or len(header) > CONTROL_HEADER_LIMIT:
-            self._respond_via_rendezvous(str(request["address"]), header, payload)
+            self._respond_via_rendezvous(route.address, header, payload)
             return
         try:
             with self._send_lock:
@@ -389,6 +440,41 @@ class HybridConnectionListener:
                     channel.send(payload)
         except ConnectionClosed:
             log.warning("relay control channel closed before a response could be sent")
+
+    def _watch(self) -> None:
+        """Opens the response rendezvous of handlers that run long, while it is valid."""
+        while not self._halted.is_set():
+            now = time.monotonic()
+            with self._running_lock:
+                late = [
+                    r
+                    for r in self._running.values()
+                    if now - r.started >= self._rendezvous_early and r.claim_early()
+                ]
+                if not late:
+                    self._running_lock.wait(min(1.0, self._rendezvous_early / 4))
+            for route in late:
+                threading.Thread(
+                    target=self._open_early, args=(route,), name="relay-rendezvous", daemon=True
+                ).start()
+
+    def _open_early(self, route: _Route) -> None:
+        try:
+            route.opened(self._open(route.address, authorize=False))
+            log.info("relay handler still running: its response rendezvous is open")
+        except WritebackError as exc:
+            log.warning("relay rendezvous for a slow handler failed: %s", exc)
+            route.opened(None)
+
+    def _send_on(self, rendezvous: ClientConnection, header: str, payload: bytes) -> None:
+        try:
+            rendezvous.send(header)
+            if payload:
+                rendezvous.send(payload)
+        except ConnectionClosed as exc:
+            log.warning("relay rendezvous closed before a response could be sent: %s", exc)
+            return
+        self._keep_rendezvous(rendezvous)
 
     def _handle(self, request: RelayRequest) -> RelayResponse:
         with self._slots:
@@ -407,13 +493,10 @@ class HybridConnectionListener:
     def _respond_via_rendezvous(self, address: str, header: str, payload: bytes) -> None:
         try:
             rendezvous = self._open(address, authorize=False)
-            rendezvous.send(header)
-            if payload:
-                rendezvous.send(payload)
-        except (WritebackError, ConnectionClosed) as exc:
+        except WritebackError as exc:
             log.warning("relay rendezvous for a large response failed: %s", exc)
             return
-        self._keep_rendezvous(rendezvous)
+        self._send_on(rendezvous, header, payload)
 
     def _serve_large_request(self, address: str) -> None:
         try:
@@ -421,12 +504,22 @@ class HybridConnectionListener:
         except WritebackError as exc:
             log.warning("relay rendezvous for a large request failed: %s", exc)
             return
-        self._keep_rendezvous(rendezvous)
+        self._keep_rendezvous(rendezvous, first_request=True)
 
-    def _keep_rendezvous(self, rendezvous: ClientConnection) -> None:
-        """Serve the sender's later requests on ``rendezvous`` while the relay keeps it."""
+    def _keep_rendezvous(
+        self, rendezvous: ClientConnection, *, first_request: bool = False
+    ) -> None:
+        """Serve the sender's later requests on ``rendezvous`` while the relay keeps it.
+
+        At most ``max_rendezvous`` are kept (one thread each); beyond that a response
+        rendezvous is closed once its answer is sent, and the relay drops that
+        sender's connection, which the sender simply opens again.
+        """
         with self._rendezvous_lock:
-            if self._halted.is_set():
+            full = len(self._rendezvous) >= self._max_rendezvous
+            if self._halted.is_set() or (full and not first_request):
+                if full:
+                    self.rendezvous_refused += 1
                 rendezvous.close()
                 return
             self._rendezvous.add(rendezvous)
@@ -435,14 +528,19 @@ class HybridConnectionListener:
         ).start()
 
     def _serve_rendezvous(self, rendezvous: ClientConnection) -> None:
+        last = time.monotonic()
         try:
             while not self._halted.is_set():
                 try:
                     message = rendezvous.recv(timeout=_POLL)
                 except TimeoutError:
+                    if time.monotonic() - last > self._rendezvous_idle:
+                        log.info("relay rendezvous idle for %.0f s: closed", self._rendezvous_idle)
+                        return
                     continue
                 if isinstance(message, str):
                     self._answer_on(rendezvous, message)
+                last = time.monotonic()
         except (ConnectionClosed, TimeoutError, ValueError, KeyError) as exc:
             if not isinstance(exc, ConnectionClosed):
                 log.warning("relay rendezvous dropped after a malformed request: %s", exc)
@@ -450,6 +548,12 @@ class HybridConnectionListener:
             with self._rendezvous_lock:
                 self._rendezvous.discard(rendezvous)
             rendezvous.close()
+
+    @property
+    def kept_rendezvous(self) -> int:
+        """Rendezvous sockets kept open for later requests right now."""
+        with self._rendezvous_lock:
+            return len(self._rendezvous)
 
     def _answer_on(self, rendezvous: ClientConnection, message: str) -> None:
         request = json.loads(message).get("request")
@@ -506,6 +610,41 @@ class HybridConnectionListener:
             raise RelayUnavailable(f"relay {where}: {_describe(exc)}") from None
 
 
+class _Route:
+    """How one control-channel request's response will travel: the control channel,
+    unless its handler ran so long that its rendezvous was opened early."""
+
+    def __init__(self, address: str, started: float) -> None:
+        self.address = address
+        self.started = started
+        self._lock = threading.Condition()
+        self._state = "running"  # running, opening, done
+        self._rendezvous: ClientConnection | None = None
+
+    def claim_early(self) -> bool:
+        """For the watchdog: True once, if the handler is still running."""
+        with self._lock:
+            if self._state != "running":
+                return False
+            self._state = "opening"
+            return True
+
+    def opened(self, rendezvous: ClientConnection | None) -> None:
+        with self._lock:
+            self._rendezvous = rendezvous
+            self._state = "open"
+            self._lock.notify_all()
+
+    def finish(self, wait: float) -> ClientConnection | None:
+        """The early rendezvous to answer on, if there is one (waiting for it to open)."""
+        with self._lock:
+            if self._state == "running":
+                self._state = "done"
+                return None
+            self._lock.wait_for(lambda: self._state == "open", wait)
+            return self._rendezvous
+
+
 def _submit(pool: ThreadPoolExecutor, work: Callable[..., None], *args: Any) -> None:
     """Run ``work`` in the pool, logging what escapes it (a future would swallow it)."""
 
@@ -535,23 +674,39 @@ def _read_body(channel: ClientConnection) -> bytes:
 
 def _relay_request(request: Mapping[str, Any], body: bytes, name: str) -> RelayRequest:
     """A ``request`` message as the handler sees it, the hybrid connection name cut off."""
-    target = str(request.get("requestTarget") or "/")
-    prefix = "/" + name
-    if target.lower().startswith(prefix.lower()) and target[len(prefix) : len(prefix) + 1] in (
-        "",
-        "/",
-        "?",
-    ):
-        target = target[len(prefix) :]
-    if not target.startswith("/"):
-        target = "/" + target
     headers = request.get("requestHeaders") or {}
     return RelayRequest(
         method=str(request.get("method") or "GET").upper(),
-        target=target,
+        target=handler_target(str(request.get("requestTarget") or "/"), name),
         headers={str(k).lower(): str(v) for k, v in headers.items()},
         body=body,
     )
+
+
+def handler_target(target: str, name: str) -> str:
+    """The path and query below the hybrid connection ``name`` in a relayed target.
+
+    The target is kept as the sender wrote it, so a signature over it still holds;
+    only what comes before it is cut: an absolute-form scheme and authority, and the
+    connection's name however it was encoded (``writeback%2Dagent``, ``A%2Fb``) or
+    cased. A target that does not start with the name is given as it is.
+    """
+    if "://" in target.partition("?")[0]:  # absolute form: https://ns/name/rest?q
+        parts = urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    path, sep, query = target.partition("?")
+    segments = path.lstrip("/").split("/")
+    wanted = name.strip("/").lower()
+    for cut in range(1, len(segments) + 1):
+        decoded = unquote("/".join(segments[:cut])).lower()
+        if decoded == wanted:
+            path = "/" + "/".join(segments[cut:])
+            break
+        if not wanted.startswith(decoded):
+            break
+    if not path.startswith("/"):
+        path = "/" + path
+    return path + sep + query
 
 
 def _response_frames(request_id: str, response: RelayResponse) -> tuple[str, bytes]:
@@ -639,6 +794,11 @@ class HybridConnectionSender:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @property
+    def audience(self) -> str:
+        """The hybrid connection, as the caller key's signatures name it."""
+        return audience(self._endpoint.namespace, self._endpoint.name)
+
     def _where(self) -> str:
         return f"{self._endpoint.namespace}/{self._endpoint.name}"
 
@@ -661,13 +821,13 @@ class HybridConnectionSender:
         response = RelayResponse(answer.status_code, dict(answer.headers.items()), answer.content)
         if "via" in answer.headers or answer.status_code < 400:
             return response
-        status, detail = answer.status_code, _relay_detail(answer.text)
+        status, detail = answer.status_code, _relay_detail(answer)
         where = self._where()
+        if _NO_LISTENER.search(detail) or (status == 404 and "listener" in detail.lower()):
+            raise RelayUnavailable(f"no agent is listening on relay {where}: {detail}")
         if status in (401, 403):
             raise RelayRefused(f"relay {where} refused the sender (HTTP {status}): {detail}")
-        if status == 404 and "listener" in detail.lower():
-            raise RelayUnavailable(f"no agent is listening on relay {where}: {detail}")
-        if status >= 500:
+        if status >= 500 or status == 429:
             raise RelayUnavailable(
                 f"relay {where} answered HTTP {status}: {detail}",
                 retry_after=_retry_after(answer.headers.get("retry-after")),
@@ -675,11 +835,27 @@ class HybridConnectionSender:
         raise RelayRefused(f"relay {where} rejected the request (HTTP {status}): {detail}")
 
 
-def _relay_detail(text: str) -> str:
-    """The relay's error text, trimmed for a message (it carries a tracking id)."""
-    start, end = text.find("<Detail>"), text.find("</Detail>")
-    detail = text[start + len("<Detail>") : end] if 0 <= start < end else text
-    return " ".join(detail.split())[:300]
+def _relay_detail(answer: httpx.Response) -> str:
+    """Everything the relay said about its error, trimmed for a message: the reason
+    phrase, and the body's JSON ``error`` (code, message), XML ``<Detail>`` or text."""
+    parts = [answer.reason_phrase or ""]
+    text = answer.content[:4096].decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        parts += [str(error.get("code") or ""), str(error.get("message") or "")]
+    elif isinstance(error, str):
+        parts.append(error)
+    else:
+        start, end = text.find("<Detail>"), text.find("</Detail>")
+        parts.append(text[start + len("<Detail>") : end] if 0 <= start < end else text)
+    seen: list[str] = []
+    for part in (" ".join(p.split()) for p in parts):
+        if part and part not in seen:
+            seen.append(part)
+    return "; ".join(seen)[:400]
 
 
 def _retry_after(value: str | None) -> float | None:

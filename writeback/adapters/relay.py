@@ -7,6 +7,11 @@ into signed requests (:mod:`writeback.agent_protocol`): one relay round trip per
 LDAP operation, member lists paged, so neither side holds a 250,000-member
 group in one message.
 
+Every request is signed for the transport's hybrid connection, and every
+answer must carry the agent's signature over that request: an answer without it
+(someone else holding a Listen key, a broken proxy) is never believed, whatever
+it says; it is a ForgedReply, transient, so the event waits for a genuine agent.
+
 Only a paged read that saw its group change between pages is read again here;
 otherwise reads and writes raise our transient errors (relay or agent
 unavailable, AD unavailable) and the worker's own retry re-reads and re-plans,
@@ -23,12 +28,14 @@ from typing import Any, Protocol
 from writeback.agent_protocol import (
     API_PREFIX,
     DirectoryChanged,
+    ForgedReply,
     GroupPage,
     encode,
     error_from,
     operation_to_json,
     parse_group_page,
     sign,
+    verify_reply,
 )
 from writeback.agent_protocol import decode as decode_body
 from writeback.domain.model import DirectoryGroup, Operation
@@ -44,11 +51,19 @@ class RelayReply(Protocol):
     def status(self) -> int: ...
 
     @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
     def body(self) -> bytes: ...
 
 
 class RelayTransport(Protocol):
     """The sender side of the hybrid connection (or anything that speaks like it)."""
+
+    @property
+    def audience(self) -> str:
+        """The hybrid connection requests are signed for (``agent_protocol.audience``)."""
+        ...
 
     def request(
         self,
@@ -166,9 +181,17 @@ class RelayDirectory:
         target = API_PREFIX + name
         body = encode(payload)
         headers = {"Content-Type": "application/json"}
-        headers.update(sign(self._caller_key, "POST", target, body))
+        audience = self._transport.audience
+        headers.update(sign(self._caller_key, "POST", target, body, audience=audience))
         self.round_trips += 1
         reply = self._transport.request("POST", target, body, headers)
+        try:
+            verify_reply(
+                self._caller_key, audience, headers, (reply.status, reply.headers, reply.body)
+            )
+        except ForgedReply as forged:
+            log.warning("relay call %s: %s; not believed", name, forged)
+            raise
         if reply.status != 200:
             raise error_from(reply.status, reply.body)
         return decode_body(reply.body)

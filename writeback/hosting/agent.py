@@ -10,33 +10,49 @@ OU in its own settings, and listens on the Azure Relay Hybrid Connection
 * ``list_groups``: the anchored groups of the OU, page by page, for reconcile;
 * ``apply``: one planned operation.
 
-Before any LDAP call a request must carry a valid signature (the caller key),
+Before any LDAP call a request must carry a valid signature for this hybrid
+connection (the caller key), fresh and never seen before (nonces are kept in the
+state file, so neither a restart nor a second agent on the host takes a replay),
 and an operation must pass the agent's own policy (:mod:`writeback.domain.policy`:
-below the target OU, our anchor, managed attributes only, members by SID, the
-delete limit). Then the agent reads the group's anchored object itself and
-refuses a Modify, Rename or Delete whose DN is not that object, so whatever the
-cloud side sends, only objects carrying our anchor in the OU are touched. The
-LDAP adapter checks the same again at the moment of the write.
+below the target OU, our anchor, managed attributes only, the agent's group type,
+derived names, accepted mail domains, members by SID, the delete limit, which is
+counted in the state file too). Then the agent checks the DN against its own
+reading of the object that carries the group's anchor, and refuses a Modify,
+Rename or Delete of anything else, so whatever the cloud side sends, only objects
+carrying our anchor in the OU are touched. Every answer is signed over the
+request's nonce, so nobody else can answer for the agent.
+
+Requests are served by shards, one LDAP connection each (used by one request at
+a time), chosen by group id: the read the cloud side plans a write from and the
+write itself meet on the same connection, so the agent's reading of that group,
+made moments before, is what it checks the write against (a write with no such
+reading, at most ``READING_TTL`` old, reads the group first). The LDAP adapter proves the anchor
+once more inside the write itself (the anchor is deleted and re-added in every
+modify, so the DC refuses the whole request if the object no longer carries it).
 
 Every request leaves one audit line (``writeback.audit`` logger): call, group,
-operation, DN, outcome, LDAP requests, time.
+operation, DN, outcome, LDAP requests, how the target was checked, time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import secrets
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from writeback.agent_protocol import (
     API_PREFIX,
     MEMBER_PAGE,
     DirectoryChanged,
+    NonceStore,
     ProtocolError,
     SignatureCheck,
     decode,
@@ -45,19 +61,26 @@ from writeback.agent_protocol import (
     group_page,
     member_digest,
     parse_operation,
+    sign_reply,
     status_for,
     text_field,
     whole_field,
 )
 from writeback.domain.model import Add, Delete, DirectoryGroup, Operation
 from writeback.domain.naming import dn_key
-from writeback.domain.policy import AgentPolicy, DeleteBudget, check_group_id, check_operation
+from writeback.domain.policy import (
+    AgentPolicy,
+    DeleteBudget,
+    DeleteLedger,
+    check_group_id,
+    check_operation,
+    removals_by_dn,
+)
 from writeback.errors import ConfigError, PolicyRefused, WritebackError
 from writeback.ports import Directory
 
 if TYPE_CHECKING:
     from writeback.adapters.hybrid_connection import RelayRequest, RelayResponse
-    from writeback.adapters.thread_local import ThreadLocalDirectory
     from writeback.config import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -65,17 +88,25 @@ audit = logging.getLogger("writeback.audit")
 
 #: The digest of a group read without its members.
 NO_MEMBERS = member_digest([])
-#: How long a reading stays usable for the next page of the same read.
+#: How long a reading stays usable: for the next page of the same read, and as
+#: the check of a write planned from it.
 READING_TTL = 60.0
 _MAX_READINGS = 16
 _MAX_LISTINGS = 2
+#: Groups whose last reading each shard remembers for the writes that follow.
+_MAX_SEEN = 4096
 
 Reply = tuple[int, dict[str, str], bytes]
 _JSON = {"Content-Type": "application/json"}
+_T = TypeVar("_T")
 
 
-#: What the agent needs of AD: the LDAP adapter (one per thread).
+#: What the agent needs of AD: the LDAP adapter (one per shard).
 AgentDirectory: TypeAlias = Directory
+
+
+class AgentState(NonceStore, DeleteLedger, Protocol):
+    """What outlives the agent: nonces and deletes (``adapters.agent_state``)."""
 
 
 @dataclass
@@ -101,6 +132,58 @@ class _Reading:
         return min(len(self.sids), self.page_size)
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """Where a shard last read a group's anchored object (None: not there)."""
+
+    dn: str | None
+    at: float
+    #: Members without a SID, when the reading included members.
+    other_members: frozenset[str] | None
+
+
+class _Shard:
+    """One LDAP connection, used by one request at a time; what it read, by group.
+
+    The caller's thread does the work under the shard's lock (no thread hop: a
+    handoff to a worker thread cost half a millisecond per call).
+    """
+
+    def __init__(self, factory: Callable[[], AgentDirectory]) -> None:
+        self._factory = factory
+        self._directory: AgentDirectory | None = None
+        self._lock = threading.Lock()
+        self.seen: OrderedDict[str, _Seen] = OrderedDict()
+
+    @property
+    def directory(self) -> AgentDirectory:
+        """This shard's adapter (only used under the shard's lock)."""
+        if self._directory is None:
+            self._directory = self._factory()
+        return self._directory
+
+    def run(self, work: Callable[[_Shard], _T]) -> _T:
+        with self._lock:
+            return work(self)
+
+    def saw(
+        self, group_id: str, found: DirectoryGroup | None, now: float, *, members: bool
+    ) -> None:
+        others = None if found is None or not members else found.other_members
+        self.seen[group_id] = _Seen(None if found is None else found.dn, now, others)
+        self.seen.move_to_end(group_id)
+        while len(self.seen) > _MAX_SEEN:
+            self.seen.popitem(last=False)
+
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._directory, "close", None)
+            self._directory = None
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+
+
 @dataclass
 class _Audit:
     call: str
@@ -110,29 +193,39 @@ class _Audit:
 class AgentService:
     """Serves the directory API for requests that arrived over the relay.
 
-    Thread-safe, given a thread-safe directory (the LDAP adapter wrapped in
-    ``ThreadLocalDirectory``): the relay listener calls :meth:`handle` from
-    several threads at once.
+    Thread-safe: the relay listener calls :meth:`handle` from several threads at
+    once; LDAP work runs on ``shards`` connections made by ``directories``.
     """
 
     def __init__(
         self,
-        directory: AgentDirectory,
+        directories: Callable[[], AgentDirectory],
         policy: AgentPolicy,
         caller_key: str,
         *,
+        audience: str,
+        state: AgentState | None = None,
+        shards: int = 4,
         clock: Callable[[], float] = time.time,
         member_page: int = MEMBER_PAGE,
     ) -> None:
-        """``member_page``: member SIDs per response (smaller in tests, to page)."""
+        """``audience``: the hybrid connection requests must be signed for
+        (:func:`~writeback.agent_protocol.audience`); ``state``: where nonces and
+        deletes are kept (None: in this process only, for tests); ``member_page``:
+        member SIDs per response (smaller in tests, to page)."""
         if not caller_key:
             raise ConfigError("the agent needs a caller key (WRITEBACK_RELAY_CALLER_KEY)")
-        self._directory = directory
+        if shards < 1:
+            raise ConfigError("the agent needs at least one shard")
+        self._key = caller_key
+        self._audience = audience
         self._policy = policy
-        self._signatures = SignatureCheck(caller_key)
+        self._signatures = SignatureCheck(caller_key, audience, nonces=state)
         self._clock = clock
         self._member_page = member_page
-        self._deletes = DeleteBudget(policy.delete_limit, policy.delete_window)
+        self._deletes = DeleteBudget(policy.delete_limit, policy.delete_window, ledger=state)
+        self._shards = [_Shard(directories) for _ in range(shards)]
+        self._spread = itertools.count()
         self._lock = threading.Lock()
         self._readings: OrderedDict[str, _Reading] = OrderedDict()
         self._listings: OrderedDict[str, tuple[list[_Reading], float]] = OrderedDict()
@@ -143,8 +236,13 @@ class AgentService:
             "apply": self._apply,
         }
 
+    def close(self) -> None:
+        """Close every shard's LDAP connection."""
+        for shard in self._shards:
+            shard.close()
+
     def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Reply:
-        """One request in, one reply out; never raises."""
+        """One request in, one signed reply out; never raises."""
         started = time.perf_counter()
         record = _Audit(call=target.removeprefix(API_PREFIX).partition("?")[0] or "?")
         try:
@@ -157,8 +255,10 @@ class AgentService:
             log.exception("agent request %s failed", record.call)
             reply = (500, dict(_JSON), error_body(WritebackError(type(error).__name__)))
             record.fields["error"] = type(error).__name__
-        self._audit(record, reply[0], time.perf_counter() - started)
-        return reply
+        status, reply_headers, reply_body = reply
+        reply_headers.update(sign_reply(self._key, self._audience, headers, status, reply_body))
+        self._audit(record, status, time.perf_counter() - started)
+        return status, reply_headers, reply_body
 
     def _serve(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes, record: _Audit
@@ -169,34 +269,45 @@ class AgentService:
             raise ProtocolError(f"no such call: {method} {target}")
         return route(decode(body), record)
 
+    def _shard_of(self, group_id: str | None) -> _Shard:
+        if group_id is None:
+            return self._shards[next(self._spread) % len(self._shards)]
+        return self._shards[zlib.crc32(group_id.encode()) % len(self._shards)]
+
     # -- calls --------------------------------------------------------------------
 
     def _schema(self, _payload: dict[str, Any], _record: _Audit) -> dict[str, Any]:
-        return {"attributes": sorted(self._directory.schema_attributes())}
+        names = self._shard_of(None).run(lambda shard: shard.directory.schema_attributes())
+        return {"attributes": sorted(names)}
 
     def _find_group(self, payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
         group_id = text_field(payload, "group_id")
         check_group_id(group_id)
         record.fields["group_id"] = group_id
-        if not payload.get("members", True):
-            found = self._directory.find_groups([group_id], members=False).get(group_id)
-            return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
+        members = bool(payload.get("members", True))
         offset = whole_field(payload, "offset", default=0)
-        reading = self._reading(group_id, str(payload.get("digest") or ""), offset)
-        return {"group": None if reading is None else reading.page(offset)}
+        digest = str(payload.get("digest") or "")
 
-    def _reading(self, group_id: str, digest: str, offset: int) -> _Reading | None:
+        def read(shard: _Shard) -> dict[str, Any]:
+            if not members:
+                found = shard.directory.find_groups([group_id], members=False).get(group_id)
+                shard.saw(group_id, found, self._clock(), members=False)
+                return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
+            reading = self._reading(shard, group_id, digest, offset)
+            return {"group": None if reading is None else reading.page(offset)}
+
+        return self._shard_of(group_id).run(read)
+
+    def _reading(self, shard: _Shard, group_id: str, digest: str, offset: int) -> _Reading | None:
         """The group as read for page 0, or as it was read when later pages are asked."""
         if offset:
             kept = self._kept(group_id)
             if kept is not None and kept.digest == digest:
                 return kept
-        found = self._directory.find_group(group_id)
-        reading = (
-            None
-            if found is None
-            else self._keep(_Reading.of(found, self._clock(), self._member_page))
-        )
+        found = shard.directory.find_group(group_id)
+        now = self._clock()
+        shard.saw(group_id, found, now, members=True)
+        reading = None if found is None else self._keep(_Reading.of(found, now, self._member_page))
         if offset and (reading is None or reading.digest != digest):
             raise DirectoryChanged(f"group {group_id} changed between two pages of a read")
         return reading
@@ -204,9 +315,11 @@ class AgentService:
     def _list_groups(self, payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
         token = str(payload.get("listing") or "")
         after = payload.get("after")
-        listing = self._listing(token) if token else None
-        if listing is None:
-            token, listing = self._new_listing()
+        kept = self._listing(token) if token else None
+        if kept is None:
+            token, listing = self._shard_of(None).run(self._new_listing)
+        else:
+            listing = kept
         start = 0 if after is None else _position_after(listing, _cursor(after))
         page: list[_Reading] = []
         values = 0
@@ -228,35 +341,69 @@ class AgentService:
         operation = parse_operation(payload.get("operation"))
         record.fields.update(group_id=operation.group_id, operation=operation.kind, dn=operation.dn)
         check_operation(operation, self._policy)
-        current = self._directory.find_groups([operation.group_id], members=False).get(
-            operation.group_id
-        )
-        if not self._still_to_do(operation, current):
-            return {"requests": 0}
-        requests = self._directory.apply(operation)
-        self._forget(operation.group_id)
-        record.fields["requests"] = requests
-        return {"requests": requests}
 
-    def _still_to_do(self, operation: Operation, current: DirectoryGroup | None) -> bool:
-        """Checks the operation against the object carrying the group's anchor now."""
+        def write(shard: _Shard) -> dict[str, Any]:
+            if not self._still_to_do(shard, operation, record):
+                return {"requests": 0}
+            try:
+                requests = shard.directory.apply(operation)
+            finally:
+                shard.seen.pop(operation.group_id, None)
+                self._forget(operation.group_id)
+            record.fields["requests"] = requests
+            return {"requests": requests}
+
+        return self._shard_of(operation.group_id).run(write)
+
+    def _still_to_do(self, shard: _Shard, operation: Operation, record: _Audit) -> bool:
+        """Checks the operation against the object that carries the group's anchor."""
+        gid = operation.group_id
         if isinstance(operation, Add):
+            current = shard.directory.find_groups([gid], members=False).get(gid)
+            shard.saw(gid, current, self._clock(), members=False)
+            record.fields["checked"] = "read"
             if current is not None:
                 raise DirectoryChanged(
-                    f"group {operation.group_id} already exists at {current.dn}; it is "
-                    "never created twice"
+                    f"group {gid} already exists at {current.dn}; it is never created twice"
                 )
             return True
-        if isinstance(operation, Delete) and current is None:
+        by_dn = removals_by_dn(operation)
+        seen = self._fresh(shard, gid, members=bool(by_dn))
+        if seen is None or seen.dn is None or dn_key(seen.dn) != dn_key(operation.dn):
+            seen = self._read(shard, gid, members=bool(by_dn))  # maybe moved or renamed since
+            record.fields["checked"] = "read"
+        else:
+            record.fields["checked"] = "reading"
+        if isinstance(operation, Delete) and seen.dn is None:
             return False  # already gone: done
-        if current is None or dn_key(current.dn) != dn_key(operation.dn):
+        if seen.dn is None or dn_key(seen.dn) != dn_key(operation.dn):
             raise PolicyRefused(
                 f"{operation.dn} is not the object that carries the anchor of group "
-                f"{operation.group_id} in the target OU"
+                f"{gid} in the target OU"
+            )
+        held = {dn_key(dn) for dn in seen.other_members or ()}
+        strays = [dn for dn in by_dn if dn_key(dn) not in held]
+        if strays:
+            raise PolicyRefused(
+                f"members to remove by DN must be members of group {gid} without a SID: "
+                f"{'; '.join(strays)}"
             )
         if isinstance(operation, Delete):
             self._deletes.take()
         return True
+
+    def _fresh(self, shard: _Shard, group_id: str, *, members: bool) -> _Seen | None:
+        seen = shard.seen.get(group_id)
+        if seen is None or self._clock() - seen.at > READING_TTL:
+            return None
+        if members and seen.other_members is None:
+            return None
+        return seen
+
+    def _read(self, shard: _Shard, group_id: str, *, members: bool) -> _Seen:
+        found = shard.directory.find_groups([group_id], members=members).get(group_id)
+        shard.saw(group_id, found, self._clock(), members=members)
+        return shard.seen[group_id]
 
     # -- readings kept between pages ------------------------------------------------
 
@@ -287,10 +434,10 @@ class AgentService:
                 return None
             return kept[0]
 
-    def _new_listing(self) -> tuple[str, list[_Reading]]:
+    def _new_listing(self, shard: _Shard) -> tuple[str, list[_Reading]]:
         now = self._clock()
         readings = [
-            _Reading.of(group, now, self._member_page) for group in self._directory.iter_groups()
+            _Reading.of(group, now, self._member_page) for group in shard.directory.iter_groups()
         ]
         readings.sort(key=lambda r: _sort_key(r.group.group_id, r.group.dn))
         for reading in readings:
@@ -338,14 +485,28 @@ def _position_after(listing: list[_Reading], cursor: tuple[str, Any]) -> int:
 # -- the agent process ----------------------------------------------------------------
 
 
-def build_agent(settings: AgentSettings) -> tuple[AgentService, ThreadLocalDirectory]:
-    """The agent's service over one LDAP connection per listener thread."""
-    from writeback.adapters.thread_local import ThreadLocalDirectory
+def build_agent(settings: AgentSettings, state: AgentState | None = None) -> AgentService:
+    """The agent's service: its policy from its own settings, one LDAP connection
+    per shard (``WRITEBACK_AGENT_CONCURRENCY`` of them)."""
+    from writeback.agent_protocol import audience
     from writeback.bootstrap import build_ldap_directory
 
-    directory = ThreadLocalDirectory(lambda: build_ldap_directory(settings.directory))
-    policy = AgentPolicy(target_ou=settings.directory.target_ou, delete_limit=settings.delete_limit)
-    return AgentService(directory, policy, settings.relay.caller_key), directory
+    directory = settings.directory
+    policy = AgentPolicy(
+        target_ou=directory.target_ou,
+        delete_limit=settings.delete_limit,
+        group_type=directory.group_type,
+        dn_format=directory.dn_format,
+        mail_domains=settings.mail_domains,
+    )
+    return AgentService(
+        lambda: build_ldap_directory(directory),
+        policy,
+        settings.relay.caller_key,
+        audience=audience(settings.relay.namespace, settings.relay.path),
+        state=state,
+        shards=settings.concurrency,
+    )
 
 
 def relay_handler(service: AgentService) -> Callable[[RelayRequest], RelayResponse]:
@@ -363,10 +524,12 @@ def relay_handler(service: AgentService) -> Callable[[RelayRequest], RelayRespon
 
 def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
     """Listen on the hybrid connection until ``stop`` is set; reconnects on its own."""
+    from writeback.adapters.agent_state import AgentStateStore
     from writeback.adapters.hybrid_connection import HybridConnectionListener
     from writeback.bootstrap import relay_endpoint
 
-    service, directory = build_agent(settings)
+    state = AgentStateStore(settings.state_path)
+    service = build_agent(settings, state)
     listener = HybridConnectionListener(
         relay_endpoint(settings.relay),
         settings.relay.key_name,
@@ -375,12 +538,14 @@ def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
         max_concurrency=settings.concurrency,
     )
     log.info(
-        "agent: listening on %s/%s for %s",
+        "agent: listening on %s/%s for %s (state in %s)",
         settings.relay.namespace,
         settings.relay.path,
         settings.directory.target_ou,
+        state.path,
     )
     try:
         listener.run(stop)
     finally:
-        directory.close()
+        service.close()
+        state.close()
