@@ -94,17 +94,17 @@ def test_every_function_of_the_app_loads_on_the_worker(indexed: dict[str, Any]) 
             assert binding["raw"]["type"] == binding["type"]
 
 
-def test_the_service_bus_trigger_binds_a_session_batch(indexed: dict[str, Any]) -> None:
+def test_the_service_bus_trigger_binds_one_message_of_a_session(indexed: dict[str, Any]) -> None:
     [(name, trigger)] = bindings(indexed, "worker").items()
-    assert name == "messages"
+    assert name == "message"
     assert (trigger["type"], trigger["direction"]) == ("serviceBusTrigger", "in")
-    # No dataType: the host hands the worker the bodies as bytes (collection_bytes).
+    # No dataType: the host hands the worker the body as bytes.
     assert trigger["data_type"] == "undefined"
     raw = trigger["raw"]
     assert raw["isSessionsEnabled"] is True
     assert raw["connection"] == "WRITEBACK_SERVICEBUS"
     assert raw["queueName"] == "%WRITEBACK_SERVICEBUS_QUEUE%"
-    assert str(raw["cardinality"]).lower() == "many"
+    assert str(raw["cardinality"]).lower() == "one"  # single dispatch (bench/functions_trigger)
     assert raw["autoCompleteMessages"] is True
     assert "dataType" not in raw
 
