@@ -109,6 +109,10 @@ class CloudSource(Protocol):
         """A delta link for this one group as of now (nothing read)."""
         ...
 
+    def group_delta_links(self, group_ids: Sequence[str]) -> dict[str, str | WritebackError]:
+        """:meth:`group_delta_link` for many groups at once; one group's error is its own."""
+        ...
+
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
         """What changed for this group since ``delta_link``; None when Graph
         refused the link, so the caller does a full read instead."""

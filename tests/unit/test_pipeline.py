@@ -203,7 +203,7 @@ def test_a_small_group_is_read_in_full_and_keeps_no_delta_link(world: MemoryWorl
     world.cloud.add_members(gid, [world.user("carl")])
     world.notify(gid)
     world.drain()
-    assert world.cloud.calls["group_delta"] == 0 and world.cloud.calls["group_delta_link"] == 1
+    assert world.cloud.calls["group_delta"] == 0 and world.cloud.calls["group_delta_links"] == 1
     assert world.ad_members(gid) == {"ann", "bob", "carl"}
 
 

@@ -282,11 +282,13 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
                 wants_link.append(gid)
     results: dict[str, Result] = {}
     try:
-        links = {gid: ctx.cloud.group_delta_link(gid) for gid in wants_link}
+        answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
         current = ctx.directory.find_groups(ids, members=True)
     except WritebackError as error:
         return {gid: error for gid in ids}
+    # A group whose link could not be had is read all the same; it gets one next time.
+    links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
