@@ -73,9 +73,9 @@ BENCHES = (
     ),
     Bench(
         "Single-machine pipeline (bench/pipeline.py)",
-        ("bench/pipeline.py",),
+        ("-m", "bench.pipeline"),
         (),
-        ("--events", "200", "--paced", "40", "--big", "3000", "--users", "500"),
+        ("--sizes", "200", "--paced", "40", "--big", "3000", "--users", "500"),
         "127.0.0.31",
     ),
 )

@@ -317,11 +317,15 @@ class StoredLink:
 
     ``delta_link`` is empty for a group read in full every time (a small one);
     ``stored_at`` (Unix seconds; 0 when unknown) ages the link out before Graph's
-    delta token does."""
+    delta token does. ``trusted``: the link is known not to be ahead of what was
+    written with it (a delta round's own next link, or one a later full read
+    confirmed); a link asked for as of now next to a full read is not, since that
+    read may have come from a replica behind it."""
 
     delta_link: str
     member_count: int
     stored_at: float = 0.0
+    trusted: bool = False
 
 
 class DeltaLinkStore(Protocol):
