@@ -155,17 +155,19 @@ def test_every_setting_a_binding_names_is_in_the_sample_settings(indexed: dict[s
 
 
 def test_a_pep_585_list_annotation_makes_the_worker_load_no_function(tmp_path: Path) -> None:
-    """The form function_app.py had before: the whole app is refused, not one function."""
+    """The form function_app.py had before (a batch trigger annotated ``list[...]``):
+    the whole app is refused, not one function."""
     source = (ROOT / "function_app.py").read_text()
     broken, count = re.subn(
-        r"messages: typing\.List\[func\.ServiceBusMessage\]",
-        "messages: list[func.ServiceBusMessage]",
+        r"def worker\(message: func\.ServiceBusMessage\)",
+        "def worker(message: list[func.ServiceBusMessage])",
         source,
     )
     assert count == 1
+    broken = broken.replace("cardinality=func.Cardinality.ONE", "cardinality=func.Cardinality.MANY")
     (tmp_path / "function_app.py").write_text(broken)
     status, answer = index(tmp_path)
     assert status == 1 and answer["ok"] is False
     assert answer["functions"] == []
     assert "FunctionLoadError: cannot load the worker function" in answer["error"]
-    assert "binding messages has invalid non-type annotation list[" in answer["error"]
+    assert "binding message has invalid non-type annotation list[" in answer["error"]
