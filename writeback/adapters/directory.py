@@ -103,7 +103,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from writeback.adapters.ldap_clients import (
     EXTENDED_DN_OID,
@@ -129,6 +129,7 @@ from writeback.adapters.ldap_values import (
     guid_filter_value,
     parse_extended_dn,
     parse_range,
+    read_dn,
     result_name,
     split_members,
 )
@@ -147,7 +148,6 @@ from writeback.domain.model import (
 )
 from writeback.domain.naming import (
     DnKey,
-    canonical_dn,
     dn_key,
     escape_filter_value,
     parent_of,
@@ -221,6 +221,14 @@ class _Members:
         if ref.guid:
             return ref.guid.lower() in self.guids
         return dn_key(ref.dn) in self.dns
+
+
+class _Read(NamedTuple):
+    """A group as one read found it, with what identifies its object."""
+
+    group: DirectoryGroup
+    guid: str | None
+    key: DnKey
 
 
 @dataclass
@@ -299,6 +307,7 @@ class LdapDirectory:
         self._dns_of: dict[str, set[DnKey]] = {}
         #: group id → the objectGUID of the object a read found carrying its anchor.
         self._guids: dict[str, str] = {}
+        self._ou_key = dn_key(target_ou)
         self._schema: frozenset[str] | None = None
 
     @property
@@ -374,22 +383,19 @@ class LdapDirectory:
         duplicates: dict[str, tuple[str, ...]] = {}
         for group_id in ids:
             self._forget(group_id)
-            groups = found.get(group_id, [])
-            if len(groups) > 1:
-                duplicates[group_id] = tuple(group.dn for group, _ in groups)
-            elif groups:
-                group, guid = groups[0]
-                self._remember(group, guid)
-                result[group_id] = group
+            reads = found.get(group_id, [])
+            if len(reads) > 1:
+                duplicates[group_id] = tuple(r.group.dn for r in reads)
+            elif reads:
+                self._remember(*reads[0])
+                result[group_id] = reads[0].group
         if duplicates:
             raise DuplicateAnchor(duplicates, result)
         return result
 
-    def _find_many(
-        self, ids: list[str], *, members: bool
-    ) -> dict[str, list[tuple[DirectoryGroup, str | None]]]:
+    def _find_many(self, ids: list[str], *, members: bool) -> dict[str, list[_Read]]:
         wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
-        found: dict[str, list[tuple[DirectoryGroup, str | None]]] = {}
+        found: dict[str, list[_Read]] = {}
         by_guid = {self._guids[gid]: gid for gid in ids if gid in self._guids}
         misses = [gid for gid in ids if gid not in self._guids]
         cached = list(by_guid)
@@ -401,10 +407,9 @@ class LdapDirectory:
                 self._target_ou, f"(&(objectClass=group)(|{ors}))", "subtree", wanted
             )
             for entry in entries:
-                group, guid = self._parse(entry, members=members)
-                expected = by_guid.get(guid or "")
-                if group is not None and expected is not None and group.group_id == expected:
-                    found[expected] = [(group, guid)]
+                got = self._parse(entry, members=members)
+                if got is not None and by_guid.get(got.guid or "") == got.group.group_id:
+                    found[got.group.group_id] = [got]
         misses += [gid for gid in by_guid.values() if gid not in found]
         for start in range(0, len(misses), FILTER_BATCH):
             chunk = set(misses[start : start + FILTER_BATCH])
@@ -415,9 +420,9 @@ class LdapDirectory:
                 self._target_ou, f"(&(objectClass=group)(|{ors}))", "subtree", wanted
             )
             for entry in entries:
-                group, guid = self._parse(entry, members=members)
-                if group is not None and group.group_id in chunk:
-                    found.setdefault(group.group_id, []).append((group, guid))
+                got = self._parse(entry, members=members)
+                if got is not None and got.group.group_id in chunk:
+                    found.setdefault(got.group.group_id, []).append(got)
         return found
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
@@ -430,12 +435,12 @@ class LdapDirectory:
             page, cookie = self._read(lambda: self._page(None)) if first else self._page(cookie)
             first = False
             for entry in page:
-                group, guid = self._parse(entry)
-                if group is None:
+                got = self._parse(entry)
+                if got is None:
                     continue
-                counted[group.group_id] += 1
-                found.add(self._remember(group, guid))
-                yield group
+                counted[got.group.group_id] += 1
+                found.add(self._remember(*got))
+                yield got.group
         for key in known_before - found:
             self._drop_dn(key)
         for group_id, count in counted.items():
@@ -447,12 +452,10 @@ class LdapDirectory:
             self._target_ou, _ANCHORED, [*_GROUP_ATTRIBUTES, self._member_attribute(0)], cookie
         )
 
-    def _parse(
-        self, entry: Entry, *, members: bool = True
-    ) -> tuple[DirectoryGroup | None, str | None]:
-        """A DirectoryGroup from a search entry and its objectGUID, reading the rest
-        of a ranged member (members left empty when ``members`` is False); None
-        for an object that does not carry an anchor of ours, or lies outside."""
+    def _parse(self, entry: Entry, *, members: bool = True) -> _Read | None:
+        """A DirectoryGroup from a search entry, with its objectGUID and DN key,
+        reading the rest of a ranged member (members left empty when ``members``
+        is False); None for an object without an anchor of ours, or outside."""
         ref = parse_extended_dn(entry.dn)
         attributes: dict[str, tuple[str, ...]] = {}
         for name, values in entry.attributes.items():
@@ -461,9 +464,12 @@ class LdapDirectory:
                 attributes[canonical] = decode(values)
         anchor = attributes.get("adminDescription", ())
         group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
-        dn = canonical_dn(ref.dn)
-        if group_id is None or not strictly_within(dn, self._target_ou):
-            return None, ref.guid
+        if group_id is None:
+            return None
+        dn, key = read_dn(ref.dn)
+        ou = self._ou_key
+        if len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:  # not strictly below
+            return None
         sids: set[str] = set()
         others: set[str] = set()
         if members:
@@ -476,7 +482,7 @@ class LdapDirectory:
             other_members=frozenset(others),
             object_sid=ref.sid,
         )
-        return group, ref.guid.lower() if ref.guid else None
+        return _Read(group, ref.guid.lower() if ref.guid else None, key)
 
     def _member_attribute(self, low: int) -> str:
         if self._range_window is None:
@@ -500,8 +506,8 @@ class LdapDirectory:
         self.member_values_read += len(values)
         return values
 
-    def _remember(self, group: DirectoryGroup, guid: str | None) -> DnKey:
-        key = dn_key(group.dn)
+    def _remember(self, group: DirectoryGroup, guid: str | None, key: DnKey | None = None) -> DnKey:
+        key = dn_key(group.dn) if key is None else key
         previous = self._seen.get(key)
         if previous is not None and previous != group.group_id:
             self._dns_of.get(previous, set()).discard(key)
