@@ -58,6 +58,13 @@ BENCHES = (
         "127.0.0.30",
     ),
     Bench(
+        "LDAP clients: ldap3 and python-ldap on the same DC",
+        ("bench/ldap_client.py",),
+        ("--groups", "20000", "--memberships", "400000", "--users", "5000"),
+        ("--groups", "500", "--memberships", "5000", "--users", "500", "--modifies", "300"),
+        "127.0.0.33",
+    ),
+    Bench(
         "One group of 250,000 members",
         ("-m", "bench.large_group"),
         ("--members", "250000"),

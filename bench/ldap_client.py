@@ -37,7 +37,6 @@ from ldap.controls import RequestControl
 from ldap.controls.libldap import SimplePagedResultsControl
 from ldap3 import BASE, MODIFY_ADD, SUBTREE, Connection
 
-from writeback.adapters.directory import LdapDirectory
 from writeback.domain.mapping import MANAGED_ATTRIBUTES
 from writeback.domain.model import anchor_for
 from writeback.report import markdown_table
@@ -337,10 +336,12 @@ class Bench:
                 seen = sum(1 for _ in directory.iter_groups())
             assert seen == groups, seen
 
+        with self.dc.directory(ou) as probe:
+            client = probe.client_name
         for label, work in (
             ("ldap3 raw entries", ldap3_raw),
             ("python-ldap raw entries", python_ldap_raw),
-            (f"adapter iter_groups ({_adapter_client()})", adapter),
+            (f"adapter iter_groups ({client})", adapter),
         ):
             result = timed(1, work)
             self.rows.append(
@@ -373,10 +374,6 @@ def _python_ldap_pages(conn: Any, base: str, search_filter: str) -> Iterator[tup
         if not cookie:
             return
         page.cookie = cookie
-
-
-def _adapter_client() -> str:
-    return str(getattr(LdapDirectory, "CLIENT", "ldap3"))
 
 
 def _escape(raw: bytes) -> str:

@@ -433,6 +433,21 @@ def test_iter_groups_fills_the_guid_cache(
     assert sent == 1 and set(found) == set(ids)
 
 
+def test_iter_groups_stopped_early_leaves_the_connection_usable(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    ids = make_groups(samba_dc, ou, open_directory, 25, [])
+    directory = open_directory(samba_dc, ou, page_size=10)
+    groups = directory.iter_groups()
+    first = [next(groups) for _ in range(5)]  # the second page is on its way meanwhile
+    groups.close()
+    assert directory.request_counts["search"] == 2
+    assert set(directory.find_groups(ids)) == set(ids)
+    assert {g.group_id for g in directory.iter_groups()} == set(ids)
+    assert {g.group_id for g in first} <= set(ids)
+
+
 def test_find_groups_follows_a_move_within_the_ou_but_not_out_of_it(
     samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
 ) -> None:

@@ -101,7 +101,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -425,32 +425,56 @@ class LdapDirectory:
                     found.setdefault(got.group.group_id, []).append(got)
         return found
 
-    def iter_groups(self) -> Iterator[DirectoryGroup]:
+    def iter_groups(self) -> Generator[DirectoryGroup, None, None]:
+        """Every anchored group, page by page. The next page is asked for before
+        this one is parsed, so the DC builds it while this process parses (where
+        the client can have two requests outstanding: python-ldap)."""
         known_before = set(self._seen)
         found: set[DnKey] = set()
         counted: Counter[str] = Counter()
-        cookie: bytes | None = None
-        first = True
-        while first or cookie:
-            page, cookie = self._read(lambda: self._page(None)) if first else self._page(cookie)
-            first = False
-            for entry in page:
-                got = self._parse(entry)
-                if got is None:
-                    continue
-                counted[got.group.group_id] += 1
-                found.add(self._remember(*got))
-                yield got.group
+        page, cookie = self._read(lambda: self._collect_page(self._send_page(None)))
+        while True:
+            ahead = self._send_page(cookie) if cookie else None
+            try:
+                for entry in page:
+                    got = self._parse(entry)
+                    if got is None:
+                        continue
+                    counted[got.group.group_id] += 1
+                    found.add(self._remember(*got))
+                    yield got.group
+            except BaseException:  # the caller stopped early, or a ranged read failed
+                if ahead is not None:
+                    self._client.abandon(ahead)
+                raise
+            if ahead is None:
+                break
+            page, cookie = self._collect_page(ahead)
         for key in known_before - found:
             self._drop_dn(key)
         for group_id, count in counted.items():
             if count > 1:  # the anchor search, which sees both, decides next time
                 self._guids.pop(group_id, None)
 
-    def _page(self, cookie: bytes | None) -> tuple[list[Entry], bytes | None]:
-        return self._search_paged(
-            self._target_ou, _ANCHORED, [*_GROUP_ATTRIBUTES, self._member_attribute(0)], cookie
+    def _send_page(self, cookie: bytes | None) -> object:
+        attributes = [*_GROUP_ATTRIBUTES, self._member_attribute(0)]
+        return self._call(
+            "search",
+            self._target_ou,
+            lambda c: c.send_search(
+                self._target_ou,
+                "subtree",
+                _ANCHORED,
+                attributes,
+                extended=True,
+                page_size=self._page_size,
+                cookie=cookie,
+            ),
         )
+
+    def _collect_page(self, token: object) -> tuple[list[Entry], bytes | None]:
+        client = self._client
+        return self._mapped("search", self._target_ou, lambda: client.collect(token))
 
     def _parse(self, entry: Entry, *, members: bool = True) -> _Read | None:
         """A DirectoryGroup from a search entry, with its objectGUID and DN key,
@@ -851,27 +875,11 @@ class LdapDirectory:
         entries, _ = self._call(
             "search",
             base,
-            lambda c: c.search(base, scope, search_filter, wanted, extended=extended),
-        )
-        return entries
-
-    def _search_paged(
-        self, base: str, search_filter: str, attributes: Iterable[str], cookie: bytes | None
-    ) -> tuple[list[Entry], bytes | None]:
-        wanted = list(attributes)
-        return self._call(
-            "search",
-            base,
-            lambda c: c.search(
-                base,
-                "subtree",
-                search_filter,
-                wanted,
-                extended=True,
-                page_size=self._page_size,
-                cookie=cookie,
+            lambda c: c.collect(
+                c.send_search(base, scope, search_filter, wanted, extended=extended)
             ),
         )
+        return entries
 
     def _call(self, what: str, dn: str, send: Callable[[Client], _T]) -> _T:
         """Send one request; map failures to our errors."""

@@ -12,11 +12,12 @@ libldap's headers, which Azure Functions' remote build and Windows lack.
 Both give :class:`~writeback.adapters.directory.LdapDirectory` the same small
 surface: open (connect, TLS with the certificate and host name validated,
 StartTLS on ``ldap://``, simple bind), search (optionally paged, optionally
-with the extended-DN control), add, modify, rename, delete, and for add and
-modify a send/wait pair so several requests can be outstanding on one
-connection (ldap3 waits at send). Values go in as text and come back as bytes;
-attribute names come back lower-cased. Failures are raised as the exceptions
-below, which the adapter maps to writeback's errors with the request's context.
+with the extended-DN control), add, modify, rename, delete. Search, add and
+modify are a send and a wait each, so several requests can be outstanding on
+one connection (ldap3 carries each out at send, and the wait reports it).
+Values go in as text and come back as bytes; attribute names come back
+lower-cased. Failures are raised as the exceptions below, which the adapter
+maps to writeback's errors with the request's context.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Client(Protocol):
 
     def close(self) -> None: ...
 
-    def search(
+    def send_search(
         self,
         base: str,
         scope: Scope,
@@ -126,8 +127,16 @@ class Client(Protocol):
         extended: bool,
         page_size: int | None = None,
         cookie: bytes | None = None,
-    ) -> tuple[list[Entry], bytes | None]:
-        """Entries (no referrals) and, for a paged search, the next page's cookie."""
+    ) -> object:
+        """Send a search (optionally paged) without waiting for it."""
+        ...
+
+    def collect(self, token: object) -> tuple[list[Entry], bytes | None]:
+        """A sent search's entries (no referrals) and, when paged, the next cookie."""
+        ...
+
+    def abandon(self, token: object) -> None:
+        """Give up a sent search whose answer is no longer wanted."""
         ...
 
     def send_add(self, dn: str, attributes: Mapping[str, Sequence[str]]) -> object: ...
@@ -237,7 +246,7 @@ class PythonLdapClient:
             with contextlib.suppress(self._ldap.LDAPError, OSError):
                 conn.unbind_ext_s()
 
-    def search(
+    def send_search(
         self,
         base: str,
         scope: Scope,
@@ -247,19 +256,23 @@ class PythonLdapClient:
         extended: bool,
         page_size: int | None = None,
         cookie: bytes | None = None,
-    ) -> tuple[list[Entry], bytes | None]:
+    ) -> object:
         controls = [self._extended] if extended else []
         if page_size is not None:
             from ldap.controls.libldap import SimplePagedResultsControl
 
             controls.append(SimplePagedResultsControl(True, size=page_size, cookie=cookie or b""))
         try:
-            conn = self._connection()
-            msgid = conn.search_ext(
+            return self._connection().search_ext(
                 base, self._scopes[scope], search_filter, list(attributes), serverctrls=controls
             )
-            _, data, _, response_controls = conn.result3(
-                msgid, all=1, timeout=self._endpoint.timeout
+        except self._ldap.LDAPError as error:
+            self._raise(error)
+
+    def collect(self, token: object) -> tuple[list[Entry], bytes | None]:
+        try:
+            _, data, _, response_controls = self._connection().result3(
+                token, all=1, timeout=self._endpoint.timeout
             )
         except self._ldap.LDAPError as error:
             self._raise(error)
@@ -273,6 +286,11 @@ class PythonLdapClient:
             if control.controlType == PAGED_RESULTS_OID:
                 next_cookie = control.cookie or None
         return entries, next_cookie
+
+    def abandon(self, token: object) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(self._ldap.LDAPError):
+                self._conn.abandon_ext(token)
 
     def send_add(self, dn: str, attributes: Mapping[str, Sequence[str]]) -> object:
         modlist = [(name, [v.encode() for v in values]) for name, values in attributes.items()]
@@ -521,7 +539,7 @@ class Ldap3Client:
             with contextlib.suppress(Exception):  # already gone: nothing to release
                 conn.unbind()
 
-    def search(
+    def send_search(
         self,
         base: str,
         scope: Scope,
@@ -531,6 +549,40 @@ class Ldap3Client:
         extended: bool,
         page_size: int | None = None,
         cookie: bytes | None = None,
+    ) -> object:
+        """Carries the search out; :meth:`collect` returns what it found."""
+        try:
+            return self._search(
+                base,
+                scope,
+                search_filter,
+                attributes,
+                extended=extended,
+                page_size=page_size,
+                cookie=cookie,
+            )
+        except ClientFailure as failure:
+            return _Failed(failure)
+
+    def collect(self, token: object) -> tuple[list[Entry], bytes | None]:
+        if isinstance(token, _Failed):
+            raise token.failure
+        assert isinstance(token, tuple)
+        return token
+
+    def abandon(self, token: object) -> None:
+        return None
+
+    def _search(
+        self,
+        base: str,
+        scope: Scope,
+        search_filter: str,
+        attributes: Sequence[str],
+        *,
+        extended: bool,
+        page_size: int | None,
+        cookie: bytes | None,
     ) -> tuple[list[Entry], bytes | None]:
         controls = [(EXTENDED_DN_OID, True, EXTENDED_DN_VALUE)] if extended else None
         paging: dict[str, Any] = {}
