@@ -60,7 +60,17 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
     users_ou = dc.create_ou("BenchUsers")
     t = time.monotonic()
     sids = dc.create_users(users_ou, [f"u{i}" for i in range(users)])
-    print(f"setup: {users} users in {time.monotonic() - t:.1f} s", flush=True)
+    # Each plain loop writes the same groups with members of a population of its
+    # own, so every writer's users end up with as many memberOf back-links (Samba
+    # grows a user's record with each one): only the database's size grows under
+    # the later writers, and the sync writes last.
+    mirrors = []
+    for prefix in ("a", "b"):
+        mirror = dc.create_users(users_ou, [f"{prefix}{i}" for i in range(users)])
+        mirrors.append(
+            {f"<SID={sids[f'u{i}']}>": f"<SID={mirror[f'{prefix}{i}']}>" for i in range(users)}
+        )
+    print(f"setup: 3 x {users} users in {time.monotonic() - t:.1f} s", flush=True)
     tenant = build_tenant(sids, groups, memberships)
     target = dc.create_ou("BenchGroups")
     options: dict[str, Any] = {"page_size": 200}
@@ -83,10 +93,10 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
         plan = plan_sync(cloud, directory, options_, SyncPolicy())
         read_seconds = time.monotonic() - started
         adds = [op for op in plan.operations if isinstance(op, Add)]
-        ldap3_rate, ldap3_ou = plain_ldap3_loop(dc, adds)
+        ldap3_rate, ldap3_ou = plain_ldap3_loop(dc, adds, mirrors[0])
         print(f"plain ldap3 add loop: {ldap3_rate:.0f}/s", flush=True)
         native = python_ldap_available()
-        pyl_rate, pyl_ou = plain_python_ldap_loop(dc, adds) if native else (0.0, "")
+        pyl_rate, pyl_ou = plain_python_ldap_loop(dc, adds, mirrors[1]) if native else (0.0, "")
         if native:
             print(f"plain python-ldap add loop: {pyl_rate:.0f}/s", flush=True)
         ldap3_read = plain_ldap3_read(dc, ldap3_ou)
@@ -209,9 +219,10 @@ def timed_sync(
     return result, time.monotonic() - started, planned - started
 
 
-def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
+def plain_ldap3_loop(dc: SambaDC, adds: list[Add], mirror: dict[str, str]) -> tuple[float, str]:
     """The sync's own adds replayed as bare ldap3 calls into another OU: one add per group
-    with the same attributes and members, no planning, no guard, no retries."""
+    with the same attributes and as many members (their ``mirror`` users), no planning,
+    no guard, no retries."""
     ou = dc.create_ou("BenchPlain")
     conn: Connection = dc.connection()
     started = time.monotonic()
@@ -220,7 +231,7 @@ def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
         attributes["sAMAccountName"] = f"plain{n}"
         attributes["adminDescription"] = f"Plain_{n}"
         if add.members:
-            attributes["member"] = list(add.members)
+            attributes["member"] = [mirror[m] for m in add.members]
         if not conn.add(f"CN=plain{n},{ou}", attributes=attributes):
             raise RuntimeError(f"plain add failed: {conn.result}")
     seconds = time.monotonic() - started
@@ -228,7 +239,9 @@ def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
     return len(adds) / seconds, ou
 
 
-def plain_python_ldap_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
+def plain_python_ldap_loop(
+    dc: SambaDC, adds: list[Add], mirror: dict[str, str]
+) -> tuple[float, str]:
     """The same adds as bare synchronous python-ldap calls, into a third OU."""
     ou = dc.create_ou("BenchPlainPythonLdap")
     conn = python_ldap_connection(dc)
@@ -239,7 +252,7 @@ def plain_python_ldap_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
         entry += [("sAMAccountName", [f"plainc{n}".encode()])]
         entry += [("adminDescription", [f"PlainC_{n}".encode()])]
         if add.members:
-            entry.append(("member", [m.encode() for m in add.members]))
+            entry.append(("member", [mirror[m].encode() for m in add.members]))
         conn.add_ext_s(f"CN=plainc{n},{ou}", entry)
     seconds = time.monotonic() - started
     conn.unbind_s()
