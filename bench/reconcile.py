@@ -2,9 +2,10 @@
 
 Prints groups, memberships, LDAP operations, seconds for a full initial sync
 and a no-op re-sync, and the sync's LDAP write rate next to plain loops that
-add the same groups with the same members to other OUs of the same DC, in the
+add the same groups with as many members to other OUs of the same DC, in the
 same run (bare ldap3 calls, and bare python-ldap calls: the adapter's own
-client when it is installed); the no-op re-sync next to plain paged reads of
+client when it is installed), the three writing in turns so that none meets a
+smaller database than the others; the no-op re-sync next to plain paged reads of
 those copies with their members by each client (the sync reads Graph as well,
 so it can only be slower), with the sync's two reads timed alone as well (it
 makes them at the same time). Sizes are arguments so CI-sized and full-sized
@@ -28,6 +29,7 @@ import resource
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
@@ -39,9 +41,12 @@ from writeback.adapters.ldap_clients import python_ldap_available
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
 from writeback.report import markdown_table
-from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback.service.reconcile import Plan, SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
+
+#: Turns the writers take (see ``run``).
+ROUNDS = 10
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -60,50 +65,34 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
     users_ou = dc.create_ou("BenchUsers")
     t = time.monotonic()
     sids = dc.create_users(users_ou, [f"u{i}" for i in range(users)])
-    # Each plain loop writes the same groups with members of a population of its
-    # own, so every writer's users end up with as many memberOf back-links (Samba
-    # grows a user's record with each one): only the database's size grows under
-    # the later writers, and the sync writes last.
-    mirrors = []
-    for prefix in ("a", "b"):
-        mirror = dc.create_users(users_ou, [f"{prefix}{i}" for i in range(users)])
-        mirrors.append(
-            {f"<SID={sids[f'u{i}']}>": f"<SID={mirror[f'{prefix}{i}']}>" for i in range(users)}
-        )
+    mirrors = [mirror_population(dc, users_ou, sids, prefix) for prefix in ("a", "b")]
     print(f"setup: 3 x {users} users in {time.monotonic() - t:.1f} s", flush=True)
     tenant = build_tenant(sids, groups, memberships)
     target = dc.create_ou("BenchGroups")
-    options: dict[str, Any] = {"page_size": 200}
-    latency_note = "none"
-    if "latency" in inspect.signature(GraphStandIn).parameters:
-        options["latency"] = latency
-        latency_note = f"{latency * 1000:.0f} ms per response"
-    elif latency:
-        raise SystemExit("this Graph stand-in has no latency setting")
-    else:
-        latency_note = "none (this stand-in has no latency setting)"
+    options, latency_note = standin_options(latency)
     standin = RemoteStandIn(tenant, options)
     try:
         cloud = GraphCloud(base_url=standin.url)
         directory = dc.directory(target)
         options_ = MappingOptions(target_ou=target)
-        # The plain loops run first, so the sync writes into the fuller database:
-        # the ratios err against the sync, never for it.
         started = time.monotonic()
         plan = plan_sync(cloud, directory, options_, SyncPolicy())
         read_seconds = time.monotonic() - started
-        adds = [op for op in plan.operations if isinstance(op, Add)]
-        ldap3_rate, ldap3_ou = plain_ldap3_loop(dc, adds, mirrors[0])
-        print(f"plain ldap3 add loop: {ldap3_rate:.0f}/s", flush=True)
         native = python_ldap_available()
-        pyl_rate, pyl_ou = plain_python_ldap_loop(dc, adds, mirrors[1]) if native else (0.0, "")
+        writers: list[PlainWriter] = [PlainLdap3(dc, mirrors[0])]
+        if native:
+            writers.append(PlainPythonLdap(dc, mirrors[1]))
+        first = write_in_turns(plan, directory, writers)
+        ldap3_rate = writers[0].rate
+        pyl_rate = writers[1].rate if native else 0.0
+        print(f"plain ldap3 add loop: {ldap3_rate:.0f}/s", flush=True)
         if native:
             print(f"plain python-ldap add loop: {pyl_rate:.0f}/s", flush=True)
-        ldap3_read = plain_ldap3_read(dc, ldap3_ou)
-        pyl_read = plain_python_ldap_read(dc, pyl_ou) if native else 0.0
-        first = apply_plan(plan, directory)
-        assert not first.failures, first.failures[:3]
         print(f"initial sync: {first.ldap_requests / first.seconds:.0f} writes/s", flush=True)
+        for writer in writers:
+            writer.close()
+        ldap3_read = plain_ldap3_read(dc, writers[0].ou)
+        pyl_read = plain_python_ldap_read(dc, writers[1].ou) if native else 0.0
         first_total = read_seconds + first.seconds
         again, again_total, _ = timed_sync(cloud, directory, options_)
         graph_alone = timed(cloud.snapshot)
@@ -150,6 +139,49 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
         ]
     rows.append(("peak RSS of this process, MB", f"{peak_mb:.0f}"))
     print_table(rows)
+
+
+def mirror_population(dc: SambaDC, ou: str, sids: dict[str, str], prefix: str) -> dict[str, str]:
+    """As many users again, and each ``<SID=>`` of the first population -> its mirror's.
+
+    Each plain loop writes the same groups with members of a population of its own,
+    so every writer's users end up with as many memberOf back-links."""
+    count = len(sids)
+    mirror = dc.create_users(ou, [f"{prefix}{i}" for i in range(count)])
+    return {f"<SID={sids[f'u{i}']}>": f"<SID={mirror[f'{prefix}{i}']}>" for i in range(count)}
+
+
+def standin_options(latency: float) -> tuple[dict[str, Any], str]:
+    """The stand-in's options, with ``latency`` where it has the setting, and a note."""
+    options: dict[str, Any] = {"page_size": 200}
+    if "latency" in inspect.signature(GraphStandIn).parameters:
+        options["latency"] = latency
+        return options, f"{latency * 1000:.0f} ms per response"
+    if latency:
+        raise SystemExit("this Graph stand-in has no latency setting")
+    return options, "none (this stand-in has no latency setting)"
+
+
+def write_in_turns(plan: Plan, directory: LdapDirectory, writers: list[PlainWriter]) -> SyncResult:
+    """The initial sync's writes and the plain loops', taking turns.
+
+    Samba slows down as its database grows, so each writes ROUNDS slices in turn,
+    the first of each round rotating: all of them write into databases of the same
+    sizes. Returns the sync's requests and seconds."""
+    first = SyncResult(plan)
+    total = len(plan.operations)
+    for r in range(ROUNDS):
+        part = plan.operations[r * total // ROUNDS : (r + 1) * total // ROUNDS]
+        turns: list[PlainWriter | None] = [*writers, None]
+        for turn in turns[r % len(turns) :] + turns[: r % len(turns)]:
+            if turn is None:
+                done = apply_plan(replace(plan, operations=part), directory)
+                assert not done.failures, done.failures[:3]
+                first.ldap_requests += done.ldap_requests
+                first.seconds += done.seconds
+            else:
+                turn.write([op for op in part if isinstance(op, Add)])
+    return first
 
 
 class RemoteStandIn:
@@ -219,44 +251,69 @@ def timed_sync(
     return result, time.monotonic() - started, planned - started
 
 
-def plain_ldap3_loop(dc: SambaDC, adds: list[Add], mirror: dict[str, str]) -> tuple[float, str]:
-    """The sync's own adds replayed as bare ldap3 calls into another OU: one add per group
-    with the same attributes and as many members (their ``mirror`` users), no planning,
-    no guard, no retries."""
-    ou = dc.create_ou("BenchPlain")
-    conn: Connection = dc.connection()
-    started = time.monotonic()
-    for n, add in enumerate(adds):
+class PlainWriter:
+    """The sync's own adds replayed as bare client calls into an OU of their own: one
+    add per group with the same attributes and as many members (their ``mirror``
+    users), no planning, no guard, no retries."""
+
+    def __init__(self, dc: SambaDC, mirror: dict[str, str], name: str) -> None:
+        self.ou = dc.create_ou(name)
+        self.mirror = mirror
+        self.count = 0
+        self.seconds = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    def write(self, adds: list[Add]) -> None:
+        started = time.monotonic()
+        for add in adds:
+            self.add(self.count, add)
+            self.count += 1
+        self.seconds += time.monotonic() - started
+
+    def add(self, n: int, add: Add) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PlainLdap3(PlainWriter):
+    def __init__(self, dc: SambaDC, mirror: dict[str, str]) -> None:
+        super().__init__(dc, mirror, "BenchPlain")
+        self.conn: Connection = dc.connection()
+
+    def add(self, n: int, add: Add) -> None:
         attributes: dict[str, object] = {k: list(v) for k, v in add.attributes.items()}
         attributes["sAMAccountName"] = f"plain{n}"
         attributes["adminDescription"] = f"Plain_{n}"
         if add.members:
-            attributes["member"] = [mirror[m] for m in add.members]
-        if not conn.add(f"CN=plain{n},{ou}", attributes=attributes):
-            raise RuntimeError(f"plain add failed: {conn.result}")
-    seconds = time.monotonic() - started
-    conn.unbind()
-    return len(adds) / seconds, ou
+            attributes["member"] = [self.mirror[m] for m in add.members]
+        if not self.conn.add(f"CN=plain{n},{self.ou}", attributes=attributes):
+            raise RuntimeError(f"plain add failed: {self.conn.result}")
+
+    def close(self) -> None:
+        self.conn.unbind()
 
 
-def plain_python_ldap_loop(
-    dc: SambaDC, adds: list[Add], mirror: dict[str, str]
-) -> tuple[float, str]:
-    """The same adds as bare synchronous python-ldap calls, into a third OU."""
-    ou = dc.create_ou("BenchPlainPythonLdap")
-    conn = python_ldap_connection(dc)
-    started = time.monotonic()
-    for n, add in enumerate(adds):
+class PlainPythonLdap(PlainWriter):
+    def __init__(self, dc: SambaDC, mirror: dict[str, str]) -> None:
+        super().__init__(dc, mirror, "BenchPlainPythonLdap")
+        self.conn = python_ldap_connection(dc)
+
+    def add(self, n: int, add: Add) -> None:
         entry = [(k, [v.encode() for v in vs]) for k, vs in add.attributes.items() if vs]
         entry = [e for e in entry if e[0] not in ("sAMAccountName", "adminDescription")]
         entry += [("sAMAccountName", [f"plainc{n}".encode()])]
         entry += [("adminDescription", [f"PlainC_{n}".encode()])]
         if add.members:
-            entry.append(("member", [mirror[m].encode() for m in add.members]))
-        conn.add_ext_s(f"CN=plainc{n},{ou}", entry)
-    seconds = time.monotonic() - started
-    conn.unbind_s()
-    return len(adds) / seconds, ou
+            entry.append(("member", [self.mirror[m].encode() for m in add.members]))
+        self.conn.add_ext_s(f"CN=plainc{n},{self.ou}", entry)
+
+    def close(self) -> None:
+        self.conn.unbind_s()
 
 
 def python_ldap_connection(dc: SambaDC) -> Any:

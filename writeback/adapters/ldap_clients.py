@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
@@ -358,7 +359,11 @@ def _trust(ca_file: str | None) -> tuple[str | None, str | None]:
     if ca_file is not None:
         return ca_file, None
     paths = ssl.get_default_verify_paths()
-    return paths.cafile or paths.openssl_cafile, paths.capath or paths.openssl_capath
+    cafile = paths.cafile or (
+        paths.openssl_cafile if os.path.isfile(paths.openssl_cafile) else None
+    )
+    capath = paths.capath or (paths.openssl_capath if os.path.isdir(paths.openssl_capath) else None)
+    return cafile, capath
 
 
 def certificate_problem(endpoint: Endpoint) -> str | None:
