@@ -8,6 +8,8 @@ for what the triggered function uses.
 
 from __future__ import annotations
 
+import typing
+
 import azure.functions as func
 
 app = func.FunctionApp()
@@ -37,7 +39,9 @@ def lifecycle(req: func.HttpRequest) -> func.HttpResponse:
     cardinality=func.Cardinality.MANY,
     auto_complete_messages=True,
 )
-def worker(messages: list[func.ServiceBusMessage]) -> None:
+# typing.List, not list[...]: the Functions Python worker refuses the PEP 585 form at
+# start-up and then loads no function of the app (tests/unit/test_functions_runtime.py).
+def worker(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
     """One session's burst (one group): one LDAP write, or a settled reason why not."""
     from writeback.hosting.functions import run_worker
 

@@ -60,11 +60,12 @@ from writeback.adapters.hybrid_connection import (
 )
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
+from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
 from writeback.hosting.agent import AgentService, relay_handler
-from writeback.hosting.serve import ServeConfig, Server, ServerStats, ThreadLocalDirectory
+from writeback.hosting.serve import ServeConfig, Server, ServerStats
 from writeback.ports import Directory
 from writeback.report import markdown_table
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant

@@ -42,9 +42,13 @@ param clientState string
 @minLength(32)
 param webhookKey string
 
-@description('relay only: the caller key the Function app and the agent share (python -c "import secrets; print(secrets.token_urlsafe(48))").')
+@description('The caller key the Function app and the relay agent share, 32+ characters (python -c "import secrets; print(secrets.token_urlsafe(48))"). Required in both modes so a short key can never be deployed; with directory=ldap it is not stored anywhere.')
 @secure()
-param relayCallerKey string = ''
+@minLength(32)
+param relayCallerKey string
+
+@description('CIDR ranges (e.g. your workstation\'s "203.0.113.7/32") allowed to reach the SCM (Kudu) site, for publishing the code and SSH; empty (the default) denies everyone.')
+param scmAllowedIpRanges array = []
 
 @allowed([ 'objectid', 'displayname' ])
 param dnFormat string = 'objectid'
@@ -101,6 +105,7 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     prefix: '${prefix}-${suffix}'
     tags: tags
+    principalId: identity.properties.principalId
   }
 }
 
@@ -112,6 +117,7 @@ module storage 'modules/storage.bicep' = {
     contentShare: contentShare
     principalId: identity.properties.principalId
     tags: tags
+    workspaceId: monitoring.outputs.workspaceId
   }
 }
 
@@ -133,6 +139,15 @@ module relay 'modules/relay.bicep' = if (useRelay) {
     name: 'relay-${prefix}-${suffix}'
     hybridConnectionName: 'writeback-agent'
     tags: tags
+    workspaceId: monitoring.outputs.workspaceId
+  }
+}
+
+module serviceBusDiagnostics 'modules/servicebus-diagnostics.bicep' = {
+  name: 'servicebus-diagnostics'
+  params: {
+    namespaceName: split(serviceBus.outputs.fullyQualifiedNamespace, '.')[0]
+    workspaceId: monitoring.outputs.workspaceId
   }
 }
 
@@ -145,6 +160,7 @@ module vault 'modules/keyvault.bicep' = {
     tags: tags
     storageAccountName: storage.outputs.name
     relaySendRuleId: useRelay ? relay.outputs.sendRuleId : ''
+    workspaceId: monitoring.outputs.workspaceId
     secretValues: {
       'client-state': clientState
       'notification-url': 'https://${hostName}/api/notifications?code=${webhookKey}'
@@ -161,6 +177,9 @@ var appSettings = {
   FUNCTIONS_EXTENSION_VERSION: '~4'
   FUNCTIONS_WORKER_RUNTIME: 'python'
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+  // Local auth is off on the component: the host and the OpenTelemetry exporter send
+  // with an Entra token of the app identity (Monitoring Metrics Publisher).
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD;ClientId=${identity.properties.clientId}'
   AzureWebJobsStorage__accountName: storage.outputs.name
   AzureWebJobsStorage__credential: 'managedidentity'
   AzureWebJobsStorage__clientId: identity.properties.clientId
@@ -179,7 +198,9 @@ var appSettings = {
   WRITEBACK_QUEUE_PATH: ''
   WRITEBACK_MAX_DELIVERY_COUNT: '100'
 
-  WRITEBACK_RECONCILE_SCHEDULE: '0 */30 * * * *'
+  WRITEBACK_RECONCILE_SCHEDULE: '0 */5 * * * *'
+  WRITEBACK_RECONCILE_INTERVAL: '1800'
+  WRITEBACK_SETTLE_SECONDS: '60'
   WRITEBACK_SUBSCRIPTION_SCHEDULE: '0 17 3 * * *'
   WRITEBACK_RECONCILE_INCREMENTAL: 'true'
   WRITEBACK_FULL_SYNC_EVERY: '48'
@@ -223,7 +244,6 @@ var appSettings = {
 
   // Read only by single-machine mode (python -m writeback serve), not by the
   // Function app: empty, so a console session in the app sees no surprise.
-  WRITEBACK_RECONCILE_INTERVAL: ''
   WRITEBACK_SUBSCRIPTION_INTERVAL: ''
   WRITEBACK_LISTEN_ADDRESS: ''
   WRITEBACK_LISTEN_PORT: ''
@@ -245,6 +265,8 @@ module app 'modules/functionapp.bicep' = {
     subnetId: subnetId
     settings: appSettings
     webhookKey: webhookKey
+    scmAllowedIpRanges: scmAllowedIpRanges
+    workspaceId: monitoring.outputs.workspaceId
   }
 }
 
@@ -264,5 +286,7 @@ output agentRelayPath string = useRelay ? relay.outputs.hybridConnectionName : '
 @description('For the on-premises agent: WRITEBACK_AGENT_LISTEN_KEY_NAME; read the key with agentListenKeyCommand.')
 output agentListenKeyName string = useRelay ? relay.outputs.listenRuleName : ''
 output agentListenKeyCommand string = useRelay ? 'az relay hyco authorization-rule keys list --resource-group ${resourceGroup().name} --namespace-name ${relay.outputs.namespaceName} --hybrid-connection-name ${relay.outputs.hybridConnectionName} --name ${relay.outputs.listenRuleName} --query primaryKey --output tsv' : ''
+@description('Run once after the first deployment: deletes the namespace-wide RootManageSharedAccessKey rule, which Azure creates with every Relay namespace and nothing here uses (infra/README.md).')
+output relayRootKeyDeleteCommand string = useRelay ? 'az relay namespace authorization-rule delete --resource-group ${resourceGroup().name} --namespace-name ${relay.outputs.namespaceName} --name RootManageSharedAccessKey' : ''
 @description('For the on-premises agent: WRITEBACK_RELAY_CALLER_KEY is the relayCallerKey parameter, also kept here.')
 output agentCallerKeySecret string = useRelay ? 'az keyvault secret show --vault-name ${vaultName} --name relay-caller-key --query value --output tsv' : ''

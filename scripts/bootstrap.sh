@@ -24,3 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -e . -e sandbox
   echo "$want" > "$stamp"
 fi
+
+# The Functions Python worker's indexing runs in a Python 3.13 venv of its own
+# (tests/unit/test_functions_runtime.py checks function_app.py with it).
+bash scripts/functions-runtime

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
     from writeback.adapters.relay import RelayDirectory
-    from writeback.config import QueueKind
     from writeback.ports import EventQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
@@ -139,11 +138,11 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
-    from writeback.config import QueueKind, load_pipeline_settings
+    from writeback.config import Host, load_pipeline_settings
     from writeback.hosting.serve import Server, run_until_signalled
 
     settings = load_settings()
-    pipeline = load_pipeline_settings(default_queue=QueueKind.LOCAL)
+    pipeline = load_pipeline_settings(host=Host.SERVE)
     logging.getLogger("writeback").setLevel(logging.INFO)
     return run_until_signalled(Server.from_settings(settings, pipeline), out)
 
@@ -191,11 +190,11 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    from writeback.config import load_pipeline_settings
+    from writeback.config import Host, load_pipeline_settings
     from writeback.service.status import StateFile, collect_status, format_status
 
-    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
-    state = StateFile(pipeline.state_path).read()
+    pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
+    state = StateFile(pipeline.state_path).read() if pipeline.state_path else {}
     with _queue() as queue:
         status = collect_status(queue, state)
     for line in format_status(status):
@@ -208,10 +207,10 @@ def _print_agent_status(out: TextIO) -> bool:
     """With WRITEBACK_DIRECTORY=relay: whether the agent answers a signed call."""
     import time
 
-    from writeback.config import DirectoryKind
-    from writeback.wiring import build_directory
+    from writeback.bootstrap import build_directory
+    from writeback.config import DirectoryKind, load_directory_kind
 
-    if os.environ.get("WRITEBACK_DIRECTORY", "").strip().lower() != DirectoryKind.RELAY:
+    if load_directory_kind() is not DirectoryKind.RELAY:
         return True
     settings = load_settings()
     if settings.relay is None:
@@ -254,16 +253,37 @@ def _add_permissions(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
         "as --admin-user, whose password is read from standard input",
     )
     permissions.add_argument("--admin-user", metavar="DN|UPN", help="who may change the OU's DACL")
+    permissions.add_argument(
+        "--force",
+        action="store_true",
+        help="with --apply: grant even though the OU already holds groups that are not "
+        "writeback's (no Group_<objectId> anchor) or are protected (adminCount=1)",
+    )
     permissions.set_defaults(run=_permissions)
 
 
 def _permissions(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the ACEs and the commands that set them; with --apply, write them."""
-    from writeback.permissions import describe
+    """Print the ACEs and the commands that set them; with --apply, write them.
+
+    A grant (and a deletion guard) needs an OU of the domain's own, never a
+    default container or the domain root (writeback/domain/target.py); a revoke
+    is allowed anywhere, so a grant made on such a target can be taken back.
+    """
+    from writeback.domain.target import TargetRefused, check_target_ou
+    from writeback.permissions import UnsafeName, check_printable, describe
 
     ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
     if not ou:
         raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
+    try:
+        check_printable("--account", args.account)
+        check_printable("--ou", ou)
+        if not args.revoke:
+            check_target_ou(ou)
+    except TargetRefused as refused:
+        raise ConfigError(f"--ou {ou!r} {refused}; the target must be an OU of your own") from None
+    except UnsafeName as unsafe:
+        raise ConfigError(str(unsafe)) from None
     sid = _apply_permissions(args, ou) if args.apply else None
     lines = describe(ou, args.account, sid, guard=args.deny_deletes, revoke=args.revoke)
     for line in lines:
@@ -293,6 +313,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
         account_dn=args.account,
         aces_for=deletion_guard if args.deny_deletes else delegation,
         revoke=args.revoke,
+        force=args.force,
         ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
     )
     verb = "removed" if args.revoke else "added"
@@ -300,23 +321,13 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
     return done.sid
 
 
-def _tool_queue() -> QueueKind:
-    """An unset WRITEBACK_QUEUE means Service Bus where one is configured, else local."""
-    from writeback.config import QueueKind
-
-    configured = os.environ.get("WRITEBACK_SERVICEBUS_NAMESPACE") or os.environ.get(
-        "WRITEBACK_SERVICEBUS_CONNECTION"
-    )
-    return QueueKind.SERVICEBUS if configured else QueueKind.LOCAL
-
-
 @contextmanager
 def _queue() -> Iterator[EventQueue]:
-    """The queue the settings name (see :func:`_tool_queue`)."""
-    from writeback.config import QueueKind, load_pipeline_settings
-    from writeback.wiring import build_queue
+    """The queue the settings name (Service Bus where one is configured, else local)."""
+    from writeback.bootstrap import build_queue
+    from writeback.config import Host, QueueKind, load_pipeline_settings
 
-    pipeline = load_pipeline_settings(require_client_state=False, default_queue=_tool_queue())
+    pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
     if pipeline.queue is QueueKind.LOCAL and not os.path.exists(pipeline.queue_path):
         raise ConfigError(
             f"WRITEBACK_QUEUE_PATH={pipeline.queue_path!r}: no queue file there "
@@ -334,7 +345,7 @@ def _adapters(
     settings: Settings,
 ) -> Iterator[tuple[GraphCloud, LdapDirectory | RelayDirectory]]:
     """Graph and directory adapters for one command, both closed after it."""
-    from writeback.wiring import build_cloud, build_directory
+    from writeback.bootstrap import build_cloud, build_directory
 
     cloud = build_cloud(settings)
     try:

@@ -68,6 +68,53 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """The Entra app (or user-assigned identity) the Graph and Service Bus clients
+    authenticate as: azure-identity's own variable names, read here like every
+    other setting. Which ones are needed depends on ``WRITEBACK_GRAPH_AUTH``."""
+
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    certificate_path: str | None = None
+
+    def required(self, name: str) -> str:
+        """One of them, or a ConfigError naming the variable (checked when used)."""
+        value = {
+            "AZURE_TENANT_ID": self.tenant_id,
+            "AZURE_CLIENT_ID": self.client_id,
+            "AZURE_CLIENT_SECRET": self.client_secret,
+            "AZURE_CLIENT_CERTIFICATE_PATH": self.certificate_path,
+        }[name]
+        if not value:
+            raise ConfigError(f"{name} is not set (needed by WRITEBACK_GRAPH_AUTH)")
+        return value
+
+
+def load_credentials(env: Mapping[str, str] | None = None) -> Credentials:
+    env = os.environ if env is None else env
+    return Credentials(
+        tenant_id=env.get("AZURE_TENANT_ID", "").strip() or None,
+        client_id=env.get("AZURE_CLIENT_ID", "").strip() or None,
+        client_secret=env.get("AZURE_CLIENT_SECRET", "").strip() or None,
+        certificate_path=env.get("AZURE_CLIENT_CERTIFICATE_PATH", "").strip() or None,
+    )
+
+
+def load_graph_auth(env: Mapping[str, str] | None = None) -> GraphAuth:
+    """``WRITEBACK_GRAPH_AUTH`` alone (the queue tools need it without the rest)."""
+    return _Reader(os.environ if env is None else env).choice(
+        "WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY
+    )
+
+
+def load_directory_kind(env: Mapping[str, str] | None = None) -> DirectoryKind:
+    return _Reader(os.environ if env is None else env).choice(
+        "WRITEBACK_DIRECTORY", DirectoryKind, DirectoryKind.LDAP
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     target_ou: str
     ldap_url: str
@@ -86,6 +133,7 @@ class Settings:
     directory: DirectoryKind = DirectoryKind.LDAP
     #: Set when ``directory`` is RELAY: the Send side of the Hybrid Connection.
     relay: RelaySettings | None = None
+    credentials: Credentials = field(default_factory=Credentials)
 
     def mapping(self, schema_attributes: frozenset[str] = frozenset()) -> MappingOptions:
         return MappingOptions(
@@ -126,6 +174,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         member_chunk=reader.integer("WRITEBACK_MEMBER_CHUNK", 5000, 1, 50_000),
         graph_url=env.get("WRITEBACK_GRAPH_URL") or PUBLIC_GRAPH_URL,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
+        credentials=load_credentials(env),
     )
     _check_target_ou(settings.target_ou)
     _check_graph(settings.graph_url, settings.graph_auth)
@@ -245,11 +294,16 @@ def _existing_file(name: str, path: str | None) -> str | None:
 
 
 def _check_target_ou(dn: str) -> None:
-    first = dn.split(",", 1)[0].strip().lower()
-    if not (first.startswith("ou=") or first.startswith("cn=")) or "dc=" not in dn.lower():
+    """An OU of the domain's own, never a default container (domain/target.py says why)."""
+    from writeback.domain.target import TargetRefused, check_target_ou
+
+    try:
+        check_target_ou(dn)
+    except TargetRefused as refused:
         raise ConfigError(
-            f"WRITEBACK_TARGET_OU={dn!r} must be the DN of an OU, e.g. OU=Groups,DC=corp,DC=example"
-        )
+            f"WRITEBACK_TARGET_OU={dn!r} {refused}; it must be the DN of an OU of your own, "
+            "e.g. OU=M365 Groups,DC=corp,DC=example"
+        ) from None
 
 
 def _check_graph(url: str, auth: GraphAuth) -> None:
@@ -277,6 +331,21 @@ class QueueKind(StrEnum):
     LOCAL = "local"
 
 
+class Host(StrEnum):
+    """Who reads the pipeline settings: the defaults differ, the names do not."""
+
+    #: Single-machine mode: the local queue and a state file by default.
+    SERVE = "serve"
+    #: The Function app: Service Bus; state only where WRITEBACK_STATE_PATH says.
+    FUNCTIONS = "functions"
+    #: ``replay`` and ``status``: Service Bus when one is configured, else local.
+    TOOL = "tool"
+
+
+DEFAULT_STATE_PATH = "writeback-state.json"
+DEFAULT_QUEUE_PATH = "writeback-queue.sqlite3"
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """What the event path needs beyond :class:`Settings` (webhook, queue, timers)."""
@@ -284,7 +353,7 @@ class PipelineSettings:
     #: The clientState of our subscriptions; old values kept during a rotation.
     client_states: tuple[str, ...] = field(repr=False)
     queue: QueueKind = QueueKind.SERVICEBUS
-    queue_path: str = "writeback-queue.sqlite3"
+    queue_path: str = DEFAULT_QUEUE_PATH
     servicebus_namespace: str | None = None
     servicebus_queue: str = "group-events"
     notification_url: str | None = None
@@ -300,28 +369,40 @@ class PipelineSettings:
     full_sync_every: int = 48
     #: Single-machine mode: subscription upkeep every so many seconds.
     subscription_interval: int = 6 * 3600
-    #: Single-machine mode: JSON file with the last reconcile and the subscription.
-    state_path: str = "writeback-state.json"
+    #: JSON file with the last reconcile, its delta link, a pending reconcile request,
+    #: the subscription and the pause switch; None keeps them in memory (a Function
+    #: app without WRITEBACK_STATE_PATH: every reconcile is then a full sync).
+    state_path: str | None = DEFAULT_STATE_PATH
     #: Single-machine mode: where the webhook listens (loopback by default).
     listen_address: str = "127.0.0.1"
     listen_port: int = 7071
     #: Single-machine mode: worker threads taking sessions from the queue.
     workers: int = 2
+    #: Seconds between an event's read and its confirmation read; a group must stay
+    #: gone this long before its object is deleted (Graph is eventually consistent).
+    settle_seconds: int = 60
     #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
     webhook_key: str | None = field(default=None, repr=False)
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
     servicebus_connection: str | None = field(default=None, repr=False)
+    #: How Service Bus is reached when no connection string is set.
+    graph_auth: GraphAuth = GraphAuth.MANAGED_IDENTITY
+    credentials: Credentials = field(default_factory=Credentials)
 
 
 def load_pipeline_settings(
     env: Mapping[str, str] | None = None,
     *,
     require_client_state: bool = True,
-    default_queue: QueueKind = QueueKind.SERVICEBUS,
+    host: Host = Host.FUNCTIONS,
 ) -> PipelineSettings:
-    """The event path's settings. ``require_client_state=False`` is for the tools
-    that only touch the queue (``replay``, ``status``); ``default_queue`` is what
-    an unset ``WRITEBACK_QUEUE`` means (``serve`` defaults to the local queue)."""
+    """The event path's settings, with ``host``'s defaults. ``require_client_state=False``
+    is for what only touches the queue (``replay``, ``status``, the trigger).
+
+    The Service Bus trigger's identity-based connection is
+    ``WRITEBACK_SERVICEBUS__fullyQualifiedNamespace`` (read by the Functions host);
+    our own client uses ``WRITEBACK_SERVICEBUS_NAMESPACE`` and falls back to it, so
+    the namespace is set once."""
     env = os.environ if env is None else env
     reader = _Reader(env)
     states = tuple(
@@ -333,9 +414,18 @@ def load_pipeline_settings(
         raise ConfigError("WRITEBACK_CLIENT_STATE is not set")
     if any(len(s) > 128 for s in states):
         raise ConfigError("WRITEBACK_CLIENT_STATE must be at most 128 characters (Graph's limit)")
-    queue = reader.choice("WRITEBACK_QUEUE", QueueKind, default_queue)
-    namespace = env.get("WRITEBACK_SERVICEBUS_NAMESPACE") or None
+    namespace = (
+        env.get("WRITEBACK_SERVICEBUS_NAMESPACE")
+        or env.get("WRITEBACK_SERVICEBUS__fullyQualifiedNamespace")
+        or None
+    )
     connection = env.get("WRITEBACK_SERVICEBUS_CONNECTION") or None
+    default_queue = {
+        Host.SERVE: QueueKind.LOCAL,
+        Host.FUNCTIONS: QueueKind.SERVICEBUS,
+        Host.TOOL: QueueKind.SERVICEBUS if namespace or connection else QueueKind.LOCAL,
+    }[host]
+    queue = reader.choice("WRITEBACK_QUEUE", QueueKind, default_queue)
     if queue is QueueKind.SERVICEBUS and not (namespace or connection):
         raise ConfigError(
             "WRITEBACK_SERVICEBUS_NAMESPACE is not set (or set WRITEBACK_QUEUE=local)"
@@ -355,7 +445,7 @@ def load_pipeline_settings(
     return PipelineSettings(
         client_states=states,
         queue=queue,
-        queue_path=env.get("WRITEBACK_QUEUE_PATH") or "writeback-queue.sqlite3",
+        queue_path=env.get("WRITEBACK_QUEUE_PATH") or DEFAULT_QUEUE_PATH,
         servicebus_namespace=namespace,
         servicebus_queue=env.get("WRITEBACK_SERVICEBUS_QUEUE") or "group-events",
         notification_url=env.get("WRITEBACK_NOTIFICATION_URL") or None,
@@ -368,10 +458,32 @@ def load_pipeline_settings(
         subscription_interval=reader.integer(
             "WRITEBACK_SUBSCRIPTION_INTERVAL", 6 * 3600, 60, 7 * 86400
         ),
-        state_path=env.get("WRITEBACK_STATE_PATH") or "writeback-state.json",
+        state_path=env.get("WRITEBACK_STATE_PATH")
+        or (None if host is Host.FUNCTIONS else DEFAULT_STATE_PATH),
         listen_address=listen_address,
         listen_port=reader.integer("WRITEBACK_LISTEN_PORT", 7071, 0, 65535),
         workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
+        settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
         servicebus_connection=connection,
+        graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
+        credentials=load_credentials(env),
+    )
+
+
+@dataclass(frozen=True)
+class PermissionsSettings:
+    """What ``permissions`` reads besides its arguments."""
+
+    target_ou: str | None
+    ldap_url: str | None
+    ldap_ca_file: str | None
+
+
+def load_permissions_settings(env: Mapping[str, str] | None = None) -> PermissionsSettings:
+    env = os.environ if env is None else env
+    return PermissionsSettings(
+        target_ou=env.get("WRITEBACK_TARGET_OU", "").strip() or None,
+        ldap_url=env.get("WRITEBACK_LDAP_URL", "").strip() or None,
+        ldap_ca_file=env.get("WRITEBACK_LDAP_CA_FILE") or None,
     )

@@ -52,6 +52,17 @@ class GraphRefused(PermanentError):
     """Graph rejected a request (4xx other than 429): permissions, bad request."""
 
 
+class GraphNotFound(GraphRefused):
+    """Graph answered 404: the object does not exist (or is in the recycle bin)."""
+
+
+class DeltaExpired(GraphRefused):
+    """A delta or skip token is unknown or expired (410 Gone / syncStateNotFound).
+
+    The caller drops its stored delta link and restarts with a full read.
+    """
+
+
 class PoisonEvent(PermanentError):
     """An event body that cannot be parsed or does not describe a group."""
 

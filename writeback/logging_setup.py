@@ -20,9 +20,22 @@ start short). It does two things:
 
 Secrets never reach a log line by construction (settings keep them out of
 ``repr``, the webhook logs counts, not bodies). As a second line of defence
-the formatter drops the value of any extra field whose name looks like a
-secret (password, secret, token, client state, authorization, code, key) and
-any value that is bytes (a raw body).
+every record is redacted before any handler sees it (:class:`RedactingFilter`
+on our handlers and on the OpenTelemetry one, and the formatter again):
+
+* the value of any field whose name looks like a secret (password, secret,
+  token, client state, authorization, credential, code, key), at any depth:
+  extras are walked into dicts, lists, tuples and sets, and an exception given
+  as a value becomes its type and its (redacted) args;
+* bytes (a raw body) become their length;
+* in text (the message, string values, an exception's traceback) the value of
+  ``name=value`` / ``name: value`` pairs with such a name (``password=...``,
+  ``AccountKey=...``, ``'client_state': '...'``), URL query parameters such as
+  ``?code=`` and ``&sig=``, and ``Bearer``/``SharedAccessSignature`` tokens.
+
+When an exception's text held a secret, the record keeps only the redacted
+traceback (as text) and drops the exception object, so no exporter formats the
+original again.
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ import os
 import re
 import sys
 import threading
+import traceback
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["JsonFormatter", "configure_logging", "redacted"]
+__all__ = ["JsonFormatter", "RedactingFilter", "configure_logging", "redact_text", "redacted"]
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_FIELDS = frozenset(
@@ -48,6 +63,27 @@ _SECRET_NAME = re.compile(
 )
 _REDACTED = "[redacted]"
 _MAX_FIELD = 2000
+_MAX_DEPTH = 6
+_MAX_ITEMS = 200
+_SENSITIVE_WORDS = (
+    r"pass(?:word|wd)?|pwd|secret|token|client_?state|credential|authori[sz]ation|sig(?:nature)?|"
+    r"(?:account|access|shared_?access|api|caller|listen|send|host|function|master)_?key"
+)
+#: ``name=value``, ``name: value``, ``'name': 'value'`` with a secret-looking name.
+_SECRET_PAIR = re.compile(
+    rf"(?P<name>\b[\w.-]*?(?:{_SENSITIVE_WORDS}))(?P<sep>['\"]?\s*[=:]\s*)"
+    r"(?P<value>\"[^\"]*\"|'[^']*'|(?:Bearer|Basic|SharedAccessSignature)\s+\S+|[^\s;&,'\"}\]]+)",
+    re.IGNORECASE,
+)
+#: URL query parameters that carry keys and signatures.
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&](?:code|sig|signature|key|token|access_token|client_secret|password)=)"
+    r"(?P<value>[^&#\s'\"]+)",
+    re.IGNORECASE,
+)
+_SECRET_SCHEME = re.compile(
+    r"\b(?P<name>Bearer|Basic|SharedAccessSignature)\s+(?P<value>[^\s'\",]+)", re.IGNORECASE
+)
 
 _lock = threading.Lock()
 
@@ -65,28 +101,93 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_text(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key in _RECORD_FIELDS or key.startswith("_") or key in document:
                 continue
             document[key] = redacted(key, value)
-        if record.exc_info:
-            document["exc"] = self.formatException(record.exc_info)[-_MAX_FIELD * 4 :]
+        if record.exc_info or record.exc_text:
+            text = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
+            document["exc"] = redact_text(text, limit=_MAX_FIELD * 4, keep="end")
         return json.dumps(document, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
-def redacted(key: str, value: object) -> object:
-    """The value to log for an extra field (secret-looking names and bytes are dropped)."""
+class RedactingFilter(logging.Filter):
+    """Redacts a record in place before a handler formats or exports it.
+
+    Put on handlers (a filter on a logger is not consulted for records of its
+    child loggers): ours, and the OpenTelemetry handler of Application Insights,
+    which exports extras as custom dimensions without our formatter.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_writeback_redacted", False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not raise at the logging call
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact_text(message, limit=None), None
+        for key, value in list(vars(record).items()):
+            if key in _RECORD_FIELDS or key.startswith("_"):
+                continue
+            setattr(record, key, redacted(key, value))
+        if record.exc_info and record.exc_info[1] is not None:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            clean = redact_text(text, limit=None)
+            if clean != text:  # a secret in the exception: keep only the redacted text
+                record.exc_info, record.exc_text = None, clean
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text, limit=None)
+        record._writeback_redacted = True
+        return True
+
+
+def redacted(key: str, value: object, _depth: int = 0) -> object:
+    """The value to log for a field named ``key``: secret-looking names are dropped at
+    any depth, bytes become their length, text is scrubbed (:func:`redact_text`)."""
     if _SECRET_NAME.search(key):
         return _REDACTED
     if isinstance(value, bytes | bytearray | memoryview):
         return f"[{len(value)} bytes]"
-    if isinstance(value, str) and len(value) > _MAX_FIELD:
-        return value[:_MAX_FIELD] + "..."
-    if value is None or isinstance(value, bool | int | float | str):
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, bool | int | float):
         return value
-    return str(value)[:_MAX_FIELD]
+    return _redacted_structure(key, value, _depth)
+
+
+def _redacted_structure(key: str, value: object, depth: int) -> object:
+    """Dicts, sequences, sets and exceptions, walked to :data:`_MAX_DEPTH`."""
+    if depth >= _MAX_DEPTH:
+        return "[nested too deep]"
+    if isinstance(value, Mapping):
+        items = list(value.items())[:_MAX_ITEMS]
+        return {str(k): redacted(str(k), v, depth + 1) for k, v in items}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redacted(key, item, depth + 1) for item in list(value)[:_MAX_ITEMS]]
+    if isinstance(value, BaseException):
+        return {"type": type(value).__name__, "args": redacted(key, list(value.args), depth + 1)}
+    return redact_text(str(value))
+
+
+def redact_text(text: str, *, limit: int | None = _MAX_FIELD, keep: str = "start") -> str:
+    """``text`` with secret values in it replaced (module docstring), cut to ``limit``."""
+    text = _SECRET_QUERY.sub(lambda m: m["name"] + _REDACTED, text)
+    text = _SECRET_SCHEME.sub(lambda m: f"{m['name']} {_REDACTED}", text)
+    text = _SECRET_PAIR.sub(_redact_pair, text)
+    if limit is not None and len(text) > limit:
+        return text[:limit] + "..." if keep == "start" else "..." + text[-limit:]
+    return text
+
+
+def _redact_pair(match: re.Match[str]) -> str:
+    value = match["value"]
+    if value.startswith(_REDACTED) or value.endswith(_REDACTED):
+        return match[0]
+    quote = value[0] if value[:1] in "'\"" else ""
+    return f"{match['name']}{match['sep']}{quote}{_REDACTED}{quote}"
 
 
 def configure_logging(
@@ -114,9 +215,11 @@ def configure_logging(
             # The worker's handler forwards to the host: let it carry JSON lines.
             for handler in root.handlers:
                 handler.setFormatter(formatter)
+                _add_redaction(handler)
         elif stream_handler if stream_handler is not None else not in_functions:
             handler = logging.StreamHandler(stream) if stream else _StderrHandler()
             handler.setFormatter(formatter)
+            _add_redaction(handler)
             root.addHandler(handler)
             if root.level > logging.INFO or root.level == logging.NOTSET:
                 root.setLevel(logging.INFO)
@@ -137,6 +240,11 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, value: TextIO) -> None:
         pass
+
+
+def _add_redaction(handler: logging.Handler) -> None:
+    if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+        handler.addFilter(RedactingFilter())
 
 
 def _under_functions_host() -> bool:
@@ -164,6 +272,8 @@ def _configure_azure_monitor() -> None:
     except Exception as error:  # a telemetry problem must never stop the app
         log.warning("Application Insights export not enabled: %s", type(error).__name__)
         return
+    for handler in logging.getLogger("writeback").handlers:
+        _add_redaction(handler)  # the OpenTelemetry handler exports extras as they are
     _State.monitor_configured = True
     log.info("Application Insights export enabled through OpenTelemetry")
 

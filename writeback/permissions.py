@@ -8,7 +8,23 @@ The grant is what Entra Connect's ``Set-ADSyncUnifiedGroupWritebackPermissions``
 gives, narrowed: create and delete *group* children on the OU and every OU
 below it, and read, write and delete the group objects there. Unlike Connect's
 grant it has no Delete Tree and nothing on other object classes, and never
-WRITE_DAC or WRITE_OWNER, so the account cannot widen its own rights.
+WRITE_DAC or WRITE_OWNER.
+
+Ownership. The account owns every group it creates, and an owner holds
+READ_CONTROL and WRITE_DAC implicitly, whatever the DACL says: it could grant
+anyone write on those groups. A third ACE, inherited by group objects, gives
+the OWNER RIGHTS principal (S-1-3-4) READ_CONTROL only; from Windows Server
+2008 on, AD then grants an owner what OWNER RIGHTS ACEs say instead of the
+implicit rights ("AD DS: Owner Rights"), so the account cannot change the DACL
+of a group it created. Setting the owner to an admin group at creation is not
+open to it: MS-ADTS (6.1.3) lets the OWNER field name only the requester, a
+group it holds with SE_GROUP_OWNER (the administrators group, for admins) or
+anyone with SeRestorePrivilege, so that would need an admin account. What
+still holds on Windows: MS-ADTS lets an add carry any security descriptor, so
+an account that may create groups can create one with a protected DACL of its
+choosing (writeback itself never sends one, and the agent refuses it); and
+Samba (4.17 here) does not honour OWNER RIGHTS at all, so there the account
+keeps WRITE_DAC on the groups it created. docs/security.md has the details.
 """
 
 from __future__ import annotations
@@ -21,6 +37,8 @@ from enum import IntFlag
 
 #: schemaIDGUID of the ``group`` class (the same in every AD forest).
 GROUP_CLASS = uuid.UUID("bf967a9c-0de6-11d0-a285-00aa003049e2")
+#: The well-known OWNER RIGHTS principal: ACEs for it replace an owner's implicit rights.
+OWNER_RIGHTS = "S-1-3-4"
 ACCESS_ALLOWED_OBJECT, ACCESS_DENIED_OBJECT = 0x05, 0x06
 ACL_REVISION_DS = 4
 _OBJECT_TYPE_PRESENT, _INHERITED_OBJECT_TYPE_PRESENT = 0x1, 0x2
@@ -85,6 +103,7 @@ _DOTNET_RIGHTS = {
     Right.WRITE_PROPERTY: "WriteProperty",
     Right.LIST_OBJECT: "ListObject",
     Right.DELETE: "Delete",
+    Right.READ_CONTROL: "ReadControl",
 }
 
 #: On the OU and every container below it: create and delete group objects.
@@ -99,6 +118,8 @@ GROUP_RIGHTS = (
     | Right.LIST_CHILDREN
     | Right.LIST_OBJECT
 )
+#: What the owner of a group below the OU keeps: reading the security descriptor.
+OWNER_GROUP_RIGHTS = Right.READ_CONTROL
 
 
 @dataclass(frozen=True)
@@ -133,8 +154,9 @@ class Ace:
         return struct.pack("<BBH", kind, int(self.flags), 4 + len(body)) + body
 
 
-def delegation(sid: str) -> tuple[Ace, Ace]:
-    """The two ACEs for the service account with objectSid ``sid``."""
+def delegation(sid: str) -> tuple[Ace, Ace, Ace]:
+    """The ACEs for the service account with objectSid ``sid``: its two grants, and
+    the OWNER RIGHTS ACE that takes WRITE_DAC from the owner of every group below."""
     sid_to_bytes(sid)  # reject a malformed SID before anything is built from it
     return (
         Ace(sid, CHILD_RIGHTS, AceFlag.CONTAINER_INHERIT, object_type=GROUP_CLASS),
@@ -144,6 +166,21 @@ def delegation(sid: str) -> tuple[Ace, Ace]:
             AceFlag.CONTAINER_INHERIT | AceFlag.INHERIT_ONLY,
             inherited_object_type=GROUP_CLASS,
         ),
+        owner_rights_ace(),
+    )
+
+
+def owner_rights_ace() -> Ace:
+    """OWNER RIGHTS: READ_CONTROL, inherited by group objects only.
+
+    Shared by every account delegated on the OU, and it only ever takes rights
+    away (from owners), so a revoke leaves it in place.
+    """
+    return Ace(
+        OWNER_RIGHTS,
+        OWNER_GROUP_RIGHTS,
+        AceFlag.CONTAINER_INHERIT | AceFlag.INHERIT_ONLY,
+        inherited_object_type=GROUP_CLASS,
     )
 
 
@@ -193,8 +230,27 @@ _PLACEHOLDER_SID = "S-1-0-0"  # the null SID: only the shape of the ACEs matters
 _DSACLS_RIGHTS = {**_SDDL_RIGHTS, Right.CONTROL_ACCESS: "CA", Right.SELF_WRITE: "WS"}
 
 
-def _ps_quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+#: Characters PowerShell takes as a single quote (it accepts the typographic ones too).
+_PS_SINGLE_QUOTES = "'\u2018\u2019\u201a\u201b"
+
+
+class UnsafeName(ValueError):
+    """A DN that cannot be put into the printed commands safely; the message says why."""
+
+
+def check_printable(what: str, dn: str) -> None:
+    """Refuse a DN with control characters: a newline in it would start a new command
+    line in the script an administrator pastes (and AD names never need one)."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\u2028\u2029\x85" for ch in dn):
+        raise UnsafeName(f"{what} {dn!r} holds a control character or line break")
+
+
+def ps_quote(text: str) -> str:
+    """``text`` as a PowerShell single-quoted literal: nothing in it is expanded
+    (``$()``, backticks and ``"`` are plain characters there); every character
+    PowerShell reads as a single quote is doubled."""
+    check_printable("text", text)
+    return "'" + "".join(ch * 2 if ch in _PS_SINGLE_QUOTES else ch for ch in text) + "'"
 
 
 def _inherit_only(ace: Ace) -> bool:
@@ -203,10 +259,24 @@ def _inherit_only(ace: Ace) -> bool:
 
 def dsacls_commands(target_ou: str, account_dn: str, aces: tuple[Ace, ...]) -> list[str]:
     """``aces`` as dsacls commands, run from PowerShell (the account is resolved
-    to DOMAIN\\name first, since dsacls does not take a DN)."""
-    ou = target_ou.replace('"', '\\"')
+    to DOMAIN\\name first, since dsacls does not take a DN).
+
+    Every name is a PowerShell single-quoted literal, so ``$(...)``, backticks
+    and ``"`` in an OU name expand to nothing. A ``"`` is refused all the same:
+    Windows PowerShell 5.1 passes it to a native program unescaped, which would
+    split the argument (dsacls would read the rest as options); the PowerShell
+    commands take such a name intact.
+    """
+    check_printable("the OU", target_ou)
+    check_printable("the account", account_dn)
+    if '"' in target_ou:
+        raise UnsafeName(
+            f"the OU {target_ou!r} holds a double quote, which Windows PowerShell "
+            "does not pass to dsacls intact"
+        )
+    ou = ps_quote(target_ou)
     lines = [
-        f"$account = (Get-ADObject -Identity {_ps_quote(account_dn)} "
+        f"$account = (Get-ADObject -Identity {ps_quote(account_dn)} "
         "-Properties 'msDS-PrincipalName').'msDS-PrincipalName'"
     ]
     for ace in aces:
@@ -214,34 +284,53 @@ def dsacls_commands(target_ou: str, account_dn: str, aces: tuple[Ace, ...]) -> l
         scope = "/I:S" if _inherit_only(ace) else "/I:T"
         verb = "/G" if ace.allow else "/D"
         target = ";;group" if ace.inherited_object_type else ";group"
-        lines.append(f'dsacls "{ou}" {scope} {verb} "${{account}}:{rights}{target}"')
+        trustee = "OWNER RIGHTS" if ace.sid == OWNER_RIGHTS else "${account}"
+        lines.append(f'dsacls {ou} {scope} {verb} "{trustee}:{rights}{target}"')
     return lines
 
 
 def powershell_commands(
     target_ou: str, account_dn: str, aces: tuple[Ace, ...], *, remove: bool = False
 ) -> list[str]:
-    """``aces`` with the ActiveDirectory module and .NET access rules."""
+    """``aces`` with the ActiveDirectory module and .NET access rules.
+
+    Names are single-quoted literals (see :func:`ps_quote`), and the OU's path is
+    given as ``-LiteralPath``, so ``[``, ``]``, ``*`` and ``?`` in it are not
+    wildcards that could match another object.
+    """
+    check_printable("the account", account_dn)
     method = "RemoveAccessRuleSpecific" if remove else "AddAccessRule"
     lines = [
         "Import-Module ActiveDirectory",
-        f"$sid = (Get-ADObject -Identity {_ps_quote(account_dn)} -Properties objectSid).objectSid",
+        f"$sid = (Get-ADObject -Identity {ps_quote(account_dn)} -Properties objectSid).objectSid",
         f"$group = [Guid]'{GROUP_CLASS}'",
-        f"$path = 'AD:\\' + {_ps_quote(target_ou)}",
-        "$acl = Get-Acl -Path $path",
+        f"$path = 'AD:\\' + {ps_quote(target_ou)}",
+        "$acl = Get-Acl -LiteralPath $path",
     ]
+    if any(ace.sid == OWNER_RIGHTS for ace in aces):
+        lines.insert(
+            3,
+            f"$ownerRights = New-Object System.Security.Principal.SecurityIdentifier "
+            f"'{OWNER_RIGHTS}'",
+        )
     for ace in aces:
         kind = "'Allow'" if ace.allow else "'Deny'"
         shape = "'Descendents', $group" if _inherit_only(ace) else "$group, 'All'"
+        trustee = "$ownerRights" if ace.sid == OWNER_RIGHTS else "$sid"
         lines.append(
             f"$acl.{method}((New-Object System.DirectoryServices.ActiveDirectoryAccessRule "
-            f"$sid, '{_dotnet(ace.rights)}', {kind}, {shape}))"
+            f"{trustee}, '{_dotnet(ace.rights)}', {kind}, {shape}))"
         )
-    return [*lines, "Set-Acl -Path $path -AclObject $acl"]
+    return [*lines, "Set-Acl -LiteralPath $path -AclObject $acl"]
 
 
 def _dotnet(rights: Right) -> str:
     return ", ".join(name for bit, name in _DOTNET_RIGHTS.items() if bit in rights)
+
+
+def revocable(aces: tuple[Ace, ...]) -> tuple[Ace, ...]:
+    """What a revoke removes: the account's own ACEs, not the shared OWNER RIGHTS one."""
+    return tuple(ace for ace in aces if ace.sid != OWNER_RIGHTS)
 
 
 def describe(
@@ -252,28 +341,49 @@ def describe(
     guard: bool = False,
     revoke: bool = False,
 ) -> list[str]:
-    """The whole explanation the ``permissions`` command prints."""
-    aces = (deletion_guard if guard else delegation)(sid or _PLACEHOLDER_SID)
+    """The whole explanation the ``permissions`` command prints.
+
+    :class:`UnsafeName` for a DN that cannot be printed safely (control
+    characters); a double quote in the OU only leaves out the dsacls lines.
+    """
+    check_printable("the OU", target_ou)
+    check_printable("the account", account_dn)
+    aces: tuple[Ace, ...] = (deletion_guard if guard else delegation)(sid or _PLACEHOLDER_SID)
+    if revoke:
+        aces = revocable(aces)
     sddl = [ace.sddl().replace(_PLACEHOLDER_SID, "<objectSid of the account>") for ace in aces]
     what = (
-        "# deny deleting group objects (Entra Connect's AD DS connector account, migration)"
+        ["# deny deleting group objects (Entra Connect's AD DS connector account, migration)"]
         if guard
-        else "# create, delete, read and write group objects; nothing on other classes"
+        else [
+            "# create, delete, read and write group objects; nothing on other classes;",
+            "# no WRITE_DAC or WRITE_OWNER anywhere, and the owner of a group below the OU",
+            "# (the account, for the groups it creates) keeps only READ_CONTROL on it where",
+            "# the DC honours OWNER RIGHTS (Windows Server 2008 and later; not Samba)",
+        ]
     )
-    shell = (
-        [f'dsacls "{target_ou}" /R <DOMAIN\\name>  # caution: removes ALL its ACEs there']
-        if revoke
-        else dsacls_commands(target_ou, account_dn, aces)
-    )
+    try:
+        shell = (
+            [
+                f"dsacls {ps_quote(target_ou)} /R <DOMAIN\\name>"
+                "  # caution: removes ALL its ACEs there"
+            ]
+            if revoke
+            else dsacls_commands(target_ou, account_dn, aces)
+        )
+    except UnsafeName as unsafe:
+        shell = [f"# (no dsacls lines: {unsafe}; use the PowerShell commands)"]
+    if '"' in target_ou and revoke:
+        shell = ["# (no dsacls line: the OU's DN holds a double quote; use PowerShell)"]
     return [
         f"# {'Revoke' if revoke else 'Grant'} for {account_dn}",
         f"# on {target_ou} and everything below it:",
-        what,
+        *what,
         "",
         f"# ACEs {'removed from' if revoke else 'added to'} the OU's DACL (SDDL):",
         *(f"#   {line}" for line in sddl),
         "",
-        "# dsacls (RSAT), from PowerShell:",
+        "# dsacls (RSAT), from PowerShell (not cmd.exe):",
         *shell,
         "",
         "# or PowerShell with the ActiveDirectory module:",

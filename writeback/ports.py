@@ -1,18 +1,24 @@
-"""The two sides writeback talks to, as the service layer sees them.
+"""Every protocol the service layer depends on, and the plain types they carry.
 
-Adapters (Graph over msgraph-sdk, AD over ldap3, later the relay) implement
-these; the service layer depends only on these protocols, so it can be driven
-by any of them and tested against the real ones.
+Adapters implement these (Graph over msgraph-sdk, AD over ldap3 or through the
+relay agent, Service Bus or the embedded SQLite queue, a JSON state file); the
+service layer depends on nothing else, so it runs against the real adapters in
+the integration tests and against the in-memory ones under ``tests/`` in
+milliseconds. What an adapter can do is part of its protocol: the service layer
+never probes for optional methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
 
 from writeback.domain.model import CloudGroup, CloudMember, DirectoryGroup, Operation
 from writeback.errors import WritebackError
+
+# =========================================================================== the cloud
 
 
 @dataclass(frozen=True)
@@ -45,21 +51,19 @@ class GroupGone:
 GroupRead = CloudGroup | GroupGone | WritebackError
 
 
-class CloudSource(Protocol):
-    def snapshot(self) -> CloudSnapshot:
-        """Read all Unified groups with members (full delta round)."""
-        ...
+@dataclass(frozen=True)
+class GroupChanges:
+    """What an incremental groups delta round reported.
 
-    def get_group(self, group_id: str) -> CloudGroup | None:
-        """One group with its members, or None when it no longer exists."""
-        ...
+    ``changed`` groups had properties or members change; they are read again (the
+    round carries only what changed, so it cannot tell whether such a group is
+    Unified). ``delta_link`` is the link for the next round.
+    """
 
-    def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
-        """Many groups with their user members at once, and for each one Graph
-        answers 404 whether it is in the recycle bin; every id is in the result."""
-        ...
-
-    def soft_deleted_group_ids(self) -> frozenset[str]: ...
+    changed: tuple[str, ...]
+    soft_deleted: frozenset[str]
+    hard_deleted: frozenset[str]
+    delta_link: str | None
 
 
 @dataclass(frozen=True)
@@ -78,16 +82,36 @@ class GroupDelta:
     delta_link: str | None
 
 
-class MemberDeltaSource(Protocol):
-    """Per-group member deltas, so an event costs what changed, not the group's size."""
+class CloudSource(Protocol):
+    """What the sync, the reconcile and the worker read from Graph."""
+
+    def snapshot(self) -> CloudSnapshot:
+        """Read all Unified groups with members (full delta round)."""
+        ...
+
+    def group_changes(self, delta_link: str) -> GroupChanges:
+        """What changed since a groups delta link; raises ``DeltaExpired`` when
+        Graph no longer knows it."""
+        ...
+
+    def get_group(self, group_id: str) -> CloudGroup | None:
+        """One group with its members, or None when it no longer exists."""
+        ...
+
+    def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
+        """Many groups with their user members at once, and for each one Graph
+        answers 404 whether it is in the recycle bin; every id is in the result."""
+        ...
+
+    def soft_deleted_group_ids(self) -> frozenset[str]: ...
 
     def group_delta_link(self, group_id: str) -> str | None:
         """A delta link for this one group as of now (nothing read)."""
         ...
 
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
-        """What changed for this group since ``delta_link``; None when the link
-        has expired (410), so the caller does a full read instead."""
+        """What changed for this group since ``delta_link``; None when Graph
+        refused the link, so the caller does a full read instead."""
         ...
 
     def group_deltas(
@@ -103,24 +127,56 @@ class MemberDeltaSource(Protocol):
 
 
 @dataclass(frozen=True)
-class StoredLink:
-    """A group's delta link and the user members it had when the link was stored."""
+class Subscription:
+    """A Graph change-notification subscription, as Graph reports it.
 
-    delta_link: str
-    member_count: int
+    ``client_state`` is only known when Graph echoes it (on creation); it is
+    kept out of ``repr`` so it never lands in a log line."""
+
+    id: str
+    resource: str
+    change_type: str
+    notification_url: str
+    lifecycle_url: str | None
+    expiration: datetime
+    client_state: str | None = field(default=None, repr=False)
 
 
-class DeltaLinkStore(Protocol):
-    """Per-group delta links kept by the worker between events."""
+class SubscriptionClient(Protocol):
+    """The change-notification subscription calls."""
 
-    def get(self, group_id: str) -> StoredLink | None: ...
+    def create_subscription(
+        self,
+        notification_url: str,
+        lifecycle_url: str | None,
+        client_state: str,
+        expiration: datetime,
+        *,
+        resource: str = ...,
+        change_type: str = ...,
+    ) -> Subscription: ...
 
-    def put(self, group_id: str, link: StoredLink) -> None: ...
+    def list_subscriptions(self) -> list[Subscription]: ...
 
-    def forget(self, group_id: str) -> None: ...
+    def renew_subscription(self, subscription_id: str, expiration: datetime) -> Subscription: ...
+
+    def reauthorize_subscription(self, subscription_id: str) -> None: ...
+
+    def delete_subscription(self, subscription_id: str) -> None: ...
+
+
+class Cloud(CloudSource, SubscriptionClient, Protocol):
+    """Graph as the pipeline sees it: the reads and the subscription calls."""
+
+    def close(self) -> None: ...
+
+
+# =========================================================================== the directory
 
 
 class Directory(Protocol):
+    """AD under the target OU: directly over LDAP, or through the relay agent."""
+
     def schema_attributes(self) -> frozenset[str]:
         """Names (lower case) of the optional attributes the group class may hold."""
         ...
@@ -144,6 +200,11 @@ class Directory(Protocol):
         """Carry out one planned operation; returns the LDAP requests it took."""
         ...
 
+    def close(self) -> None: ...
+
+
+# =========================================================================== the queue
+
 
 @dataclass(frozen=True)
 class OutgoingMessage:
@@ -153,6 +214,8 @@ class OutgoingMessage:
     message_id: str
     session_id: str
     application_properties: dict[str, str] | None = None
+    #: Deliver no earlier than this (Unix seconds): a scheduled message.
+    not_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +243,35 @@ class DeadLetter:
     enqueued_at: float = 0.0
 
 
-class EventQueue(Protocol):
+class Settlement(Protocol):
+    """How the pipeline settles the messages it was handed.
+
+    Every message ends completed, abandoned (back to the queue after ``delay``,
+    one delivery counted), parked (back after ``delay`` without counting one: the
+    pause switch and configuration errors, which the event is not to blame for)
+    or dead-lettered with a reason a person will read.
+    """
+
+    def complete(self, message: ReceivedMessage) -> None: ...
+
+    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
+        """Unlock for redelivery, after ``delay`` seconds."""
+        ...
+
+    def park(self, message: ReceivedMessage, *, delay: float) -> None:
+        """Put back for ``delay`` seconds without counting a delivery."""
+        ...
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None: ...
+
+
+class MessageSender(Protocol):
+    """What the webhook needs of the queue: one send for a whole POST's messages."""
+
+    def send(self, messages: list[OutgoingMessage]) -> None: ...
+
+
+class EventQueue(MessageSender, Settlement, Protocol):
     """A session queue (one session per group) with peek-lock and dead letters.
 
     Service Bus in Azure; an embedded SQLite queue on one machine. Both keep the
@@ -189,19 +280,16 @@ class EventQueue(Protocol):
     message_id inside the detection window are dropped on send.
     """
 
-    def send(self, messages: list[OutgoingMessage]) -> None: ...
-
     def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
         """Lock the next available session and take up to ``max_messages`` of it."""
         ...
 
-    def complete(self, message: ReceivedMessage) -> None: ...
-
-    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
-        """Unlock for redelivery, after ``delay`` seconds."""
+    def receive_sessions(
+        self, max_sessions: int, max_messages: int, wait: float
+    ) -> list[list[ReceivedMessage]]:
+        """Lock up to ``max_sessions`` sessions with work (waiting at most ``wait`` for
+        the first) and take up to ``max_messages`` of each: one batch per session."""
         ...
-
-    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None: ...
 
     def release_session(self, session_id: str) -> None: ...
 
@@ -212,3 +300,45 @@ class EventQueue(Protocol):
         ...
 
     def depth(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# =========================================================================== what is kept
+
+
+@dataclass(frozen=True)
+class StoredLink:
+    """A group's delta link and the user members it had when the link was stored.
+
+    ``delta_link`` is empty for a group read in full every time (a small one);
+    ``stored_at`` (Unix seconds; 0 when unknown) ages the link out before Graph's
+    delta token does."""
+
+    delta_link: str
+    member_count: int
+    stored_at: float = 0.0
+
+
+class DeltaLinkStore(Protocol):
+    """Per-group delta links kept by the worker between events."""
+
+    def get(self, group_id: str) -> StoredLink | None: ...
+
+    def put(self, group_id: str, link: StoredLink) -> None: ...
+
+    def forget(self, group_id: str) -> None: ...
+
+
+class StateStore(Protocol):
+    """A small JSON object kept between runs, section by section (the last reconcile,
+    the reconcile delta link, a pending reconcile request, the subscription, the
+    pause switch). ``status`` reads it; so does the next run, on another instance."""
+
+    def read(self) -> dict[str, Any]:
+        """The recorded state; empty when there is none or it cannot be read."""
+        ...
+
+    def update(self, **sections: Any) -> dict[str, Any]:
+        """Replace the given top-level sections; returns the new state."""
+        ...

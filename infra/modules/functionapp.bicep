@@ -2,6 +2,12 @@
 // instances so a change notification never waits for a cold start), running as the
 // user-assigned identity, with every setting the code reads. Secrets are Key Vault
 // references resolved with that identity.
+//
+// Publishing: FTP and basic (user/password) authentication to the SCM (Kudu) site are
+// off, so deployments authenticate with Entra ID; the SCM site itself answers only the
+// addresses in scmAllowedIpRanges (none by default: deny all). Its own rules, not the
+// main site's: the main site must stay open to Graph's webhook calls, the SCM site
+// should not be open to anyone. The function app's logs go to Log Analytics.
 param location string
 param name string
 param tags object
@@ -14,6 +20,9 @@ param subnetId string
 param settings object
 @secure()
 param webhookKey string
+@description('CIDR ranges allowed to reach the SCM (Kudu) site: deployment and SSH; empty denies all.')
+param scmAllowedIpRanges array
+param workspaceId string
 
 var useVnet = !empty(subnetId)
 
@@ -62,6 +71,14 @@ resource site 'Microsoft.Web/sites@2023-12-01' = {
       ftpsState: 'Disabled'
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
+      scmIpSecurityRestrictionsUseMain: false
+      scmIpSecurityRestrictionsDefaultAction: 'Deny'
+      scmIpSecurityRestrictions: [for cidr in scmAllowedIpRanges: {
+        ipAddress: cidr
+        action: 'Allow'
+        priority: 100
+        name: 'operator'
+      }]
       http20Enabled: true
       remoteDebuggingEnabled: false
       cors: {
@@ -82,6 +99,43 @@ resource graphKey 'Microsoft.Web/sites/host/functionKeys@2023-12-01' = {
   properties: {
     name: 'graph'
     value: webhookKey
+  }
+}
+
+// No publishing with a user name and password, over FTP or to the SCM site.
+resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2023-12-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2023-12-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+resource logs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: site
+  properties: {
+    workspaceId: workspaceId
+    logs: [
+      {
+        category: 'FunctionAppLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

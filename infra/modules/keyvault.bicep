@@ -1,13 +1,16 @@
 // Key Vault (RBAC) holding every secret the Function app reads, as Key Vault
 // references. Secrets the template can derive (the content share's connection
 // string, the relay Send key, the webhook URLs with their function key) are written
-// here so they never appear in app settings or deployment outputs.
+// here so they never appear in app settings or deployment outputs. Every data-plane
+// call, each secret read included, is audited (AuditEvent) to the Log Analytics
+// workspace.
 param location string
 param name string
 param principalId string
 param tags object
 param storageAccountName string
 param relaySendRuleId string
+param workspaceId string
 @secure()
 param secretValues object
 
@@ -38,6 +41,26 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
       defaultAction: 'Allow'
       bypass: 'AzureServices'
     }
+  }
+}
+
+resource audit 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: vault
+  properties: {
+    workspaceId: workspaceId
+    logs: [
+      {
+        category: 'AuditEvent'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

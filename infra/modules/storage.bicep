@@ -1,12 +1,15 @@
 // Host storage of the Function app. The host reaches blobs with the managed identity
 // (AzureWebJobsStorage__accountName); only the Elastic Premium content share (Azure
 // Files over SMB, which takes no identity) needs the account key, so shared keys stay
-// on and the key-based connection string lives in Key Vault only.
+// on and the key-based connection string lives in Key Vault only. Reads, writes and
+// deletes on blobs (host keys and leases) and on the content share are logged to the
+// Log Analytics workspace, with the account's transaction metrics.
 param location string
 param name string
 param contentShare string
 param principalId string
 param tags object
+param workspaceId string
 
 var blobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 
@@ -36,6 +39,61 @@ resource account 'Microsoft.Storage/storageAccounts@2023-01-01' = {
 resource files 'Microsoft.Storage/storageAccounts/fileServices@2023-01-01' = {
   parent: account
   name: 'default'
+}
+
+resource blobs 'Microsoft.Storage/storageAccounts/blobServices@2023-01-01' = {
+  parent: account
+  name: 'default'
+}
+
+var storageLogs = [
+  {
+    category: 'StorageRead'
+    enabled: true
+  }
+  {
+    category: 'StorageWrite'
+    enabled: true
+  }
+  {
+    category: 'StorageDelete'
+    enabled: true
+  }
+]
+var transactions = [
+  {
+    category: 'Transaction'
+    enabled: true
+  }
+]
+
+resource accountMetrics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: account
+  properties: {
+    workspaceId: workspaceId
+    metrics: transactions
+  }
+}
+
+resource blobLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: blobs
+  properties: {
+    workspaceId: workspaceId
+    logs: storageLogs
+    metrics: transactions
+  }
+}
+
+resource fileLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: files
+  properties: {
+    workspaceId: workspaceId
+    logs: storageLogs
+    metrics: transactions
+  }
 }
 
 resource share 'Microsoft.Storage/storageAccounts/fileServices/shares@2023-01-01' = {

@@ -35,6 +35,8 @@ from writeback_sandbox.samba import SambaDC, running_dc
 from writeback_sandbox.sample_tenant import build_sample_tenant, object_id, user_id_for
 
 DEMO_ADDRESS = "127.0.0.20"
+#: Seconds between an event's read and its confirmation in the demo (60 in production).
+DEMO_SETTLE = 1.5
 SAMPLE_USERS = 40
 #: The demo's own clientState; it never leaves this process and loopback.
 DEMO_CLIENT_STATE = "writeback-demo-client-state"
@@ -90,6 +92,9 @@ def _pipeline(dc: SambaDC, target_ou: str, standin: GraphStandIn, tmp: Path, say
             redelivery_scale=0.1,
             max_redelivery_delay=2.0,
             receive_wait=0.2,
+            # A deleted group is deleted once a read this much later confirms it
+            # (60 s in production: Graph is eventually consistent).
+            settle=DEMO_SETTLE,
         ),
         owned=[queue, cloud],
     )

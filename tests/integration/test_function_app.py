@@ -2,13 +2,15 @@
 
 The user functions come out of ``function_app.app`` (``get_functions()`` then
 ``get_user_function()``) and get real ``azure.functions`` objects:
-``func.HttpRequest``, ``func.ServiceBusMessage`` (body, message id, session id,
-delivery count, lock token, sequence number) and ``TimerRequest``. There is no
-Service Bus here, so the app runs with ``WRITEBACK_QUEUE=local``: the webhook
+``func.HttpRequest``, ``func.ServiceBusMessage`` and ``TimerRequest``. There is
+no Service Bus here, so the app runs with ``WRITEBACK_QUEUE=local``: the webhook
 enqueues into the real SQLite queue, and :class:`Host` plays the Functions host
-for the trigger (takes one session's batch, calls the worker, completes the
-batch when it returns, abandons it when it raises). Graph is the stand-in, AD a
-real Samba DC, and AD is read back over an independent admin connection.
+for the trigger with the extension's own loop (tests/support/functions_host.py:
+the batch of one session, completed when the function returns, abandoned when
+it raises), the messages decoded by ``azure.functions`` from the data the
+extension and the host send (tests/support/functions_wire.py). Graph is the
+stand-in, AD a real Samba DC, and AD is read back over an independent admin
+connection.
 
 The Service Bus settlement (rescheduled copies, the dead-letter hand-off) is
 driven at the end against an in-memory broker with the SDK's own message types.
@@ -16,7 +18,6 @@ driven at the end against an in-memory broker with the SDK's own message types.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -36,26 +37,29 @@ import pytest
 from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
 from azure.functions.timer import TimerRequest
 
-import function_app
+from tests.support.functions_host import FunctionsHost, app_functions
 from tests.support.relay import PATH as RELAY_PATH
 from tests.support.relay import SEND as RELAY_SEND
 from tests.support.relay import relay_rig
 from tests.support.settings import agent_only_settings, settings_read_by_the_code
 from tests.support.world import World, make_world
 from writeback import logging_setup
-from writeback.adapters.local_queue import LocalLock, LocalQueue
-from writeback.errors import LockLost, TransientError
+from writeback.adapters.functions_settlement import ServiceBusSettlement
+from writeback.domain.events import CONTROL_SESSION, HANDOFF_MARK, ControlRequest
+from writeback.errors import TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage
+from writeback.service.pipeline import PAUSE_DELAY
 from writeback_sandbox.samba import SambaDC
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "function-app-client-state-0123456789"
 FUNCTION_KEY = "fn-key-for-tests"
 
-#: ``get_functions()`` indexes the app, as the worker does once at start-up.
-FUNCTIONS = function_app.app.get_functions()
+#: ``get_functions()`` indexes the app, as the worker does once at start-up (once per
+#: process: a second indexing of the same app object is refused).
+FUNCTIONS = app_functions()
 USER_FUNCTIONS: dict[str, Callable[..., Any]] = {
     str(f.get_function_name()): f.get_user_function() for f in FUNCTIONS
 }
@@ -69,58 +73,41 @@ def entry(name: str) -> Callable[..., Any]:
 
 
 class Host:
-    """The Functions host's part for the Service Bus trigger, on the local queue."""
+    """The Functions host's part for the Service Bus trigger, on the app's local queue:
+    the extension's loop (tests/support/functions_host.py, the app's own binding and
+    host.json) calling the app's ``worker`` with the messages decoded as the worker
+    decodes them (tests/support/functions_wire.py). ``deliver`` is one invocation."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.queue = LocalQueue(path, lock_duration=120, max_delivery_count=100, clock=clock)
         self.delivered: list[list[func.ServiceBusMessage]] = []
+        self._host = FunctionsHost.for_app(
+            path,
+            function=self._worker,
+            lock_duration=120,
+            max_delivery_count=100,
+            clock=clock,
+            session_idle_timeout=0.1,  # host.json's 2 s: an idle session closes sooner here
+        )
+        self.queue = self._host.queue
+
+    def _worker(self, messages: list[func.ServiceBusMessage]) -> None:
+        self.delivered.append(messages)
+        entry("worker")(messages)
 
     def close(self) -> None:
-        self.queue.close()
+        self._host.close()
 
     def deliver(self, *, wait: float = 0.5) -> list[func.ServiceBusMessage] | None:
-        """One invocation of ``worker`` with the next session's batch; None when idle."""
-        batch = self.queue.receive_session(100, wait)
-        if not batch:
+        """One invocation of ``worker`` with the next batch; None when idle."""
+        if self._host.step(wait) is None:
             return None
-        messages = [to_function_message(m) for m in batch]
-        self.delivered.append(messages)
-        try:
-            entry("worker")(messages)
-        except Exception:
-            for message in batch:  # autoCompleteMessages: a raise abandons
-                with contextlib.suppress(LockLost):
-                    self.queue.abandon(message)
-            raise
-        else:
-            for message in batch:  # ... and a return completes what is still locked
-                with contextlib.suppress(LockLost):
-                    self.queue.complete(message)
-        finally:
-            self.queue.release_session(batch[0].session_id)
-        return messages
+        return self.delivered[-1]
 
     def drain(self, *, limit: int = 20) -> int:
         runs = 0
         while runs < limit and self.deliver(wait=0.2) is not None:
             runs += 1
         return runs
-
-
-def to_function_message(message: ReceivedMessage) -> func.ServiceBusMessage:
-    lock = message.lock
-    assert isinstance(lock, LocalLock)
-    return DeliveredMessage(
-        body=message.body,
-        message_id=message.message_id,
-        session_id=message.session_id,
-        delivery_count=message.delivery_count,
-        sequence_number=lock.seq,
-        lock_token=lock.token,
-        enqueued_time_utc=datetime.fromtimestamp(message.enqueued_at, UTC),
-        application_properties={},
-        user_properties={},
-    )
 
 
 def http(
@@ -539,10 +526,10 @@ def test_an_unexpected_error_is_rescheduled_like_a_transient_fault(
 
     gid = world.add_group(10, "Bug", ["user0"])
 
-    def broken(group_id: str, ctx: Any) -> Any:
+    def broken(works: Any, ctx: Any) -> Any:
         raise KeyError("a bug, not a fault of the event")
 
-    monkeypatch.setattr(handle_event, "converge", broken)
+    monkeypatch.setattr(handle_event, "converge_groups", broken)
     assert http("notifications", notification(gid)).status_code == 202
     assert host.deliver() is not None
     assert host.queue.dead_letters() == []
@@ -559,11 +546,11 @@ def test_pause_switch_keeps_events_and_writes_nothing(
     assert host.deliver() is not None
     assert world.ad_entry(gid) is None
     assert host.queue.scheduled_count() == 1 and host.queue.dead_letters() == []
-    # The reconcile timer plans but does not write either.
+    # The reconcile timer holds the reconcile too.
     entry("reconcile")(TimerRequest(past_due=False))
     assert world.ad_entry(gid) is None
     monkeypatch.setenv("WRITEBACK_PAUSED", "false")
-    later = Host(Path(host.queue.path), clock=lambda: time.time() + functions.PAUSE_DELAY + 5)
+    later = Host(Path(host.queue.path), clock=lambda: time.time() + PAUSE_DELAY + 5)
     try:
         assert later.deliver() is not None
     finally:
@@ -573,6 +560,13 @@ def test_pause_switch_keeps_events_and_writes_nothing(
 
 
 # --------------------------------------------------------------------------- timers
+
+
+def request_reconcile(host: Host) -> None:
+    """A reconcile asked for through the control session, as a lifecycle item does."""
+    body = ControlRequest("reconcile", reason="test", received_at=time.time()).to_json()
+    host.queue.send([OutgoingMessage(body, f"rc-{uuid.uuid4().hex}", CONTROL_SESSION)])
+    assert host.deliver() is not None
 
 
 def test_reconcile_timer_writes_what_the_cloud_has(world: World, host: Host) -> None:
@@ -597,6 +591,9 @@ def test_reconcile_timer_keeps_its_delta_link_and_then_reads_only_changes(
 
     world.tenant.update_group(first, description="changed in the cloud")
     world.standin.reset_log()
+    entry("reconcile")(TimerRequest(past_due=False))  # not due: the interval has not passed
+    assert json.loads(state_path.read_text())["last_reconcile"]["applied"] == {"add": 2}
+    request_reconcile(host)
     entry("reconcile")(TimerRequest(past_due=False))
     state = json.loads(state_path.read_text())
     assert state["delta"]["last_mode"] == "incremental"
@@ -639,7 +636,7 @@ def test_lifecycle_reauthorization_is_enqueued_then_done_by_the_worker(
     assert standin.needs_reauthorization(subscription_id)  # the webhook only enqueued
     assert host.queue.depth() == 1
     messages = host.deliver()
-    assert messages is not None and messages[0].session_id == functions.CONTROL_SESSION
+    assert messages is not None and messages[0].session_id == CONTROL_SESSION
     assert not standin.needs_reauthorization(subscription_id)
     assert standin.subscription_ids() == [subscription_id]
     assert host.queue.depth() == 0
@@ -657,14 +654,41 @@ def test_subscription_removed_recreates_it_and_reconciles(
     assert standin.subscription_ids() == []
     gid = world.add_group(9, "Changed while removed", ["user1"])  # nobody is notified
     assert standin.wait_idle(10)
-    assert host.drain() == 1  # the control message
+    assert host.drain() == 1  # the control message: recreate, and ask for a reconcile
     [new] = standin.subscription_ids()
     assert new != old
-    assert world.ad_entry(gid) is not None  # the reconcile after recreating found it
+    assert world.ad_entry(gid) is None  # the trigger never runs the reconcile itself
+    entry("reconcile")(TimerRequest(past_due=False))
+    assert world.ad_entry(gid) is not None  # the timer ran the requested reconcile
 
 
-def test_a_poison_control_message_is_dead_lettered(app_env: Path, host: Host) -> None:
-    host.queue.send([OutgoingMessage(b'{"kind":"reboot"}', "ctl-1", functions.CONTROL_SESSION)])
+def test_a_broken_setting_parks_events_without_counting_a_delivery(
+    world: World, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gid = world.add_group(11, "Broken setting", ["user0"])
+    assert http("notifications", notification(gid)).status_code == 202
+    url = os.environ["WRITEBACK_LDAP_URL"]
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", "")
+    for _ in range(3):  # every retry comes back with the same count: none is charged
+        later = Host(Path(host.queue.path), clock=lambda: time.time() + 400 * len(host.delivered))
+        try:
+            [message] = later.deliver() or []
+            host.delivered.append([message])
+        finally:
+            later.close()
+        assert message.delivery_count == 1
+    assert host.queue.dead_letters() == [] and world.ad_entry(gid) is None
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", url)
+    fixed = Host(Path(host.queue.path), clock=lambda: time.time() + 2000)
+    try:
+        assert fixed.deliver() is not None
+    finally:
+        fixed.close()
+    assert world.ad_entry(gid) is not None and host.queue.depth() == 0
+
+
+def test_a_poison_control_message_is_dead_lettered(world: World, host: Host) -> None:
+    host.queue.send([OutgoingMessage(b'{"kind":"reboot"}', "ctl-1", CONTROL_SESSION)])
     assert host.deliver() is not None
     [letter] = host.queue.dead_letters()
     assert letter.reason == "PoisonEvent" and "reboot" in letter.description
@@ -793,8 +817,8 @@ def triggered(
     )
 
 
-def settlement(broker: Broker, max_delivery_count: int = 5) -> functions.ServiceBusSettlement:
-    return functions.ServiceBusSettlement(
+def settlement(broker: Broker, max_delivery_count: int = 5) -> ServiceBusSettlement:
+    return ServiceBusSettlement(
         cast(Any, broker), "group-events", max_delivery_count=max_delivery_count
     )
 
@@ -828,7 +852,7 @@ def test_abandon_schedules_a_copy_that_carries_the_count_and_the_original_id() -
 def test_pause_reschedules_without_counting_a_delivery() -> None:
     broker = Broker()
     message = triggered(delivery_count=3)
-    settlement(broker).park(message, delay=functions.PAUSE_DELAY)
+    settlement(broker).park(message, delay=PAUSE_DELAY)
     [(copy, _)] = broker.scheduled
     assert functions.from_trigger(as_trigger_message(copy)).delivery_count == 3
 
@@ -848,7 +872,7 @@ def test_dead_letter_hands_a_copy_to_a_session_it_locked_first() -> None:
     settlement(broker).dead_letter(message, "OverMemberLimit", "group has 60001 members")
     [(letter, reason, description)] = broker.dead_letters
     assert (reason, description) == ("OverMemberLimit", "group has 60001 members")
-    assert letter.session_id.startswith(gid + functions.HANDOFF_MARK)
+    assert letter.session_id.startswith(gid + HANDOFF_MARK)
     assert broker.sent_before_lock == []  # the host could never have taken it
     # Replayed from the dead letters, it comes back in the hand-off session: the
     # worker sees the group's session and the original id again.

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from writeback.adapters.graph import DeltaExpired, GraphCloud
+from writeback.adapters.graph import GraphCloud
 from writeback.domain.model import CloudGroup, MemberKind
-from writeback.errors import GraphRefused, GraphThrottled, GraphUnavailable
+from writeback.errors import DeltaExpired, GraphRefused, GraphThrottled, GraphUnavailable
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.sample_tenant import (
     SECURITY_GROUP_NAME,

@@ -250,6 +250,7 @@ def make_server(world: World, tmp_path: Path, queues: list[LocalQueue], **config
         config=ServeConfig(
             **{  # type: ignore[arg-type]
                 "subscribe": False,
+                "settle": 0.3,
                 "reconcile_at_start": False,
                 "state_path": str(tmp_path / "state.json"),
                 "incremental": True,

@@ -49,6 +49,7 @@ def world(samba_dc: SambaDC, make_ou: Callable[[SambaDC], str]) -> Iterator[Worl
 
 
 FAST = ServeConfig(
+    settle=0.3,
     workers=2,
     reconcile_at_start=False,
     reconcile_interval=3600,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.worker import run_once
 from tests.support.world import EXTENDED_DN, group_id, user_id
 from writeback.adapters.delta_store import MemoryDeltaLinks, SqliteDeltaLinks
 from writeback.adapters.directory import LdapDirectory
@@ -26,7 +27,7 @@ from writeback.domain.events import Change, GroupChanged
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Modify
 from writeback.ports import OutgoingMessage, StoredLink
-from writeback.service.handle_event import EventOutcome, WorkerContext, run_once
+from writeback.service.handle_event import EventOutcome, WorkerContext
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.samba import SambaDC
 

@@ -80,6 +80,7 @@ class Servers:
             config=ServeConfig(
                 **{  # type: ignore[arg-type]
                     "subscribe": False,
+                    "settle": 0.3,
                     "reconcile_interval": 3600,
                     "state_path": str(self.tmp / "state.json"),
                     "incremental": True,

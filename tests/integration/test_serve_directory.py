@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tests.support.world import make_world
 from writeback.adapters.directory import LdapDirectory
-from writeback.hosting.serve import ThreadLocalDirectory
+from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback_sandbox.samba import SambaDC
 
 
@@ -24,7 +24,7 @@ def test_attribute_read_passes_through_and_reads_no_member_values(
 
         directory = ThreadLocalDirectory(factory)
         try:
-            found = directory.find_group_attributes(gid)
+            found = directory.find_groups([gid], members=False).get(gid)
             assert found is not None and found.group_id == gid
             assert found.member_sids == frozenset()
             assert made[0].member_values_read == 0

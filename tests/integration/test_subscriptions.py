@@ -17,9 +17,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from tests.unit.test_notifications import MemoryQueue
-from writeback.adapters.graph import GraphCloud, GraphNotFound, Subscription
+from writeback.adapters.graph import GraphCloud
 from writeback.domain.events import Change
-from writeback.errors import GraphRefused
+from writeback.errors import GraphNotFound, GraphRefused
+from writeback.ports import Subscription
 from writeback.service.notifications import LifecycleEvent, handle_webhook
 from writeback.service.subscriptions import (
     Action,
@@ -481,3 +482,31 @@ def test_webhook_latency_over_http_for_100_item_posts(
     handled = [elapsed for path, status, elapsed in webhook.answers if status == 202]
     print(f"100-item POST through HTTP: handler {handled[-1] * 1000:.2f} ms")
     assert handled[-1] < 0.5
+
+
+def test_subscription_removed_deletes_only_a_subscription_of_ours(
+    standin: GraphStandIn, cloud: GraphCloud, webhook: Webhook
+) -> None:
+    """Issue 12, item 8: on main ``subscriptionRemoved`` deleted whatever id the
+    event named. Another application's subscription (another notification URL)
+    named in one is left alone; ours is replaced first and deleted after."""
+    other = Webhook()
+    try:
+        foreign = cloud.create_subscription(
+            other.notification_url, None, SECRET, now() + timedelta(days=3)
+        )
+        mine = ensure(cloud, webhook).subscription
+        outcome = lifecycle(cloud, webhook, LifecycleEvent(foreign.id, "subscriptionRemoved"))
+        listed = {s.id for s in cloud.list_subscriptions()}
+        assert foreign.id in listed
+        assert outcome.action is Action.UNCHANGED and outcome.subscription is not None
+        assert outcome.subscription.id == mine.id and outcome.reconcile_needed
+
+        # Ours, still listed (the event came before Graph dropped it): a new one first.
+        replaced = lifecycle(cloud, webhook, LifecycleEvent(mine.id, "subscriptionRemoved"))
+        assert replaced.action is Action.RECREATED and replaced.subscription is not None
+        listed = {s.id for s in cloud.list_subscriptions()}
+        assert listed == {foreign.id, replaced.subscription.id}
+        assert mine.id not in listed
+    finally:
+        other.close()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.worker import run_once
 from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.events import Change, GroupChanged
 from writeback.ports import OutgoingMessage
-from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes, run_once
+from writeback.service.handle_event import EventOutcome, WorkerContext, event_deletes
 from writeback_sandbox.samba import SambaDC
 
 
@@ -56,6 +57,24 @@ def context(world: World) -> WorkerContext:
     return WorkerContext(world.cloud, world.directory, world.options, attempts=1)
 
 
+SETTLE = 0.2
+
+
+def confirming(world: World, queue: LocalQueue) -> WorkerContext:
+    """A context that schedules its confirmation reads into ``queue``, ``SETTLE`` s ahead."""
+    return replace(context(world), sender=queue, settle=SETTLE)
+
+
+def drain_confirmed(queue: LocalQueue, ctx: WorkerContext) -> list[EventOutcome]:
+    """Drain, confirmation reads included (they fall due ``SETTLE`` seconds later)."""
+    outcomes = drain(queue, ctx)
+    deadline = time.monotonic() + 10
+    while queue.scheduled_count() and time.monotonic() < deadline:
+        time.sleep(SETTLE / 4)
+        outcomes += drain(queue, ctx)
+    return outcomes
+
+
 def test_a_burst_for_one_group_is_one_write(world: World, queue: LocalQueue) -> None:
     gid = world.add_group(1, "Burst", ["user0", "user1"])
     enqueue(queue, gid, times=5)
@@ -81,7 +100,7 @@ def test_duplicates_and_replays_of_a_converged_group_write_nothing(
 
 
 def test_each_change_is_one_operation_of_the_right_kind(world: World, queue: LocalQueue) -> None:
-    ctx = context(world)
+    ctx = confirming(world, queue)
     gid = world.add_group(3, "Lifecycle", ["user0"])
     kinds = []
     changes: list[Callable[[], None]] = [
@@ -93,10 +112,11 @@ def test_each_change_is_one_operation_of_the_right_kind(world: World, queue: Loc
     for change in changes:
         change()
         enqueue(queue, gid)
-        [outcome] = drain(queue, ctx)
-        assert outcome.settlement == "completed"
-        kinds.append(outcome.operation.kind if outcome.operation else None)
-    assert kinds == ["add", "modify", "modify", "delete"]
+        outcomes = drain_confirmed(queue, ctx)
+        assert {o.settlement for o in outcomes} == {"completed"}
+        kinds.append([o.operation.kind for o in outcomes if o.operation])
+    # The delete waits for a read SETTLE seconds later that finds the group still gone.
+    assert kinds == [["add"], ["modify"], ["modify"], ["delete"]]
     assert world.ad_entry(gid) is None
 
 
@@ -171,8 +191,8 @@ def test_event_deletes_past_the_threshold_are_dead_lettered_not_made(
     for gid in gids:
         world.tenant.hard_delete_group(gid)
         enqueue(queue, gid)
-    ctx = replace(context(world), deletes=event_deletes(2))
-    outcomes = drain(queue, ctx)
+    ctx = replace(confirming(world, queue), deletes=event_deletes(2))
+    outcomes = [o for o in drain_confirmed(queue, ctx) if o.notifications == 0]  # confirmations
     assert sorted(o.settlement for o in outcomes) == ["completed", "completed", "dead-lettered"]
     [letter] = queue.dead_letters()
     assert letter.reason == "PolicyRefused"

@@ -58,6 +58,7 @@ EXPECTED_REASONS = frozenset({"PoisonEvent", "OverMemberLimit"})
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 FAST = ServeConfig(
+    settle=0.3,
     workers=2,
     reconcile_at_start=False,
     reconcile_interval=3600,

@@ -1,7 +1,8 @@
 """A worker in a child process that dies (SIGKILL) right after its first LDAP write.
 
 It shares the single-machine SQLite queue file with the server under test and
-handles sessions with the product's own :func:`run_once`, so the message whose
+handles sessions with the product's event handler (through
+:func:`tests.support.worker.run_once`), so the message whose
 write it made is neither completed nor abandoned: its lock has to expire before
 the message is delivered again, as after a real crash. Only that kill ends it
 with SIGKILL, so the parent knows a write happened from the exit status.
@@ -24,13 +25,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from tests.support.worker import run_once
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import DirectoryGroup, Operation
 from writeback.errors import WritebackError
-from writeback.service.handle_event import WorkerContext, run_once
+from writeback.service.handle_event import WorkerContext
 
 
 class AfterWrite:

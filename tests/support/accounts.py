@@ -1,5 +1,6 @@
-"""Low-privilege accounts on the test DC, and the ``permissions`` command run as an
-administrator would run it (password on standard input)."""
+"""Low-privilege accounts on the test DC, the ``permissions`` command run as an
+administrator would run it (password on standard input), and the DACL reads and
+writes the permission tests make."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 from ldap3 import BASE
+from ldap3.protocol.microsoft import security_descriptor_control
 
 from writeback import cli
 from writeback.adapters.ldap_values import sid_from_bytes
+from writeback.permissions import Right, SecurityDescriptor, parse_security_descriptor, sid_to_bytes
 from writeback_sandbox.samba import SambaDC
+
+DACL = 0x4  # DACL_SECURITY_INFORMATION, for the SD-flags control
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,33 @@ def object_sid(dc: SambaDC, dn: str) -> str:
         return sid_from_bytes(conn.response[0]["raw_attributes"]["objectSid"][0])
     finally:
         conn.unbind()
+
+
+def dacl_of(dc: SambaDC, dn: str) -> list[bytes]:
+    """The DACL of ``dn`` (raw ACEs), read as Administrator with the DACL SD flag."""
+    conn = dc.connection()
+    try:
+        conn.search(
+            dn,
+            "(objectClass=*)",
+            BASE,
+            attributes=["nTSecurityDescriptor"],
+            controls=security_descriptor_control(sdflags=DACL),
+        )
+        raw = conn.response[0]["raw_attributes"]["nTSecurityDescriptor"][0]
+    finally:
+        conn.unbind()
+    return parse_security_descriptor(raw).dacl or []
+
+
+def widened_dacl(dc: SambaDC, dn: str) -> bytes:
+    """The security descriptor (DACL part) of ``dn`` with an ``Everyone: write
+    property`` ACE in front: what an account with WRITE_DAC would write to hand
+    its rights to anyone (issue 12, finding 3)."""
+    everyone = (
+        bytes([0x00, 0x00, 20, 0])  # ACCESS_ALLOWED_ACE, no flags, 20 bytes
+        + int(Right.WRITE_PROPERTY).to_bytes(4, "little")
+        + sid_to_bytes("S-1-1-0")
+    )
+    dacl = [everyone, *dacl_of(dc, dn)]
+    return SecurityDescriptor(control=0x8004, dacl=dacl).to_bytes()

@@ -19,10 +19,10 @@ from writeback.adapters.hybrid_connection import (
     RelayEndpoint,
 )
 from writeback.adapters.relay import RelayDirectory
+from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.agent_protocol import MEMBER_PAGE
 from writeback.domain.policy import AgentPolicy
 from writeback.hosting.agent import AgentDirectory, AgentService, relay_handler
-from writeback.hosting.serve import ThreadLocalDirectory
 from writeback_sandbox.relay_standin import RelayStandIn, SasRule
 
 PATH = "writeback-agent"

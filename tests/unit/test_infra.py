@@ -1,5 +1,8 @@
 """The Bicep template against the code: every setting it reads is set, secrets are
-Key Vault references, and the identity gets exactly the roles it needs.
+Key Vault references, the identity gets exactly the roles it needs, and the
+hardening of issue 12 (finding 9) is there: diagnostic settings on every resource
+that holds or moves data, no basic publishing credentials, a closed SCM site,
+Entra-only telemetry ingestion, no use of the relay's root key, a long caller key.
 
 These read the template text (the Bicep tooling lives in .venv-infra, see
 scripts/validate-infra, which parses it and runs checkov).
@@ -27,6 +30,7 @@ ROLES = {
     "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0": "Azure Service Bus Data Receiver",
     "4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
 }
 
 
@@ -86,8 +90,12 @@ def test_the_identity_gets_exactly_the_roles_it_needs() -> None:
     text = template_text()
     assigned = set(re.findall(r"var \w+ = '([0-9a-f-]{36})'", text))
     assert assigned == set(ROLES), {g: ROLES.get(g, "unexpected") for g in assigned}
-    scopes = re.findall(r"scope: (\w+)\n", text)
-    assert sorted(scopes) == ["account", "queue", "queue", "vault"]  # never the group
+    assignments = re.findall(
+        r"'Microsoft\.Authorization/roleAssignments@[^']+' = \{\n(.*?)\n\}", text, re.DOTALL
+    )
+    scopes = [re.search(r"scope: (\w+)\n", block) for block in assignments]
+    names = sorted(match.group(1) for match in scopes if match)
+    assert names == ["account", "insights", "queue", "queue", "vault"]  # never the group
 
 
 def test_the_queue_has_sessions_duplicate_detection_and_dead_lettering() -> None:
@@ -122,3 +130,91 @@ def test_the_test_script_validates_the_infra_in_its_own_venv() -> None:
     validate = Path(ROOT / "scripts" / "validate-infra").read_text()
     assert ".venv-infra" in validate and "infra/parse.py" in validate
     assert "checkov" in (INFRA / "requirements.txt").read_text()
+
+
+# -- finding 9 of issue 12 -----------------------------------------------------------
+
+
+def module(name: str) -> str:
+    return (INFRA / "modules" / f"{name}.bicep").read_text()
+
+
+def diagnostic_settings(text: str) -> dict[str, str]:
+    """Scope name -> body of every diagnostic setting in ``text``."""
+    blocks = re.findall(
+        r"'Microsoft\.Insights/diagnosticSettings@[^']+' = \{\n(.*?)\n\}\n", text, re.DOTALL
+    )
+    found = {}
+    for block in blocks:
+        scope = re.search(r"^  scope: (\w+)$", block, re.MULTILINE)
+        assert scope, block
+        assert "workspaceId: workspaceId" in block
+        found[scope.group(1)] = block
+    return found
+
+
+def test_every_resource_sends_its_logs_to_log_analytics() -> None:
+    vault = diagnostic_settings(module("keyvault"))["vault"]
+    assert "category: 'AuditEvent'" in vault  # every secret read is audited
+    assert "category: 'FunctionAppLogs'" in diagnostic_settings(module("functionapp"))["site"]
+    bus = diagnostic_settings(module("servicebus-diagnostics"))["namespace"]
+    assert "categoryGroup: 'allLogs'" in bus
+    assert "existing" in module("servicebus-diagnostics")
+    assert "category: 'HybridConnectionsEvent'" in diagnostic_settings(module("relay"))["namespace"]
+    storage = diagnostic_settings(module("storage"))
+    assert set(storage) == {"account", "blobs", "files"}
+    for service in ("blobs", "files"):
+        assert "logs: storageLogs" in storage[service]
+    for category in ("StorageRead", "StorageWrite", "StorageDelete"):
+        assert f"category: '{category}'" in module("storage")
+    main = (INFRA / "main.bicep").read_text()
+    assert main.count("workspaceId: monitoring.outputs.workspaceId") == 5
+    assert "output workspaceId string = workspace.id" in module("monitoring")
+
+
+def test_no_basic_publishing_credentials_and_a_closed_scm_site() -> None:
+    app = module("functionapp")
+    policies = re.findall(
+        r"basicPublishingCredentialsPolicies@[^']+' = \{\n  parent: site\n  name: '(\w+)'\n"
+        r"  properties: \{\n    allow: false\n",
+        app,
+    )
+    assert sorted(policies) == ["ftp", "scm"]
+    assert "ftpsState: 'Disabled'" in app
+    assert "scmIpSecurityRestrictionsDefaultAction: 'Deny'" in app
+    assert "scmIpSecurityRestrictionsUseMain: false" in app
+    assert "[for cidr in scmAllowedIpRanges:" in app
+    assert "param scmAllowedIpRanges array = []" in (INFRA / "main.bicep").read_text()
+
+
+def test_application_insights_takes_only_entra_authenticated_telemetry() -> None:
+    monitoring = module("monitoring")
+    assert "DisableLocalAuth: true" in monitoring
+    assert "scope: insights" in monitoring and "3913510d-42f4-4e42-8a64-420c390055eb" in monitoring
+    setting = app_settings()["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"]
+    # The form the Functions host and azure-monitor-opentelemetry-exporter read.
+    assert setting == "'Authorization=AAD;ClientId=${identity.properties.clientId}'"
+    assert app_settings()["AZURE_CLIENT_ID"] == "identity.properties.clientId"
+
+
+def test_the_relay_root_key_is_never_used_and_its_removal_is_given() -> None:
+    text = template_text()
+    keys = re.findall(r"(?<![.\w])listKeys\((\w+),", text)
+    assert keys == ["relaySendRuleId"]  # the Hybrid Connection's Send-only rule
+    assert re.findall(r"(\w+)\.listKeys\(", text) == ["storage"]  # the content share's key
+    assert "sendRuleId string = send.id" in module("relay")
+    root_lines = [line for line in text.splitlines() if "RootManageSharedAccessKey" in line]
+    allowed = ("//", "@description(", "output relayRootKeyDeleteCommand")
+    assert all(line.startswith(allowed) for line in root_lines), root_lines
+    assert any(line.startswith("output relayRootKeyDeleteCommand") for line in root_lines)
+    code = [line for line in module("relay").splitlines() if not line.startswith("//")]
+    assert not [line for line in code if "disableLocalAuth" in line]  # Relay has none
+
+
+def test_the_caller_key_is_secure_and_long() -> None:
+    main = (INFRA / "main.bicep").read_text()
+    declaration = re.search(r"((?:^@.*\n)+)param relayCallerKey string(.*)$", main, re.MULTILINE)
+    assert declaration, "no relayCallerKey parameter"
+    decorators, default = declaration.group(1), declaration.group(2)
+    assert "@secure()" in decorators and "@minLength(32)" in decorators
+    assert default.strip() == ""  # no default: an empty or short key is refused at deployment

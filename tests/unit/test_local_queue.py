@@ -143,6 +143,72 @@ def test_messages_sent_to_a_held_session_wait_for_its_release(queue: LocalQueue)
     assert ids(queue.receive_session(10, 0)) == ["m2"]
 
 
+def test_a_held_session_gives_its_next_messages_then_nothing(queue: LocalQueue) -> None:
+    """A session receiver keeps its session: new messages, and abandoned ones at once."""
+    queue.send([msg("m1", "G"), msg("m2", "G"), msg("x1", "H")])
+    first = queue.receive_session(1, 0)
+    assert ids(first) == ["m1"]
+    assert ids(queue.receive_from_session("G", 10, 0)) == ["m2"]
+    assert queue.receive_from_session("G", 10, 0) == []  # in flight are not handed out twice
+    queue.send([msg("m3", "G")])
+    queue.abandon(first[0])
+    again = queue.receive_from_session("G", 10, 0)
+    assert [(m.message_id, m.delivery_count) for m in again] == [("m1", 2), ("m3", 1)]
+    assert ids(queue.receive_session(10, 0)) == ["x1"]  # G stays held all along
+
+
+def test_receiving_from_a_session_not_held_is_lock_lost(queue: LocalQueue, clock: Clock) -> None:
+    queue.send([msg("m1", "G"), msg("m2", "G")])
+    with pytest.raises(LockLost):
+        queue.receive_from_session("G", 1, 0)
+    queue.receive_session(1, 0)
+    clock.advance(31)
+    with pytest.raises(LockLost):
+        queue.receive_from_session("G", 1, 0)
+    assert ids(queue.receive_session(1, 0)) == ["m1"]
+    queue.release_session("G")
+    with pytest.raises(LockLost):
+        queue.receive_from_session("G", 1, 0)
+
+
+def test_receiving_from_a_held_session_waits_for_a_sender(path: Path) -> None:
+    with LocalQueue(path) as receiver, LocalQueue(path) as sender:
+        sender.send([msg("m1", "G")])
+        receiver.receive_session(1, 0)
+        threading.Timer(0.2, lambda: sender.send([msg("m2", "G")])).start()
+        started = time.monotonic()
+        assert ids(receiver.receive_from_session("G", 5, 5)) == ["m2"]
+        assert time.monotonic() - started < 4
+        started = time.monotonic()
+        assert receiver.receive_from_session("G", 5, 0.3) == []
+        assert time.monotonic() - started >= 0.3
+
+
+def test_session_lock_expiry_follows_the_lock(queue: LocalQueue, clock: Clock) -> None:
+    queue.send([msg("m1", "G")])
+    assert queue.session_lock_expiry("G") is None
+    queue.receive_session(1, 0)
+    assert queue.session_lock_expiry("G") == clock.now + 30
+    clock.advance(10)
+    queue.renew_session_lock("G")
+    assert queue.session_lock_expiry("G") == clock.now + 30
+    clock.advance(30)
+    assert queue.session_lock_expiry("G") is None
+    assert ids(queue.receive_session(1, 0)) == ["m1"]
+    queue.release_session("G")
+    assert queue.session_lock_expiry("G") is None
+
+
+def test_application_properties_come_back_on_the_lock(queue: LocalQueue) -> None:
+    properties = {"writeback-message-id": "orig", "trace": "ünï"}
+    queue.send([OutgoingMessage(b"a", "m1", "G", properties), msg("m2", "G")])
+    first, second = queue.receive_session(5, 0)
+    assert isinstance(first.lock, LocalLock) and isinstance(second.lock, LocalLock)
+    assert first.lock.properties == properties
+    assert second.lock.properties == {}
+    assert first.lock == LocalLock(first.lock.seq, first.lock.token)  # not part of identity
+
+
 # -- peek-lock, lock expiry, delivery count ----------------------------------------
 
 
@@ -626,6 +692,8 @@ class QueueMachine(RuleBasedStateMachine):
         )
         self.model = Model(self.clock.now, 10, 3, 30)
         self.inflight: list[ReceivedMessage] = []
+        #: Which modelled message each delivery was (a resubmitted copy has the same body).
+        self.origin: dict[int, Modelled] = {}
         self.ids: list[str] = []
 
     def teardown(self) -> None:
@@ -691,6 +759,7 @@ class QueueMachine(RuleBasedStateMachine):
         for m, r in zip(expected, got, strict=True):
             m.count += 1
             m.token = token
+            self.origin[id(r)] = m
             assert (r.message_id, r.session_id, r.delivery_count) == (
                 m.message_id,
                 m.session_id,
@@ -698,9 +767,35 @@ class QueueMachine(RuleBasedStateMachine):
             )
         self.inflight.extend(got)
 
+    @precondition(lambda self: self.model.held)
+    @rule(index=st.integers(0, 100), max_messages=st.integers(1, 4))
+    def receive_more(self, index: int, max_messages: int) -> None:
+        """The next receive of a session receiver that kept its session."""
+        model = self.model
+        session = sorted(model.held)[index % len(model.held)]
+        token = model.held[session]
+        if not (model.locked(session) and model.locks[session][0] == token):
+            with pytest.raises(LockLost):
+                self.queue.receive_from_session(session, max_messages, 0)
+            return
+        expected = [
+            m
+            for m in sorted(model.messages.values(), key=lambda m: m.order)
+            if m.session_id == session and m.available_at <= model.now and m.token != token
+        ][:max_messages]
+        got = self.queue.receive_from_session(session, max_messages, 0)
+        assert [m.body for m in got] == [m.body for m in expected]
+        for m, r in zip(expected, got, strict=True):
+            m.count += 1
+            m.token = token
+            self.origin[id(r)] = m
+            assert r.delivery_count == m.count
+        self.inflight.extend(got)
+
     def _settle(self, index: int) -> tuple[ReceivedMessage, bool]:
         r = self.inflight[index % len(self.inflight)]
-        return r, self.model.lock_valid(r.body, _token(r))
+        same = self.model.messages.get(r.body) is self.origin[id(r)]
+        return r, same and self.model.lock_valid(r.body, _token(r))
 
     @precondition(lambda self: self.inflight)
     @rule(index=st.integers(0, 100))

@@ -16,15 +16,19 @@ import pytest
 
 from writeback.permissions import (
     GROUP_CLASS,
+    OWNER_RIGHTS,
     AceFlag,
     Right,
     SecurityDescriptor,
+    UnsafeName,
     delegation,
     deletion_guard,
     describe,
     dsacls_commands,
     parse_security_descriptor,
     powershell_commands,
+    ps_quote,
+    revocable,
     sid_to_bytes,
 )
 
@@ -33,17 +37,31 @@ OTHER = "S-1-5-21-1004336348-1177238915-682003330-1109"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def test_the_delegation_is_two_object_aces_on_the_group_class() -> None:
-    child, groups = delegation(SID)
+def test_the_delegation_is_object_aces_on_the_group_class() -> None:
+    child, groups, owner = delegation(SID)
     assert child.sddl() == f"(OA;CI;CCDC;{GROUP_CLASS};;{SID})"
     assert groups.sddl() == f"(OA;CIIO;RPWPLCLOSD;;{GROUP_CLASS};{SID})"
+    assert owner.sddl() == f"(OA;CIIO;RC;;{GROUP_CLASS};{OWNER_RIGHTS})"
 
 
-def test_no_right_lets_the_account_widen_its_own_rights() -> None:
+def test_no_ace_grants_dacl_or_owner_rights_and_owners_keep_only_read_control() -> None:
+    """Finding 3 of issue 12: on main the delegation had no OWNER RIGHTS ACE, so the
+    account, owner of every group it creates, kept WRITE_DAC on them."""
     dangerous = Right.WRITE_DAC | Right.WRITE_OWNER | Right.CONTROL_ACCESS | Right.DELETE_TREE
     for ace in delegation(SID):
         assert not ace.rights & dangerous
         assert ace.flags & AceFlag.CONTAINER_INHERIT  # descendants of the OU too
+    owners = [ace for ace in delegation(SID) if ace.sid == OWNER_RIGHTS]
+    assert len(owners) == 1
+    assert owners[0].rights == Right.READ_CONTROL and owners[0].allow
+    assert owners[0].inherited_object_type == GROUP_CLASS  # on group objects only
+    assert AceFlag.INHERIT_ONLY in owners[0].flags  # not on the OU itself
+
+
+def test_a_revoke_leaves_the_shared_owner_rights_ace() -> None:
+    assert [ace.sid for ace in revocable(delegation(SID))] == [SID, SID]
+    revoke = "\n".join(describe("OU=G,DC=x", "CN=s,DC=x", SID, revoke=True))
+    assert OWNER_RIGHTS not in revoke and "RemoveAccessRuleSpecific" in revoke
 
 
 def test_sid_to_bytes_matches_the_wire_form() -> None:
@@ -97,13 +115,17 @@ def test_dsacls_and_powershell_name_the_ou_and_resolve_the_account() -> None:
     dsacls = dsacls_commands(ou, account, delegation("S-1-0-0"))
     assert f"'{account}'" in dsacls[0] and "msDS-PrincipalName" in dsacls[0]
     assert dsacls[1:] == [
-        f'dsacls "{ou}" /I:T /G "${{account}}:CCDC;group"',
-        f'dsacls "{ou}" /I:S /G "${{account}}:RPWPLCLOSD;;group"',
+        f"dsacls '{ou}' /I:T /G \"${{account}}:CCDC;group\"",
+        f"dsacls '{ou}' /I:S /G \"${{account}}:RPWPLCLOSD;;group\"",
+        f"dsacls '{ou}' /I:S /G \"OWNER RIGHTS:RC;;group\"",
     ]
     script = "\n".join(powershell_commands(ou, account, delegation("S-1-0-0")))
     assert "'CreateChild, DeleteChild', 'Allow', $group, 'All'" in script
     assert "'Allow', 'Descendents', $group" in script
+    assert "$ownerRights, 'ReadControl', 'Allow', 'Descendents', $group" in script
+    assert "SecurityIdentifier 'S-1-3-4'" in script
     assert "GenericAll" not in script and "WriteDacl" not in script
+    assert "Get-Acl -LiteralPath $path" in script and "Set-Acl -LiteralPath $path" in script
 
 
 def test_the_deletion_guard_denies_both_ways_a_delete_is_allowed() -> None:
@@ -112,8 +134,8 @@ def test_the_deletion_guard_denies_both_ways_a_delete_is_allowed() -> None:
     assert groups.sddl() == f"(OD;CIIO;DTSD;;{GROUP_CLASS};{SID})"
     dsacls = dsacls_commands("OU=G,DC=x", "CN=msol,DC=x", deletion_guard(SID))
     assert dsacls[1:] == [
-        'dsacls "OU=G,DC=x" /I:T /D "${account}:DC;group"',
-        'dsacls "OU=G,DC=x" /I:S /D "${account}:DTSD;;group"',
+        "dsacls 'OU=G,DC=x' /I:T /D \"${account}:DC;group\"",
+        "dsacls 'OU=G,DC=x' /I:S /D \"${account}:DTSD;;group\"",
     ]
     script = "\n".join(powershell_commands("OU=G,DC=x", "CN=msol,DC=x", deletion_guard(SID)))
     assert script.count("'Deny'") == 2 and "'Allow'" not in script
@@ -133,6 +155,83 @@ def test_denies_go_first_and_revoking_removes_exactly_those_aces() -> None:
 def test_powershell_quotes_a_hostile_dn() -> None:
     script = "\n".join(powershell_commands("OU=O'Brien,DC=x", "CN=a'b,DC=x", delegation(SID)))
     assert "'CN=a''b,DC=x'" in script and "'OU=O''Brien,DC=x'" in script
+
+
+# -- hostile names in the printed commands (issue 12, item 8) -----------------------
+
+PS_QUOTES = "'\u2018\u2019\u201a\u201b"
+HOSTILE = [
+    "OU=$(Add-ADGroupMember 'Domain Admins' evil),DC=corp,DC=example",
+    "OU=`$(calc)`,DC=corp,DC=example",
+    "OU=a'; Remove-ADObject 'CN=x' -Confirm:$false; 'b,DC=corp,DC=example",
+    "OU=\u2019; calc; \u2018,DC=corp,DC=example",  # typographic quotes end PS strings too
+    "OU=${env:PATH} @(1) [x]*?,DC=corp,DC=example",
+    "OU=%PATH% ^& calc,DC=corp,DC=example",
+]
+
+
+def ps_tokens(line: str) -> tuple[list[str], str]:
+    """PowerShell's reading of ``line``, simplified to what matters here: the values
+    of its single-quoted literals, and the text outside them (which PowerShell
+    parses and expands). Any of the four single-quote characters opens and closes
+    a literal; two of them in a row inside one are one literal quote."""
+    literals: list[str] = []
+    outside: list[str] = []
+    i = 0
+    while i < len(line):
+        if line[i] in PS_QUOTES:
+            value, i = [], i + 1
+            while True:
+                assert i < len(line), f"unterminated literal in {line!r}"
+                if line[i] in PS_QUOTES:
+                    if i + 1 < len(line) and line[i + 1] in PS_QUOTES:
+                        value.append(line[i])
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                value.append(line[i])
+                i += 1
+            literals.append("".join(value))
+        else:
+            outside.append(line[i])
+            i += 1
+    return literals, "".join(outside)
+
+
+@pytest.mark.parametrize("ou", HOSTILE)
+def test_a_hostile_ou_name_stays_one_literal_in_every_command(ou: str) -> None:
+    account = "CN=svc $(whoami) `n \u2018x,OU=Service Accounts,DC=corp,DC=example"
+    lines = [
+        *dsacls_commands(ou, account, delegation(SID)),
+        *powershell_commands(ou, account, delegation(SID)),
+        *powershell_commands(ou, account, delegation(SID), remove=True),
+    ]
+    for line in lines:
+        literals, outside = ps_tokens(line)
+        assert "$(" not in outside and "`" not in outside and "%" not in outside, line
+        assert not {"Add-ADGroupMember", "Remove-ADObject", "calc", "whoami"} & set(
+            outside.replace(";", " ").split()
+        ), line
+        names = [value for value in literals if value.startswith(("OU=", "CN="))]
+        assert all(value in (ou, account) for value in names), (line, names)
+    assert ps_tokens(f"$x = {ps_quote(ou)}")[0] == [ou]
+
+
+def test_a_double_quote_leaves_out_dsacls_and_control_characters_are_refused() -> None:
+    quoted = 'OU=a" /G Everyone:GA "b,DC=corp,DC=example'
+    with pytest.raises(UnsafeName, match="double quote"):
+        dsacls_commands(quoted, "CN=s,DC=x", delegation(SID))
+    text = describe(quoted, "CN=s,DC=x", SID)
+    assert not [line for line in text if line.startswith("dsacls")]
+    assert any("no dsacls lines" in line for line in text)
+    paths = [ps_tokens(line)[0] for line in text if line.startswith("$path")]
+    assert paths == [["AD:\\", quoted]]
+    for bad in ("OU=a\nRemove-ADObject x,DC=x", "OU=a\rb,DC=x", "OU=a\u2028b,DC=x"):
+        with pytest.raises(UnsafeName, match="control character"):
+            describe(bad, "CN=s,DC=x", SID)
+        with pytest.raises(UnsafeName, match="control character"):
+            describe("OU=G,DC=x", bad.replace("OU=", "CN="), SID)
 
 
 def test_describe_shows_the_real_sid_only_when_known() -> None:
@@ -173,8 +272,11 @@ def test_samba_reads_our_binary_form_as_our_sddl() -> None:
     aces = delegation(SID)
     blob = SecurityDescriptor(control=0x8004, dacl=[a.to_bytes() for a in aces]).to_bytes()
     (sddl,) = samba_sddl([blob])
-    # Samba prints SIDs of the domain it is given by their RID: compare the ACE parts.
+    # Samba prints SIDs of the domain it is given by their RID, and OWNER RIGHTS
+    # by its alias (OW): compare the ACE parts.
     assert (
-        sddl.upper().replace("S-1-5-21-1004336348-1177238915-682003330-1108", SID)
+        sddl.upper()
+        .replace("S-1-5-21-1004336348-1177238915-682003330-1108", SID)
+        .replace(";OW)", f";{OWNER_RIGHTS})")
         == ("D:" + "".join(a.sddl() for a in aces)).upper()
     )

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from writeback.adapters.local_queue import LocalQueue
-from writeback.config import QueueKind, load_pipeline_settings
+from writeback.config import Host, QueueKind, load_pipeline_settings
 from writeback.domain.mapping import MappingOptions
 from writeback.errors import ConfigError
 from writeback.hosting.serve import ServeConfig, Server, ServerStats
@@ -28,7 +28,7 @@ def test_serve_settings_from_the_environment() -> None:
         "WRITEBACK_STATE_PATH": "/var/lib/writeback/state.json",
         "WRITEBACK_PAUSED": "yes",
     }
-    pipeline = load_pipeline_settings(env, default_queue=QueueKind.LOCAL)
+    pipeline = load_pipeline_settings(env, host=Host.SERVE)
     assert pipeline.queue is QueueKind.LOCAL
     assert "k" * 32 not in repr(pipeline) and "secret" not in repr(pipeline)
     config = ServeConfig.from_settings(pipeline)
@@ -38,7 +38,7 @@ def test_serve_settings_from_the_environment() -> None:
     assert (config.incremental, config.full_every) == (True, 48)
     off = load_pipeline_settings(
         {**env, "WRITEBACK_RECONCILE_INCREMENTAL": "false", "WRITEBACK_FULL_SYNC_EVERY": "6"},
-        default_queue=QueueKind.LOCAL,
+        host=Host.SERVE,
     )
     assert (ServeConfig.from_settings(off).incremental, off.full_sync_every) == (False, 6)
 
@@ -58,13 +58,13 @@ def test_serve_settings_from_the_environment() -> None:
 def test_bad_serve_settings_name_the_setting(name: str, value: str) -> None:
     env = {"WRITEBACK_CLIENT_STATE": "secret", name: value}
     with pytest.raises(ConfigError, match=name):
-        load_pipeline_settings(env, default_queue=QueueKind.LOCAL)
+        load_pipeline_settings(env, host=Host.SERVE)
 
 
 def test_the_tools_need_no_client_state_but_serve_does() -> None:
-    assert load_pipeline_settings({}, require_client_state=False, default_queue=QueueKind.LOCAL)
+    assert load_pipeline_settings({}, require_client_state=False, host=Host.SERVE)
     with pytest.raises(ConfigError, match="WRITEBACK_CLIENT_STATE"):
-        load_pipeline_settings({}, default_queue=QueueKind.LOCAL)
+        load_pipeline_settings({}, host=Host.SERVE)
 
 
 def server(tmp_path: Path, **config: Any) -> Server:

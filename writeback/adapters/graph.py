@@ -90,12 +90,21 @@ from tenacity.stop import stop_base
 from writeback.domain.model import CloudGroup, CloudMember, MemberKind
 from writeback.errors import (
     ConfigError,
+    DeltaExpired,
+    GraphNotFound,
     GraphRefused,
     GraphThrottled,
     GraphUnavailable,
     WritebackError,
 )
-from writeback.ports import CloudSnapshot, GroupDelta, GroupGone, GroupRead
+from writeback.ports import (
+    CloudSnapshot,
+    GroupChanges,
+    GroupDelta,
+    GroupGone,
+    GroupRead,
+    Subscription,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,49 +142,6 @@ _SECRETISH = re.compile(
     r"(?i)(\$?(?:skiptoken|deltatoken|code|sig|client_secret|access_token)=)[^&\s'\"]+"
     r"|(bearer\s+)[A-Za-z0-9._~+/=-]+"
 )
-
-
-class GraphNotFound(GraphRefused):
-    """Graph answered 404: the object does not exist (or is in the recycle bin)."""
-
-
-class DeltaExpired(GraphRefused):
-    """A delta or skip token is unknown or expired (410 Gone / syncStateNotFound).
-
-    The caller drops its stored delta link and restarts with a full read.
-    """
-
-
-@dataclass(frozen=True)
-class GroupChanges:
-    """What an incremental groups delta round reported.
-
-    ``changed`` groups had properties or members change; re-read them with
-    :meth:`GraphCloud.get_group` (the round carries only what changed, so it
-    cannot tell whether such a group is Unified). ``delta_link`` is the link
-    for the next round.
-    """
-
-    changed: tuple[str, ...]
-    soft_deleted: frozenset[str]
-    hard_deleted: frozenset[str]
-    delta_link: str | None
-
-
-@dataclass(frozen=True)
-class Subscription:
-    """A Graph change-notification subscription, as Graph reports it.
-
-    ``client_state`` is only known when Graph echoes it (on creation); it is
-    kept out of ``repr`` so it never lands in a log line."""
-
-    id: str
-    resource: str
-    change_type: str
-    notification_url: str
-    lifecycle_url: str | None
-    expiration: datetime
-    client_state: str | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -11,6 +11,9 @@ rules as a Service Bus session queue:
 * peek-lock: a received message stays in the file, locked by its session lock,
   until it is completed, abandoned or dead-lettered; a lock that is not settled
   (crashed worker) expires after ``lock_duration`` and the message comes back;
+  while the lock is held, :meth:`LocalQueue.receive_from_session` takes the
+  session's next messages (new ones, and abandoned ones again at once), as a
+  Service Bus session receiver does until its session is closed;
 * ``delivery_count`` counts deliveries including the current one (1 on first
   receive, like the .NET SDK; the Service Bus adapter normalises to the same);
   a message delivered ``max_delivery_count`` times and then abandoned, or whose
@@ -32,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
 
@@ -52,10 +55,15 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 256 * 1024  # Service Bus Standard tier
 
 @dataclass(frozen=True)
 class LocalLock:
-    """Settlement handle of a received message: its row and the session lock token."""
+    """Settlement handle of a received message: its row and the session lock token.
+
+    ``properties`` are the message's application properties as sent (the port's
+    ReceivedMessage has no field for them; a Service Bus message carries them).
+    """
 
     seq: int
     token: str
+    properties: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 _SCHEMA = """
@@ -212,7 +220,15 @@ class LocalQueue:
                         "INSERT OR REPLACE INTO seen_ids (message_id, expires_at) VALUES (?, ?)",
                         (message.message_id, now + self.duplicate_window),
                     )
-                self._insert(message.message_id, message.session_id, message.body, properties, now)
+                available = max(now, message.not_before or 0.0)
+                self._insert(
+                    message.message_id,
+                    message.session_id,
+                    message.body,
+                    properties,
+                    now,
+                    available_at=available,
+                )
         self._signal.notify()
 
     def _validated(self, message: OutgoingMessage) -> tuple[OutgoingMessage, str | None]:
@@ -240,11 +256,20 @@ class LocalQueue:
         body: bytes,
         properties: str | None,
         now: float,
+        *,
+        available_at: float | None = None,
     ) -> None:
         self._db.execute(
             "INSERT INTO messages (message_id, session_id, body, properties, enqueued_at,"
             " available_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, session_id, body, properties, now, now),
+            (
+                message_id,
+                session_id,
+                body,
+                properties,
+                now,
+                now if available_at is None else available_at,
+            ),
         )
 
     # -- receiving -------------------------------------------------------------
@@ -268,6 +293,24 @@ class LocalQueue:
                 if self._signal.generation == generation:
                     self._signal.condition.wait(min(remaining, self._poll_interval))
 
+    def receive_sessions(
+        self, max_sessions: int, max_messages: int, wait: float
+    ) -> list[list[ReceivedMessage]]:
+        """Up to ``max_sessions`` sessions, each locked and batched as by
+        :meth:`receive_session`; waits up to ``wait`` for the first only."""
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        first = self.receive_session(max_messages, wait)
+        if not first:
+            return []
+        batches = [first]
+        while len(batches) < max_sessions:
+            batch = self._claim(max_messages)
+            if not batch:
+                break
+            batches.append(batch)
+        return batches
+
     def _claim(self, max_messages: int) -> list[ReceivedMessage]:
         token = uuid.uuid4().hex
         with self._write() as now:
@@ -282,26 +325,69 @@ class LocalQueue:
                 " SET token = excluded.token, locked_until = excluded.locked_until",
                 (session_id, token, now + self.lock_duration),
             )
-            rows = self._db.execute(
-                "UPDATE messages SET delivery_count = delivery_count + 1, lock_token = :token"
-                " WHERE seq IN (SELECT seq FROM messages WHERE session_id = :session"
-                " AND available_at <= :now ORDER BY seq LIMIT :limit)"
-                " RETURNING seq, message_id, body, enqueued_at, delivery_count",
-                {"token": token, "session": session_id, "now": now, "limit": max_messages},
-            ).fetchall()
+            rows = self._lock_messages(session_id, token, now, max_messages)
             self._held[session_id] = token
+        return _received(session_id, token, rows)
+
+    def receive_from_session(
+        self, session_id: str, max_messages: int, wait: float
+    ) -> list[ReceivedMessage]:
+        """The next messages of a session this receiver holds, in order: ones sent
+        since, and abandoned ones again at once (delivery count + 1); ``[]`` once
+        ``wait`` seconds pass with none. Raises LockLost when the session lock
+        expired or was released (a Service Bus session receiver's SessionLockLost)."""
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            with self._signal.condition:
+                generation = self._signal.generation
+            with self._write() as now:
+                token = self._live_token(session_id, now)
+                rows = self._lock_messages(session_id, token, now, max_messages)
+            if rows:
+                return _received(session_id, token, rows)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with self._signal.condition:
+                if self._signal.generation == generation:
+                    self._signal.condition.wait(min(remaining, self._poll_interval))
+
+    def session_lock_expiry(self, session_id: str) -> float | None:
+        """When this receiver's lock on the session expires; None if it holds none."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT locked_until FROM session_locks"
+                " WHERE session_id = ? AND token = ? AND locked_until > ?",
+                (session_id, self._held.get(session_id), self._clock()),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def _live_token(self, session_id: str, now: float) -> str:
+        token = self._held.get(session_id)
+        row = self._db.execute(
+            "SELECT 1 FROM session_locks WHERE session_id = ? AND token = ? AND locked_until > ?",
+            (session_id, token, now),
+        ).fetchone()
+        if token is None or row is None:
+            raise LockLost(f"the lock on session {session_id} expired or was released")
+        return token
+
+    def _lock_messages(
+        self, session_id: str, token: str, now: float, limit: int
+    ) -> list[tuple[int, str, bytes, float, int, str | None]]:
+        """Lock the session's due messages not yet delivered under ``token``."""
+        rows: list[tuple[int, str, bytes, float, int, str | None]] = self._db.execute(
+            "UPDATE messages SET delivery_count = delivery_count + 1, lock_token = :token"
+            " WHERE seq IN (SELECT seq FROM messages WHERE session_id = :session"
+            " AND available_at <= :now AND (lock_token IS NULL OR lock_token != :token)"
+            " ORDER BY seq LIMIT :limit)"
+            " RETURNING seq, message_id, body, enqueued_at, delivery_count, properties",
+            {"token": token, "session": session_id, "now": now, "limit": limit},
+        ).fetchall()
         rows.sort()
-        return [
-            ReceivedMessage(
-                body=bytes(body),
-                message_id=message_id,
-                session_id=session_id,
-                delivery_count=delivery_count,
-                enqueued_at=enqueued_at,
-                lock=LocalLock(seq, token),
-            )
-            for seq, message_id, body, enqueued_at, delivery_count in rows
-        ]
+        return rows
 
     def _dead_letter_exhausted(self, now: float) -> None:
         """Dead-letter unlocked messages whose last allowed delivery was never settled."""
@@ -344,6 +430,20 @@ class LocalQueue:
                     "UPDATE messages SET lock_token = NULL, available_at = ? WHERE seq = ?",
                     (now + max(delay, 0.0), lock.seq),
                 )
+        self._signal.notify()
+
+    def park(self, message: ReceivedMessage, *, delay: float) -> None:
+        """Give a message back for ``delay`` seconds and take back the delivery its
+        receive counted: the pause switch and configuration errors are not the
+        event's fault, so waiting them out never brings it nearer the dead letters."""
+        lock = _lock_of(message)
+        with self._write() as now:
+            self._check_lock(lock, now)
+            self._db.execute(
+                "UPDATE messages SET lock_token = NULL, available_at = ?,"
+                " delivery_count = MAX(delivery_count - 1, 0) WHERE seq = ?",
+                (now + max(delay, 0.0), lock.seq),
+            )
         self._signal.notify()
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
@@ -522,6 +622,22 @@ class LocalQueue:
                 yield self._db
             except sqlite3.Error as error:
                 raise _map_sqlite_error(error, f"queue file {self.path}") from error
+
+
+def _received(
+    session_id: str, token: str, rows: list[tuple[int, str, bytes, float, int, str | None]]
+) -> list[ReceivedMessage]:
+    return [
+        ReceivedMessage(
+            body=bytes(body),
+            message_id=message_id,
+            session_id=session_id,
+            delivery_count=delivery_count,
+            enqueued_at=enqueued_at,
+            lock=LocalLock(seq, token, json.loads(properties) if properties else {}),
+        )
+        for seq, message_id, body, enqueued_at, delivery_count, properties in rows
+    ]
 
 
 def _lock_of(message: ReceivedMessage) -> LocalLock:

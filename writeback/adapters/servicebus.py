@@ -32,6 +32,7 @@ import datetime
 import hashlib
 import logging
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,8 @@ PRIOR_DELIVERIES: Final = "writeback-prior-deliveries"
 ORIGINAL_MESSAGE_ID: Final = "writeback-message-id"
 _OWN_PROPERTIES: Final = frozenset({PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID})
 _BROKER_PROPERTIES: Final = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
+#: After the first session of a claim, how long to wait for each further one.
+_NEXT_SESSION_WAIT: Final = 0.1
 _MAX_BATCH: Final = 100  # messages per send, the Service Bus per-transaction limit
 _MAX_DEAD_LETTER_TEXT: Final = 4096
 
@@ -112,6 +115,13 @@ def to_servicebus_message(
         application_properties=properties,
         scheduled_enqueue_time_utc=scheduled_at,
     )
+
+
+def _scheduled(message: OutgoingMessage) -> datetime.datetime | None:
+    """A message due later is sent with a scheduled enqueue time (Service Bus holds it)."""
+    if message.not_before is None:
+        return None
+    return datetime.datetime.fromtimestamp(message.not_before, datetime.UTC)
 
 
 def from_servicebus_message(message: ServiceBusReceivedMessage) -> ReceivedMessage:
@@ -364,7 +374,7 @@ class ServiceBusQueue:
         """Send in batches of up to 100 (each batch is atomic in Service Bus)."""
         if not messages:
             return
-        outgoing = [to_servicebus_message(m) for m in messages]
+        outgoing = [to_servicebus_message(m, scheduled_at=_scheduled(m)) for m in messages]
         with self._send_lock, translated_errors("send"):
             sender = self._get_sender()
             for start in range(0, len(outgoing), _MAX_BATCH):
@@ -432,6 +442,22 @@ class ServiceBusQueue:
             self._close_quietly(previous)
         return [from_servicebus_message(m) for m in raw]
 
+    def receive_sessions(
+        self, max_sessions: int, max_messages: int, wait: float
+    ) -> list[list[ReceivedMessage]]:
+        """Up to ``max_sessions`` sessions, one receiver each; after the first (which
+        may wait ``wait``), each further accept waits only briefly."""
+        first = self.receive_session(max_messages, wait)
+        if not first:
+            return []
+        batches = [first]
+        while len(batches) < max_sessions:
+            batch = self.receive_session(max_messages, _NEXT_SESSION_WAIT)
+            if not batch:
+                break
+            batches.append(batch)
+        return batches
+
     # -- settling --------------------------------------------------------------
 
     def complete(self, message: ReceivedMessage) -> None:
@@ -457,6 +483,18 @@ class ServiceBusQueue:
         copy = _outgoing_copy(raw, message.message_id, f"d{count}", prior_deliveries=count)
         when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
         with translated_errors("abandon"):
+            self._send_one(to_servicebus_message(copy, scheduled_at=when))
+            receiver.complete_message(raw)
+
+    def park(self, message: ReceivedMessage, *, delay: float) -> None:
+        """A copy scheduled ``delay`` seconds ahead carrying one delivery fewer, then
+        the original completed: the wait is not counted against the event."""
+        raw, receiver = self._settlement(message)
+        count = message.delivery_count
+        tag = f"p{count}-{uuid.uuid4().hex[:8]}"
+        copy = _outgoing_copy(raw, message.message_id, tag, prior_deliveries=count - 1)
+        when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=max(delay, 1.0))
+        with translated_errors("park"):
             self._send_one(to_servicebus_message(copy, scheduled_at=when))
             receiver.complete_message(raw)
 

@@ -8,6 +8,7 @@ worker reads the current state from Graph and AD and converges.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -17,6 +18,8 @@ ENVELOPE_VERSION = 1
 _MAX_ID = 128  # Service Bus limit for message and session ids
 #: Marks a dead-letter hand-off session of the Functions worker: ``<group id>#dl-<random>``.
 HANDOFF_MARK = "#dl-"
+#: The session of control messages (lifecycle events, reconcile requests): one at a time.
+CONTROL_SESSION = "writeback-control"
 
 
 class Change(StrEnum):
@@ -24,6 +27,9 @@ class Change(StrEnum):
     DELETED = "deleted"
     CREATED = "created"
     RECONCILE = "reconcile"
+    #: Not a notification: the worker's own read of the group after the settle
+    #: interval, because Graph may have answered an earlier read from a lagging replica.
+    CONFIRM = "confirm"
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,14 @@ class GroupChanged:
     #: Identifies one Graph delivery, so Graph's retries become duplicates.
     notification_id: str
     version: int = ENVELOPE_VERSION
+    #: On a confirmation: when the group was first seen gone (Unix seconds).
+    gone_since: float | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        body = asdict(self)
+        if self.gone_since is None:
+            del body["gone_since"]
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, body: bytes) -> GroupChanged:
@@ -56,9 +67,13 @@ class GroupChanged:
         try:
             change = Change(str(data.get("change")))
             received_at = float(data["received_at"])
+            gone = data.get("gone_since")
+            gone_since = None if gone is None else float(gone)
         except (KeyError, TypeError, ValueError):
-            raise PoisonEvent("change or received_at missing or invalid") from None
-        return cls(str(group_id), change, received_at, str(notification_id))
+            raise PoisonEvent("change, received_at or gone_since missing or invalid") from None
+        if not all(map(math.isfinite, (received_at, gone_since or 0.0))):
+            raise PoisonEvent("received_at or gone_since is not a finite time")
+        return cls(str(group_id), change, received_at, str(notification_id), gone_since=gone_since)
 
 
 def _valid_id(value: object) -> bool:
@@ -68,3 +83,51 @@ def _valid_id(value: object) -> bool:
 def group_of_session(session_id: str) -> str:
     """The group a session belongs to, hand-off sessions included."""
     return session_id.split(HANDOFF_MARK, 1)[0]
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A control message: a lifecycle event to act on, or a reconcile to request."""
+
+    kind: str  # "lifecycle" | "reconcile"
+    event: str | None = None
+    subscription_id: str | None = None
+    reason: str = ""
+    #: When the webhook accepted it (Unix seconds).
+    received_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        body: dict[str, object] = {"kind": self.kind, "received_at": self.received_at}
+        if self.kind == "lifecycle":
+            body.update(event=self.event, subscription_id=self.subscription_id)
+        else:
+            body["reason"] = self.reason
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, body: bytes) -> ControlRequest:
+        """Parse a control body; anything malformed is a poison event with the reason."""
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PoisonEvent("control message is not JSON") from None
+        if not isinstance(data, dict):
+            raise PoisonEvent("control message is not a JSON object")
+        kind = data.get("kind")
+        received = data.get("received_at")
+        received_at = float(received) if isinstance(received, int | float) else 0.0
+        if kind == "reconcile":
+            return cls(
+                "reconcile", reason=str(data.get("reason", ""))[:200], received_at=received_at
+            )
+        if kind == "lifecycle":
+            event, subscription_id = data.get("event"), data.get("subscription_id")
+            if not _valid_id(event) or not _valid_id(subscription_id):
+                raise PoisonEvent("lifecycle control message without event or subscription")
+            return cls(
+                "lifecycle",
+                event=str(event),
+                subscription_id=str(subscription_id),
+                received_at=received_at,
+            )
+        raise PoisonEvent(f"unknown control message kind {kind!r}")

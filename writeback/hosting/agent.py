@@ -29,9 +29,9 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from writeback.agent_protocol import (
     API_PREFIX,
@@ -53,11 +53,12 @@ from writeback.domain.model import Add, Delete, DirectoryGroup, Operation
 from writeback.domain.naming import dn_key
 from writeback.domain.policy import AgentPolicy, DeleteBudget, check_group_id, check_operation
 from writeback.errors import ConfigError, PolicyRefused, WritebackError
+from writeback.ports import Directory
 
 if TYPE_CHECKING:
     from writeback.adapters.hybrid_connection import RelayRequest, RelayResponse
+    from writeback.adapters.thread_local import ThreadLocalDirectory
     from writeback.config import AgentSettings
-    from writeback.hosting.serve import ThreadLocalDirectory
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("writeback.audit")
@@ -73,22 +74,8 @@ Reply = tuple[int, dict[str, str], bytes]
 _JSON = {"Content-Type": "application/json"}
 
 
-class AgentDirectory(Protocol):
-    """What the agent needs of AD: the LDAP adapter (one per thread)."""
-
-    def schema_attributes(self) -> frozenset[str]: ...
-
-    def find_group(self, group_id: str) -> DirectoryGroup | None: ...
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
-
-    def find_groups(
-        self, group_ids: Sequence[str], *, members: bool = True
-    ) -> dict[str, DirectoryGroup]: ...
-
-    def iter_groups(self) -> Iterator[DirectoryGroup]: ...
-
-    def apply(self, operation: Operation) -> int: ...
+#: What the agent needs of AD: the LDAP adapter (one per thread).
+AgentDirectory: TypeAlias = Directory
 
 
 @dataclass
@@ -192,7 +179,7 @@ class AgentService:
         check_group_id(group_id)
         record.fields["group_id"] = group_id
         if not payload.get("members", True):
-            found = self._directory.find_group_attributes(group_id)
+            found = self._directory.find_groups([group_id], members=False).get(group_id)
             return {"group": None if found is None else group_page(found, [], NO_MEMBERS, 0)}
         offset = whole_field(payload, "offset", default=0)
         reading = self._reading(group_id, str(payload.get("digest") or ""), offset)
@@ -241,7 +228,9 @@ class AgentService:
         operation = parse_operation(payload.get("operation"))
         record.fields.update(group_id=operation.group_id, operation=operation.kind, dn=operation.dn)
         check_operation(operation, self._policy)
-        current = self._directory.find_group_attributes(operation.group_id)
+        current = self._directory.find_groups([operation.group_id], members=False).get(
+            operation.group_id
+        )
         if not self._still_to_do(operation, current):
             return {"requests": 0}
         requests = self._directory.apply(operation)
@@ -351,8 +340,8 @@ def _position_after(listing: list[_Reading], cursor: tuple[str, Any]) -> int:
 
 def build_agent(settings: AgentSettings) -> tuple[AgentService, ThreadLocalDirectory]:
     """The agent's service over one LDAP connection per listener thread."""
-    from writeback.hosting.serve import ThreadLocalDirectory
-    from writeback.wiring import build_ldap_directory
+    from writeback.adapters.thread_local import ThreadLocalDirectory
+    from writeback.bootstrap import build_ldap_directory
 
     directory = ThreadLocalDirectory(lambda: build_ldap_directory(settings.directory))
     policy = AgentPolicy(target_ou=settings.directory.target_ou, delete_limit=settings.delete_limit)
@@ -375,7 +364,7 @@ def relay_handler(service: AgentService) -> Callable[[RelayRequest], RelayRespon
 def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
     """Listen on the hybrid connection until ``stop`` is set; reconnects on its own."""
     from writeback.adapters.hybrid_connection import HybridConnectionListener
-    from writeback.wiring import relay_endpoint
+    from writeback.bootstrap import relay_endpoint
 
     service, directory = build_agent(settings)
     listener = HybridConnectionListener(

@@ -1,35 +1,29 @@
-"""Single-machine mode: ``python -m writeback serve``.
+"""Single-machine mode: ``python -m writeback serve``, the pipeline bound to HTTP and threads.
 
-One process runs what the Azure Functions app runs, with the embedded SQLite
-queue (:class:`~writeback.adapters.local_queue.LocalQueue`) in place of
-Service Bus:
+What happens to an event, a reconcile or a lifecycle item is the pipeline's
+business (:mod:`writeback.service.pipeline`, shared with the Function app). This
+module only binds it to one process with the embedded SQLite queue
+(:class:`~writeback.adapters.local_queue.LocalQueue`) in place of Service Bus:
 
 * an HTTP server (stdlib, loopback by default) with the Graph webhook at
   ``POST /api/notifications`` and ``POST /api/lifecycle`` (both handled by
   :func:`~writeback.service.notifications.handle_webhook`, which persists and
-  answers at once, well within Graph's 3 s). When a webhook key is set, a
-  request must carry it as ``?code=`` (as in the notification URL, the way a
-  function key is carried) or in ``x-functions-key``; it is compared in
-  constant time and anything else gets 401;
-* worker threads, each taking the next group's session from the queue and
-  handling it with :func:`~writeback.service.handle_event.process_session`
-  (one LDAP operation per batch). ``pause()`` stops them from taking work:
-  events wait in the queue until ``resume()``;
-* a timer thread: the subscription upkeep (``ensure_subscription``, at start and
-  every ``subscription_interval``), the lifecycle events the webhook recorded
-  (reauthorize, recreate, reconcile after ``missed``/``subscriptionRemoved``),
-  and the full reconcile (at start, every ``reconcile_interval``, and whenever
-  one is asked for). The reconcile holds the workers back while it runs, so
-  the two never write the same group at once.
+  answers at once, well within Graph's 3 s; a lifecycle item becomes a control
+  message in the same queue). When a webhook key is set, a request must carry
+  it as ``?code=`` (as in the notification URL, the way a function key is
+  carried) or in ``x-functions-key``; it is compared in constant time and
+  anything else gets 401;
+* worker threads, each taking the next session from the queue and handing it
+  to :meth:`~writeback.service.pipeline.Pipeline.handle`. ``pause()`` stops them
+  from taking work: events wait in the queue until ``resume()``;
+* a timer thread: the subscription upkeep (at start and every
+  ``subscription_interval``) and the reconcile (at start, every
+  ``reconcile_interval``, and whenever the pipeline records a request). The
+  reconcile holds the workers back while it runs, so the two never write the
+  same group at once.
 
-The ldap3 adapter is not thread-safe, so every thread gets its own
-connection through :class:`ThreadLocalDirectory`; the Graph adapter is shared
-(it runs all its calls on its own event loop).
-
-A JSON state file records the last reconcile, the subscription and the pause
-switch for ``python -m writeback status``. Lifecycle events are held in memory
-until handled; if the process dies first, the start-up upkeep and reconcile
-cover what they would have done.
+The JSON state file (the pipeline's state store) records the last reconcile,
+the subscription and the pause switch for ``python -m writeback status``.
 """
 
 from __future__ import annotations
@@ -43,48 +37,26 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
-from writeback.domain.events import GroupChanged
+from writeback.adapters.state import MemoryState
+from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.domain.mapping import MappingOptions
-from writeback.domain.model import DirectoryGroup, Operation
-from writeback.errors import ConfigError, PermanentError, TransientError, WritebackError
-from writeback.ports import (
-    CloudSource,
-    DeadLetter,
-    Directory,
-    EventQueue,
-    OutgoingMessage,
-    ReceivedMessage,
-)
-from writeback.service.handle_event import (
-    MAX_REDELIVERY_DELAY,
-    EventOutcome,
-    WorkerContext,
-    event_deletes,
-    process_session,
-    redelivery_delay,
-)
-from writeback.service.incremental import DeltaCloud, DeltaState, IncrementalResult, run_incremental
-from writeback.service.notifications import MAX_BODY_BYTES, LifecycleEvent, handle_webhook
-from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback.errors import ConfigError, WritebackError
+from writeback.ports import Cloud, Directory, EventQueue, OutgoingMessage, StateStore
+from writeback.service.handle_event import MAX_REDELIVERY_DELAY
+from writeback.service.incremental import IncrementalResult
+from writeback.service.notifications import MAX_BODY_BYTES, enqueue_lifecycle, handle_webhook
+from writeback.service.pipeline import Pipeline, PipelineConfig
+from writeback.service.reconcile import SyncPolicy, SyncResult
 from writeback.service.status import StateFile, iso
-from writeback.service.subscriptions import (
-    DEFAULT_LIFETIME,
-    DEFAULT_RENEW_BEFORE,
-    LifecycleOutcome,
-    SubscriptionClient,
-    SubscriptionStatus,
-    ensure_subscription,
-    handle_lifecycle,
-)
+from writeback.service.subscriptions import DEFAULT_LIFETIME, DEFAULT_RENEW_BEFORE
 
 if TYPE_CHECKING:
     from writeback.config import PipelineSettings, Settings
@@ -96,10 +68,6 @@ LIFECYCLE_PATH = "/api/lifecycle"
 HEALTH_PATH = "/api/health"
 #: Longest a request may take to arrive in full before the connection is dropped.
 REQUEST_TIMEOUT = 10.0
-
-
-class Cloud(CloudSource, SubscriptionClient, Protocol):
-    """What the server needs from Graph: the reads and the subscription calls."""
 
 
 @dataclass(frozen=True)
@@ -121,15 +89,19 @@ class ServeConfig:
     paused: bool = False
     subscription_lifetime: timedelta = DEFAULT_LIFETIME
     renew_before: timedelta = DEFAULT_RENEW_BEFORE
-    #: After a failed upkeep, lifecycle action or reconcile, try again this much later.
+    #: After a failed upkeep or reconcile, try again this much later.
     retry_delay: float = 30.0
-    #: Worker knobs (see WorkerContext): in-process retries, redelivery waits.
+    #: Worker knobs (see PipelineConfig): in-process retries, redelivery waits.
     attempts: int = 3
     max_wait: float = 30.0
     redelivery_scale: float = 1.0
     max_redelivery_delay: float = MAX_REDELIVERY_DELAY
     max_messages: int = 100
+    #: Sessions a worker takes in one step (read from Graph and AD together).
+    max_sessions: int = 20
     receive_wait: float = 0.5
+    #: Seconds between an event's read and its confirmation (WRITEBACK_SETTLE_SECONDS).
+    settle: float = 60.0
     #: Incremental reconcile (:mod:`writeback.service.incremental`): keep the groups
     #: delta link (in the state file's ``delta`` section, else in memory) so a run
     #: reads only what changed. Off by default: every reconcile is a full sync.
@@ -155,12 +127,36 @@ class ServeConfig:
             webhook_key=pipeline.webhook_key,
             state_path=pipeline.state_path,
             paused=pipeline.paused,
+            settle=float(pipeline.settle_seconds),
+        )
+
+    def pipeline_config(
+        self, options: MappingOptions, policy: SyncPolicy, client_state: str
+    ) -> PipelineConfig:
+        """The pipeline's share of these settings (the URLs are set at start)."""
+        return PipelineConfig(
+            options=options,
+            policy=policy,
+            attempts=self.attempts,
+            max_wait=self.max_wait,
+            redelivery_scale=self.redelivery_scale,
+            max_redelivery_delay=self.max_redelivery_delay,
+            reconcile_interval=self.reconcile_interval,
+            retry_delay=self.retry_delay,
+            incremental=self.incremental,
+            full_every=self.full_every,
+            full_max_age=self.full_max_age,
+            client_state=client_state,
+            subscription_lifetime=self.subscription_lifetime,
+            renew_before=self.renew_before,
+            settle=self.settle,
         )
 
 
 @dataclass(frozen=True)
 class ServerStats:
-    """Counters since start (a copy; the server keeps counting)."""
+    """Counters since start (a copy; the server keeps counting): the pipeline's, and
+    the host's own (what the webhook enqueued, worker loop errors)."""
 
     #: Messages the webhook handed to the queue (Graph's redeliveries included;
     #: the queue drops those as duplicates).
@@ -178,6 +174,8 @@ class ServerStats:
     skipped_members: int = 0
     dead_lettered: int = 0
     abandoned: int = 0
+    parked: int = 0
+    #: Errors no adapter maps (bugs), caught by the pipeline or the worker loop.
     worker_errors: int = 0
     reconciles: int = 0
     reconcile_writes: int = 0
@@ -195,62 +193,6 @@ class ServerStats:
         return ordered[min(rank, len(ordered)) - 1]
 
 
-# --------------------------------------------------------------------------- directory per thread
-
-
-class ThreadLocalDirectory:
-    """The Directory port with one adapter (one LDAP connection) per thread."""
-
-    def __init__(self, factory: Callable[[], Directory]) -> None:
-        self._factory = factory
-        self._local = threading.local()
-        self._made: list[Directory] = []
-        self._lock = threading.Lock()
-
-    def _mine(self) -> Directory:
-        directory: Directory | None = getattr(self._local, "directory", None)
-        if directory is None:
-            directory = self._factory()
-            self._local.directory = directory
-            with self._lock:
-                self._made.append(directory)
-        return directory
-
-    def schema_attributes(self) -> frozenset[str]:
-        return self._mine().schema_attributes()
-
-    def find_group(self, group_id: str) -> DirectoryGroup | None:
-        return self._mine().find_group(group_id)
-
-    def find_groups(
-        self, group_ids: Sequence[str], *, members: bool = True
-    ) -> dict[str, DirectoryGroup]:
-        return self._mine().find_groups(group_ids, members=members)
-
-    def iter_groups(self) -> Iterator[DirectoryGroup]:
-        return self._mine().iter_groups()
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
-        """The group without its members (the worker's member-delta path), when the
-        adapter offers it; else the full read."""
-        directory = self._mine()
-        read = getattr(directory, "find_group_attributes", directory.find_group)
-        found: DirectoryGroup | None = read(group_id)
-        return found
-
-    def apply(self, operation: Operation) -> int:
-        return self._mine().apply(operation)
-
-    def close(self) -> None:
-        with self._lock:
-            made, self._made = self._made, []
-        for directory in made:
-            close = getattr(directory, "close", None)
-            if callable(close):
-                with contextlib.suppress(Exception):
-                    close()
-
-
 # --------------------------------------------------------------------------- plumbing
 
 
@@ -265,14 +207,12 @@ class _Gate:
 
     def acquire_shared(self, timeout: float) -> bool:
         with self._cond:
-            return (
-                self._cond.wait_for(lambda: not self._writer and not self._writers_waiting, timeout)
-                and self._enter_shared()
-            )
-
-    def _enter_shared(self) -> bool:
-        self._readers += 1
-        return True
+            if not self._cond.wait_for(
+                lambda: not self._writer and not self._writers_waiting, timeout
+            ):
+                return False
+            self._readers += 1
+            return True
 
     def release_shared(self) -> None:
         with self._cond:
@@ -296,8 +236,8 @@ class _Gate:
                 self._cond.notify_all()
 
 
-class _CountingQueue:
-    """The queue as the webhook sees it: every call passed on, sends counted."""
+class _CountingSender:
+    """The queue as the webhook sees it: sends passed on and counted."""
 
     def __init__(self, queue: EventQueue, counted: Callable[[int], None]) -> None:
         self._queue = queue
@@ -306,30 +246,6 @@ class _CountingQueue:
     def send(self, messages: list[OutgoingMessage]) -> None:
         self._queue.send(messages)
         self._counted(len(messages))
-
-    def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
-        return self._queue.receive_session(max_messages, wait)
-
-    def complete(self, message: ReceivedMessage) -> None:
-        self._queue.complete(message)
-
-    def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
-        self._queue.abandon(message, delay=delay)
-
-    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
-        self._queue.dead_letter(message, reason, description)
-
-    def release_session(self, session_id: str) -> None:
-        self._queue.release_session(session_id)
-
-    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        return self._queue.dead_letters(limit)
-
-    def resubmit(self, dead_letter: DeadLetter) -> None:
-        self._queue.resubmit(dead_letter)
-
-    def depth(self) -> int:
-        return self._queue.depth()
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -376,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class Server:
-    """Webhook, workers and timers in one process (see the module docstring).
+    """The pipeline behind a webhook, worker threads and a timer thread.
 
     ``start()`` returns once the webhook listens and the threads run; the
     start-up upkeep and reconcile happen on the timer thread (``wait_ready``
@@ -406,19 +322,28 @@ class Server:
         self.queue = queue
         self.cloud = cloud
         self.directory = ThreadLocalDirectory(directory_factory)
-        self.options = options
-        self.policy = policy or SyncPolicy()
         self.client_states = states
-        self.clock = clock or (lambda: datetime.now(UTC))
-        self.state = StateFile(self.config.state_path) if self.config.state_path else None
+        self.state: StateFile | None = (
+            StateFile(self.config.state_path) if self.config.state_path else None
+        )
+        store: StateStore = self.state if self.state is not None else MemoryState()
+        self.pipeline = Pipeline(
+            cloud=cloud,
+            directory=self.directory,
+            config=self.config.pipeline_config(options, policy or SyncPolicy(), states[0]),
+            state=store,
+            sender=queue,
+            clock=clock,
+            on_reconcile_requested=self._wake_timers,
+        )
+        # The workers stop taking events while paused; the pipeline holds reconciles.
+        self.pipeline.paused = self.config.paused
         self._owned = list(owned)
-        self._webhook_queue = _CountingQueue(queue, self._count_enqueued)
+        self._webhook_queue = _CountingSender(queue, self._count_enqueued)
         self._gate = _Gate()
         self._lock = threading.Lock()
-        self._stats = ServerStats()
-        self._latencies: list[float] = []
-        self._operations: Counter[str] = Counter()
-        self._context: WorkerContext | None = None
+        self._enqueued = 0
+        self._worker_errors = 0
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._ready = threading.Event()
@@ -429,25 +354,16 @@ class Server:
         self._active = 0
         self._busy = 0
         self._reconciling = False
-        self._reconcile_requested = False
-        self._lifecycle: deque[tuple[LifecycleEvent, float]] = deque()
         self._http: _HttpServer | None = None
         self._threads: list[threading.Thread] = []
-        self.subscription_id: str | None = None
-        self.subscription_expiration: datetime | None = None
-        self.last_reconcile: SyncResult | None = None
-        self.last_reconcile_error: str | None = None
-        self.last_incremental: IncrementalResult | None = None
-        self._delta = DeltaState.load(self.state)
         self._notification_url: str | None = None
         self._lifecycle_url: str | None = None
-
-    # ----------------------------------------------------------------- construction
 
     @classmethod
     def from_settings(cls, settings: Settings, pipeline: PipelineSettings) -> Server:
         """Everything from the environment's settings, adapters owned by the server."""
-        from writeback.wiring import build_cloud, build_directory, build_queue
+        from writeback.bootstrap import build_cloud, build_directory, build_queue
+        from writeback.service.reconcile import SyncPolicy
 
         queue = build_queue(pipeline)
         try:
@@ -464,6 +380,62 @@ class Server:
             policy=SyncPolicy.from_settings(settings),
             config=ServeConfig.from_settings(pipeline),
             owned=[cloud, queue],
+        )
+
+    # ----------------------------------------------------------------- what tests and
+    # the CLI read (the pipeline keeps it)
+
+    @property
+    def options(self) -> MappingOptions:
+        return self.pipeline.config.options
+
+    @property
+    def policy(self) -> SyncPolicy:
+        return self.pipeline.config.policy
+
+    @property
+    def last_reconcile(self) -> SyncResult | None:
+        return self.pipeline.last_reconcile
+
+    @property
+    def last_reconcile_error(self) -> str | None:
+        return self.pipeline.last_reconcile_error
+
+    @property
+    def last_incremental(self) -> IncrementalResult | None:
+        return self.pipeline.last_incremental
+
+    @property
+    def subscription_id(self) -> str | None:
+        subscription = self.pipeline.subscription
+        return subscription.id if subscription is not None else None
+
+    @property
+    def subscription_expiration(self) -> datetime | None:
+        subscription = self.pipeline.subscription
+        return subscription.expiration if subscription is not None else None
+
+    @property
+    def stats(self) -> ServerStats:
+        p = self.pipeline.stats
+        with self._lock:
+            enqueued, worker_errors = self._enqueued, self._worker_errors
+        return ServerStats(
+            enqueued=enqueued,
+            events=p.events,
+            batches=p.batches,
+            operations=p.operations,
+            unchanged=p.unchanged,
+            writes=p.writes,
+            skipped_members=p.skipped_members,
+            dead_lettered=p.dead_lettered,
+            abandoned=p.abandoned,
+            parked=p.parked,
+            worker_errors=worker_errors + p.errors,
+            reconciles=p.reconciles,
+            reconcile_writes=p.reconcile_writes,
+            lifecycle_events=p.lifecycle_events,
+            latencies=p.latencies,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -509,6 +481,11 @@ class Server:
             self._http = None
             http.server_close()
             raise
+        self.pipeline.config = replace(
+            self.pipeline.config,
+            notification_url=self._notification_url,
+            lifecycle_url=self._lifecycle_url,
+        )
         self._record_state(
             paused=self.paused,
             server={
@@ -570,19 +547,15 @@ class Server:
 
     def wait_idle(self, timeout: float = 30.0, *, include_scheduled: bool = True) -> bool:
         """Wait until the queue is empty (delayed retries too, unless told not to),
-        no worker is busy, and no lifecycle event or reconcile is pending."""
+        no worker is busy, and no reconcile is asked for or running."""
         deadline = time.monotonic() + timeout
         scheduled = getattr(self.queue, "scheduled_count", None)
         while time.monotonic() < deadline:
             with self._lock:
-                quiet = (
-                    not self._busy
-                    and not self._lifecycle
-                    and not self._reconciling
-                    and not self._reconcile_requested
-                )
+                quiet = not self._busy and not self._reconciling
             if (
                 quiet
+                and self.pipeline.requested_reconcile() is None
                 and self.queue.depth() == 0
                 and (not include_scheduled or not callable(scheduled) or scheduled() == 0)
             ):
@@ -599,7 +572,7 @@ class Server:
         returns once no worker is receiving or handling a batch any more."""
         with self._lock:
             self._unpaused.clear()
-        self._record_state(paused=True)
+        self.pipeline.pause()
         log.warning("writes paused: events wait in the queue")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -610,23 +583,15 @@ class Server:
 
     def resume(self) -> None:
         self._unpaused.set()
-        self._record_state(paused=False)
+        self.pipeline.resume()
         self._wake.set()
         log.warning("writes resumed")
 
-    def request_reconcile(self) -> None:
-        with self._lock:
-            self._reconcile_requested = True
-        self._wake.set()
+    def request_reconcile(self, reason: str = "asked for") -> None:
+        self.pipeline.request_reconcile(reason)
 
-    @property
-    def stats(self) -> ServerStats:
-        with self._lock:
-            return replace(
-                self._stats,
-                operations=dict(self._operations),
-                latencies=tuple(self._latencies),
-            )
+    def _wake_timers(self) -> None:
+        self._wake.set()
 
     # ----------------------------------------------------------------- webhook
 
@@ -681,7 +646,7 @@ class Server:
             content_type=request.headers.get("Content-Type"),
             client_state=self.client_states,
             queue=self._webhook_queue,
-            on_lifecycle=self._on_lifecycle,
+            on_lifecycle=enqueue_lifecycle(self._webhook_queue),
         )
         return response.status, response.content_type, response.body
 
@@ -691,40 +656,11 @@ class Server:
             return True
         return hmac.compare_digest((given or "").encode(), key.encode())
 
-    def _on_lifecycle(self, event: LifecycleEvent) -> None:
-        """Only recorded here (Graph waits 3 s at most); the timer thread acts on it."""
-        with self._lock:
-            self._lifecycle.append((event, 0.0))
-            self._stats = replace(self._stats, lifecycle_events=self._stats.lifecycle_events + 1)
-        self._wake.set()
-
     def _count_enqueued(self, n: int) -> None:
         with self._lock:
-            self._stats = replace(self._stats, enqueued=self._stats.enqueued + n)
+            self._enqueued += n
 
     # ----------------------------------------------------------------- workers
-
-    def _worker_context(self) -> WorkerContext:
-        with self._lock:
-            if self._context is not None:
-                return self._context
-        options = replace(self.options, schema_attributes=self.directory.schema_attributes())
-        config = self.config
-        context = WorkerContext(
-            cloud=self.cloud,
-            directory=self.directory,
-            options=options,
-            soft_delete=self.policy.soft_delete,
-            enabled=self.policy.enabled,
-            attempts=config.attempts,
-            max_wait=config.max_wait,
-            redelivery_scale=config.redelivery_scale,
-            max_redelivery_delay=config.max_redelivery_delay,
-            deletes=event_deletes(self.policy.delete_threshold),
-        )
-        with self._lock:
-            self._context = self._context or context
-            return self._context
 
     def _work(self) -> None:
         while not self._stopping.is_set():
@@ -734,13 +670,12 @@ class Server:
                 self._work_once()
             except Exception as error:
                 with self._lock:
-                    self._stats = replace(self._stats, worker_errors=self._stats.worker_errors + 1)
+                    self._worker_errors += 1
                 level = logging.WARNING if isinstance(error, WritebackError) else logging.ERROR
                 log.log(level, "worker: %s: %s", type(error).__name__, error)
                 self._stopping.wait(1.0)
 
     def _work_once(self) -> None:
-        context = self._worker_context()
         if not self._gate.acquire_shared(0.5):
             return
         try:
@@ -749,79 +684,40 @@ class Server:
                     return
                 self._active += 1
             try:
-                self._receive_and_handle(context)
+                self._receive_and_handle()
             finally:
                 with self._lock:
                     self._active -= 1
         finally:
             self._gate.release_shared()
 
-    def _receive_and_handle(self, context: WorkerContext) -> None:
-        messages = self.queue.receive_session(self.config.max_messages, self.config.receive_wait)
-        if not messages:
+    def _receive_and_handle(self) -> None:
+        config = self.config
+        batches = self.queue.receive_sessions(
+            config.max_sessions, config.max_messages, config.receive_wait
+        )
+        if not batches:
             return
         with self._lock:
             self._busy += 1
         try:
-            try:
-                outcome = process_session(self.queue, messages, context)
-            except Exception:
-                self._put_back(messages, context)  # a bug, not the event: wait like a fault
-                raise
-            finally:
-                with contextlib.suppress(WritebackError):
-                    self.queue.release_session(messages[0].session_id)
-            self._record(outcome, messages, time.time())
+            self.pipeline.handle(self.queue, [m for batch in batches for m in batch])
         finally:
+            for batch in batches:
+                with contextlib.suppress(WritebackError):
+                    self.queue.release_session(batch[0].session_id)
             with self._lock:
                 self._busy -= 1
-
-    def _put_back(self, messages: list[ReceivedMessage], context: WorkerContext) -> None:
-        """Abandon with the redelivery delay what an unexpected error left unsettled
-        (the delivery count still ends it in the dead letters if it keeps failing)."""
-        for message in messages:
-            delay = redelivery_delay(
-                message.delivery_count,
-                scale=context.redelivery_scale,
-                cap=context.max_redelivery_delay,
-            )
-            with contextlib.suppress(WritebackError):
-                self.queue.abandon(message, delay=delay)
-
-    def _record(self, outcome: EventOutcome, messages: list[ReceivedMessage], now: float) -> None:
-        latencies = []
-        if outcome.settlement == "completed":
-            for message in messages:
-                with contextlib.suppress(PermanentError):
-                    latencies.append(now - GroupChanged.from_json(message.body).received_at)
-        skipped = sum(skip.count for skip in outcome.skips)
-        with self._lock:
-            s = self._stats
-            self._stats = replace(
-                s,
-                events=s.events + (outcome.messages if outcome.settlement == "completed" else 0),
-                batches=s.batches + 1,
-                unchanged=s.unchanged
-                + (outcome.settlement == "completed" and outcome.operation is None),
-                writes=s.writes + outcome.ldap_requests,
-                skipped_members=s.skipped_members + skipped,
-                dead_lettered=s.dead_lettered
-                + (len(messages) if outcome.settlement == "dead-lettered" else 0),
-                abandoned=s.abandoned
-                + (outcome.messages if outcome.settlement == "abandoned" else 0),
-            )
-            if outcome.operation is not None and outcome.settlement == "completed":
-                self._operations[outcome.operation.kind] += 1
-            self._latencies.extend(latencies)
 
     # ----------------------------------------------------------------- timers
 
     def _timers(self) -> None:
         now = time.monotonic()
         next_upkeep = now if self.config.subscribe else math.inf
-        next_reconcile = (
-            now if self.config.reconcile_at_start else now + self.config.reconcile_interval
-        )
+        if not self.config.reconcile_at_start:
+            next_reconcile = now + self.config.reconcile_interval
+        else:
+            next_reconcile = now
         while not self._stopping.is_set():
             self._wake.clear()
             try:
@@ -835,198 +731,40 @@ class Server:
             self._wake.wait(self._next_wait(next_upkeep, next_reconcile))
 
     def _timer_round(self, next_upkeep: float, next_reconcile: float) -> tuple[float, float]:
-        """Upkeep if due, pending lifecycle events, the reconcile if due or asked for."""
+        """Upkeep if due; the reconcile if due or asked for (held while paused)."""
         if time.monotonic() >= next_upkeep:
-            done = self._upkeep()
-            interval = self.config.subscription_interval if done else self.config.retry_delay
-            next_upkeep = time.monotonic() + interval
-        self._handle_lifecycle_events()
-        with self._lock:
-            wanted = self._reconcile_requested or time.monotonic() >= next_reconcile
-        if wanted and not self.paused and not self._stopping.is_set():
-            with self._lock:
-                self._reconcile_requested = False
-            done = self.reconcile()
+            try:
+                self.pipeline.subscription_upkeep()
+                next_upkeep = time.monotonic() + self.config.subscription_interval
+            except WritebackError:
+                next_upkeep = time.monotonic() + self.config.retry_delay
+        reason = self.pipeline.requested_reconcile() or (
+            "schedule" if time.monotonic() >= next_reconcile else None
+        )
+        if reason is not None and not self.paused and not self._stopping.is_set():
+            done = self.reconcile(reason)
             interval = self.config.reconcile_interval if done else self.config.retry_delay
             next_reconcile = time.monotonic() + interval
-        elif wanted:
-            with self._lock:
-                self._reconcile_requested = True  # runs once writes resume
         return next_upkeep, next_reconcile
 
     def _next_wait(self, next_upkeep: float, next_reconcile: float) -> float:
+        if not self.paused and self.pipeline.requested_reconcile() is not None:
+            return 0.0
         due = min(next_upkeep, next_reconcile)
-        with self._lock:
-            if self._lifecycle:
-                due = min(due, *(at for _, at in self._lifecycle))
-            if self._reconcile_requested and not self.paused:
-                return 0.0
         return min(max(due - time.monotonic(), 0.0), 3600.0)
 
-    def _upkeep(self) -> bool:
-        """Create or renew the subscription; True when done."""
-        try:
-            status = ensure_subscription(
-                self.cloud,
-                notification_url=self.notification_url,
-                lifecycle_url=self.lifecycle_url,
-                client_state=self.client_states[0],
-                now=self.clock(),
-                renew_before=self.config.renew_before,
-                lifetime=self.config.subscription_lifetime,
-            )
-        except WritebackError as error:
-            log.error("subscription upkeep failed: %s: %s", type(error).__name__, error)
-            self._record_subscription(None, "failed", error=f"{type(error).__name__}: {error}")
-            return False
-        self._record_subscription(status, status.action.value)
-        if status.reconcile_needed:
-            self.request_reconcile()
-        return True
-
-    def _handle_lifecycle_events(self) -> None:
-        retry: list[tuple[LifecycleEvent, float]] = []
-        while not self._stopping.is_set():
-            with self._lock:
-                if not self._lifecycle:
-                    break
-                event, due = self._lifecycle.popleft()
-            if due > time.monotonic():
-                retry.append((event, due))
-                continue
-            try:
-                outcome = handle_lifecycle(
-                    self.cloud,
-                    event,
-                    notification_url=self.notification_url,
-                    lifecycle_url=self.lifecycle_url,
-                    client_state=self.client_states[0],
-                    now=self.clock(),
-                    renew_before=self.config.renew_before,
-                    lifetime=self.config.subscription_lifetime,
-                )
-            except TransientError as error:
-                log.warning("lifecycle %s: %s; retrying later", event.event, error)
-                retry.append((event, time.monotonic() + self.config.retry_delay))
-                continue
-            except WritebackError as error:
-                log.error("lifecycle %s failed: %s: %s", event.event, type(error).__name__, error)
-                continue
-            self._after_lifecycle(outcome)
-        with self._lock:
-            self._lifecycle.extend(retry)
-
-    def _after_lifecycle(self, outcome: LifecycleOutcome) -> None:
-        if outcome.subscription is not None:
-            self._record_subscription(
-                SubscriptionStatus(outcome.action, outcome.subscription), outcome.action.value
-            )
-        elif self.subscription_id == outcome.event.subscription_id:
-            self._record_subscription(None, outcome.action.value)
-        if outcome.reconcile_needed:
-            self.request_reconcile()
-
-    def reconcile(self) -> bool:
-        """A full sync now (workers held back meanwhile); True when it ran to the end."""
-        started = datetime.now(UTC)
+    def reconcile(self, reason: str = "asked for") -> bool:
+        """A reconcile now (workers held back meanwhile); True when it ran to the end."""
         with self._lock:
             self._reconciling = True
         try:
             with self._gate.exclusive():
-                if self._incremental_cloud() is not None:
-                    result = self._reconcile_incremental(started)
-                else:
-                    plan = plan_sync(self.cloud, self.directory, self.options, self.policy)
-                    result = apply_plan(plan, self.directory)
-        except WritebackError as error:
-            message = f"{type(error).__name__}: {error}"
-            log.error("reconcile failed: %s", message)
-            self.last_reconcile_error = message
-            self._record_state(last_reconcile={"at": iso(started), "error": message})
-            return False
+                return self.pipeline.reconcile(reason) is not None
         finally:
             with self._lock:
                 self._reconciling = False
-        self.last_reconcile, self.last_reconcile_error = result, None
-        self._forget_member_links(op.group_id for op in result.plan.operations)
-        with self._lock:
-            self._stats = replace(
-                self._stats,
-                reconciles=self._stats.reconciles + 1,
-                reconcile_writes=self._stats.reconcile_writes + result.ldap_requests,
-            )
-        self._record_state(
-            last_reconcile={
-                "at": iso(started),
-                "seconds": round(result.seconds, 3),
-                "applied": dict(result.applied),
-                "ldap_requests": result.ldap_requests,
-                "failures": len(result.failures),
-                "skips": len(result.plan.skips),
-                "deletes_blocked": result.plan.deletes_blocked,
-                "error": None,
-            }
-        )
-        log.info(
-            "reconcile done: %s, %d LDAP requests, %d failures in %.2f s",
-            ", ".join(f"{n} {k}" for k, n in sorted(result.applied.items())) or "no writes",
-            result.ldap_requests,
-            len(result.failures),
-            result.seconds,
-        )
-        return True
-
-    def _forget_member_links(self, group_ids: Iterable[str]) -> None:
-        """A group reconcile wrote from its snapshot gets its next event read in full,
-        so a member delta the worker already stored past can never hide an undo."""
-        links = self._context.links if self._context is not None else None
-        if links is not None:
-            for group_id in group_ids:
-                links.forget(group_id)
-
-    def _incremental_cloud(self) -> DeltaCloud | None:
-        """The cloud, when incremental reconcile is on and it can read a delta."""
-        if not self.config.incremental or not callable(getattr(self.cloud, "group_changes", None)):
-            return None
-        return cast(DeltaCloud, self.cloud)
-
-    def _reconcile_incremental(self, started: datetime) -> SyncResult:
-        cloud = self._incremental_cloud()
-        assert cloud is not None
-        outcome, self._delta = run_incremental(
-            cloud,
-            self.directory,
-            self.options,
-            self.policy,
-            self._delta,
-            full_every=self.config.full_every,
-            full_max_age=self.config.full_max_age,
-            started=started,
-        )
-        self.last_incremental = outcome
-        self._record_state(delta=self._delta.record(outcome))
-        return outcome.result
 
     # ----------------------------------------------------------------- state
-
-    def _record_subscription(
-        self, status: SubscriptionStatus | None, action: str, *, error: str | None = None
-    ) -> None:
-        if status is not None:
-            self.subscription_id = status.subscription.id
-            self.subscription_expiration = status.subscription.expiration
-        self._record_state(
-            subscription={
-                "id": self.subscription_id,
-                "expiration": (
-                    iso(self.subscription_expiration) if self.subscription_expiration else None
-                ),
-                "action": action,
-                "checked_at": iso(datetime.now(UTC)),
-                "endpoint": _without_query(self.notification_url),
-                "error": error,
-            }
-        )
 
     def _server_state(self) -> dict[str, Any]:
         if self.state is None:

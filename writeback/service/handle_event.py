@@ -1,46 +1,62 @@
-"""The worker: a session's messages for one group in, one LDAP operation out.
+"""The worker: the messages of many group sessions in, one LDAP operation per group out.
 
-A message only says *which* group changed. The handler reads the group from
-Graph and its object from AD now, plans, and applies the single operation that
-converges them, so duplicates, stale or reordered events and replays write
-nothing, and a burst of events for one group (taken together from its
-session) costs one write.
+A message only says *which* group changed. The handler reads the groups from
+Graph and their objects from AD now, plans, and applies for each group the
+single operation that converges it, so duplicates, stale or reordered events
+and replays write nothing, and a burst of events for one group (taken together
+from its session) costs one write. Groups of one step are read together: Graph
+in batched requests (``get_groups``, ``group_deltas``, ``resolve_users``), AD
+in as few searches as the adapter can (``find_groups``); one group's failure is
+that group's alone.
 
-Member deltas: with a per-group delta link stored (``WorkerContext.links``),
-an event costs what changed rather than the group's size. The group's
-properties are read now (state-based, one request), its members only as the
-changes since the link (one request, plus one per 15 new member ids for their
-SIDs), and the AD object without its ``member`` values; attributes are planned
-state-based and the member values from the deltas, in one modify (the adapter's
-conflict read-back keeps it idempotent when a value is already there). The
-first event for a group, one whose link expired (410), one whose removed
-members cannot be resolved to SIDs any more, and any case the deltas cannot
-settle alone (the group gone or no longer Unified, its AD object missing, a
-member count that could reach the limit) take the full read, which stores a
-fresh link. What is written by hand in AD's ``member`` is not seen by the
-delta path; reconcile repairs it.
+Graph is eventually consistent: a read right after a change may not show it,
+and a group that exists can answer 404 for a while. So no single read is
+trusted with anything that cannot be undone, and every read can be repaired:
 
-Settlement follows the error tree: success completes every message; a
-permanent fault dead-letters them with the error's type as reason and its
-message as description; a transient fault that outlives the in-process retries
-abandons them with a growing delay, so they wait in the queue (the delivery
-count caps how long) and nothing is lost.
+* **No delete from one observation.** A group Graph calls gone while its AD
+  object exists is not deleted at once: a confirmation message is scheduled
+  ``settle`` seconds ahead carrying when it was first seen gone, and the group
+  is deleted only when a read at least ``settle`` seconds later still finds it
+  gone (behind the event delete budget). A group that comes back (a restore,
+  or a replica that caught up) keeps its object, objectSid and objectGUID.
+* **Every notification is confirmed.** Each handled notification schedules one
+  full read of its group ``settle`` seconds later (coalesced: one per group per
+  quarter of the settle interval, by message id), which writes nothing when AD
+  already matches. A stale member list or name, a group created while Graph
+  still answered 404 for it, reaches AD within about ``settle`` seconds, not at
+  the next reconcile. A confirmation schedules another only when it wrote.
+
+Member deltas: for a group with many members and a stored per-group delta link
+(``WorkerContext.links``), an event costs what changed rather than the group's
+size: its properties are read now (state-based), its members only as the
+changes since the link (plus their SIDs), and the AD object without ``member``;
+attributes are planned state-based and member values from the deltas, in one
+modify. A link Graph refuses (any 4xx), a link older than a delta token lives
+(about 7 days), a removed member Graph no longer knows, an added member Graph
+does not show yet (the link is then kept where it was), or anything the deltas
+cannot settle alone take the full read, which stores a fresh link for a large
+group. What is written by hand in AD's ``member`` is not seen by the delta
+path; the confirmation's full read and the reconcile repair it.
+
+Settlement follows the error tree: success completes every message (after the
+confirmation is sent, so a crash in between costs a duplicate, never a loss); a
+configuration error parks them uncounted; another permanent fault dead-letters
+them with the error's type as reason and its message as description; a
+transient fault that outlives the in-process retries abandons them with a
+growing delay, so they wait in the queue (the delivery count caps how long).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
-
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_base
 
 from writeback.config import SoftDeletePolicy
-from writeback.domain.events import GroupChanged
+from writeback.domain.events import Change, GroupChanged
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
     Changes,
@@ -55,14 +71,23 @@ from writeback.domain.model import (
 )
 from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
-from writeback.errors import PermanentError, PoisonEvent, TransientError
+from writeback.errors import (
+    ConfigError,
+    PermanentError,
+    PoisonEvent,
+    TransientError,
+    WritebackError,
+)
 from writeback.ports import (
     CloudSource,
     DeltaLinkStore,
     Directory,
-    EventQueue,
-    MemberDeltaSource,
+    GroupDelta,
+    GroupGone,
+    MessageSender,
+    OutgoingMessage,
     ReceivedMessage,
+    Settlement,
     StoredLink,
 )
 
@@ -70,28 +95,28 @@ log = logging.getLogger("writeback.worker")
 
 #: Longest wait between redeliveries of a group whose write keeps failing.
 MAX_REDELIVERY_DELAY = 300.0
+#: A configuration error is not the event's fault: it waits this long, uncounted.
+CONFIG_RETRY_DELAY = 300.0
+#: Seconds between a read and its confirmation (WRITEBACK_SETTLE_SECONDS).
+DEFAULT_SETTLE = 60.0
+#: Delta tokens of directory objects live about 7 days; a link is not used past 6.
+LINK_MAX_AGE = 6 * 86400.0
+#: Groups with fewer user members are read in full (a group and one page of members
+#: cost no more than a delta round with its SID lookups), so they keep no link.
+DELTA_MIN_MEMBERS = 1000
+#: More ids than this to resolve (a restored group reported whole, a mass change)
+#: and the full read is cheaper than resolving them 15 at a time.
+MAX_DELTA_LOOKUPS = 150
 
 
 class OverMemberLimit(PermanentError):
     """The group has more members than the configured limit; it is not written."""
 
 
-@runtime_checkable
-class AttributeReader(Protocol):
-    """A directory that can read a group without its members (LdapDirectory)."""
-
-    def find_group_attributes(self, group_id: str) -> DirectoryGroup | None: ...
-
-
 def _memory_links() -> DeltaLinkStore:
     from writeback.adapters.delta_store import MemoryDeltaLinks
 
     return MemoryDeltaLinks()
-
-
-#: More ids than this to resolve (a restored group reported whole, a mass change)
-#: and the full read is cheaper than resolving them 15 at a time.
-MAX_DELTA_LOOKUPS = 150
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,13 @@ class WorkerContext:
     links: DeltaLinkStore | None = field(default_factory=_memory_links)
     #: Deletes allowed over a sliding window (see :func:`event_deletes`); None: no cap.
     deletes: DeleteBudget | None = None
+    #: Where confirmations are sent (the queue the messages came from); None: the
+    #: caller confirms nothing (a one-shot tool), and a gone group is deleted only
+    #: when a message already carries a confirmed observation.
+    sender: MessageSender | None = None
+    #: Seconds between a read and its confirmation (module docstring).
+    settle: float = DEFAULT_SETTLE
+    clock: Callable[[], float] = time.time
 
 
 #: The window the worker counts its deletes over.
@@ -130,57 +162,470 @@ def event_deletes(threshold: int) -> DeleteBudget:
 class EventOutcome:
     group_id: str
     messages: int
-    settlement: str  # "completed" | "dead-lettered" | "abandoned"
+    settlement: str  # "completed" | "dead-lettered" | "abandoned" | "parked"
     operation: Operation | None = None
     ldap_requests: int = 0
     skips: list[Skip] = field(default_factory=list)
     error: str | None = None
     #: Seconds from the oldest notification in the batch to the write's end.
     latency: float | None = None
+    #: Messages of the batch that were notifications (not confirmations).
+    notifications: int = 0
+    #: A confirmation was scheduled; ``pending_delete``: it carries a gone observation.
+    confirmation: bool = False
+    pending_delete: bool = False
+
+
+# =========================================================================== converging
+
+
+@dataclass(frozen=True)
+class Work:
+    """One group to converge in a step."""
+
+    group_id: str
+    #: Read in full (confirmations always are: they must not trust a delta link).
+    full: bool = False
+    #: The earliest observation of the group gone that is still unconfirmed.
+    gone_since: float | None = None
+    #: Only confirmations in the batch: confirm again only if this wrote.
+    confirming: bool = False
+
+
+@dataclass
+class Converged:
+    operation: Operation | None = None
+    requests: int = 0
+    skips: list[Skip] = field(default_factory=list)
+    #: Schedule a confirmation read of the group.
+    confirm: bool = False
+    #: Set when the group is gone but not yet confirmed gone: carried by the confirmation.
+    gone_since: float | None = None
+
+
+Result = Converged | WritebackError
+
+
+def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, list[Skip]]:
+    """One group, read from both sides, planned and applied (errors raised)."""
+    result = converge_groups([Work(group_id)], ctx)[group_id]
+    if isinstance(result, WritebackError):
+        raise result
+    return result.operation, result.requests, result.skips
+
+
+def converge_groups(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
+    """Converge every group of ``works``; transient failures are retried in process
+    (``attempts`` in all, waits honouring Retry-After), then left as the group's error."""
+    results: dict[str, Result] = {}
+    pending = list({w.group_id: w for w in works}.values())
+    for attempt in range(1, max(ctx.attempts, 1) + 1):
+        step = _step(pending, ctx)
+        results.update(step)
+        failed = [w for w in pending if isinstance(step[w.group_id], TransientError)]
+        if not failed or attempt >= ctx.attempts:
+            break
+        retry_after = max(
+            (getattr(step[w.group_id], "retry_after", None) or 0.0 for w in failed), default=0.0
+        )
+        time.sleep(_backoff(attempt, retry_after, ctx.max_wait))
+        pending = failed
+    return results
+
+
+def _backoff(attempt: int, retry_after: float, cap: float) -> float:
+    """Exponential backoff with jitter, but never shorter than a Retry-After."""
+    backoff = min(cap, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
+    return float(min(cap, max(backoff, retry_after)))
+
+
+def _step(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
+    """One attempt for all of ``works``: deltas first, then full reads, then AD."""
+    if not ctx.enabled:
+        return {w.group_id: Converged() for w in works}
+    results: dict[str, Result] = {}
+    deltas, full = _read_deltas(works, ctx, results)
+    by_id = {w.group_id: w for w in works}
+    if deltas:
+        try:
+            current = ctx.directory.find_groups(list(deltas), members=False)
+        except WritebackError as error:
+            current = {}
+            for group_id in deltas:
+                results[group_id] = error
+            deltas = {}
+        for group_id, read in deltas.items():
+            found = current.get(group_id)
+            if found is None:
+                full.append(replace(by_id[group_id], full=True))  # AD object missing
+            else:
+                results[group_id] = _apply_deltas(group_id, read, found, by_id[group_id], ctx)
+    if full:
+        results.update(_converge_in_full(full, ctx))
+    return results
+
+
+# --------------------------------------------------------------------------- full reads
+
+
+def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
+    """Read the groups whole from both sides. A group that may be large gets a fresh
+    delta link, taken before the reads (a change racing them shows up again in the
+    next delta, where writing it once more is harmless; a link taken after could
+    miss it); a small one is remembered as small and read in full next time too."""
+    ids = [w.group_id for w in works]
+    wants_link: list[str] = []
+    if ctx.links is not None:
+        for gid in ids:
+            stored = ctx.links.get(gid)
+            if stored is None or stored.member_count >= DELTA_MIN_MEMBERS:
+                wants_link.append(gid)
+    results: dict[str, Result] = {}
+    try:
+        links = {gid: ctx.cloud.group_delta_link(gid) for gid in wants_link}
+        groups = ctx.cloud.get_groups(ids)
+        current = ctx.directory.find_groups(ids, members=True)
+    except WritebackError as error:
+        return {gid: error for gid in ids}
+    for work in works:
+        gid = work.group_id
+        read = groups.get(gid)
+        if read is None:
+            results[gid] = TransientError(f"group {gid}: Graph gave no answer for it")
+        elif isinstance(read, WritebackError):
+            results[gid] = read
+        else:
+            results[gid] = _settle_one(work, read, current.get(gid), links.get(gid), ctx)
+    return results
+
+
+def _settle_one(
+    work: Work,
+    read: CloudGroup | GroupGone,
+    current: DirectoryGroup | None,
+    link: str | None,
+    ctx: WorkerContext,
+) -> Result:
+    gid = work.group_id
+    try:
+        if isinstance(read, GroupGone):
+            return _gone(work, read, current, ctx)
+        if not read.is_unified:
+            return Converged()  # not (or no longer) ours to write
+        desired = desired_group(_within_limit(read, ctx), ctx.options)
+        operation = plan_group(desired, current, ctx.options.target_ou)
+        requests = _apply(operation, ctx)
+        if ctx.links is not None:
+            users = _user_count(read)
+            big = users >= DELTA_MIN_MEMBERS
+            ctx.links.put(gid, StoredLink(link if big and link else "", users, ctx.clock()))
+        return Converged(
+            operation,
+            requests,
+            list(desired.skips),
+            confirm=not work.confirming or operation is not None,
+        )
+    except WritebackError as error:
+        return error
+
+
+def _gone(
+    work: Work, read: GroupGone, current: DirectoryGroup | None, ctx: WorkerContext
+) -> Result:
+    """Graph answered 404. Keep a soft-deleted group's object (policy), and delete an
+    object only once the group was seen gone at least ``settle`` seconds apart."""
+    if ctx.links is not None:
+        ctx.links.forget(work.group_id)
+    if current is None:
+        # Nothing of ours; but a group created moments ago can 404 too: look again.
+        return Converged(confirm=not work.confirming)
+    if read.soft_deleted and ctx.soft_delete is SoftDeletePolicy.KEEP:
+        return Converged()
+    now = ctx.clock()
+    first = work.gone_since
+    if first is None or now - first < ctx.settle:
+        return Converged(confirm=True, gone_since=first if first is not None else now)
+    operation = plan_group(None, current, ctx.options.target_ou)
+    if operation is not None and ctx.deletes is not None:
+        ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
+    return Converged(operation, _apply(operation, ctx))
+
+
+# --------------------------------------------------------------------------- member deltas
+
+
+@dataclass(frozen=True)
+class _Deltas:
+    """What the deltas since a stored link say, with the SIDs they need."""
+
+    group: CloudGroup
+    added: tuple[CloudMember, ...]
+    removed_sids: frozenset[str]
+    #: The link to store next: the new one, or the old one when an added member
+    #: was not visible yet (its change must come round again).
+    delta_link: str
+    member_count: int
+
+
+def _read_deltas(
+    works: Sequence[Work], ctx: WorkerContext, results: dict[str, Result]
+) -> tuple[dict[str, _Deltas], list[Work]]:
+    """The usable member deltas of the groups that have a fresh link, and the works
+    that need a full read instead. A group whose read failed gets its error."""
+    links, full = _fresh_links(works, ctx)
+    if not links:
+        return {}, full
+    try:
+        answers = ctx.cloud.group_deltas({gid: s.delta_link for gid, s in links.items()})
+        lookups = [
+            member.id
+            for answer in answers.values()
+            if isinstance(answer, GroupDelta) and answer.group is not None
+            for member in (*answer.added, *answer.removed)
+            if member.kind is MemberKind.USER
+        ]
+        users = ctx.cloud.resolve_users(lookups) if lookups else {}
+    except WritebackError as error:
+        for gid in links:
+            results[gid] = error
+        return {}, full
+    deltas: dict[str, _Deltas] = {}
+    by_id = {w.group_id: w for w in works}
+    for gid, stored in links.items():
+        answer = answers.get(gid)
+        if isinstance(answer, WritebackError):
+            results[gid] = answer
+            continue
+        read = _usable(answer, stored, users, ctx) if isinstance(answer, GroupDelta) else None
+        if read is not None:
+            deltas[gid] = read
+            continue
+        if answer is None:
+            log.info("group %s: Graph refused its delta link; a full read follows", gid)
+        if ctx.links is not None:
+            ctx.links.forget(gid)
+        full.append(replace(by_id[gid], full=True))
+    return deltas, full
+
+
+def _fresh_links(
+    works: Sequence[Work], ctx: WorkerContext
+) -> tuple[dict[str, StoredLink], list[Work]]:
+    """The stored links worth a delta round (a large group, a link younger than a
+    delta token lives, not a confirmation), and the works to read in full."""
+    links: dict[str, StoredLink] = {}
+    full: list[Work] = []
+    now = ctx.clock()
+    for work in works:
+        stored = ctx.links.get(work.group_id) if ctx.links is not None else None
+        if (
+            stored is not None
+            and stored.delta_link
+            and not work.full
+            and stored.member_count >= DELTA_MIN_MEMBERS
+            and now - stored.stored_at < LINK_MAX_AGE
+        ):
+            links[work.group_id] = stored
+        else:
+            full.append(work)
+    return links, full
+
+
+def _usable(
+    delta: GroupDelta, stored: StoredLink, users: dict[str, CloudMember], ctx: WorkerContext
+) -> _Deltas | None:
+    """The deltas with SIDs resolved; None when only a full read can settle it (the
+    group gone or not Unified, a removed member Graph no longer knows, too many
+    ids, a count that may pass the limit)."""
+    if delta.group is None or delta.delta_link is None or not delta.group.is_unified:
+        return None
+    added_users = [m.id for m in delta.added if m.kind is MemberKind.USER]
+    removed_users = [m.id for m in delta.removed if m.kind is MemberKind.USER]
+    count = stored.member_count + len(added_users)
+    if count > ctx.options.member_limit or len(added_users) + len(removed_users) > (
+        MAX_DELTA_LOOKUPS
+    ):
+        return None
+    if any(member_id not in users for member_id in removed_users):
+        return None  # gone from Graph: the SID to remove is unknown here
+    unseen = any(member_id not in users for member_id in added_users)
+    return _Deltas(
+        group=delta.group,
+        added=tuple(users.get(m.id, m) for m in delta.added),
+        removed_sids=frozenset(sid for member_id in removed_users if (sid := users[member_id].sid)),
+        delta_link=stored.delta_link if unseen else delta.delta_link,
+        member_count=max(0, count - len(removed_users)),
+    )
+
+
+def _apply_deltas(
+    gid: str, read: _Deltas, current: DirectoryGroup, work: Work, ctx: WorkerContext
+) -> Result:
+    try:
+        desired = desired_group(replace(read.group, members=read.added), ctx.options)
+        planned = plan_group(
+            replace(desired, member_sids=frozenset()), current, ctx.options.target_ou
+        )
+        add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
+        remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
+        operation: Operation | None
+        if isinstance(planned, Rename):
+            changes = replace(planned.changes, add_members=add, remove_members=remove)
+            operation = replace(planned, changes=changes)
+        elif isinstance(planned, Modify) or add or remove:
+            base = planned.changes if isinstance(planned, Modify) else Changes()
+            changes = replace(base, add_members=add, remove_members=remove)
+            operation = Modify(gid, current.dn, changes) if changes else None
+        else:
+            operation = planned
+        requests = _apply(operation, ctx)
+        if ctx.links is not None:
+            ctx.links.put(gid, StoredLink(read.delta_link, read.member_count, ctx.clock()))
+        return Converged(operation, requests, list(desired.skips), confirm=not work.confirming)
+    except WritebackError as error:
+        return error
+
+
+def _user_count(group: CloudGroup) -> int:
+    return sum(1 for m in group.members if m.kind is MemberKind.USER)
+
+
+def _within_limit(group: CloudGroup, ctx: WorkerContext) -> CloudGroup:
+    skip = over_member_limit(group, ctx.options.member_limit)
+    if skip is not None:
+        raise OverMemberLimit(f"group {group.id}: {skip.detail}")
+    return group
+
+
+def _apply(operation: Operation | None, ctx: WorkerContext) -> int:
+    return ctx.directory.apply(operation) if operation is not None else 0
+
+
+# =========================================================================== sessions
 
 
 def process_session(
-    queue: EventQueue,
-    messages: list[ReceivedMessage],
-    ctx: WorkerContext,
-    *,
-    now: Callable[[], float] = time.time,
+    queue: Settlement, messages: list[ReceivedMessage], ctx: WorkerContext
 ) -> EventOutcome:
     """Handle one session's batch (one group) and settle every message in it."""
-    events, valid = _parse(queue, messages)
-    session = messages[0].session_id
-    if not events:
-        return EventOutcome(session, len(messages), "dead-lettered", error="poison")
-    outcome = EventOutcome(session, len(valid), "completed")
-    try:
-        outcome.operation, outcome.ldap_requests, outcome.skips = _retrying(ctx)(
-            converge, session, ctx
-        )
-    except PermanentError as error:
-        reason = type(error).__name__
+    [outcome] = process_sessions(queue, [messages], ctx)
+    return outcome
+
+
+def process_sessions(
+    queue: Settlement, sessions: Sequence[list[ReceivedMessage]], ctx: WorkerContext
+) -> list[EventOutcome]:
+    """Handle the batches of several group sessions in one step, and settle them."""
+    parsed = [_parse(queue, batch) for batch in sessions]
+    works: list[Work] = []
+    for events, _ in parsed:
+        if events:
+            works.append(_work_for(events))
+    results = converge_groups(works, ctx) if works else {}
+    outcomes = []
+    for batch, (events, valid) in zip(sessions, parsed, strict=True):
+        session = batch[0].session_id
+        if not events:
+            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="poison"))
+            continue
+        outcome = _settle(queue, valid, events, results[session], ctx)
+        _log(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _work_for(events: Sequence[GroupChanged]) -> Work:
+    confirmations = [e for e in events if e.change is Change.CONFIRM]
+    gone = [e.gone_since for e in confirmations if e.gone_since is not None]
+    return Work(
+        events[0].group_id,
+        full=bool(confirmations),
+        gone_since=min(gone) if gone else None,
+        confirming=len(confirmations) == len(events),
+    )
+
+
+def _settle(
+    queue: Settlement,
+    valid: list[ReceivedMessage],
+    events: list[GroupChanged],
+    result: Result,
+    ctx: WorkerContext,
+) -> EventOutcome:
+    session = valid[0].session_id
+    notifications = [e for e in events if e.change is not Change.CONFIRM]
+    outcome = EventOutcome(session, len(valid), "completed", notifications=len(notifications))
+    if isinstance(result, Converged):
+        result = _schedule_confirmation(session, result, outcome, ctx)
+    if isinstance(result, ConfigError):
         for message in valid:
-            queue.dead_letter(message, reason, str(error))
-        outcome.settlement, outcome.error = "dead-lettered", f"{reason}: {error}"
-    except TransientError as error:
+            queue.park(message, delay=CONFIG_RETRY_DELAY)
+        outcome.settlement, outcome.error = "parked", f"ConfigError: {result}"
+    elif isinstance(result, PermanentError):
+        reason = type(result).__name__
+        for message in valid:
+            queue.dead_letter(message, reason, str(result))
+        outcome.settlement, outcome.error = "dead-lettered", f"{reason}: {result}"
+    elif isinstance(result, WritebackError):
         delay = redelivery_delay(
             max(m.delivery_count for m in valid),
-            error.retry_after,
+            getattr(result, "retry_after", None),
             scale=ctx.redelivery_scale,
             cap=ctx.max_redelivery_delay,
         )
         for message in valid:
             queue.abandon(message, delay=delay)
-        outcome.settlement, outcome.error = "abandoned", f"{type(error).__name__}: {error}"
+        outcome.settlement, outcome.error = "abandoned", f"{type(result).__name__}: {result}"
     else:
         for message in valid:
             queue.complete(message)
-        outcome.latency = now() - min(e.received_at for e in events)
-    _log(outcome)
+        outcome.operation, outcome.ldap_requests = result.operation, result.requests
+        if notifications or result.operation is not None:
+            outcome.skips = result.skips  # a confirmation that wrote nothing skipped nothing new
+        if notifications:
+            outcome.latency = ctx.clock() - min(e.received_at for e in notifications)
     return outcome
 
 
+def _schedule_confirmation(
+    session: str, result: Converged, outcome: EventOutcome, ctx: WorkerContext
+) -> Result:
+    """Send the confirmation the result asks for (before the messages are completed);
+    a failure to send becomes the group's error, so it is all tried again."""
+    if not result.confirm or ctx.sender is None:
+        return result
+    try:
+        ctx.sender.send([confirmation(session, ctx.clock(), ctx.settle, result.gone_since)])
+    except WritebackError as error:
+        return error
+    outcome.confirmation = True
+    outcome.pending_delete = result.gone_since is not None
+    return result
+
+
+def confirmation(
+    group_id: str, now: float, settle: float, gone_since: float | None = None
+) -> OutgoingMessage:
+    """The confirmation read of a group, due ``settle`` seconds after ``now``.
+
+    Its message id names the quarter-settle slot it falls due in, so confirmations
+    of one group asked for in the same slot are one message (the queue's duplicate
+    detection drops the rest), and each is due at least ``settle`` after its ask."""
+    slot = max(settle / 4.0, 0.05)
+    index = math.ceil((now + settle) / slot)
+    due = index * slot
+    kind = "cg" if gone_since is not None else "cf"
+    event = GroupChanged(group_id, Change.CONFIRM, due, f"{kind}-{index}", gone_since=gone_since)
+    return OutgoingMessage(
+        body=event.to_json(),
+        message_id=f"{kind}-{group_id}-{index}",
+        session_id=group_id,
+        not_before=due,
+    )
+
+
 def _parse(
-    queue: EventQueue, messages: list[ReceivedMessage]
+    queue: Settlement, messages: list[ReceivedMessage]
 ) -> tuple[list[GroupChanged], list[ReceivedMessage]]:
     """Valid events of the batch; poison messages go to the dead-letter queue at once."""
     events, valid = [], []
@@ -200,188 +645,6 @@ def _parse(
     return events, valid
 
 
-def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, list[Skip]]:
-    """Read both sides now, plan, and apply the one operation (if any)."""
-    if not ctx.enabled:
-        return None, 0, []
-    deltas = _member_deltas(ctx)
-    if deltas is not None and ctx.links is not None:
-        stored = ctx.links.get(group_id)
-        if stored is not None:
-            done = _converge_by_deltas(group_id, ctx, deltas, ctx.links, stored)
-            if done is not None:
-                return done
-            ctx.links.forget(group_id)
-    return _converge_in_full(group_id, ctx, deltas)
-
-
-def _member_deltas(ctx: WorkerContext) -> MemberDeltaSource | None:
-    if ctx.links is None:
-        return None
-    cloud: object = ctx.cloud
-    needed = ("group_delta_link", "group_delta", "resolve_users")
-    if all(callable(getattr(cloud, name, None)) for name in needed):
-        return cloud  # type: ignore[return-value]
-    return None
-
-
-def _converge_in_full(
-    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource | None
-) -> tuple[Operation | None, int, list[Skip]]:
-    """Read the whole group from both sides; store a delta link taken before the reads."""
-    # Taken first: a change racing the reads shows up again in the next delta,
-    # where writing it once more is harmless; one taken after could miss it.
-    link = deltas.group_delta_link(group_id) if deltas is not None else None
-    group = ctx.cloud.get_group(group_id)
-    current = ctx.directory.find_group(group_id)
-    if group is None:
-        if current is None or _kept_as_soft_deleted(group_id, ctx):
-            return None, 0, []
-        operation = plan_group(None, current, ctx.options.target_ou)
-        if operation is not None and ctx.deletes is not None:
-            ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
-        return operation, _apply(operation, ctx), []
-    if not group.is_unified:
-        return None, 0, []
-    desired = desired_group(_within_limit(group, ctx), ctx.options)
-    operation = plan_group(desired, current, ctx.options.target_ou)
-    requests = _apply(operation, ctx)
-    if link is not None and ctx.links is not None:
-        ctx.links.put(group_id, StoredLink(link, _user_count(group)))
-    return operation, requests, list(desired.skips)
-
-
-@dataclass(frozen=True)
-class _Deltas:
-    """What the deltas since a stored link say, with the SIDs they need."""
-
-    group: CloudGroup
-    added: tuple[CloudMember, ...]
-    removed_sids: frozenset[str]
-    delta_link: str
-    member_count: int
-
-
-def _converge_by_deltas(
-    group_id: str,
-    ctx: WorkerContext,
-    deltas: MemberDeltaSource,
-    links: DeltaLinkStore,
-    stored: StoredLink,
-) -> tuple[Operation | None, int, list[Skip]] | None:
-    """Converge from the member changes since the stored link; None: read in full."""
-    read = _read_deltas(group_id, ctx, deltas, stored)
-    if read is None:
-        return None
-    current = _attributes_only(group_id, ctx)
-    if current is None:
-        return None
-    desired = desired_group(replace(read.group, members=read.added), ctx.options)
-    planned = plan_group(replace(desired, member_sids=frozenset()), current, ctx.options.target_ou)
-    add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
-    remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
-    operation: Operation | None
-    if isinstance(planned, Rename):
-        changes = replace(planned.changes, add_members=add, remove_members=remove)
-        operation = replace(planned, changes=changes)
-    elif isinstance(planned, Modify) or add or remove:
-        base = planned.changes if isinstance(planned, Modify) else Changes()
-        changes = replace(base, add_members=add, remove_members=remove)
-        operation = Modify(group_id, current.dn, changes) if changes else None
-    else:
-        operation = planned
-    requests = _apply(operation, ctx)
-    links.put(group_id, StoredLink(read.delta_link, read.member_count))
-    return operation, requests, list(desired.skips)
-
-
-def _read_deltas(
-    group_id: str, ctx: WorkerContext, deltas: MemberDeltaSource, stored: StoredLink
-) -> _Deltas | None:
-    """The group now and its member changes, SIDs resolved; None when only a full
-    read can settle it (link expired, group gone or not Unified, a removed
-    member Graph no longer knows, too many ids, a count that may pass the limit)."""
-    delta = deltas.group_delta(group_id, stored.delta_link)
-    if delta is None or delta.group is None or delta.delta_link is None:
-        return None
-    if not delta.group.is_unified:
-        return None
-    added_users = [m.id for m in delta.added if m.kind is MemberKind.USER]
-    removed_users = [m.id for m in delta.removed if m.kind is MemberKind.USER]
-    count = stored.member_count + len(added_users)
-    lookups = [*added_users, *removed_users]
-    if count > ctx.options.member_limit or len(lookups) > MAX_DELTA_LOOKUPS:
-        return None
-    users = deltas.resolve_users(lookups) if lookups else {}
-    if any(member_id not in users for member_id in removed_users):
-        return None  # gone from Graph: the SID to remove is unknown here
-    return _Deltas(
-        group=delta.group,
-        added=tuple(users.get(m.id, m) for m in delta.added),
-        removed_sids=frozenset(sid for member_id in removed_users if (sid := users[member_id].sid)),
-        delta_link=delta.delta_link,
-        member_count=max(0, count - len(removed_users)),
-    )
-
-
-def _attributes_only(group_id: str, ctx: WorkerContext) -> DirectoryGroup | None:
-    """The AD object without its members (the member values are planned from deltas)."""
-    directory: object = ctx.directory
-    if isinstance(directory, AttributeReader):
-        return directory.find_group_attributes(group_id)
-    current = ctx.directory.find_group(group_id)
-    if current is None:
-        return None
-    return replace(current, member_sids=frozenset(), other_members=frozenset())
-
-
-def _user_count(group: CloudGroup) -> int:
-    return sum(1 for m in group.members if m.kind is MemberKind.USER)
-
-
-def _kept_as_soft_deleted(group_id: str, ctx: WorkerContext) -> bool:
-    """A soft-deleted group keeps its AD object (and SID) until it is purged."""
-    if ctx.soft_delete is not SoftDeletePolicy.KEEP:
-        return False
-    return group_id in ctx.cloud.soft_deleted_group_ids()
-
-
-def _within_limit(group: CloudGroup, ctx: WorkerContext) -> CloudGroup:
-    skip = over_member_limit(group, ctx.options.member_limit)
-    if skip is not None:
-        raise OverMemberLimit(f"group {group.id}: {skip.detail}")
-    return group
-
-
-def _apply(operation: Operation | None, ctx: WorkerContext) -> int:
-    return ctx.directory.apply(operation) if operation is not None else 0
-
-
-def _retrying(ctx: WorkerContext) -> Retrying:
-    """A few quick in-process retries; longer outages wait in the queue instead."""
-    return Retrying(
-        stop=stop_after_attempt(ctx.attempts),
-        wait=_RetryAfterOrBackoff(ctx.max_wait),
-        retry=retry_if_exception_type(TransientError),
-        reraise=True,
-    )
-
-
-class _RetryAfterOrBackoff(wait_base):
-    """Exponential backoff with jitter, but never shorter than a Retry-After."""
-
-    def __init__(self, cap: float) -> None:
-        self._cap = cap
-
-    def __call__(self, retry_state: object) -> float:
-        attempt = getattr(retry_state, "attempt_number", 1)
-        outcome = getattr(retry_state, "outcome", None)
-        error = outcome.exception() if outcome is not None else None
-        retry_after = getattr(error, "retry_after", None) or 0.0
-        backoff = min(self._cap, 0.2 * 2 ** (attempt - 1)) * (0.5 + random.random())
-        return float(min(self._cap, max(backoff, retry_after)))
-
-
 def redelivery_delay(
     delivery_count: int,
     retry_after: float | None = None,
@@ -397,12 +660,13 @@ def redelivery_delay(
 def _log(outcome: EventOutcome) -> None:
     op = outcome.operation.kind if outcome.operation is not None else "none"
     log.info(
-        "group %s: %s after %d messages, op=%s, ldap=%d%s",
+        "group %s: %s after %d messages, op=%s, ldap=%d%s%s",
         outcome.group_id,
         outcome.settlement,
         outcome.messages,
         op,
         outcome.ldap_requests,
+        ", delete pending confirmation" if outcome.pending_delete else "",
         f", error={outcome.error}" if outcome.error else "",
         extra={
             "group_id": outcome.group_id,
@@ -413,14 +677,5 @@ def _log(outcome: EventOutcome) -> None:
     )
 
 
-def run_once(
-    queue: EventQueue, ctx: WorkerContext, *, max_messages: int = 100, wait: float = 1.0
-) -> EventOutcome | None:
-    """Take the next session with work, handle it, release it. None when idle."""
-    messages = queue.receive_session(max_messages, wait)
-    if not messages:
-        return None
-    try:
-        return process_session(queue, messages, ctx)
-    finally:
-        queue.release_session(messages[0].session_id)
+def group_ids(outcomes: Iterable[EventOutcome]) -> list[str]:
+    return [o.group_id for o in outcomes]

@@ -39,14 +39,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from writeback.adapters.graph import DeltaExpired, GroupChanges
 from writeback.config import SoftDeletePolicy
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Delete, Skip, SkipReason
-from writeback.errors import TransientError, WritebackError
-from writeback.ports import CloudSource, Directory
+from writeback.errors import DeltaExpired, TransientError, WritebackError
+from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
 from writeback.service.reconcile import (
     Plan,
     Progress,
@@ -58,17 +57,11 @@ from writeback.service.reconcile import (
     plan_cloud_group,
     threshold_reason,
 )
-from writeback.service.status import StateFile, iso
+from writeback.service.status import iso
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["full", "incremental"]
-
-
-class DeltaCloud(CloudSource, Protocol):
-    """A cloud source that can also report what changed since a delta link."""
-
-    def group_changes(self, delta_link: str) -> GroupChanges: ...
 
 
 @dataclass
@@ -111,7 +104,7 @@ def full_sync_due(
 
 
 def reconcile_incremental(
-    cloud: DeltaCloud,
+    cloud: CloudSource,
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,
@@ -160,7 +153,7 @@ def reconcile_incremental(
 
 
 def _full(
-    cloud: DeltaCloud,
+    cloud: CloudSource,
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,
@@ -180,7 +173,7 @@ def _full(
 
 
 def _incremental(
-    cloud: DeltaCloud,
+    cloud: CloudSource,
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,
@@ -241,7 +234,7 @@ class _SoftDeleted:
     """Which groups are in the recycle bin: the delta's own list, and the tenant's
     (read once, only if a changed group has vanished since the delta round)."""
 
-    def __init__(self, cloud: DeltaCloud, from_delta: frozenset[str]) -> None:
+    def __init__(self, cloud: CloudSource, from_delta: frozenset[str]) -> None:
         self._cloud = cloud
         self._ids = set(from_delta)
         self._read: Callable[[], frozenset[str]] | None = cloud.soft_deleted_group_ids
@@ -257,7 +250,7 @@ class _SoftDeleted:
 
 def _plan_one(
     group_id: str,
-    cloud: DeltaCloud,
+    cloud: CloudSource,
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,
@@ -305,7 +298,7 @@ class DeltaState:
     last_full_at: datetime | None = None
 
     @classmethod
-    def load(cls, state: StateFile | None) -> DeltaState:
+    def load(cls, state: StateStore | None) -> DeltaState:
         section = state.read().get("delta") if state is not None else None
         if not isinstance(section, dict):
             return cls()
@@ -340,7 +333,7 @@ class DeltaState:
 
 
 def run_incremental(
-    cloud: DeltaCloud,
+    cloud: CloudSource,
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,

@@ -27,11 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
 from urllib.parse import urlsplit
 
-from writeback.adapters.graph import GraphNotFound, Subscription
-from writeback.errors import GraphRefused
+from writeback.errors import GraphNotFound, GraphRefused
+from writeback.ports import Subscription, SubscriptionClient
 from writeback.service.notifications import (
     MISSED,
     REAUTHORIZATION_REQUIRED,
@@ -49,29 +48,6 @@ MAX_LIFETIME = timedelta(minutes=41_760)
 DEFAULT_LIFETIME = timedelta(days=28)
 #: With a daily timer, two weeks of failed runs before a subscription lapses.
 DEFAULT_RENEW_BEFORE = timedelta(days=14)
-
-
-class SubscriptionClient(Protocol):
-    """The subscription calls of :class:`writeback.adapters.graph.GraphCloud`."""
-
-    def create_subscription(
-        self,
-        notification_url: str,
-        lifecycle_url: str | None,
-        client_state: str,
-        expiration: datetime,
-        *,
-        resource: str = ...,
-        change_type: str = ...,
-    ) -> Subscription: ...
-
-    def list_subscriptions(self) -> list[Subscription]: ...
-
-    def renew_subscription(self, subscription_id: str, expiration: datetime) -> Subscription: ...
-
-    def reauthorize_subscription(self, subscription_id: str) -> None: ...
-
-    def delete_subscription(self, subscription_id: str) -> None: ...
 
 
 class Action(StrEnum):
@@ -116,10 +92,37 @@ def ensure_subscription(
     lifetime: timedelta = DEFAULT_LIFETIME,
 ) -> SubscriptionStatus:
     """Make sure exactly one usable subscription of ours exists and is not about to expire."""
+    return _ensure(
+        cloud,
+        notification_url=notification_url,
+        lifecycle_url=lifecycle_url,
+        client_state=client_state,
+        now=now,
+        renew_before=renew_before,
+        lifetime=lifetime,
+    )
+
+
+def _ensure(
+    cloud: SubscriptionClient,
+    *,
+    notification_url: str,
+    lifecycle_url: str | None,
+    client_state: str,
+    now: datetime,
+    renew_before: timedelta,
+    lifetime: timedelta,
+    removed: str | None = None,
+) -> SubscriptionStatus:
+    """:func:`ensure_subscription`; ``removed`` names a subscription Graph said it
+    removed, never kept even if still listed, and deleted (after its replacement
+    exists) only when it is ours: listed by Graph with our notification URL."""
     _check(lifetime, renew_before)
     now = _aware(now)
     ours = [s for s in cloud.list_subscriptions() if _is_ours(s, notification_url)]
-    usable = [s for s in ours if _usable(s, notification_url, lifecycle_url, now)]
+    usable = [
+        s for s in ours if s.id != removed and _usable(s, notification_url, lifecycle_url, now)
+    ]
     keep = max(usable, key=lambda s: s.expiration) if usable else None
     stale = [s for s in ours if s is not keep]
     if keep is None:
@@ -166,7 +169,8 @@ def handle_lifecycle(
 
     * ``reauthorizationRequired``: reauthorize; if Graph refuses, renew (a
       PATCH reauthorizes too); if the subscription is gone, ensure a new one.
-    * ``subscriptionRemoved``: ensure a new subscription; reconcile.
+    * ``subscriptionRemoved``: ensure a new subscription (the named one is deleted,
+      after, only if it is ours); reconcile.
     * ``missed``: nothing to call; reconcile.
 
     Transient Graph errors propagate so the caller retries the event."""
@@ -187,8 +191,25 @@ def handle_lifecycle(
     if event.event == MISSED:
         outcome = LifecycleOutcome(event, Action.NONE, reconcile_needed=True)
     elif event.event == SUBSCRIPTION_REMOVED:
-        _delete(cloud, event.subscription_id)  # normally gone already
-        status = ensure()
+        # Normally gone already. The id comes from a request body, so it is deleted
+        # only if Graph lists it as ours (ensure's stale list); anyone else's stays.
+        status = _ensure(
+            cloud,
+            notification_url=notification_url,
+            lifecycle_url=lifecycle_url,
+            client_state=client_state,
+            now=now,
+            renew_before=renew_before,
+            lifetime=lifetime,
+            removed=event.subscription_id,
+        )
+        if event.subscription_id not in status.deleted:
+            log.info(
+                "subscriptionRemoved names %s, which Graph does not list as ours "
+                "(gone already, or someone else's): not deleted",
+                event.subscription_id,
+                extra={"subscription_id": event.subscription_id},
+            )
         outcome = LifecycleOutcome(event, status.action, True, status.subscription)
     elif event.event == REAUTHORIZATION_REQUIRED:
         outcome = _reauthorize(cloud, event, now + lifetime, ensure)

@@ -1,0 +1,1 @@
+"""The Functions Python worker's indexing, run in its own Python 3.13 venv (``probe.py``)."""
