@@ -8,14 +8,16 @@ tests/integration/test_sync.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
 from writeback.domain.mapping import MappingOptions
-from writeback.domain.model import CloudGroup, DirectoryGroup, Operation
+from writeback.domain.model import CloudGroup, DirectoryGroup
 from writeback.errors import GraphUnavailable, LdapUnavailable
-from writeback.ports import CloudSnapshot, GroupRead
+from writeback.ports import CloudSnapshot, CloudSource
+from writeback.ports import Directory as DirectoryPort
 from writeback.service.reconcile import SyncPolicy, plan_sync
 
 OU = "OU=W,DC=corp,DC=example"
@@ -43,15 +45,6 @@ class Cloud:
             raise GraphUnavailable("graph down")
         return CloudSnapshot((CloudGroup(gid(1), "G1"),), frozenset())
 
-    def get_group(self, group_id: str) -> CloudGroup | None:
-        raise NotImplementedError
-
-    def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
-        raise NotImplementedError
-
-    def soft_deleted_group_ids(self) -> frozenset[str]:
-        return frozenset()
-
 
 class Directory:
     """Anchored groups 1 and 2, read only while the snapshot is under way."""
@@ -65,14 +58,6 @@ class Directory:
     def schema_attributes(self) -> frozenset[str]:
         return frozenset()
 
-    def find_group(self, group_id: str) -> DirectoryGroup | None:
-        raise NotImplementedError
-
-    def find_groups(
-        self, group_ids: Sequence[str], *, members: bool = True
-    ) -> dict[str, DirectoryGroup]:
-        raise NotImplementedError
-
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         self.thread = threading.current_thread()
         assert self.cloud.started.wait(WAIT), "the Graph read did not run meanwhile"
@@ -82,22 +67,20 @@ class Directory:
         for n in (1, 2):
             yield DirectoryGroup(f"CN=Group_{gid(n)},{OU}", gid(n), {"displayName": (f"G{n}",)})
 
-    def apply(self, operation: Operation) -> int:
-        raise NotImplementedError
 
-    def close(self) -> None:
-        return None
-
-
-def sides(*, cloud_fails: bool = False, ad_fails: bool = False) -> tuple[Cloud, Directory]:
+def sides(
+    *, cloud_fails: bool = False, ad_fails: bool = False
+) -> tuple[Cloud, Directory, CloudSource, DirectoryPort]:
+    """The doubles, and the same as the ports (they have only what plan_sync calls)."""
     started_ad = threading.Event()
     cloud = Cloud(started_ad, fail=cloud_fails)
-    return cloud, Directory(cloud, started_ad, fail=ad_fails)
+    directory = Directory(cloud, started_ad, fail=ad_fails)
+    return cloud, directory, cast(CloudSource, cloud), cast(DirectoryPort, directory)
 
 
 def test_both_sides_are_read_at_once_and_ad_on_the_calling_thread() -> None:
-    cloud, directory = sides()
-    plan = plan_sync(cloud, directory, MappingOptions(target_ou=OU), SyncPolicy())
+    cloud, directory, source, port = sides()
+    plan = plan_sync(source, port, MappingOptions(target_ou=OU), SyncPolicy())
     assert directory.thread is threading.current_thread()
     assert cloud.thread is not None and cloud.thread is not threading.current_thread()
     assert plan.groups_in_cloud == 1 and plan.groups_in_directory == 2
@@ -105,9 +88,9 @@ def test_both_sides_are_read_at_once_and_ad_on_the_calling_thread() -> None:
 
 
 def test_a_failed_read_on_either_side_fails_the_plan() -> None:
-    cloud, directory = sides(cloud_fails=True)
+    *_, source, port = sides(cloud_fails=True)
     with pytest.raises(GraphUnavailable):
-        plan_sync(cloud, directory, MappingOptions(target_ou=OU), SyncPolicy())
-    cloud, directory = sides(ad_fails=True)
+        plan_sync(source, port, MappingOptions(target_ou=OU), SyncPolicy())
+    *_, source, port = sides(ad_fails=True)
     with pytest.raises(LdapUnavailable):
-        plan_sync(cloud, directory, MappingOptions(target_ou=OU), SyncPolicy())
+        plan_sync(source, port, MappingOptions(target_ou=OU), SyncPolicy())
