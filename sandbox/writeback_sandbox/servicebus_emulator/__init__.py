@@ -62,6 +62,7 @@ Where it differs from the real broker, knowingly:
 from __future__ import annotations
 
 import secrets
+import socket
 import ssl
 import tempfile
 import threading
@@ -88,6 +89,8 @@ from writeback_sandbox.servicebus_emulator.model import (
 )
 
 __all__ = [
+    "APP_RULE",
+    "ROOT_RULE",
     "BrokerError",
     "MessageState",
     "QueueSettings",
@@ -142,9 +145,11 @@ class ServiceBusEmulator:
         domain.set_credentials(str(cert), str(key), None)
         container = Container(self._handler)
         container.container_id = "writeback-servicebus-emulator"
-        container.allowed_mechs = "ANONYMOUS"
+        container.allowed_mechs = "ANONYMOUS"  # type: ignore[assignment]
         acceptor = container.listen(f"amqps://{self.host}:0", ssl_domain=domain)
-        self.amqp_port = acceptor._selectable._delegate.getsockname()[1]
+        listening = acceptor._selectable._delegate
+        assert isinstance(listening, socket.socket)
+        self.amqp_port = listening.getsockname()[1]
         self._thread = threading.Thread(
             target=container.run, name="servicebus-emulator", daemon=True
         )

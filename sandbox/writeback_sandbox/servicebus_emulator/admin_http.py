@@ -77,7 +77,8 @@ def queue_entry(queue: Entity, base: str, now: datetime) -> str:
         f"<AccessedAt>{stamp}</AccessedAt>"
         f"<SupportOrdering>true</SupportOrdering>"
         f'<CountDetails xmlns:d2p1="{_COUNTS}">'
-        f"<d2p1:ActiveMessageCount>{counts['active'] + counts['deferred']}</d2p1:ActiveMessageCount>"
+        f"<d2p1:ActiveMessageCount>{counts['active'] + counts['deferred']}"
+        f"</d2p1:ActiveMessageCount>"
         f"<d2p1:DeadLetterMessageCount>{dead}</d2p1:DeadLetterMessageCount>"
         f"<d2p1:ScheduledMessageCount>{counts['scheduled']}</d2p1:ScheduledMessageCount>"
         f"<d2p1:TransferMessageCount>0</d2p1:TransferMessageCount>"
@@ -113,6 +114,7 @@ class _Server(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = super().get_request()
+        sock.settimeout(10)  # a client that stalls in the handshake cannot hold the server
         return self.context.wrap_socket(sock, server_side=True), address
 
     def handle_error(self, request: Any, client_address: Any) -> None:

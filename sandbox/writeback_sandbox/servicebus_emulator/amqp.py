@@ -34,7 +34,7 @@ import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from proton import Condition, Delivery, Event, Handler, Link, Message, symbol
 from proton.reactor import Container
@@ -49,6 +49,18 @@ from writeback_sandbox.servicebus_emulator.model import (
 )
 
 log = logging.getLogger("writeback_sandbox.servicebus_emulator")
+
+
+class _ClientHangups(logging.Filter):
+    """proton logs an ERROR when a client closes its socket without an AMQP close,
+    which the SDK does on every close; that is not an emulator fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Couldn't send" in text or "Connection reset" in text)
+
+
+logging.getLogger("proton").addFilter(_ClientHangups())
 
 SESSION_FILTER: Final = symbol("com.microsoft:session-filter")
 LOCKED_UNTIL_UTC: Final = symbol("com.microsoft:locked-until-utc")
@@ -84,7 +96,7 @@ class _PendingAccept:
     deadline: float
 
 
-class AmqpHandler(Handler):  # type: ignore[misc]
+class AmqpHandler(Handler):
     def __init__(self, broker: Broker, host: str, rules: dict[str, auth.SasRule], tick: float):
         super().__init__()
         self.broker = broker
@@ -119,21 +131,28 @@ class AmqpHandler(Handler):  # type: ignore[misc]
     # -- connections and sessions -------------------------------------------------
 
     def on_connection_remote_open(self, event: Event) -> None:
+        connection = event.connection
+        assert connection is not None
         self.stats["connections"] += 1
-        self._conn(event.connection)
-        event.connection.container = f"writeback-emulator-{self.host}"
-        event.connection.open()
+        self._conn(connection)
+        connection.container = f"writeback-emulator-{self.host}"
+        connection.open()
 
     def on_session_remote_open(self, event: Event) -> None:
-        event.session.incoming_capacity = 16 * 1024 * 1024
-        event.session.open()
+        session = event.session
+        assert session is not None
+        session.incoming_capacity = 16 * 1024 * 1024
+        session.open()
 
     def on_connection_remote_close(self, event: Event) -> None:
-        self._drop_connection(event.connection)
-        event.connection.close()
+        connection = event.connection
+        assert connection is not None
+        self._drop_connection(connection)
+        connection.close()
 
     def on_session_remote_close(self, event: Event) -> None:
-        event.session.close()
+        if event.session is not None:
+            event.session.close()
 
     def on_transport_closed(self, event: Event) -> None:
         if event.connection is not None:
@@ -149,7 +168,8 @@ class AmqpHandler(Handler):  # type: ignore[misc]
     # -- links ---------------------------------------------------------------------
 
     def on_link_remote_open(self, event: Event) -> None:
-        link: Link = event.link
+        link = event.link
+        assert link is not None
         if link.is_sender:
             node = link.remote_source.address or ""
         else:
@@ -263,6 +283,7 @@ class AmqpHandler(Handler):  # type: ignore[misc]
 
     def on_link_remote_close(self, event: Event) -> None:
         link = event.link
+        assert link is not None
         with self.broker.lock:
             out = self._outs.get(link)
             if out is not None:
@@ -289,8 +310,9 @@ class AmqpHandler(Handler):  # type: ignore[misc]
     # -- deliveries ------------------------------------------------------------------
 
     def on_delivery(self, event: Event) -> None:
-        delivery: Delivery = event.delivery
-        link: Link = delivery.link
+        delivery = event.delivery
+        assert delivery is not None
+        link = delivery.link
         with self.broker.lock:
             if link.is_receiver:
                 self._incoming(link, delivery)
@@ -347,7 +369,7 @@ class AmqpHandler(Handler):  # type: ignore[misc]
             )
 
     def _put_token(self, link: Link, request: Message) -> None:
-        properties = request.properties or {}
+        properties: dict[str, Any] = dict(request.properties or {})
         token = request.body
         status, description = 202, "Accepted"
         if isinstance(token, bytes):
@@ -368,7 +390,7 @@ class AmqpHandler(Handler):  # type: ignore[misc]
         self._reply(link, "$cbs", request, reply)
 
     def _management(self, link: Link, node: str, request: Message) -> None:
-        properties = request.properties or {}
+        properties: dict[str, Any] = dict(request.properties or {})
         operation = str(properties.get("operation") or "")
         entity_path = node.rsplit("/", 1)[0]
         now = self._now()
@@ -434,7 +456,7 @@ class AmqpHandler(Handler):  # type: ignore[misc]
         if held is None:
             delivery.settle()
             return
-        seq, token = held
+        _seq, token = held
         entity = out.receiver.entity
         now = self._now()
         state = delivery.remote_state
@@ -518,7 +540,8 @@ class AmqpHandler(Handler):  # type: ignore[misc]
     def _send(
         link: Link, encoded: bytes, *, tag: bytes | None = None, settled: bool = False
     ) -> Delivery:
-        delivery = link.delivery(tag or uuid.uuid4().bytes)
+        # proton types the tag as str, but hands bytes to the C API as they are.
+        delivery = link.delivery(cast(str, tag or uuid.uuid4().bytes))
         link.send(encoded)
         link.advance()
         if settled:

@@ -78,20 +78,21 @@ def _is_message(encoded: bytes) -> bool:
         sections = _sections(encoded)
     except Exception:
         return False
-    return all(
-        isinstance(section, Described) and int(section.descriptor) in _SECTION_CODES
-        for section in sections
-    )
+    return all(_code(section) in _SECTION_CODES for section in sections)
+
+
+def _code(section: Any) -> int | None:
+    """The descriptor code of a message section, None for anything else."""
+    if not isinstance(section, Described):
+        return None
+    descriptor: Any = section.descriptor
+    return int(descriptor) if isinstance(descriptor, int) else None
 
 
 def decode_transfer(encoded: bytes) -> list[Incoming]:
     """The messages one transfer carries (several for a batch)."""
     sections = _sections(encoded)
-    bodies = [
-        bytes(section.value)
-        for section in sections
-        if isinstance(section, Described) and int(section.descriptor) == _DATA
-    ]
+    bodies = [bytes(section.value) for section in sections if _code(section) == _DATA]
     if bodies and all(_is_message(body) for body in bodies):
         return [_incoming(body) for body in bodies]
     return [_incoming(encoded)]
@@ -100,7 +101,7 @@ def decode_transfer(encoded: bytes) -> list[Incoming]:
 def _incoming(encoded: bytes) -> Incoming:
     message = Message()
     message.decode(encoded)
-    annotations = message.annotations or {}
+    annotations: dict[Any, Any] = dict(message.annotations or {})
     scheduled = annotations.get(SCHEDULED_TIME)
     return Incoming(
         message=message,
@@ -120,7 +121,7 @@ def decode_one(encoded: bytes) -> Incoming:
 def encode_delivery(stored: Stored, *, locked_until: float | None) -> bytes:
     """The message as a receiver gets it (or a peek shows it)."""
     message: Message = stored.payload
-    annotations = dict(message.annotations or {})
+    annotations: dict[Any, Any] = dict(message.annotations or {})
     annotations[SEQUENCE_NUMBER] = stored.seq
     annotations[ENQUEUED_TIME] = timestamp(int(stored.enqueued_at * 1000))
     if locked_until is not None:
@@ -133,14 +134,14 @@ def encode_delivery(stored: Stored, *, locked_until: float | None) -> bytes:
         annotations.pop(MESSAGE_STATE, None)
     if stored.scheduled_for is not None:
         annotations[SCHEDULED_TIME] = timestamp(int(stored.scheduled_for * 1000))
-    properties = dict(message.properties or {})
+    properties: dict[Any, Any] = dict(message.properties or {})
     if stored.dead_letter_reason is not None:
         properties["DeadLetterReason"] = stored.dead_letter_reason
         properties["DeadLetterErrorDescription"] = stored.dead_letter_description or ""
-    saved = (message.annotations, message.properties, message.delivery_count)
+    saved: tuple[Any, Any, int] = (message.annotations, message.properties, message.delivery_count)
     try:
         message.annotations = annotations
-        message.properties = properties or None
+        message.properties = properties or None  # type: ignore[assignment]
         message.delivery_count = stored.deliveries
         return bytes(message.encode())
     finally:

@@ -64,11 +64,13 @@ def _uuid(value: Any) -> uuid.UUID:
 
 
 def _timestamps(values: list[float]) -> Array:
-    return Array(UNDESCRIBED, Data.TIMESTAMP, *[timestamp(int(v * 1000)) for v in values])
+    undescribed: Any = UNDESCRIBED
+    return Array(undescribed, Data.TIMESTAMP, *[timestamp(int(v * 1000)) for v in values])
 
 
 def _longs(values: list[int]) -> Array:
-    return Array(UNDESCRIBED, Data.LONG, *values)
+    undescribed: Any = UNDESCRIBED
+    return Array(undescribed, Data.LONG, *values)
 
 
 def _need(request: Request, right: str) -> None:
@@ -112,7 +114,7 @@ def receive_by_sequence_number(request: Request) -> Answer:
         entity.deferred(int(seq), session_id)
         for seq in _elements(request.body.get("sequence-numbers"))
     ]
-    messages = []
+    messages: list[dict[str, Any]] = []
     for stored in found:
         if delete:
             messages.append({"message": codec.encode_delivery(stored, locked_until=None)})

@@ -474,10 +474,10 @@ class Entity:
                 continue
             if stored.lock_token is not None:
                 continue
-            if stored.expires_at is not None and stored.expires_at <= now:
-                if not self.is_dead_letter_queue:
-                    self._expire(stored, now)
-                    continue
+            expired = stored.expires_at is not None and stored.expires_at <= now
+            if expired and not self.is_dead_letter_queue:
+                self._expire(stored, now)
+                continue
             return stored
         return None
 
