@@ -22,9 +22,10 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.local_queue import LocalQueue
     from writeback.adapters.relay import RelayDirectory
+    from writeback.adapters.servicebus import ServiceBusQueue
     from writeback.config import QueueKind
-    from writeback.ports import EventQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
 
@@ -201,6 +202,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     for line in format_status(status):
         print(line, file=out)
     agent_ok = _print_agent_status(out)
+    # Any figure that could not be read (depth, dead letters) makes the exit code 1,
+    # the line that says which and why is printed above; the rest still shows.
     return EXIT_FAILURES if status.queue_error or not agent_ok else EXIT_OK
 
 
@@ -311,7 +314,7 @@ def _tool_queue() -> QueueKind:
 
 
 @contextmanager
-def _queue() -> Iterator[EventQueue]:
+def _queue() -> Iterator[LocalQueue | ServiceBusQueue]:
     """The queue the settings name (see :func:`_tool_queue`)."""
     from writeback.config import QueueKind, load_pipeline_settings
     from writeback.wiring import build_queue
