@@ -27,6 +27,7 @@ ROLES = {
     "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0": "Azure Service Bus Data Receiver",
     "4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "090c5cfd-751d-490a-894a-3ce6f1109419": "Azure Service Bus Data Owner",  # operators, opt-in
 }
 
 
@@ -87,7 +88,8 @@ def test_the_identity_gets_exactly_the_roles_it_needs() -> None:
     assigned = set(re.findall(r"var \w+ = '([0-9a-f-]{36})'", text))
     assert assigned == set(ROLES), {g: ROLES.get(g, "unexpected") for g in assigned}
     scopes = re.findall(r"scope: (\w+)\n", text)
-    assert sorted(scopes) == ["account", "queue", "queue", "vault"]  # never the group
+    # the app's four, and the operators' three, all on the queue: never the group
+    assert sorted(scopes) == ["account", "queue", "queue", "queue", "queue", "queue", "vault"]
 
 
 def test_the_queue_has_sessions_duplicate_detection_and_dead_lettering() -> None:
@@ -96,7 +98,6 @@ def test_the_queue_has_sessions_duplicate_detection_and_dead_lettering() -> None
         "requiresSession: true",
         "requiresDuplicateDetection: true",
         "lockDuration: 'PT5M'",
-        "maxDeliveryCount: 10",
         "deadLetteringOnMessageExpiration: true",
         "disableLocalAuth: true",
     ):
@@ -122,3 +123,47 @@ def test_the_test_script_validates_the_infra_in_its_own_venv() -> None:
     validate = Path(ROOT / "scripts" / "validate-infra").read_text()
     assert ".venv-infra" in validate and "infra/parse.py" in validate
     assert "checkov" in (INFRA / "requirements.txt").read_text()
+
+
+def test_operators_get_replay_rights_on_the_queue_and_data_owner_only_when_asked() -> None:
+    queue = (INFRA / "modules" / "servicebus.bicep").read_text()
+    blocks = re.findall(
+        r"resource (operator\w+) 'Microsoft.Authorization/roleAssignments@[^']+' = "
+        r"\[for operator in operatorPrincipalIds: (if \(operatorQueueOwner\) )?\{(.*?)\n\}\]",
+        queue,
+        re.DOTALL,
+    )
+    roles = {name: (bool(condition), body) for name, condition, body in blocks}
+    assert set(roles) == {"operatorReceiver", "operatorSender", "operatorOwner"}
+    for name, (conditional, body) in roles.items():
+        assert "scope: queue" in body and "principalId: operator" in body
+        assert conditional == (name == "operatorOwner")
+    assert "roleDefinitions', dataOwner)" in roles["operatorOwner"][1]
+    assert "param operatorQueueOwner bool = false" in queue  # least privilege by default
+    main = (INFRA / "main.bicep").read_text()
+    for name in ("operatorPrincipalIds", "operatorPrincipalType", "operatorQueueOwner"):
+        assert f"param {name} " in main and f"{name}: {name}" in main
+
+
+def test_the_queue_outlasts_the_apps_own_redelivery_schedule() -> None:
+    from writeback.service.handle_event import MAX_REDELIVERY_DELAY, redelivery_delay
+
+    queue = (INFRA / "modules" / "servicebus.bicep").read_text()
+    queue_count = int(re.search(r"var maxDeliveryCount = (\d+)", queue).group(1))  # type: ignore[union-attr]
+    assert "maxDeliveryCount: maxDeliveryCount" in queue
+    app_count = int(app_settings()["WRITEBACK_MAX_DELIVERY_COUNT"].strip("'"))
+    assert queue_count > app_count  # the app dead-letters first, with its own reason
+    hours = sum(redelivery_delay(n) for n in range(app_count)) / 3600
+    assert MAX_REDELIVERY_DELAY == 300 and 7 < hours < 8.5  # what the README states
+
+
+def test_the_readme_documents_replay_status_and_pausing_the_listener() -> None:
+    readme = (INFRA / "README.md").read_text()
+    for needed in (
+        "AzureWebJobs.worker.Disabled",
+        "operatorPrincipalIds",
+        "operatorQueueOwner",
+        "python -m writeback replay",
+        "Azure Service Bus Data Owner",
+    ):
+        assert needed in readme, needed
