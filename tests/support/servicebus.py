@@ -17,7 +17,7 @@ from azure.servicebus import ServiceBusClient
 from azure.servicebus.management import ServiceBusAdministrationClient
 
 from writeback.adapters.servicebus import ServiceBusQueue
-from writeback_sandbox.servicebus_emulator import QueueSettings, ServiceBusEmulator
+from writeback_sandbox.servicebus_emulator import ROOT_RULE, QueueSettings, ServiceBusEmulator
 
 _names = itertools.count(1)
 
@@ -40,30 +40,19 @@ def queue_name(sb: ServiceBusEmulator) -> str:
 
 
 def sdk_client(
-    sb: ServiceBusEmulator, *, rule: str | None = None, **options: Any
+    sb: ServiceBusEmulator, *, rule: str = ROOT_RULE, **options: Any
 ) -> ServiceBusClient:
-    connection = sb.connection_string if rule is None else sb.connection_string_for(rule)
-    return ServiceBusClient.from_connection_string(
-        connection, **{"retry_total": 0, **sb.client_options, **options}
-    )
+    return sb.client(rule, **options)
 
 
 def admin_client(
-    sb: ServiceBusEmulator, *, rule: str | None = None
+    sb: ServiceBusEmulator, *, rule: str = ROOT_RULE
 ) -> ServiceBusAdministrationClient:
-    connection = sb.connection_string if rule is None else sb.connection_string_for(rule)
-    return ServiceBusAdministrationClient.from_connection_string(connection, **sb.admin_options)
+    return sb.admin(rule)
 
 
 def adapter(
-    sb: ServiceBusEmulator, queue_name: str, *, rule: str | None = None, **options: Any
+    sb: ServiceBusEmulator, queue_name: str, *, rule: str = ROOT_RULE, **options: Any
 ) -> ServiceBusQueue:
     """The product's Service Bus queue on the emulator, built the way wiring builds it."""
-    connection = sb.connection_string if rule is None else sb.connection_string_for(rule)
-    return ServiceBusQueue.from_connection_string(
-        connection,
-        queue_name,
-        client_options=sb.client_options,
-        admin_options=sb.admin_options,
-        **options,
-    )
+    return sb.queue_adapter(queue_name, rule, **options)

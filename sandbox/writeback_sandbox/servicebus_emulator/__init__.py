@@ -12,6 +12,9 @@ certificate::
         admin = ServiceBusAdministrationClient.from_connection_string(
             sb.connection_string, **sb.admin_options
         )
+        queue = sb.queue_adapter("group-events", max_delivery_count=100)  # writeback's adapter
+
+(``sb.client()`` and ``sb.admin()`` build the first two.)
 
 ``connection_string`` names the namespace ``127.0.0.1`` (port of the administration
 endpoint, which the administration client keeps and the AMQP client drops) with
@@ -71,7 +74,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proton import SSLDomain
 from proton.reactor import Container
@@ -87,6 +90,12 @@ from writeback_sandbox.servicebus_emulator.model import (
     QueueSettings,
     Stored,
 )
+
+if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusClient
+    from azure.servicebus.management import ServiceBusAdministrationClient
+
+    from writeback.adapters.servicebus import ServiceBusQueue
 
 __all__ = [
     "APP_RULE",
@@ -213,6 +222,35 @@ class ServiceBusEmulator:
     def admin_options(self) -> dict[str, Any]:
         """Keyword arguments for ``ServiceBusAdministrationClient``: the CA."""
         return {"connection_verify": self.ca_file}
+
+    def client(self, rule: str = ROOT_RULE, **options: Any) -> ServiceBusClient:
+        """An SDK client for ``rule`` (no retries unless ``retry_total`` is given)."""
+        from azure.servicebus import ServiceBusClient
+
+        return ServiceBusClient.from_connection_string(
+            self.connection_string_for(rule), **{"retry_total": 0, **self.client_options, **options}
+        )
+
+    def admin(self, rule: str = ROOT_RULE) -> ServiceBusAdministrationClient:
+        """An administration client for ``rule``."""
+        from azure.servicebus.management import ServiceBusAdministrationClient
+
+        return ServiceBusAdministrationClient.from_connection_string(
+            self.connection_string_for(rule), **self.admin_options
+        )
+
+    def queue_adapter(self, name: str, rule: str = ROOT_RULE, **options: Any) -> ServiceBusQueue:
+        """writeback's ``ServiceBusQueue`` on queue ``name``, built as the product builds
+        it from a connection string (``options`` go to it: ``max_delivery_count``...)."""
+        from writeback.adapters.servicebus import ServiceBusQueue
+
+        return ServiceBusQueue.from_connection_string(
+            self.connection_string_for(rule),
+            name,
+            client_options=self.client_options,
+            admin_options=self.admin_options,
+            **options,
+        )
 
     # -- test hooks --------------------------------------------------------------
 
