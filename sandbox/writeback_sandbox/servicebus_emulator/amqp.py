@@ -346,17 +346,11 @@ class AmqpHandler(Handler):
         now = self._now()
         auth.require(self._conn(link.connection).grants, self.host, path, auth.SEND, now)
         batch = codec.decode_transfer(encoded)
-        for incoming in batch:  # check the whole batch before storing any of it
-            if incoming.size > entity.settings.max_message_size:
-                entity.enqueue(
-                    None,
-                    message_id=None,
-                    session_id="x",
-                    size=incoming.size,
-                    ttl=None,
-                    scheduled_for=None,
-                    now=now,
-                )
+        # A batch is one transfer: its whole size counts against the limit, and it is
+        # stored whole or not at all.
+        entity.check_sendable(None, "batch" if entity.sessions else None, len(encoded))
+        for incoming in batch:
+            entity.check_sendable(incoming.message_id, incoming.session_id, incoming.size)
         for incoming in batch:
             entity.enqueue(
                 incoming.message,

@@ -184,7 +184,7 @@ class Entity:
         now: float,
     ) -> int | None:
         """Store a sent message; its sequence number, or None when it was a duplicate."""
-        self._check_sendable(message_id, session_id, size)
+        self.check_sendable(message_id, session_id, size)
         window = self.settings.duplicate_detection_window
         if window is not None and message_id is not None:
             self._forget_ids(now - window)
@@ -214,7 +214,8 @@ class Entity:
         self._make_ready(stored)
         return stored.seq
 
-    def _check_sendable(self, message_id: str | None, session_id: str | None, size: int) -> None:
+    def check_sendable(self, message_id: str | None, session_id: str | None, size: int) -> None:
+        """Raise BrokerError for a message the entity refuses (size, ids, no session)."""
         if size > self.settings.max_message_size:
             raise BrokerError(
                 "amqp:link:message-size-exceeded",
