@@ -22,8 +22,9 @@ from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.local_queue import LocalQueue
     from writeback.adapters.relay import RelayDirectory
-    from writeback.ports import EventQueue
+    from writeback.adapters.servicebus import ServiceBusQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
 
@@ -200,6 +201,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     for line in format_status(status):
         print(line, file=out)
     agent_ok = _print_agent_status(out)
+    # Any figure that could not be read (depth, dead letters) makes the exit code 1,
+    # the line that says which and why is printed above; the rest still shows.
     return EXIT_FAILURES if status.queue_error or not agent_ok else EXIT_OK
 
 
@@ -322,7 +325,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
 
 
 @contextmanager
-def _queue() -> Iterator[EventQueue]:
+def _queue() -> Iterator[LocalQueue | ServiceBusQueue]:
     """The queue the settings name (Service Bus where one is configured, else local)."""
     from writeback.bootstrap import build_queue
     from writeback.config import Host, QueueKind, load_pipeline_settings

@@ -8,8 +8,13 @@ atomically (write a temporary file, then rename), so a reader never sees half
 of it. It holds no secret: URLs are stored without their query (which may
 carry the webhook key).
 
-The queue figures come through the queue itself (depth, dead letters by
-reason), so ``status`` works on Service Bus as on the local queue.
+The queue figures come through the queue itself, so ``status`` works on
+Service Bus as on the local queue, and each is read on its own: the depth (and
+the scheduled retries) and the dead letters by reason. On Service Bus they need
+different rights (the depth comes from the administration API and needs Manage,
+"Azure Service Bus Data Owner"; the dead letters are peeked and need only Listen,
+"Azure Service Bus Data Receiver"), so one that cannot be read is reported with
+its reason and the other is still shown.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ import os
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from writeback.errors import WritebackError
-from writeback.ports import EventQueue
+from writeback.errors import QueueRefused, WritebackError
+from writeback.ports import DeadLetter
 
 log = logging.getLogger("writeback.status")
 
@@ -78,56 +83,92 @@ class StateFile:
             raise
 
 
+class QueueFigures(Protocol):
+    """What status reads of a queue; ``scheduled_count`` and the counters are optional."""
+
+    def depth(self) -> int: ...
+
+    def iter_dead_letters(self, *, page_size: int = ...) -> Iterator[DeadLetter]: ...
+
+
 @dataclass(frozen=True)
 class Status:
     queue_depth: int | None
     scheduled: int | None
     dead_letters: dict[str, int] | None
-    queue_error: str | None
+    #: Why the depth could not be read (None when it was).
+    depth_error: str | None
+    #: Why the dead letters could not be read (None when they were).
+    dead_letter_error: str | None
     state: Mapping[str, Any]
 
     @property
     def dead_letter_total(self) -> int:
         return sum((self.dead_letters or {}).values())
 
+    @property
+    def queue_error(self) -> str | None:
+        """Every figure that could not be read, with why (None when all were)."""
+        errors = [
+            f"{what}: {error}"
+            for what, error in (
+                ("depth", self.depth_error),
+                ("dead letters", self.dead_letter_error),
+            )
+            if error is not None
+        ]
+        return "; ".join(errors) or None
 
-def collect_status(queue: EventQueue | None, state: Mapping[str, Any]) -> Status:
-    """Read the queue's figures (an error is reported, not raised) next to the state."""
+
+def collect_status(queue: QueueFigures | None, state: Mapping[str, Any]) -> Status:
+    """Read the queue's figures, each on its own (an error is reported, not raised)."""
     depth = scheduled = None
     by_reason: dict[str, int] | None = None
-    error = None
+    depth_error = dead_letter_error = None
     if queue is not None:
         try:
             depth = queue.depth()
             count_scheduled = getattr(queue, "scheduled_count", None)
             scheduled = count_scheduled() if callable(count_scheduled) else None
+        except WritebackError as failure:
+            depth_error = _explain(failure, "depth")
+        try:
             by_reason = dead_letters_by_reason(queue)
         except WritebackError as failure:
-            error = f"{type(failure).__name__}: {failure}"
-    return Status(depth, scheduled, by_reason, error, state)
+            dead_letter_error = _explain(failure, "dead letters")
+    return Status(depth, scheduled, by_reason, depth_error, dead_letter_error, state)
 
 
-def dead_letters_by_reason(queue: EventQueue) -> dict[str, int]:
+def _explain(failure: WritebackError, what: str) -> str:
+    text = f"{type(failure).__name__}: {failure}"
+    if isinstance(failure, QueueRefused) and what == "dead letters":
+        text += " (reading dead letters needs Listen: 'Azure Service Bus Data Receiver')"
+    return text
+
+
+def dead_letters_by_reason(queue: QueueFigures) -> dict[str, int]:
     counter = getattr(queue, "dead_letter_count_by_reason", None)
     if callable(counter):
         counted: dict[str, int] = counter()
         return dict(sorted(counted.items()))
-    return dict(sorted(Counter(letter.reason for letter in queue.dead_letters()).items()))
+    return dict(sorted(Counter(letter.reason for letter in queue.iter_dead_letters()).items()))
 
 
 def format_status(status: Status, now: datetime | None = None) -> list[str]:
     now = now or datetime.now(UTC)
     lines = []
-    if status.queue_error is not None:
-        lines.append(f"queue: unavailable ({status.queue_error})")
+    if status.depth_error is not None:
+        lines.append(f"queue: depth unknown ({status.depth_error})")
     else:
         waiting = f", {status.scheduled} waiting to be retried" if status.scheduled else ""
         lines.append(f"queue: {status.queue_depth} messages{waiting}")
-        if status.dead_letters:
-            reasons = ", ".join(f"{reason} {n}" for reason, n in status.dead_letters.items())
-            lines.append(f"dead letters: {status.dead_letter_total} ({reasons})")
-        else:
-            lines.append("dead letters: none")
+    if status.dead_letter_error is not None:
+        lines.append(f"dead letters: unknown ({status.dead_letter_error})")
+    elif status.dead_letters:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in status.dead_letters.items())
+        lines.append(f"dead letters: {status.dead_letter_total} ({reasons})")
+    else:
+        lines.append("dead letters: none")
     state = status.state
     lines.append(_subscription_line(state.get("subscription"), now))
     lines.append(_reconcile_line(state.get("last_reconcile"), now))
