@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 from writeback import report
-from writeback.config import Settings, load_settings
+from writeback.config import Settings, load_permissions_settings, load_settings
 from writeback.errors import ConfigError, WritebackError
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 
@@ -191,8 +191,9 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.adapters.state import StateFile
     from writeback.config import Host, load_pipeline_settings
-    from writeback.service.status import StateFile, collect_status, format_status
+    from writeback.service.status import collect_status, format_status
 
     pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
     state = StateFile(pipeline.state_path).read() if pipeline.state_path else {}
@@ -275,7 +276,7 @@ def _permissions(args: argparse.Namespace, out: TextIO) -> int:
     from writeback.domain.target import TargetRefused, check_target_ou
     from writeback.permissions import UnsafeName, check_printable, describe
 
-    ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
+    ou = args.ou or load_permissions_settings().target_ou
     if not ou:
         raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
     try:
@@ -300,7 +301,8 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
     from writeback.adapters.acl import update_dacl
     from writeback.permissions import delegation, deletion_guard
 
-    url = os.environ.get("WRITEBACK_LDAP_URL", "").strip()
+    settings = load_permissions_settings()
+    url = settings.ldap_url
     if not url or not args.admin_user:
         raise ConfigError("--apply needs WRITEBACK_LDAP_URL and --admin-user")
     password = (
@@ -317,7 +319,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
         aces_for=deletion_guard if args.deny_deletes else delegation,
         revoke=args.revoke,
         force=args.force,
-        ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
+        ca_file=settings.ldap_ca_file,
     )
     verb = "removed" if args.revoke else "added"
     print(f"applied: {done.changed} ACE(s) {verb}, {done.unchanged} already so", file=sys.stderr)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from writeback.adapters.local_queue import LocalQueue
+from writeback.adapters.state import StateFile
 from writeback.cli import EXIT_CONFIG, EXIT_OK, main
 from writeback.errors import QueueRefused, QueueUnavailable
 from writeback.ports import DeadLetter, OutgoingMessage
@@ -24,7 +26,7 @@ from writeback.service.replay import (
     replay,
     select,
 )
-from writeback.service.status import StateFile, collect_status, format_status
+from writeback.service.status import collect_status, format_status
 
 GROUP_A = "0b9c2f4e-0000-4000-8000-00000000000a"
 GROUP_B = "0b9c2f4e-0000-4000-8000-00000000000b"
@@ -232,10 +234,21 @@ def test_status_reports_a_queue_it_cannot_read_without_raising(tmp_path: Path) -
     assert json.loads(path.read_text())["version"] == 1
 
     class Broken:
+        """Every read fails, as a locked queue file would."""
+
         def depth(self) -> int:
             raise QueueUnavailable("the file is locked")
 
+        def scheduled_count(self) -> int:
+            raise QueueUnavailable("the file is locked")
+
+        def dead_letter_count_by_reason(self) -> dict[str, int]:
+            raise QueueUnavailable("the file is locked")
+
         def iter_dead_letters(self, *, page_size: int = 100) -> Iterator[DeadLetter]:
+            raise QueueUnavailable("the file is locked")
+
+        def replay_dead_letters(self, choose: Callable[[DeadLetter], bool]) -> Generator[Any]:
             raise QueueUnavailable("the file is locked")
 
     status = collect_status(Broken(), state.read())
@@ -248,11 +261,22 @@ def test_status_reports_a_queue_it_cannot_read_without_raising(tmp_path: Path) -
 
 def test_status_shows_dead_letters_when_only_the_depth_fails(letters: LocalQueue) -> None:
     class NoDepth:
+        """The queue as a Data Receiver sees it: dead letters, but no depth (Manage)."""
+
         def depth(self) -> int:
             raise QueueRefused("needs Manage")
 
+        def scheduled_count(self) -> int:
+            raise QueueRefused("needs Manage")
+
+        def dead_letter_count_by_reason(self) -> dict[str, int]:
+            return letters.dead_letter_count_by_reason()
+
         def iter_dead_letters(self, *, page_size: int = 100) -> Iterator[DeadLetter]:
             return letters.iter_dead_letters(page_size=page_size)
+
+        def replay_dead_letters(self, choose: Callable[[DeadLetter], bool]) -> Generator[Any]:
+            return letters.replay_dead_letters(choose)
 
     status = collect_status(NoDepth(), {})
     assert status.dead_letters == {

@@ -19,36 +19,15 @@ a dry run looks at everything so its total counts the whole queue).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
 
 from writeback.domain.events import group_of_session
 from writeback.errors import WritebackError
-from writeback.ports import DeadLetter, EventQueue
+from writeback.ports import DeadLetter, DeadLetterQueue
 
 log = logging.getLogger("writeback.replay")
-
-#: One step of a pass: the letter, whether it was chosen, and the (permanent) error
-#: that kept a chosen one from moving.
-ReplayStep = tuple[DeadLetter, bool, WritebackError | None]
-
-
-@runtime_checkable
-class DeadLetterQueue(Protocol):
-    """What replay and status need of a queue's dead letters (LocalQueue, ServiceBusQueue)."""
-
-    def iter_dead_letters(self, *, page_size: int = ...) -> Iterator[DeadLetter]:
-        """Every dead letter, oldest first, read page by page without locking any."""
-        ...
-
-    def replay_dead_letters(
-        self, choose: Callable[[DeadLetter], bool]
-    ) -> Generator[ReplayStep, None, None]:
-        """One pass, oldest first: each letter is shown to ``choose`` and the chosen
-        are moved back as they are met; closing the generator ends the pass."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -109,21 +88,13 @@ def select(letters: Iterable[DeadLetter], where: ReplayFilter) -> list[DeadLette
     return chosen if where.limit is None else chosen[: max(where.limit, 0)]
 
 
-def replay(
-    queue: DeadLetterQueue | EventQueue, where: ReplayFilter, *, dry_run: bool = False
-) -> ReplayReport:
+def replay(queue: DeadLetterQueue, where: ReplayFilter, *, dry_run: bool = False) -> ReplayReport:
     """Move the chosen dead letters back to the queue (or only list them), in one pass.
-
-    ``queue`` must have the :class:`DeadLetterQueue` methods (both queues do; the
-    ``EventQueue`` in the signature is for callers that hold one typed so, until
-    the port itself carries these methods).
 
     A dead letter that cannot be moved (refused, or gone because someone else
     replayed it) is reported and the pass goes on; a transient queue error stops
     the run (what was moved stays moved) and propagates so the command can say so.
     """
-    if not isinstance(queue, DeadLetterQueue):
-        raise TypeError(f"{type(queue).__name__} cannot page through its dead letters")
     limit = None if where.limit is None else max(where.limit, 0)
     picked = 0
 

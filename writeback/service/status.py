@@ -1,6 +1,6 @@
 """What ``python -m writeback status`` shows, and the state file it reads.
 
-Single-machine mode (``serve``) keeps a small JSON state file
+The pipeline keeps a small JSON state (:class:`writeback.adapters.state.StateFile`,
 (``WRITEBACK_STATE_PATH``): the last reconcile (when, how long, what it wrote,
 whether it failed), the subscription (id, expiry, last upkeep action), whether
 writes are paused, and where the server listens. The file is replaced
@@ -19,76 +19,17 @@ its reason and the other is still shown.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-import threading
-from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from writeback.domain.times import iso, parse_iso
 from writeback.errors import QueueRefused, WritebackError
-from writeback.ports import DeadLetter
+from writeback.ports import DeadLetterQueue
 
 log = logging.getLogger("writeback.status")
-
-STATE_VERSION = 1
-
-
-class StateFile:
-    """A JSON object on disk, updated section by section (thread-safe within a process)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-
-    def read(self) -> dict[str, Any]:
-        """The recorded state; empty when there is no file or it cannot be read."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            log.warning("state file %s unreadable: %s", self.path, error)
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def update(self, **sections: Any) -> dict[str, Any]:
-        """Replace the given top-level sections and write the file; returns the new state."""
-        with self._lock:
-            state = self.read()
-            state.update(sections)
-            state["version"] = STATE_VERSION
-            state["updated_at"] = iso(datetime.now(UTC))
-            self._write(state)
-            return state
-
-    def _write(self, state: dict[str, Any]) -> None:
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(state, out, indent=2, sort_keys=True)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-
-
-class QueueFigures(Protocol):
-    """What status reads of a queue; ``scheduled_count`` and the counters are optional."""
-
-    def depth(self) -> int: ...
-
-    def iter_dead_letters(self, *, page_size: int = ...) -> Iterator[DeadLetter]: ...
 
 
 @dataclass(frozen=True)
@@ -120,7 +61,7 @@ class Status:
         return "; ".join(errors) or None
 
 
-def collect_status(queue: QueueFigures | None, state: Mapping[str, Any]) -> Status:
+def collect_status(queue: DeadLetterQueue | None, state: Mapping[str, Any]) -> Status:
     """Read the queue's figures, each on its own (an error is reported, not raised)."""
     depth = scheduled = None
     by_reason: dict[str, int] | None = None
@@ -128,8 +69,7 @@ def collect_status(queue: QueueFigures | None, state: Mapping[str, Any]) -> Stat
     if queue is not None:
         try:
             depth = queue.depth()
-            count_scheduled = getattr(queue, "scheduled_count", None)
-            scheduled = count_scheduled() if callable(count_scheduled) else None
+            scheduled = queue.scheduled_count()
         except WritebackError as failure:
             depth_error = _explain(failure, "depth")
         try:
@@ -146,12 +86,8 @@ def _explain(failure: WritebackError, what: str) -> str:
     return text
 
 
-def dead_letters_by_reason(queue: QueueFigures) -> dict[str, int]:
-    counter = getattr(queue, "dead_letter_count_by_reason", None)
-    if callable(counter):
-        counted: dict[str, int] = counter()
-        return dict(sorted(counted.items()))
-    return dict(sorted(Counter(letter.reason for letter in queue.iter_dead_letters()).items()))
+def dead_letters_by_reason(queue: DeadLetterQueue) -> dict[str, int]:
+    return dict(sorted(queue.dead_letter_count_by_reason().items()))
 
 
 def format_status(status: Status, now: datetime | None = None) -> list[str]:
@@ -186,7 +122,7 @@ def _subscription_line(subscription: object, now: datetime) -> str:
     if not isinstance(subscription, dict) or not subscription.get("id"):
         return "subscription: unknown (no state recorded)"
     error = subscription.get("error")
-    expires = _parse(subscription.get("expiration"))
+    expires = parse_iso(subscription.get("expiration"))
     if expires is None:
         when = "expiry unknown"
     elif expires <= now:
@@ -204,7 +140,7 @@ def _subscription_line(subscription: object, now: datetime) -> str:
 def _reconcile_line(record: object, now: datetime) -> str:
     if not isinstance(record, dict) or not record.get("at"):
         return "last reconcile: never"
-    at = _parse(record.get("at"))
+    at = parse_iso(record.get("at"))
     ago = f" ({_span(now - at)} ago)" if at is not None else ""
     if record.get("error"):
         return f"last reconcile: {record['at']}{ago} FAILED: {record['error']}"
@@ -218,20 +154,6 @@ def _reconcile_line(record: object, now: datetime) -> str:
     if record.get("deletes_blocked"):
         line += f"; deletes held back: {record['deletes_blocked']}"
     return line
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _parse(text: object) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _span(delta: timedelta) -> str:
