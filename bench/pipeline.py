@@ -59,7 +59,7 @@ from typing import Any
 from ldap3 import MODIFY_ADD
 
 from writeback.adapters.agent_state import AgentStateStore
-from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.directory import LdapDirectory, ObjectGuids
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.hybrid_connection import (
     HybridConnectionListener,
@@ -448,9 +448,10 @@ class Bench:
         self, graph_url: str, target: str, directory: Callable[[], Directory] | None = None
     ) -> Server:
         dc, tally = self.dc, self.tally
+        guids = ObjectGuids()  # shared by the workers' adapters, as bootstrap does
 
         def counted() -> Directory:
-            return CountingDirectory(dc.directory(target), tally)
+            return CountingDirectory(dc.directory(target, guids=guids), tally)
 
         cloud = GraphCloud(base_url=graph_url)
         queue = LocalQueue(
@@ -485,6 +486,7 @@ class Bench:
         latency: float,
         plain_rate: float,
     ) -> None:
+        print(f"burst over {len(groups)} groups, Graph {latency * 1000:.0f} ms", flush=True)
         before = server.stats
         order = groups[:]
         self.rng.shuffle(order)

@@ -341,7 +341,7 @@ class Server:
     @classmethod
     def from_settings(cls, settings: Settings, pipeline: PipelineSettings) -> Server:
         """Everything from the environment's settings, adapters owned by the server."""
-        from writeback.bootstrap import build_cloud, build_directory, build_queue
+        from writeback.bootstrap import build_cloud, build_queue, directory_factory
         from writeback.service.reconcile import SyncPolicy
 
         queue = build_queue(pipeline)
@@ -353,7 +353,7 @@ class Server:
         return cls(
             queue=queue,
             cloud=cloud,
-            directory_factory=lambda: build_directory(settings),
+            directory_factory=directory_factory(settings),
             options=settings.mapping(),
             client_states=pipeline.client_states,
             policy=SyncPolicy.from_settings(settings),
