@@ -10,6 +10,10 @@
 # install (policy-rc.d) and those services are stopped and disabled after it.
 set -euo pipefail
 
+# A notice for the terminal: to file descriptor 3 when scripts/bootstrap.sh opened it
+# (it sends everything else to its log), else to stderr.
+note() { if { : >&3; } 2>/dev/null; then echo "$*" >&3; else echo "$*" >&2; fi; }
+
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH}"
 
 missing=()
@@ -22,7 +26,7 @@ fi
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
-echo "install-system-deps: missing ${missing[*]}; installing" >&2
+note "install-system-deps: installing ${missing[*]} from Debian (a few minutes)"
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
