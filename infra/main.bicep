@@ -187,6 +187,9 @@ var appSettings = {
   WEBSITE_CONTENTSHARE: contentShare
   WEBSITE_SKIP_CONTENTSHARE_VALIDATION: '1'
   WEBSITE_RUN_FROM_PACKAGE: '1'
+  // The zip is built locally with its dependencies (scripts/package): no build on deployment.
+  SCM_DO_BUILD_DURING_DEPLOYMENT: 'false'
+  ENABLE_ORYX_BUILD: 'false'
 
   WRITEBACK_SERVICEBUS__fullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
   WRITEBACK_SERVICEBUS__credential: 'managedidentity'
