@@ -175,6 +175,12 @@ class EventOutcome:
     confirmation: bool = False
     pending_delete: bool = False
 
+    @property
+    def reason(self) -> str | None:
+        """Why it was settled so, in one word: the dead-letter reason, the transient
+        error's type, why parked (``error`` without its detail); None when completed."""
+        return self.error.split(":", 1)[0].strip() if self.error else None
+
 
 # =========================================================================== converging
 
@@ -531,7 +537,7 @@ def process_sessions(
     for batch, (events, valid) in zip(sessions, parsed, strict=True):
         session = batch[0].session_id
         if not events:
-            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="poison"))
+            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="PoisonEvent"))
             continue
         outcome = _settle(queue, valid, events, results[session], ctx)
         _log(outcome)

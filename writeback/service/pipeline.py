@@ -162,6 +162,11 @@ class PipelineStats:
     lifecycle_events: int = 0
     #: Seconds from the webhook accepting a notification to its write completing.
     latencies: tuple[float, ...] = ()
+    #: Messages by (settlement, reason): the dead-letter reason, the transient error
+    #: a batch was put back for, why it was parked; "" for completed ones.
+    settled: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Members (and groups) left out of the event writes, by skip reason.
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class SettlementFailed(TransientError):
@@ -204,6 +209,8 @@ class Pipeline:
         self._read_at: dict[str, float] = {}
         self._stats = PipelineStats()
         self._operations: Counter[str] = Counter()
+        self._settled: Counter[tuple[str, str]] = Counter()
+        self._skipped: Counter[str] = Counter()
         self._latencies: list[float] = []
         self._delta = DeltaState.load(state)
         self.last_reconcile: SyncResult | None = None
@@ -448,13 +455,20 @@ class Pipeline:
             )
             if outcome.operation is not None and done:
                 self._operations[outcome.operation.kind] += 1
+            self._settled[(outcome.settlement, outcome.reason or "")] += len(batch)
+            for skip in outcome.skips:
+                self._skipped[str(skip.reason)] += skip.count
             self._latencies.extend(latencies)
 
     @property
     def stats(self) -> PipelineStats:
         with self._lock:
             return replace(
-                self._stats, operations=dict(self._operations), latencies=tuple(self._latencies)
+                self._stats,
+                operations=dict(self._operations),
+                latencies=tuple(self._latencies),
+                settled=dict(self._settled),
+                skipped_by_reason=dict(self._skipped),
             )
 
     # ================================================================= control messages
