@@ -693,9 +693,22 @@ def _log(outcome: EventOutcome) -> None:
             "group_id": outcome.group_id,
             "operation": op,
             "outcome": outcome.settlement,
+            "reason": outcome.reason,
+            "messages": outcome.messages,
+            "notifications": outcome.notifications,
             "latency_ms": None if outcome.latency is None else round(outcome.latency * 1000, 1),
+            "skipped": skip_summary(outcome.skips),
         },
     )
+
+
+def skip_summary(skips: Iterable[Skip]) -> str | None:
+    """``reason=count`` pairs of what a write left out (``member-not-on-prem=3``), one
+    text field (Application Insights keeps custom dimensions as strings); None for none."""
+    counted: dict[str, int] = {}
+    for skip in skips:
+        counted[str(skip.reason)] = counted.get(str(skip.reason), 0) + skip.count
+    return ",".join(f"{reason}={n}" for reason, n in sorted(counted.items())) or None
 
 
 def group_ids(outcomes: Iterable[EventOutcome]) -> list[str]:

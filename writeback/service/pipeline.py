@@ -332,7 +332,17 @@ class Pipeline:
                 for batch in batches
             ]
         except TransientError as error:
-            log.warning("worker not ready: %s: %s", type(error).__name__, error)
+            log.warning(
+                "worker not ready: %s: %s",
+                type(error).__name__,
+                error,
+                extra={
+                    "operation": "none",
+                    "outcome": "abandoned",
+                    "reason": type(error).__name__,
+                    "messages": sum(len(batch) for batch in batches),
+                },
+            )
             outcomes = []
             for batch in batches:
                 for message in batch:
@@ -560,7 +570,11 @@ class Pipeline:
                 "subscription upkeep failed: %s: %s",
                 type(error).__name__,
                 error,
-                extra={"subscription_action": "failed", "outcome": "failed"},
+                extra={
+                    "subscription_action": "failed",
+                    "outcome": "failed",
+                    "error": type(error).__name__,
+                },
             )
             self._record_subscription(None, "failed", error=f"{type(error).__name__}: {error}")
             raise
@@ -704,7 +718,11 @@ class Pipeline:
                 log.error(
                     "reconcile failed: %s",
                     message,
-                    extra={"reconcile_reason": reason, "outcome": "failed"},
+                    extra={
+                        "reconcile_reason": reason,
+                        "outcome": "failed",
+                        "error": type(error).__name__,
+                    },
                 )
                 self.last_reconcile_error = message
                 with self._lock:
@@ -890,7 +908,13 @@ def _log_covered(session: str, messages: int) -> None:
         "group %s: completed after %d messages, covered by a later read",
         session,
         messages,
-        extra={"group_id": session, "operation": "none", "outcome": "completed"},
+        extra={
+            "group_id": session,
+            "operation": "none",
+            "outcome": "completed",
+            "messages": messages,
+            "notifications": messages,
+        },
     )
 
 
