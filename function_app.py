@@ -8,8 +8,6 @@ for what the triggered function uses.
 
 from __future__ import annotations
 
-import typing
-
 import azure.functions as func
 
 app = func.FunctionApp()
@@ -32,20 +30,21 @@ def lifecycle(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @app.service_bus_queue_trigger(
-    arg_name="messages",
+    arg_name="message",
     connection="WRITEBACK_SERVICEBUS",
     queue_name="%WRITEBACK_SERVICEBUS_QUEUE%",
     is_sessions_enabled=True,
-    cardinality=func.Cardinality.MANY,
+    cardinality=func.Cardinality.ONE,
     auto_complete_messages=True,
 )
-# typing.List, not list[...]: the Functions Python worker refuses the PEP 585 form at
-# start-up and then loads no function of the app (tests/unit/test_functions_runtime.py).
-def worker(messages: typing.List[func.ServiceBusMessage]) -> None:  # noqa: UP006
-    """One session's burst (one group): one LDAP write, or a settled reason why not."""
+# Single dispatch: maxConcurrentSessions groups at once per instance, their session
+# locks renewed; batch mode takes one session at a time and was about 13 times
+# slower for a burst over many groups (bench/functions_trigger.py).
+def worker(message: func.ServiceBusMessage) -> None:
+    """One event of one group's session: converged with at most one LDAP write."""
     from writeback.hosting.functions import run_worker
 
-    run_worker(messages)
+    run_worker([message])
 
 
 @app.timer_trigger(

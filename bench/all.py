@@ -5,7 +5,7 @@ peak RSS of its process (``wait4``), and writes ``bench/results.md``; the README
 Benchmarks section shows the same tables (between the ``bench:results`` markers,
 rewritten by this command).
 
-    ./scripts/bench            # full sizes (about 20 minutes on 2 cores)
+    ./scripts/bench            # full sizes (about 35 minutes on 2 cores)
     ./scripts/bench --quick    # small sizes, to check the harness
 """
 
@@ -53,9 +53,16 @@ BENCHES = (
     Bench(
         "Reconcile: full sync from empty, then a no-op re-sync",
         ("bench/reconcile.py",),
-        ("--groups", "5000", "--memberships", "100000", "--users", "5000"),
+        ("--groups", "20000", "--memberships", "400000", "--users", "5000"),
         ("--groups", "300", "--memberships", "3000", "--users", "500"),
         "127.0.0.30",
+    ),
+    Bench(
+        "LDAP clients: ldap3 and python-ldap on the same DC",
+        ("bench/ldap_client.py",),
+        ("--groups", "20000", "--memberships", "400000", "--users", "5000"),
+        ("--groups", "500", "--memberships", "5000", "--users", "500", "--modifies", "300"),
+        "127.0.0.33",
     ),
     Bench(
         "One group of 250,000 members",
@@ -73,9 +80,9 @@ BENCHES = (
     ),
     Bench(
         "Single-machine pipeline (bench/pipeline.py)",
-        ("bench/pipeline.py",),
+        ("-m", "bench.pipeline"),
         (),
-        ("--events", "200", "--paced", "40", "--big", "3000", "--users", "500"),
+        ("--sizes", "200", "--paced", "40", "--big", "3000", "--users", "500"),
         "127.0.0.31",
     ),
 )

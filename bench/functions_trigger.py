@@ -146,7 +146,10 @@ def measure(
         )
     else:
         host = FunctionsHost.for_app(
-            queue_path, function=functions.run_worker, session_idle_timeout=args.idle
+            queue_path,
+            function=functions.run_worker,
+            session_idle_timeout=args.idle,
+            cardinality="many",
         )
     requests_before = len(standin.standin("requests"))
     cpu_before = cpu_seconds()

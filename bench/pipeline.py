@@ -2,17 +2,23 @@
 
 In one run, on the same DC:
 
-1. burst: one membership change on each of ``--events`` different groups, made
-   as fast as the tenant takes them; the Graph stand-in POSTs the notifications
-   to the webhook, which enqueues them in the LocalQueue; the workers read Graph
-   and AD and write. Events per second and LDAP writes per second are measured
-   from the first change to the last write; latency is per event, from the
-   webhook accepting the notification to its write completing;
-2. paced: ``--paced`` changes at ``--rate`` per second (a load the pipeline
-   keeps up with), for the latency of an unqueued event;
-3. a plain ldap3 loop making the same kind of write (one modify adding one
-   member value to a group) on copies of the groups in another OU; the ratio
-   of the pipeline's LDAP write rate to it;
+1. bursts: one membership change on each of ``--sizes`` distinct groups (1,000
+   and 5,000 by default), made as fast as the tenant takes them, with every
+   Graph request answered ``--latencies`` late (30 ms, then none); the Graph
+   stand-in POSTs the notifications to the webhook, which enqueues them in the
+   LocalQueue; the workers take up to 20 sessions a step, read them from Graph
+   (JSON batches) and AD together, and write. Events per second and LDAP writes
+   per second are measured from the first change to the last write (the
+   confirmation reads come ``--settle`` seconds later and are waited out before
+   the next phase); latency is per event, from the webhook accepting the
+   notification to its write completing; CPU is per event, for this process
+   and for the stand-in's;
+2. a plain ldap3 loop making the same kind of write (one modify adding one
+   member value to a group) on copies of the groups in another OU, timed on the
+   same DC; the ratio of each burst's LDAP write rate to it;
+3. paced: ``--paced`` changes at ``--rate`` per second with Graph latency (a load
+   the pipeline keeps up with) and the confirmation reads running, for the
+   latency of an unqueued event;
 4. the relay path (``WRITEBACK_DIRECTORY=relay``): the Relay stand-in and an agent
    in a child process (the agent is another machine in production), then the same
    burst through it, and a sequential loop of single writes and reads through the
@@ -29,7 +35,7 @@ The Graph stand-in runs in a child process (forked with the tenant), as Graph
 is another machine in production: its CPU does not compete with the pipeline's
 for this process's GIL. Tenant changes are sent to it over a pipe.
 
-    .venv/bin/python bench/pipeline.py --events 1000 --big 50000
+    .venv/bin/python -m bench.pipeline --sizes 1000,5000 --latencies 0.030,0 --big 50000
 """
 
 from __future__ import annotations
@@ -79,7 +85,13 @@ CLIENT_STATE = "bench-client-state"
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=1000, help="burst: groups changed once")
+    parser.add_argument(
+        "--sizes", default="1000,5000", help="bursts: distinct groups changed once, per burst"
+    )
+    parser.add_argument(
+        "--latencies", default="0.030,0", help="seconds added to every Graph request, per round"
+    )
+    parser.add_argument("--settle", type=float, default=2.0, help="WRITEBACK_SETTLE_SECONDS")
     parser.add_argument("--paced", type=int, default=200, help="paced changes")
     parser.add_argument("--rate", type=float, default=40.0, help="paced changes per second")
     parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
@@ -205,6 +217,10 @@ class RemoteStandIn:
     def cpu(self) -> float:
         return float(self._call("process", "cpu"))
 
+    def set(self, name: str, value: Any) -> None:
+        """Set a GraphStandIn attribute there (``latency``, ``lag``)."""
+        self._call("set", name, value)
+
     def close(self) -> None:
         with self._lock:
             self._conn.send(None)
@@ -219,6 +235,9 @@ def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Connection) ->
             try:
                 if target == "process":
                     value: Any = cpu_seconds()
+                elif target == "set":
+                    setattr(standin, name, *args)
+                    value = None
                 else:
                     thing = getattr(standin.tenant if target == "tenant" else standin, name)
                     value = thing(*args, **kwargs) if callable(thing) else thing
@@ -359,7 +378,9 @@ class Bench:
             tenant.add_user(uid(name), sid=sid, synced=True)
         self.small_sids = small
         self.small_users = sorted(small)
-        groups = [gid(n) for n in range(args.events)]
+        sizes = [int(n) for n in args.sizes.split(",") if n.strip()]
+        latencies = [float(x) for x in args.latencies.split(",") if x.strip()]
+        groups = [gid(n) for n in range(max(sizes))]
         for n, group in enumerate(groups):
             members = self.rng.sample(self.small_users, args.members)
             tenant.add_group(group, display_name=f"Bench {n}", members=[uid(m) for m in members])
@@ -378,24 +399,28 @@ class Bench:
             server = self.server(standin.url, target)
             try:
                 started = time.monotonic()
-                assert server.wait_ready(600), "initial reconcile did not finish"
+                assert server.wait_ready(900), "initial reconcile did not finish"
                 result = server.last_reconcile
                 assert result is not None and not result.failures
                 print(
                     f"initial reconcile: {result.applied} in {time.monotonic() - started:.1f} s; "
                     f"subscription {server.subscription_id}"
                 )
-                self.burst(standin, server, groups)
-                self.paced(standin, server, groups)
-                pipeline_rate = self.pipeline_write_rate
-                plain_rate = self.plain_loop(len(groups))
-                self.rows.append(("plain ldap3 loop, LDAP writes/s", f"{plain_rate:.0f}"))
-                ratio = pipeline_rate / plain_rate
-                self.rows.append(("ratio pipeline / plain loop (LDAP writes/s)", f"{ratio:.2f}"))
+                plain_rate = self.plain_loop(min(sizes))
+                self.rows.append(
+                    ("plain ldap3 loop, one-value member adds/s (same DC)", f"{plain_rate:.0f}")
+                )
+                for latency in latencies:
+                    standin.set("latency", latency)
+                    for size in sizes:
+                        self.burst(standin, server, groups[:size], latency, plain_rate)
+                    if latency > 0:
+                        self.paced(standin, server, groups, latency)
+                standin.set("latency", 0.0)
                 self.large_group(standin, server, sorted(big))
             finally:
                 server.stop()
-            self.relay_path(standin, relay, target, groups)
+            self.relay_path(standin, relay, target, groups[: min(sizes)])
         finally:
             relay.close()
             standin.close()
@@ -425,6 +450,7 @@ class Bench:
             client_states=[CLIENT_STATE],
             config=ServeConfig(
                 workers=self.args.workers,
+                settle=self.args.settle,
                 state_path=str(self.tmp / f"state-{uuid.uuid4().hex}.json"),
                 reconcile_interval=86400,
                 subscription_interval=86400,
@@ -436,7 +462,14 @@ class Bench:
 
     # ----------------------------------------------------------------- phases
 
-    def burst(self, standin: RemoteStandIn, server: Server, groups: list[str]) -> None:
+    def burst(
+        self,
+        standin: RemoteStandIn,
+        server: Server,
+        groups: list[str],
+        latency: float,
+        plain_rate: float,
+    ) -> None:
         before = server.stats
         order = groups[:]
         self.rng.shuffle(order)
@@ -445,26 +478,36 @@ class Bench:
         for group in order:  # one new member per group: one notification, one write each
             self.add_member(standin, group)
         made = time.monotonic() - started
-        assert standin.standin("wait_idle", 300) and server.wait_idle(300)
+        # Until the last write: the confirmations, due --settle seconds later, not yet.
+        assert standin.standin("wait_idle", 600) and server.wait_idle(600, include_scheduled=False)
         seconds = time.monotonic() - started
         cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
         delta = diff(before, server.stats)
-        self.pipeline_write_rate = delta.writes / seconds
-        self.direct_burst = delta
+        rate = delta.writes / seconds
+        if latency == 0 and not self.pipeline_write_rate:
+            self.pipeline_write_rate, self.direct_burst = rate, delta  # the relay's reference
+        name = f"burst {len(order)} groups, Graph {latency * 1000:.0f} ms"
+        events = max(delta.events, 1)
         self.rows += [
-            ("burst: cloud changes (distinct groups)", f"{len(order)} (made in {made:.2f} s)"),
-            ("burst: events applied / batches", f"{delta.events} / {delta.batches}"),
-            ("burst: operations", fmt_ops(delta.operations)),
-            ("burst: seconds, first change to last write", f"{seconds:.2f}"),
-            ("burst: events per second, end to end", f"{delta.events / seconds:.0f}"),
-            ("burst: LDAP writes per second (pipeline)", f"{self.pipeline_write_rate:.0f}"),
-            ("burst: latency p50 / p99, ms (queueing included)", fmt_latency(delta)),
-            ("burst: dead letters", f"{delta.dead_lettered}"),
-            ("burst: CPU seconds, pipeline process", f"{cpu:.2f} (of {seconds:.2f} wall)"),
-            ("burst: CPU seconds, Graph stand-in process", f"{child_cpu:.2f}"),
+            (f"{name}: events applied / batches", f"{delta.events} / {delta.batches}"),
+            (
+                f"{name}: operations (changes made in)",
+                f"{fmt_ops(delta.operations)} ({made:.1f} s)",
+            ),
+            (f"{name}: events/s, first change to last write", f"{delta.events / seconds:.0f}"),
+            (f"{name}: LDAP writes/s (÷ plain loop)", f"{rate:.0f} ({rate / plain_rate:.2f})"),
+            (f"{name}: latency p50 / p99, ms", fmt_latency(delta)),
+            (
+                f"{name}: CPU ms per event, pipeline / Graph stand-in",
+                f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f}",
+            ),
+            (f"{name}: dead letters", f"{delta.dead_lettered}"),
         ]
+        assert server.wait_idle(600), "the confirmation reads did not finish"
 
-    def paced(self, standin: RemoteStandIn, server: Server, groups: list[str]) -> None:
+    def paced(
+        self, standin: RemoteStandIn, server: Server, groups: list[str], latency: float
+    ) -> None:
         before = server.stats
         interval = 1.0 / self.args.rate
         started = time.monotonic()
@@ -474,9 +517,10 @@ class Bench:
             time.sleep(max(0.0, started + (n + 1) * interval - time.monotonic()))
         assert standin.standin("wait_idle", 120) and server.wait_idle(120)
         delta = diff(before, server.stats)
+        name = f"paced {self.args.paced} at {self.args.rate:g}/s, Graph {latency * 1000:.0f} ms"
         self.rows += [
-            (f"paced: {self.args.paced} changes at {self.args.rate:g}/s", f"{delta.events} events"),
-            ("paced: latency p50 / p99, ms", fmt_latency(delta)),
+            (f"{name}: events / confirmation reads", f"{delta.events} / {delta.confirmations}"),
+            (f"{name}: notification to write p50 / p99, ms", fmt_latency(delta)),
         ]
 
     def plain_loop(self, count: int) -> float:
@@ -710,6 +754,7 @@ def diff(before: ServerStats, after: ServerStats) -> ServerStats:
     return ServerStats(
         enqueued=after.enqueued - before.enqueued,
         events=after.events - before.events,
+        confirmations=after.confirmations - before.confirmations,
         batches=after.batches - before.batches,
         operations=operations,
         writes=after.writes - before.writes,

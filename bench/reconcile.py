@@ -1,34 +1,52 @@
 """Full-sync benchmark against one throwaway Samba AD DC.
 
 Prints groups, memberships, LDAP operations, seconds for a full initial sync
-and a no-op re-sync, and the sync's LDAP write rate next to a plain ldap3 loop
-that adds the same groups with the same members to another OU of the same DC,
-in the same run; the no-op re-sync next to a plain ldap3 paged read of those
-copies with their members (the sync reads Graph as well, so it can only be
-slower). Sizes are arguments so CI-sized and full-sized runs share code.
+and a no-op re-sync, and the sync's LDAP write rate next to plain loops that
+add the same groups with as many members to other OUs of the same DC, in the
+same run (bare ldap3 calls, and bare python-ldap calls: the adapter's own
+client when it is installed), the three writing in turns so that none meets a
+smaller database than the others; the no-op re-sync next to plain paged reads of
+those copies with their members by each client (the sync reads Graph as well,
+so it can only be slower), with the sync's two reads timed alone as well (it
+makes them at the same time). Sizes are arguments so CI-sized and full-sized
+runs share code.
 
-    .venv/bin/python bench/reconcile.py --groups 1000 --memberships 20000
+The Graph stand-in serves from a forked child process, as Graph is another
+machine in production (in this process its JSON encoding would compete with
+the sync for the GIL); ``--graph-latency`` adds that many seconds to each of
+its responses where the stand-in has such a setting.
+
+    .venv/bin/python bench/reconcile.py --groups 20000 --memberships 400000
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import multiprocessing
 import random
 import resource
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection as Pipe
+from typing import Any
 
 from ldap3 import SUBTREE, Connection
 
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
+from writeback.adapters.ldap_clients import python_ldap_available
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
 from writeback.report import markdown_table
-from writeback.service.reconcile import SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback.service.reconcile import Plan, SyncPolicy, SyncResult, apply_plan, plan_sync
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
+
+#: Turns the writers take (see ``run``).
+ROUNDS = 10
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,60 +54,163 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--memberships", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--graph-latency", type=float, default=0.0, help="seconds per response")
     parser.add_argument("--address", default=None, help="loopback address for the DC")
     args = parser.parse_args(argv)
     with running_dc(address=args.address or free_loopback_address("127.0.0.30")) as dc:
-        run(dc, args.groups, args.memberships, args.users)
+        run(dc, args.groups, args.memberships, args.users, args.graph_latency)
 
 
-def run(dc: SambaDC, groups: int, memberships: int, users: int) -> None:
+def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) -> None:
     users_ou = dc.create_ou("BenchUsers")
     t = time.monotonic()
     sids = dc.create_users(users_ou, [f"u{i}" for i in range(users)])
-    print(f"setup: {users} users in {time.monotonic() - t:.1f} s")
+    mirrors = [mirror_population(dc, users_ou, sids, prefix) for prefix in ("a", "b")]
+    print(f"setup: 3 x {users} users in {time.monotonic() - t:.1f} s", flush=True)
     tenant = build_tenant(sids, groups, memberships)
     target = dc.create_ou("BenchGroups")
-    with GraphStandIn(tenant, page_size=200) as standin:
+    options, latency_note = standin_options(latency)
+    standin = RemoteStandIn(tenant, options)
+    try:
         cloud = GraphCloud(base_url=standin.url)
         directory = dc.directory(target)
-        options = MappingOptions(target_ou=target)
-        # The plain loop runs first, so the sync writes into the fuller database:
-        # the ratio errs against the sync, never for it.
+        options_ = MappingOptions(target_ou=target)
         started = time.monotonic()
-        plan = plan_sync(cloud, directory, options, SyncPolicy())
+        plan = plan_sync(cloud, directory, options_, SyncPolicy())
         read_seconds = time.monotonic() - started
-        baseline_rate, plain_ou = plain_ldap3_loop(
-            dc, [op for op in plan.operations if isinstance(op, Add)]
-        )
-        plain_read_seconds = plain_ldap3_read(dc, plain_ou)
-        first = apply_plan(plan, directory)
-        assert not first.failures, first.failures[:3]
+        native = python_ldap_available()
+        writers: list[PlainWriter] = [PlainLdap3(dc, mirrors[0])]
+        if native:
+            writers.append(PlainPythonLdap(dc, mirrors[1]))
+        first = write_in_turns(plan, directory, writers)
+        ldap3_rate = writers[0].rate
+        pyl_rate = writers[1].rate if native else 0.0
+        print(f"plain ldap3 add loop: {ldap3_rate:.0f}/s", flush=True)
+        if native:
+            print(f"plain python-ldap add loop: {pyl_rate:.0f}/s", flush=True)
+        print(f"initial sync: {first.ldap_requests / first.seconds:.0f} writes/s", flush=True)
+        for writer in writers:
+            writer.close()
+        ldap3_read = plain_ldap3_read(dc, writers[0].ou)
+        pyl_read = plain_python_ldap_read(dc, writers[1].ou) if native else 0.0
         first_total = read_seconds + first.seconds
-        again, again_total, _ = timed_sync(cloud, directory, options)
+        again, again_total, _ = timed_sync(cloud, directory, options_)
+        graph_alone = timed(cloud.snapshot)
+        ad_alone = timed(lambda: sum(1 for _ in directory.iter_groups()))
+        client = directory.client_name
         cloud.close()
         directory.close()
+    finally:
+        standin.close()
     sync_rate = first.ldap_requests / first.seconds if first.seconds else 0.0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print_table(
-        [
-            ("groups", f"{groups}"),
-            ("memberships", f"{memberships}"),
-            ("LDAP operations, initial sync", f"{first.ldap_requests}"),
-            ("initial sync, seconds (read + plan + write)", f"{first_total:.2f}"),
-            ("  of which reading Graph and AD + planning", f"{read_seconds:.2f}"),
-            ("no-op re-sync, seconds", f"{again_total:.2f}"),
+    rows = [
+        ("groups", f"{groups}"),
+        ("memberships", f"{memberships}"),
+        ("directory adapter's LDAP client", client),
+        ("Graph stand-in latency", latency_note),
+        ("LDAP operations, initial sync", f"{first.ldap_requests}"),
+        ("initial sync, seconds (read + plan + write)", f"{first_total:.2f}"),
+        ("  of which reading Graph and AD + planning", f"{read_seconds:.2f}"),
+        ("no-op re-sync, seconds", f"{again_total:.2f}"),
+        ("  its Graph snapshot alone, seconds", f"{graph_alone:.2f}"),
+        ("  its AD read alone (iter_groups), seconds", f"{ad_alone:.2f}"),
+        ("plain ldap3 paged read of the same groups and members, seconds", f"{ldap3_read:.2f}"),
+        ("ratio no-op re-sync / plain ldap3 read", f"{again_total / ldap3_read:.2f}"),
+    ]
+    if native:
+        rows += [
             (
-                "plain ldap3 paged read of the same groups and members, seconds",
-                f"{plain_read_seconds:.2f}",
+                "plain python-ldap paged read of the same groups and members, seconds",
+                f"{pyl_read:.2f}",
             ),
-            ("ratio no-op re-sync / plain read", f"{again_total / plain_read_seconds:.2f}"),
-            ("LDAP operations, no-op re-sync", f"{again.ldap_requests}"),
-            ("sync LDAP writes per second", f"{sync_rate:.1f}"),
-            ("plain ldap3 loop writes per second", f"{baseline_rate:.1f}"),
-            ("ratio sync / plain loop", f"{sync_rate / baseline_rate:.2f}"),
-            ("peak RSS of this process, MB", f"{peak_mb:.0f}"),
+            ("ratio no-op re-sync / plain python-ldap read", f"{again_total / pyl_read:.2f}"),
         ]
-    )
+    rows += [
+        ("LDAP operations, no-op re-sync", f"{again.ldap_requests}"),
+        ("sync LDAP writes per second", f"{sync_rate:.1f}"),
+        ("plain ldap3 add loop writes per second", f"{ldap3_rate:.1f}"),
+        ("ratio sync / plain ldap3 loop", f"{sync_rate / ldap3_rate:.2f}"),
+    ]
+    if native:
+        rows += [
+            ("plain python-ldap add loop writes per second", f"{pyl_rate:.1f}"),
+            ("ratio sync / plain python-ldap loop", f"{sync_rate / pyl_rate:.2f}"),
+        ]
+    rows.append(("peak RSS of this process, MB", f"{peak_mb:.0f}"))
+    print_table(rows)
+
+
+def mirror_population(dc: SambaDC, ou: str, sids: dict[str, str], prefix: str) -> dict[str, str]:
+    """As many users again, and each ``<SID=>`` of the first population -> its mirror's.
+
+    Each plain loop writes the same groups with members of a population of its own,
+    so every writer's users end up with as many memberOf back-links."""
+    count = len(sids)
+    mirror = dc.create_users(ou, [f"{prefix}{i}" for i in range(count)])
+    return {f"<SID={sids[f'u{i}']}>": f"<SID={mirror[f'{prefix}{i}']}>" for i in range(count)}
+
+
+def standin_options(latency: float) -> tuple[dict[str, Any], str]:
+    """The stand-in's options, with ``latency`` where it has the setting, and a note."""
+    options: dict[str, Any] = {"page_size": 200}
+    if "latency" in inspect.signature(GraphStandIn).parameters:
+        options["latency"] = latency
+        return options, f"{latency * 1000:.0f} ms per response"
+    if latency:
+        raise SystemExit("this Graph stand-in has no latency setting")
+    return options, "none (this stand-in has no latency setting)"
+
+
+def write_in_turns(plan: Plan, directory: LdapDirectory, writers: list[PlainWriter]) -> SyncResult:
+    """The initial sync's writes and the plain loops', taking turns.
+
+    Samba slows down as its database grows, so each writes ROUNDS slices in turn,
+    the first of each round rotating: all of them write into databases of the same
+    sizes. Returns the sync's requests and seconds."""
+    first = SyncResult(plan)
+    total = len(plan.operations)
+    for r in range(ROUNDS):
+        part = plan.operations[r * total // ROUNDS : (r + 1) * total // ROUNDS]
+        turns: list[PlainWriter | None] = [*writers, None]
+        for turn in turns[r % len(turns) :] + turns[: r % len(turns)]:
+            if turn is None:
+                done = apply_plan(replace(plan, operations=part), directory)
+                assert not done.failures, done.failures[:3]
+                first.ldap_requests += done.ldap_requests
+                first.seconds += done.seconds
+            else:
+                turn.write([op for op in part if isinstance(op, Add)])
+    return first
+
+
+class RemoteStandIn:
+    """A GraphStandIn serving ``tenant`` from a forked child process."""
+
+    def __init__(self, tenant: Tenant, options: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_standin, args=(tenant, options, child), daemon=True
+        )
+        self._process.start()
+        self.url: str = self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(30)
+
+
+def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Pipe) -> None:
+    with GraphStandIn(tenant, **options) as standin:
+        conn.send(standin.url)
+        conn.recv()
+
+
+def timed(work: Any) -> float:
+    started = time.monotonic()
+    work()
+    return time.monotonic() - started
 
 
 def build_tenant(sids: dict[str, str], groups: int, memberships: int) -> Tenant:
@@ -130,23 +251,107 @@ def timed_sync(
     return result, time.monotonic() - started, planned - started
 
 
-def plain_ldap3_loop(dc: SambaDC, adds: list[Add]) -> tuple[float, str]:
-    """The sync's own adds replayed as bare ldap3 calls into another OU: one add per group
-    with the same attributes and members, no planning, no guard, no retries."""
-    ou = dc.create_ou("BenchPlain")
-    conn: Connection = dc.connection()
-    started = time.monotonic()
-    for n, add in enumerate(adds):
+class PlainWriter:
+    """The sync's own adds replayed as bare client calls into an OU of their own: one
+    add per group with the same attributes and as many members (their ``mirror``
+    users), no planning, no guard, no retries."""
+
+    def __init__(self, dc: SambaDC, mirror: dict[str, str], name: str) -> None:
+        self.ou = dc.create_ou(name)
+        self.mirror = mirror
+        self.count = 0
+        self.seconds = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    def write(self, adds: list[Add]) -> None:
+        started = time.monotonic()
+        for add in adds:
+            self.add(self.count, add)
+            self.count += 1
+        self.seconds += time.monotonic() - started
+
+    def add(self, n: int, add: Add) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PlainLdap3(PlainWriter):
+    def __init__(self, dc: SambaDC, mirror: dict[str, str]) -> None:
+        super().__init__(dc, mirror, "BenchPlain")
+        self.conn: Connection = dc.connection()
+
+    def add(self, n: int, add: Add) -> None:
         attributes: dict[str, object] = {k: list(v) for k, v in add.attributes.items()}
         attributes["sAMAccountName"] = f"plain{n}"
         attributes["adminDescription"] = f"Plain_{n}"
         if add.members:
-            attributes["member"] = list(add.members)
-        if not conn.add(f"CN=plain{n},{ou}", attributes=attributes):
-            raise RuntimeError(f"plain add failed: {conn.result}")
+            attributes["member"] = [self.mirror[m] for m in add.members]
+        if not self.conn.add(f"CN=plain{n},{self.ou}", attributes=attributes):
+            raise RuntimeError(f"plain add failed: {self.conn.result}")
+
+    def close(self) -> None:
+        self.conn.unbind()
+
+
+class PlainPythonLdap(PlainWriter):
+    def __init__(self, dc: SambaDC, mirror: dict[str, str]) -> None:
+        super().__init__(dc, mirror, "BenchPlainPythonLdap")
+        self.conn = python_ldap_connection(dc)
+
+    def add(self, n: int, add: Add) -> None:
+        entry = [(k, [v.encode() for v in vs]) for k, vs in add.attributes.items() if vs]
+        entry = [e for e in entry if e[0] not in ("sAMAccountName", "adminDescription")]
+        entry += [("sAMAccountName", [f"plainc{n}".encode()])]
+        entry += [("adminDescription", [f"PlainC_{n}".encode()])]
+        if add.members:
+            entry.append(("member", [self.mirror[m].encode() for m in add.members]))
+        self.conn.add_ext_s(f"CN=plainc{n},{self.ou}", entry)
+
+    def close(self) -> None:
+        self.conn.unbind_s()
+
+
+def python_ldap_connection(dc: SambaDC) -> Any:
+    import ldap
+
+    conn = ldap.initialize(dc.ldaps_url)
+    conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+    conn.set_option(ldap.OPT_REFERRALS, 0)
+    conn.set_option(ldap.OPT_X_TLS_CACERTFILE, dc.ca_file)
+    conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+    conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
+    conn.simple_bind_s(dc.admin_dn, dc.admin_password)
+    return conn
+
+
+def plain_python_ldap_read(dc: SambaDC, ou: str) -> float:
+    """Seconds for a bare python-ldap paged search of its copies with their members."""
+    import ldap
+    from ldap.controls.libldap import SimplePagedResultsControl
+
+    conn = python_ldap_connection(dc)
+    started = time.monotonic()
+    page = SimplePagedResultsControl(True, size=1000, cookie=b"")
+    count = 0
+    while True:
+        msgid = conn.search_ext(
+            ou, ldap.SCOPE_SUBTREE, "(objectClass=group)", ["*", "member"], serverctrls=[page]
+        )
+        _, entries, _, controls = conn.result3(msgid)
+        count += sum(1 for dn, _ in entries if dn is not None)
+        cookie = next((c.cookie for c in controls if c.controlType == page.controlType), b"")
+        if not cookie:
+            break
+        page.cookie = cookie
     seconds = time.monotonic() - started
-    conn.unbind()
-    return len(adds) / seconds, ou
+    conn.unbind_s()
+    assert count, "the plain copies were not found"
+    return seconds
 
 
 def plain_ldap3_read(dc: SambaDC, ou: str) -> float:

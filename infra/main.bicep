@@ -192,6 +192,9 @@ module vault 'modules/keyvault.bicep' = {
 var appSettings = {
   FUNCTIONS_EXTENSION_VERSION: '~4'
   FUNCTIONS_WORKER_RUNTIME: 'python'
+  // The worker runs one sync invocation per pool thread: as many as host.json's
+  // maxConcurrentSessions (16), or single dispatch would wait for threads.
+  PYTHON_THREADPOOL_THREAD_COUNT: '16'
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
   // Local auth is off on the component: the host and the OpenTelemetry exporter send
   // with an Entra token of the app identity (Monitoring Metrics Publisher).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages the Samba AD test harness needs
 # (sandbox/writeback_sandbox/samba.py): Samba's AD DC, its provisioning data and
-# Python bindings, OpenLDAP's command-line tools, iproute2 and openssl.
+# Python bindings, OpenLDAP's command-line tools, iproute2 and openssl; and the
+# headers python-ldap builds against (libldap2-dev, libsasl2-dev).
 #
 # Idempotent: when everything is present it only checks and exits at once.
 # Needs root (or sudo) on Debian 12. Samba's packages would start system
@@ -15,6 +16,22 @@ set -euo pipefail
 note() { if { : >&3; } 2>/dev/null; then echo "$*" >&3; else echo "$*" >&2; fi; }
 
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH}"
+
+# python-ldap (the directory adapter's preferred LDAP client) builds from source
+# against OpenLDAP's and Cyrus SASL's headers; pip needs them before it installs.
+if [ ! -e /usr/include/lber.h ] || [ ! -e /usr/include/ldap.h ] || [ ! -e /usr/include/sasl/sasl.h ] \
+   || ! command -v cc >/dev/null 2>&1; then
+  note "install-system-deps: installing libldap2-dev libsasl2-dev from Debian (to build python-ldap)"
+  build=(libldap2-dev libsasl2-dev)
+  command -v cc >/dev/null 2>&1 || build+=(gcc libc6-dev)
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo env DEBIAN_FRONTEND=noninteractive apt-get update
+    sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${build[@]}"
+  else
+    env DEBIAN_FRONTEND=noninteractive apt-get update
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y "${build[@]}"
+  fi
+fi
 
 missing=()
 for tool in samba samba-tool ldapmodify ip openssl; do

@@ -9,8 +9,9 @@ distribution pinned with its hashes:
     Linux x86_64, wheels up to manylinux_2_31: the image runs Debian 11, glibc
     2.31). The Function app installs exactly this (scripts/package).
 ``requirements-dev.txt``
-    every extra of the product plus the tools in requirements-dev.in, held to
-    the versions of requirements.txt, so the development venv tests what ships.
+    every extra of the product (python-ldap too, which the Function app cannot
+    have: it is built from source) plus the tools in requirements-dev.in, held
+    to the versions of requirements.txt, so the development venv tests what ships.
 
 Existing pins are kept unless ``--upgrade`` (or ``--upgrade-package NAME``) is
 given. Each file's header records two fingerprints, which
@@ -68,7 +69,7 @@ DEV = Lock(
         "The development venv: every extra of writeback plus requirements-dev.in, at the\n"
         "# versions of requirements.txt, with hashes (scripts/bootstrap.sh installs it)."
     ),
-    extras=("all",),
+    extras=("all", "python-ldap"),
     inputs=("requirements-dev.in",),
     constraints=("requirements.txt",),
 )

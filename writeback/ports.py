@@ -109,6 +109,10 @@ class CloudSource(Protocol):
         """A delta link for this one group as of now (nothing read)."""
         ...
 
+    def group_delta_links(self, group_ids: Sequence[str]) -> dict[str, str | WritebackError]:
+        """:meth:`group_delta_link` for many groups at once; one group's error is its own."""
+        ...
+
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
         """What changed for this group since ``delta_link``; None when Graph
         refused the link, so the caller does a full read instead."""
@@ -313,11 +317,15 @@ class StoredLink:
 
     ``delta_link`` is empty for a group read in full every time (a small one);
     ``stored_at`` (Unix seconds; 0 when unknown) ages the link out before Graph's
-    delta token does."""
+    delta token does. ``trusted``: the link is known not to be ahead of what was
+    written with it (a delta round's own next link, or one a later full read
+    confirmed); a link asked for as of now next to a full read is not, since that
+    read may have come from a replica behind it."""
 
     delta_link: str
     member_count: int
     stored_at: float = 0.0
+    trusted: bool = False
 
 
 class DeltaLinkStore(Protocol):

@@ -6,16 +6,21 @@ admin connection, never through the adapter under test.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.protocol.formatters.formatters import format_sid
 
-from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.directory import DuplicateAnchor, LdapDirectory
+from writeback.adapters.ldap_clients import python_ldap_available
 from writeback.adapters.ldap_values import RESULT_NAMES
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES
 from writeback.domain.model import (
@@ -36,6 +41,7 @@ from writeback.errors import (
     PermanentError,
     PolicyRefused,
 )
+from writeback_sandbox.samba import new_ca_pem
 
 if TYPE_CHECKING:
     from writeback_sandbox.samba import SambaDC
@@ -53,6 +59,7 @@ HOSTILE_NAMES = [
     "x=y\\",
 ]
 CROWD = 12_000
+CLIENTS = ("python-ldap", "ldap3")
 
 MakeOu = Callable[["SambaDC"], str]
 OpenDirectory = Callable[..., LdapDirectory]
@@ -61,12 +68,24 @@ OpenDirectory = Callable[..., LdapDirectory]
 # --- fixtures and helpers --------------------------------------------------------------
 
 
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    """Each LDAP client the adapter can use in turn: the contract is the same."""
+    name: str = request.param
+    if name == "python-ldap" and not python_ldap_available():
+        if os.environ.get("CI"):
+            pytest.fail("python-ldap is not installed (scripts/bootstrap.sh installs it)")
+        pytest.skip("python-ldap is not installed")
+    return name
+
+
 @pytest.fixture
-def open_directory() -> Iterator[OpenDirectory]:
+def open_directory(client: str) -> Iterator[OpenDirectory]:
     opened: list[LdapDirectory] = []
 
     def open_(dc: SambaDC, ou: str, **options: Any) -> LdapDirectory:
-        directory = dc.directory(ou, **options)
+        directory = dc.directory(ou, client=client, **options)
+        assert directory.client_name == client
         opened.append(directory)
         return directory
 
@@ -338,6 +357,300 @@ def test_iter_groups_pages_through_every_anchored_group(
         directory.apply(Modify(gone.group_id, gone.dn, Changes(replace={"info": ("x",)})))
 
 
+# --- batched reads: find_groups ---------------------------------------------------------
+
+
+def make_groups(
+    dc: SambaDC, ou: str, open_directory: OpenDirectory, count: int, sids: list[str]
+) -> list[str]:
+    """``count`` groups written by the adapter, group i with the first i % 4 members."""
+    writer = open_directory(dc, ou)
+    ids = [new_id() for _ in range(count)]
+    for i, gid in enumerate(ids):
+        writer.apply(add_op(gid, dn_for(f"Group_{gid}", ou), sids[: i % 4]))
+    return ids
+
+
+def searches(directory: LdapDirectory, read: Callable[[], Any]) -> tuple[Any, int]:
+    """What ``read`` returned and how many LDAP searches it sent."""
+    before = Counter(directory.request_counts)
+    value = read()
+    sent = directory.request_counts - before
+    assert set(sent) <= {"search"}, f"reads write nothing: {sent}"
+    return value, sent["search"]
+
+
+@pytest.mark.parametrize("count", [20, 100])
+def test_find_groups_reads_many_groups_in_one_search(
+    count: int, samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 3)
+    target = samba_dc.create_ou("Groups", ou)
+    ids = make_groups(samba_dc, target, open_directory, count, sids)
+    unknown = [new_id(), new_id()]
+    directory = open_directory(samba_dc, target)
+
+    # Nothing cached yet: one search ORing the anchors finds them all.
+    found, sent = searches(directory, lambda: directory.find_groups([*ids, *unknown]))
+    assert sent == 1
+    assert set(found) == set(ids)
+    for i, gid in enumerate(ids):
+        assert found[gid].member_sids == set(sids[: i % 4])
+        assert same_dn(found[gid].dn, dn_for(f"Group_{gid}", target))
+        assert found[gid].object_sid and found[gid].object_sid.startswith("S-1-5-21-")
+
+    # Now every GUID is known: one search ORing them, and the misses one more.
+    again, sent = searches(directory, lambda: directory.find_groups(ids))
+    assert sent == 1
+    assert again == found
+    _, sent = searches(directory, lambda: directory.find_groups([*ids, *unknown]))
+    assert sent == 2
+
+    # Without members: still one search, and no member value read.
+    values_before = directory.member_values_read
+    bare, sent = searches(directory, lambda: directory.find_groups(ids, members=False))
+    assert sent == 1 and directory.member_values_read == values_before
+    assert set(bare) == set(ids)
+    assert all(g.member_sids == frozenset() for g in bare.values())
+    assert {g: bare[g].attributes for g in ids} == {g: found[g].attributes for g in ids}
+
+    # What find_groups read may be written, in the same request count as ever.
+    gid = ids[1]
+    change = Changes(replace={"description": ("batched",)}, add_members=refs(sids[2:]))
+    assert directory.apply(Modify(gid, found[gid].dn, change)) == 1
+    assert member_sids(samba_dc, found[gid].dn) == {sids[0], sids[2]}
+
+
+def test_iter_groups_fills_the_guid_cache(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    ids = make_groups(samba_dc, ou, open_directory, 20, [])
+    directory = open_directory(samba_dc, ou)
+    assert {g.group_id for g in directory.iter_groups()} == set(ids)
+    found, sent = searches(directory, lambda: directory.find_groups(ids))
+    assert sent == 1 and set(found) == set(ids)
+
+
+def test_iter_groups_stopped_early_leaves_the_connection_usable(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    ids = make_groups(samba_dc, ou, open_directory, 25, [])
+    directory = open_directory(samba_dc, ou, page_size=10)
+    groups = directory.iter_groups()
+    first = [next(groups) for _ in range(5)]  # the second page is on its way meanwhile
+    groups.close()
+    assert directory.request_counts["search"] == 2
+    assert set(directory.find_groups(ids)) == set(ids)
+    assert {g.group_id for g in directory.iter_groups()} == set(ids)
+    assert {g.group_id for g in first} <= set(ids)
+
+
+def test_find_groups_follows_a_move_within_the_ou_but_not_out_of_it(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    target = samba_dc.create_ou("Target", ou)
+    child = samba_dc.create_ou("Child", target)
+    outside = samba_dc.create_ou("Outside", ou)
+    stays, moves_in, moves_out = make_groups(samba_dc, target, open_directory, 3, [])
+    directory = open_directory(samba_dc, target)
+    before = directory.find_groups([stays, moves_in, moves_out])
+    assert len(before) == 3
+
+    conn = samba_dc.connection(raise_exceptions=False)
+    try:
+        assert conn.modify_dn(before[moves_in].dn, "CN=Moved in", new_superior=child)
+        assert conn.modify_dn(before[moves_out].dn, "CN=Moved out", new_superior=outside)
+    finally:
+        conn.unbind()
+
+    after, sent = searches(directory, lambda: directory.find_groups([stays, moves_in, moves_out]))
+    assert sent == 2, "the GUID search, then the anchor search for the one it missed"
+    assert set(after) == {stays, moves_in}
+    assert same_dn(after[moves_in].dn, dn_for("Moved in", child))
+    # the moved object is what may be written now; nothing outside the OU ever is
+    assert directory.apply(Modify(moves_in, after[moves_in].dn, Changes({"info": ("x",)}))) == 1
+    for dn in (before[moves_in].dn, before[moves_out].dn, dn_for("Moved out", outside)):
+        with pytest.raises(PolicyRefused):
+            directory.apply(Delete(moves_out if "out" in dn else moves_in, dn))
+    assert read(samba_dc, dn_for("Moved out", outside)) is not None
+    # and the GUID of the group gone from the OU is forgotten: one anchor search now
+    _, sent = searches(directory, lambda: directory.find_groups([moves_out]))
+    assert sent == 1
+
+
+def test_find_groups_treats_an_edited_anchor_as_a_miss(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    cleared, handed_over, retargeted, kept = make_groups(samba_dc, ou, open_directory, 4, [])
+    directory = open_directory(samba_dc, ou)
+    before = directory.find_groups([cleared, handed_over, retargeted, kept])
+    other = new_id()
+    # an admin clears one anchor, moves one to a new object, points one at another group
+    admin_modify(samba_dc, before[cleared].dn, {"adminDescription": [(MODIFY_DELETE, [])]})
+    admin_modify(
+        samba_dc,
+        before[handed_over].dn,
+        {"adminDescription": [(MODIFY_REPLACE, ["Handed over"])]},
+    )
+    successor = dn_for("Successor", ou)
+    admin_group(samba_dc, successor, anchor_for(handed_over))
+    admin_modify(
+        samba_dc,
+        before[retargeted].dn,
+        {"adminDescription": [(MODIFY_REPLACE, [anchor_for(other)])]},
+    )
+
+    ids = [cleared, handed_over, retargeted, kept]
+    after, sent = searches(directory, lambda: directory.find_groups(ids))
+    assert sent == 2
+    assert set(after) == {handed_over, kept}
+    assert same_dn(after[handed_over].dn, successor)
+    # the objects that lost the anchor may not be written for those groups any more
+    for gid in (cleared, handed_over, retargeted):
+        with pytest.raises(PolicyRefused):
+            directory.apply(Modify(gid, before[gid].dn, Changes({"info": ("x",)})))
+    found_other = directory.find_groups([other])
+    assert same_dn(found_other[other].dn, before[retargeted].dn)
+
+
+def test_find_groups_refuses_duplicated_anchors_and_returns_the_rest(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    fine, copied = make_groups(samba_dc, ou, open_directory, 2, [])
+    directory = open_directory(samba_dc, ou)
+    originals = directory.find_groups([fine, copied])
+    twin = dn_for("Twin", ou)
+    admin_group(samba_dc, twin, anchor_for(copied))
+    fresh = open_directory(samba_dc, ou)  # nothing cached: the anchor search sees both
+
+    with pytest.raises(DuplicateAnchor) as refused:
+        fresh.find_groups([fine, copied])
+    assert isinstance(refused.value, DirectoryRefused)
+    assert set(refused.value.duplicates) == {copied}
+    assert sorted(dn_key(d) for d in refused.value.duplicates[copied]) == sorted(
+        [dn_key(originals[copied].dn), dn_key(twin)]
+    )
+    assert set(refused.value.found) == {fine}
+    with pytest.raises(DirectoryRefused, match="2 objects carry the anchor"):
+        fresh.find_group(copied)
+    # neither object may be written for that group from this read
+    for dn in (originals[copied].dn, twin):
+        with pytest.raises(PolicyRefused):
+            fresh.apply(Modify(copied, dn, Changes({"info": ("x",)})))
+    assert fresh.apply(Modify(fine, refused.value.found[fine].dn, Changes({"info": ("x",)}))) == 1
+    # a full read reports the pair too, and forgets the cached GUID, so the next
+    # batched read of the instance that had it cached sees both as well
+    assert sorted(g.group_id for g in directory.iter_groups()) == sorted([fine, copied, copied])
+    with pytest.raises(DuplicateAnchor):
+        directory.find_groups([copied])
+
+
+def test_find_groups_escapes_ids_and_stays_in_the_ou(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    target = samba_dc.create_ou("Target", ou)
+    outside = samba_dc.create_ou("Outside", ou)
+    gid = new_id()
+    admin_group(samba_dc, dn_for("Outside copy", outside), anchor_for(gid))
+    (inside,) = make_groups(samba_dc, target, open_directory, 1, [])
+    directory = open_directory(samba_dc, target)
+    assert directory.find_groups(["*", "x)(adminDescription=*", gid]) == {}
+    assert set(directory.find_groups([inside, "*"])) == {inside}
+    assert directory.find_groups([]) == {}
+
+
+# --- batched writes: apply_all ----------------------------------------------------------
+
+
+def test_apply_all_keeps_every_guard_and_each_failure_is_its_own(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    sids = users(samba_dc, ou, 4)
+    target = samba_dc.create_ou("Groups", ou)
+    outside = samba_dc.create_ou("Outside", ou)
+    existing = make_groups(samba_dc, target, open_directory, 6, sids)
+    directory = open_directory(samba_dc, target, chunk_size=3)
+    groups = directory.find_groups(existing)
+    renamed, deleted, repurposed, raced, chunked, plain = existing
+    admin_modify(
+        samba_dc, groups[repurposed].dn, {"adminDescription": [(MODIFY_REPLACE, ["Not ours"])]}
+    )
+    # someone else already added sids[3] to the raced group
+    admin_modify(samba_dc, groups[raced].dn, {"member": [(MODIFY_ADD, [f"<SID={sids[3]}>"])]})
+    new = [new_id() for _ in range(12)]
+    clash = new_id()
+    operations: list[Operation] = [
+        *(add_op(gid, dn_for(f"New {i}", target), sids[:2]) for i, gid in enumerate(new)),
+        Modify(plain, groups[plain].dn, Changes({"description": ("pipelined",)})),
+        Modify(repurposed, groups[repurposed].dn, Changes({"description": ("pwned",)})),
+        Modify(raced, groups[raced].dn, Changes(add_members=refs(sids[3:]))),
+        Rename(renamed, groups[renamed].dn, "CN=Renamed", Changes({"info": ("r",)})),
+        Delete(deleted, groups[deleted].dn),
+        add_op(clash, dn_for("Clash", target), sAMAccountName=(sam_account_name_for(new[0]),)),
+        add_op(new_id(), dn_for("Outside", outside)),
+        Modify(chunked, groups[chunked].dn, Changes(add_members=refs(sids))),
+        Add(new_id(), dn_for("Big", target), add_op(new[0], "").attributes, refs(sids)),
+    ]
+    results = directory.apply_all(operations)
+
+    assert results[:12] == [1] * 12
+    assert all(
+        member_sids(samba_dc, dn_for(f"New {i}", target)) == set(sids[:2]) for i in range(12)
+    )
+    plain_at, repurposed_at, raced_at, renamed_at, deleted_at, clash_at, outside_at = range(12, 19)
+    assert results[plain_at] == 1
+    assert isinstance(results[repurposed_at], PolicyRefused)
+    assert results[raced_at] == 2, "refused, read back, nothing left to add"
+    assert results[renamed_at] == 2
+    assert results[deleted_at] == 2
+    assert isinstance(results[clash_at], DirectoryRefused)
+    assert isinstance(results[outside_at], PolicyRefused)
+    assert results[19] == 2, "4 members in chunks of 3: two modifies, sent alone"
+    assert isinstance(results[20], PolicyRefused), "an Add's anchor must be its own group's"
+
+    entry = read(samba_dc, groups[plain].dn)
+    assert entry is not None and entry["description"] == ["pipelined"]
+    after = read(samba_dc, groups[repurposed].dn)
+    assert after is not None and "description" not in after
+    assert read(samba_dc, groups[deleted].dn) is None
+    renamed_entry = read(samba_dc, dn_for("Renamed", target))
+    assert renamed_entry is not None and renamed_entry["info"] == ["r"]
+    assert read(samba_dc, dn_for("Clash", target)) is None
+    assert read(samba_dc, dn_for("Outside", outside)) is None
+    assert sids[3] in member_sids(samba_dc, groups[raced].dn)
+    assert member_sids(samba_dc, groups[chunked].dn) == set(sids)
+    # what apply_all added may be written next, as after apply
+    assert directory.apply(Delete(new[0], dn_for("New 0", target))) == 2
+
+
+def test_apply_all_after_the_dc_stops_fails_the_rest_transiently(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    directory = open_directory(samba_dc, ou)
+    ids = make_groups(samba_dc, ou, open_directory, 3, [])
+    groups = directory.find_groups(ids)
+    samba_dc.stop()
+    try:
+        results = directory.apply_all(
+            [Modify(g, groups[g].dn, Changes({"info": ("x",)})) for g in ids]
+        )
+    finally:
+        samba_dc.start()
+    assert all(isinstance(r, LdapUnavailable) for r in results), results
+    assert directory.apply_all(
+        [Modify(g, groups[g].dn, Changes({"info": ("y",)})) for g in ids]
+    ) == [1, 1, 1]
+
+
 # --- the scope guard -------------------------------------------------------------------
 
 
@@ -583,7 +896,6 @@ def test_large_groups_are_read_completely_with_ranged_retrieval(
     crowd: list[str],
     make_ou: MakeOu,
     open_directory: OpenDirectory,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ou = make_ou(samba_dc)
     writer = open_directory(samba_dc, ou)
@@ -594,32 +906,23 @@ def test_large_groups_are_read_completely_with_ranged_retrieval(
     plain = open_directory(samba_dc, ou).find_group(big)
     assert plain is not None and plain.member_sids == set(crowd[:3500])
 
-    searches: list[list[str]] = []
-    requests: list[str] = []
-    search, call = LdapDirectory._search, LdapDirectory._call
-
-    def spy_search(self: LdapDirectory, base: str, f: str, scope: str, a: Any, **kw: Any) -> Any:
-        searches.append(list(a))
-        return search(self, base, f, scope, a, **kw)
-
-    def spy_call(self: LdapDirectory, what: str, dn: str, send: Any) -> Any:
-        requests.append(what)
-        return call(self, what, dn, send)
-
-    monkeypatch.setattr(LdapDirectory, "_search", spy_search)
-    monkeypatch.setattr(LdapDirectory, "_call", spy_call)
     ranged = open_directory(samba_dc, ou, range_window=1000)
     group = ranged.find_group(big)
     assert group is not None and group.member_sids == set(crowd[:3500])
-    assert "member;range=0-999" in searches[0]
-    assert searches[1:] == [[f"member;range={n}-{n + 999}"] for n in (1000, 2000, 3000)]
-    assert requests == ["search"] * 4
+    assert ranged.request_counts == {"search": 4}, "one search, then 3 ranged reads"
+    assert ranged.member_values_read == 3500
 
-    requests.clear()
+    ranged.request_counts.clear()
     groups = {g.group_id: g for g in ranged.iter_groups()}
     assert groups[big].member_sids == set(crowd[:3500])
     assert groups[small].member_sids == set(crowd[:5])
-    assert requests == ["search"] * 4, "one page, then ranged reads for the big group only"
+    assert ranged.request_counts == {"search": 4}, "one page, then ranged reads of the big one"
+
+    ranged.request_counts.clear()
+    both = ranged.find_groups([big, small])
+    assert both[big].member_sids == set(crowd[:3500])
+    assert both[small].member_sids == set(crowd[:5])
+    assert ranged.request_counts == {"search": 4}, "one GUID search, ranged reads of the big one"
 
 
 # --- names -----------------------------------------------------------------------------
@@ -719,7 +1022,7 @@ def test_refusals_by_the_dc_are_permanent_and_name_code_and_dn(
 
 
 def test_tls_is_validated_and_starttls_works(
-    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+    samba_dc: SambaDC, make_ou: MakeOu, client: str, tmp_path: Path
 ) -> None:
     ou = make_ou(samba_dc)
     starttls = LdapDirectory(
@@ -728,6 +1031,7 @@ def test_tls_is_validated_and_starttls_works(
         password=samba_dc.admin_password,
         target_ou=ou,
         ca_file=samba_dc.ca_file,
+        client=client,
     )
     with starttls:
         assert starttls.find_group(new_id()) is None
@@ -736,9 +1040,35 @@ def test_tls_is_validated_and_starttls_works(
         user=samba_dc.admin_dn,
         password=samba_dc.admin_password,
         target_ou=ou,
+        client=client,
     )
     with untrusted, pytest.raises(ConfigError, match="certificate"):
         untrusted.find_group(new_id())
+    other_ca = new_ca_pem(tmp_path / "other-ca.pem")
+    for url in (samba_dc.ldaps_url, samba_dc.ldap_url):
+        wrong_ca = LdapDirectory(
+            url=url,
+            user=samba_dc.admin_dn,
+            password=samba_dc.admin_password,
+            target_ou=ou,
+            ca_file=other_ca,
+            client=client,
+        )
+        with wrong_ca, pytest.raises(ConfigError, match="certificate"):
+            wrong_ca.find_group(new_id())
+    # The DC's own address as a number: it reaches the DC, but is not a name the
+    # certificate was issued for (its subjectAltName holds the dotted IP and a DNS name).
+    as_number = int(ipaddress.IPv4Address(samba_dc.address))
+    misnamed = LdapDirectory(
+        url=f"ldaps://{as_number}:636",
+        user=samba_dc.admin_dn,
+        password=samba_dc.admin_password,
+        target_ou=ou,
+        ca_file=samba_dc.ca_file,
+        client=client,
+    )
+    with misnamed, pytest.raises(ConfigError, match="certificate"):
+        misnamed.find_group(new_id())
     secret = "Not-the-password-" + uuid.uuid4().hex
     wrong = LdapDirectory(
         url=samba_dc.ldaps_url,
@@ -746,6 +1076,7 @@ def test_tls_is_validated_and_starttls_works(
         password=secret,
         target_ou=ou,
         ca_file=samba_dc.ca_file,
+        client=client,
     )
     with wrong, pytest.raises(ConfigError) as refused:
         wrong.find_group(new_id())

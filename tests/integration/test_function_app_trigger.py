@@ -1,10 +1,10 @@
 """The Function app's worker under the Service Bus extension's own loop.
 
 :class:`tests.support.functions_host.FunctionsHost` behaves as the WebJobs
-Service Bus extension 5.x does (one session at a time per instance in batch
-mode, no lock renewal there, an immediate retry after a failed invocation; in
-single dispatch ``maxConcurrentSessions`` receivers with session-lock renewal),
-with the queue's lock shrunk so that expiry really bites. The app runs on the
+Service Bus extension 5.x does for the app's binding (single dispatch with
+sessions: ``maxConcurrentSessions`` receivers, one message per invocation,
+session-lock renewal, an immediate retry after a failed invocation), with the
+queue's lock and every other duration shrunk so that expiry really bites. The app runs on the
 local queue with Graph the stand-in and AD a real Samba DC; the worker is the
 app's own function, given messages decoded the way the Python worker decodes
 them.
@@ -29,7 +29,7 @@ from tests.integration.test_function_app import (
     notification,
     world,
 )
-from tests.support.functions_host import FunctionsHost, one_at_a_time
+from tests.support.functions_host import FunctionsHost
 from tests.support.world import World
 from writeback.adapters import functions_settlement
 from writeback.adapters.local_queue import LocalQueue
@@ -68,34 +68,35 @@ def drain(host: FunctionsHost, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture
-def batch_host(app_env: Path, quick: None) -> Iterator[FunctionsHost]:
+def app_host(app_env: Path, quick: None) -> Iterator[FunctionsHost]:
+    """The app's worker with the app's own binding (single dispatch) and host.json."""
     host = FunctionsHost.for_app(app_env, time_scale=SCALE)
     yield host
     host.close()
 
 
 def test_a_reconcile_longer_than_the_lock_never_holds_a_session_lock(
-    world: World, batch_host: FunctionsHost
+    world: World, app_host: FunctionsHost
 ) -> None:
     """A lifecycle item that needs a reconcile only records the request: the
     invocation ends long before the (scaled) 3 s lock, and the timer runs the
     reconcile, here slowed to twice the lock, outside any session."""
     gids = [world.add_group(n, f"Missed {n}", ["user0"]) for n in range(3)]
     assert http("lifecycle", lifecycle(SUBSCRIPTION, "missed")).status_code == 202
-    world.standin.inject_delay(2 * batch_host.lock_duration, times=1, path_contains="delta")
-    stats = batch_host.run_until_idle(timeout=30)
-    [control] = batch_host.invocations
-    assert control.succeeded and control.ended - control.started < batch_host.lock_duration / 3
+    world.standin.inject_delay(2 * app_host.lock_duration, times=1, path_contains="delta")
+    stats = app_host.run_until_idle(timeout=30)
+    [control] = app_host.invocations
+    assert control.succeeded and control.ended - control.started < app_host.lock_duration / 3
     assert stats.lock_losses == 0 and stats.abandons == 0
     assert all(world.ad_entry(gid) is None for gid in gids)  # not run in the trigger
     started = time.monotonic()
     entry("reconcile")(TimerRequest(past_due=False))
-    assert time.monotonic() - started >= 2 * batch_host.lock_duration
+    assert time.monotonic() - started >= 2 * app_host.lock_duration
     assert all(world.ad_entry(gid) is not None for gid in gids)
 
 
 def test_a_broken_setting_does_not_dead_letter_events(
-    world: World, batch_host: FunctionsHost, monkeypatch: pytest.MonkeyPatch
+    world: World, app_host: FunctionsHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the target OU unset, every delivery parks the events (rescheduled, no
     delivery counted) instead of burning the queue's 10 deliveries in a row."""
@@ -109,19 +110,19 @@ def test_a_broken_setting_does_not_dead_letter_events(
 
     monkeypatch.setattr(handle_event, "CONFIG_RETRY_DELAY", 0.3)
     for _ in range(4):  # round after round of parking: each parked copy is due 0.3 s later
-        batch_host.run_until_idle(timeout=10)
+        app_host.run_until_idle(timeout=10)
         time.sleep(0.35)
-    assert batch_host.queue.dead_letters() == []
-    assert len(batch_host.invocations) >= 3 * len(gids)  # every round took them all again
-    assert max(c for i in batch_host.invocations for c in i.delivery_counts) == 1
+    assert app_host.queue.dead_letters() == []
+    assert len(app_host.invocations) >= 3 * len(gids)  # every round took them all again
+    assert max(c for i in app_host.invocations for c in i.delivery_counts) == 1
     monkeypatch.setenv("WRITEBACK_TARGET_OU", ou)
-    drain(batch_host)
+    drain(app_host)
     assert all(world.ad_entry(gid) is not None for gid in gids)
-    assert batch_host.queue.dead_letters() == []
+    assert app_host.queue.dead_letters() == []
 
 
 def test_nothing_is_lost_when_an_invocation_fails_midway(
-    world: World, batch_host: FunctionsHost, monkeypatch: pytest.MonkeyPatch
+    world: World, app_host: FunctionsHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The queue fails twice in a row in the middle of an invocation: the write is
     made, its confirmation cannot be scheduled, nor can the copy that would put the
@@ -140,25 +141,25 @@ def test_nothing_is_lost_when_an_invocation_fails_midway(
         real(self, messages)
 
     monkeypatch.setattr(LocalQueue, "send", flaky)
-    drain(batch_host)
+    drain(app_host)
     assert not failures
     assert world.ad_entry(gid) is not None
-    assert batch_host.queue.dead_letters() == []
-    outcomes = [i.succeeded for i in batch_host.invocations]
+    assert app_host.queue.dead_letters() == []
+    outcomes = [i.succeeded for i in app_host.invocations]
     assert outcomes[0] is False and all(outcomes[1:])
-    assert batch_host.invocations[1].delivery_counts == (2,)  # the host's immediate retry
+    assert app_host.invocations[1].delivery_counts == (2,)  # the host's immediate retry
 
 
-def test_a_burst_for_one_group_is_one_invocation_and_one_write(
-    world: World, batch_host: FunctionsHost
-) -> None:
+def test_a_burst_for_one_group_is_one_write(world: World, app_host: FunctionsHost) -> None:
+    """Six messages of one session are six invocations, one after another (never two
+    at once); the first writes, the rest were accepted before its read and need none."""
     gid = world.add_group(20, "Burst", ["user0", "user1"])
     for seq in range(6):
         assert http("notifications", notification(gid, seq=seq)).status_code == 202
-    batch_host.run_until_idle(timeout=30)
-    [invocation] = batch_host.invocations
-    assert len(invocation.message_ids) == 6 and invocation.succeeded
-    assert pipeline_stats().operations == {"add": 1}
+    stats = app_host.run_until_idle(timeout=30)
+    assert stats.invocations == 6 and stats.overlaps == 0 and stats.sessions_accepted == 1
+    assert all(i.succeeded for i in app_host.invocations)
+    assert (pipeline_stats().operations, pipeline_stats().covered) == ({"add": 1}, 5)
     assert world.ad_entry(gid) is not None
 
 
@@ -179,12 +180,7 @@ def test_single_dispatch_keeps_one_worker_per_group_with_many_sessions(
     for seq in range(3):
         for gid in gids:
             assert http("notifications", notification(gid, seq=seq)).status_code == 202
-    host = FunctionsHost.for_app(
-        app_env,
-        time_scale=SCALE,
-        cardinality="one",
-        function=one_at_a_time(entry("worker")),
-    )
+    host = FunctionsHost.for_app(app_env, time_scale=SCALE)  # the app's own: single dispatch
     try:
         stats = host.run_until_idle(timeout=60)
         assert stats.overlaps == 0 and stats.lock_losses == 0

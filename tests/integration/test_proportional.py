@@ -148,14 +148,31 @@ def make_group(big: Big, n: int) -> str:
     return gid
 
 
-def context(big: Big) -> WorkerContext:
-    return WorkerContext(big.cloud, big.directory, big.options, attempts=1)
+SETTLE = 0.2
+
+
+def context(big: Big, queue: LocalQueue) -> WorkerContext:
+    """A worker that confirms its reads into ``queue`` ``SETTLE`` seconds later."""
+    return WorkerContext(
+        big.cloud, big.directory, big.options, attempts=1, sender=queue, settle=SETTLE
+    )
+
+
+def established(big: Big, queue: LocalQueue, ctx: WorkerContext, gid: str) -> Cost:
+    """The group's first event (a full read, taking a delta link) and its confirmation
+    (a full read that finds nothing to write, so the link is trusted from then on)."""
+    first = measured(big, queue, ctx, gid)
+    time.sleep(SETTLE * 1.5)
+    confirmation = run_once(queue, ctx, wait=1.0)
+    assert confirmation is not None and confirmation.settlement == "completed"
+    assert confirmation.operation is None and confirmation.notifications == 0
+    return first
 
 
 def test_one_member_added_or_removed_costs_what_changed(big: Big, queue: LocalQueue) -> None:
-    ctx = context(big)
+    ctx = context(big, queue)
     gid = make_group(big, 1)
-    first = measured(big, queue, ctx, gid)
+    first = established(big, queue, ctx, gid)
     assert first.outcome.operation is not None and first.outcome.operation.kind == "add"
     assert len(big.ad_member_sids(gid)) == SIZE
 
@@ -181,9 +198,9 @@ def test_one_member_added_or_removed_costs_what_changed(big: Big, queue: LocalQu
 
 
 def test_properties_and_members_together_are_one_modify(big: Big, queue: LocalQueue) -> None:
-    ctx = context(big)
+    ctx = context(big, queue)
     gid = make_group(big, 2)
-    event(queue, ctx, gid)
+    established(big, queue, ctx, gid)
     big.tenant.update_group(gid, description="described now")
     big.tenant.add_members(gid, [big.uid(SIZE + 1), big.uid(SIZE + 2)])
     big.tenant.remove_members(gid, [big.uid(0)])
@@ -196,16 +213,19 @@ def test_properties_and_members_together_are_one_modify(big: Big, queue: LocalQu
 
 
 def test_an_expired_link_falls_back_to_the_full_read(big: Big, queue: LocalQueue) -> None:
-    ctx = context(big)
+    ctx = context(big, queue)
     gid = make_group(big, 3)
-    event(queue, ctx, gid)
+    established(big, queue, ctx, gid)
     big.tenant.expire_delta_tokens()
     big.tenant.add_members(gid, [big.uid(SIZE + 3)])
     full = measured(big, queue, ctx, gid)
     assert full.member_values_read >= SIZE  # read in full again
     assert full.values_written == 1
     assert big.sid(SIZE + 3) in big.ad_member_sids(gid)
-    # ...and the link it stored makes the next change cheap again.
+    # ...and, once its confirmation proves the link it stored, the next change is cheap.
+    time.sleep(SETTLE * 1.5)
+    proved = run_once(queue, ctx, wait=1.0)
+    assert proved is not None and proved.operation is None
     big.tenant.remove_members(gid, [big.uid(SIZE + 3)])
     cheap = measured(big, queue, ctx, gid)
     assert (cheap.member_values_read, cheap.values_written) == (0, 1)
@@ -216,9 +236,9 @@ def test_an_expired_link_falls_back_to_the_full_read(big: Big, queue: LocalQueue
 def test_a_member_already_in_ad_is_not_written_twice(big: Big, queue: LocalQueue) -> None:
     """A replayed delta (its write done, the link not yet stored) converges without error."""
     links = MemoryDeltaLinks()
-    ctx = replace(context(big), links=links)
+    ctx = replace(context(big, queue), links=links)
     gid = make_group(big, 4)
-    event(queue, ctx, gid)
+    established(big, queue, ctx, gid)
     stale = links.get(gid)
     assert stale is not None
     big.tenant.add_members(gid, [big.uid(SIZE + 4)])
@@ -231,7 +251,7 @@ def test_a_member_already_in_ad_is_not_written_twice(big: Big, queue: LocalQueue
 
 
 def test_near_the_member_limit_the_full_read_decides(big: Big, queue: LocalQueue) -> None:
-    ctx = replace(context(big), options=replace(big.options, member_limit=SIZE))
+    ctx = replace(context(big, queue), options=replace(big.options, member_limit=SIZE))
     gid = make_group(big, 5)
     event(queue, ctx, gid)
     big.tenant.add_members(gid, [big.uid(SIZE)])
@@ -245,7 +265,7 @@ def test_near_the_member_limit_the_full_read_decides(big: Big, queue: LocalQueue
 
 
 def test_without_a_link_store_every_event_reads_in_full(big: Big, queue: LocalQueue) -> None:
-    ctx = replace(context(big), links=None)
+    ctx = replace(context(big, queue), links=None)
     gid = make_group(big, 6)
     event(queue, ctx, gid)
     big.tenant.add_members(gid, [big.uid(SIZE)])

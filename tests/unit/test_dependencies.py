@@ -101,11 +101,13 @@ def test_every_pin_is_exact_and_hashed() -> None:
 def test_the_function_app_installs_no_dev_tool_and_the_dev_venv_the_same_versions() -> None:
     shipped = lock.pins((ROOT / "requirements.txt").read_text())
     developed = lock.pins((ROOT / "requirements-dev.txt").read_text())
-    assert not {"pytest", "mypy", "ruff", "hypothesis", "uv", "setuptools"} & set(shipped)
+    tools = {"pytest", "mypy", "ruff", "hypothesis", "uv", "setuptools"}
+    assert not (tools | {"python-ldap"}) & set(shipped)  # python-ldap has no wheels
     assert {"azure-functions", "azure-servicebus", "msgraph-sdk", "websockets"} <= set(shipped)
     assert "azure-monitor-opentelemetry" in shipped  # logging_setup's export to App Insights
     assert {name: developed[name] for name in shipped} == shipped
     assert "prometheus-client" in developed  # serve's /metrics
+    assert "python-ldap" in developed  # the directory adapter's preferred client
     assert "uv" in developed  # scripts/lock's resolver is pinned like any tool
 
 
@@ -116,7 +118,7 @@ def test_the_core_install_has_no_cloud_sdk() -> None:
     assert {"ldap3", "websockets", "httpx"} <= core
     extras = project["optional-dependencies"]
     assert "prometheus-client>=0.20" in extras["serve"]
-    assert set(extras) == {"graph", "serve", "functions", "all"}
+    assert set(extras) == {"graph", "serve", "functions", "python-ldap", "all"}
 
 
 def test_the_agent_imports_no_cloud_sdk_when_it_starts() -> None:

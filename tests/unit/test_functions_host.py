@@ -90,6 +90,9 @@ def make_host(tmp_path: Path) -> Iterator[Callable[..., FunctionsHost]]:
     hosts: list[FunctionsHost] = []
 
     def make(function: Callable[[Any], object], **options: Any) -> FunctionsHost:
+        """The driver with host.json's options; batch mode unless a test says otherwise
+        (the app itself runs single dispatch: its binding is cardinality one)."""
+        options.setdefault("cardinality", "many")
         host = FunctionsHost.for_app(
             tmp_path / "queue.db", function=function, time_scale=SCALE, **options
         )
@@ -109,9 +112,10 @@ def test_options_come_from_the_apps_binding_and_host_json() -> None:
     host_json = json.loads(HOST_JSON.read_text())
     options = TriggerOptions.from_binding(binding, host_json)
     settings = host_json["extensions"]["serviceBus"]
-    assert options.cardinality == "many"
+    assert options.cardinality == "one"  # the app runs single dispatch
     assert options.auto_complete is True
-    assert options.max_message_batch_size == settings["maxMessageBatchSize"]
+    assert "maxMessageBatchSize" not in settings  # a batch-mode setting; the default stays
+    assert options.max_message_batch_size == 1000
     assert options.session_idle_timeout == timespan(settings["sessionIdleTimeout"])
     assert options.max_concurrent_sessions == settings["maxConcurrentSessions"]
     assert options.max_auto_lock_renewal == timespan(settings["maxAutoLockRenewalDuration"])
@@ -120,7 +124,7 @@ def test_options_come_from_the_apps_binding_and_host_json() -> None:
     assert scaled.max_message_batch_size == options.max_message_batch_size
     # Without sessionIdleTimeout the extension waits tryTimeout; without host.json, 60 s.
     assert TriggerOptions.from_binding(binding, {}).session_idle_timeout == 60.0
-    assert TriggerOptions.from_binding({**binding, "cardinality": "ONE"}).cardinality == "one"
+    assert TriggerOptions.from_binding({**binding, "cardinality": "MANY"}).cardinality == "many"
     with pytest.raises(NotImplementedError):
         TriggerOptions.from_binding({**binding, "isSessionsEnabled": False})
     with pytest.raises(NotImplementedError):

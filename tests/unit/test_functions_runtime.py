@@ -94,17 +94,17 @@ def test_every_function_of_the_app_loads_on_the_worker(indexed: dict[str, Any]) 
             assert binding["raw"]["type"] == binding["type"]
 
 
-def test_the_service_bus_trigger_binds_a_session_batch(indexed: dict[str, Any]) -> None:
+def test_the_service_bus_trigger_binds_one_message_of_a_session(indexed: dict[str, Any]) -> None:
     [(name, trigger)] = bindings(indexed, "worker").items()
-    assert name == "messages"
+    assert name == "message"
     assert (trigger["type"], trigger["direction"]) == ("serviceBusTrigger", "in")
-    # No dataType: the host hands the worker the bodies as bytes (collection_bytes).
+    # No dataType: the host hands the worker the body as bytes.
     assert trigger["data_type"] == "undefined"
     raw = trigger["raw"]
     assert raw["isSessionsEnabled"] is True
     assert raw["connection"] == "WRITEBACK_SERVICEBUS"
     assert raw["queueName"] == "%WRITEBACK_SERVICEBUS_QUEUE%"
-    assert str(raw["cardinality"]).lower() == "many"
+    assert str(raw["cardinality"]).lower() == "one"  # single dispatch (bench/functions_trigger)
     assert raw["autoCompleteMessages"] is True
     assert "dataType" not in raw
 
@@ -155,17 +155,19 @@ def test_every_setting_a_binding_names_is_in_the_sample_settings(indexed: dict[s
 
 
 def test_a_pep_585_list_annotation_makes_the_worker_load_no_function(tmp_path: Path) -> None:
-    """The form function_app.py had before: the whole app is refused, not one function."""
+    """The form function_app.py had before (a batch trigger annotated ``list[...]``):
+    the whole app is refused, not one function."""
     source = (ROOT / "function_app.py").read_text()
     broken, count = re.subn(
-        r"messages: typing\.List\[func\.ServiceBusMessage\]",
-        "messages: list[func.ServiceBusMessage]",
+        r"def worker\(message: func\.ServiceBusMessage\)",
+        "def worker(message: list[func.ServiceBusMessage])",
         source,
     )
     assert count == 1
+    broken = broken.replace("cardinality=func.Cardinality.ONE", "cardinality=func.Cardinality.MANY")
     (tmp_path / "function_app.py").write_text(broken)
     status, answer = index(tmp_path)
     assert status == 1 and answer["ok"] is False
     assert answer["functions"] == []
     assert "FunctionLoadError: cannot load the worker function" in answer["error"]
-    assert "binding messages has invalid non-type annotation list[" in answer["error"]
+    assert "binding message has invalid non-type annotation list[" in answer["error"]

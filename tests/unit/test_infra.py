@@ -10,6 +10,7 @@ scripts/validate-infra, which parses it and runs checkov).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def test_every_setting_the_code_reads_is_set_by_the_template() -> None:
         if name not in settings and not any(key.startswith(name + "__") for key in settings)
     }
     assert missing == set(), f"not set in infra/main.bicep: {sorted(missing)}"
+
+
+def test_the_worker_has_a_thread_for_every_concurrent_session() -> None:
+    host_json = json.loads((ROOT / "host.json").read_text())
+    sessions = host_json["extensions"]["serviceBus"]["maxConcurrentSessions"]
+    assert int(app_settings()["PYTHON_THREADPOOL_THREAD_COUNT"].strip("'")) >= sessions
 
 
 def test_no_agent_setting_is_given_to_the_function_app() -> None:

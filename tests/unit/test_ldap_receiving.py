@@ -12,7 +12,7 @@ import pytest
 from ldap3.core.exceptions import LDAPCommunicationError, LDAPSocketReceiveError
 from ldap3.strategy.sync import SyncStrategy
 
-from writeback.adapters.directory import linear_receiving
+from writeback.adapters.ldap_clients import linear_receiving
 
 
 def ber(size: int, fill: int) -> bytes:

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from writeback.adapters.ldap_values import (
     MemberRange,
+    guid_filter_value,
     parse_extended_dn,
     parse_range,
+    read_dn,
     sid_from_bytes,
+    split_members,
 )
-from writeback.domain.naming import dn_for, dn_key, single_cn_rdn, strictly_within
+from writeback.domain.naming import (
+    canonical_dn,
+    dn_for,
+    dn_key,
+    single_cn_rdn,
+    strictly_within,
+)
 
 HOSTILE = ['a, b + c "d" \\ <e> ; f = g', "#hash", "  spaced  ", "Отдел 営業部", "x=y\\"]
 
@@ -76,3 +87,49 @@ def test_sid_from_bytes() -> None:
     assert sid_from_bytes(bytes.fromhex("01020000000000052000000020020000")) == "S-1-5-32-544"
     with pytest.raises(ValueError):
         sid_from_bytes(raw[:-1])
+
+
+def test_split_members_agrees_with_parse_extended_dn() -> None:
+    guid = "3208fd0a-2a34-48f6-8cdd-4f33e840c5d2"
+    values = [
+        f"<GUID={guid}>;<SID=S-1-5-21-1-2-3-3102>;CN=user,DC=x",
+        f"<GUID={guid}>;CN=contact\\, by hand,DC=x",  # no SID: a contact
+        f"<GUID={guid}>;CN=g\\>;\\<SID=S-1-9,DC=x",  # looks like a SID only inside the DN
+        "<SID=S-1-5-32-544>;CN=Administrators,CN=Builtin,DC=x",  # SID without a GUID
+        "CN=plain,DC=x",
+        f"<GUID={guid}>;<SID=S-1-5-21-9>;CN=Отдел 営業部,DC=x",
+        *(f"<GUID={guid}>;<SID=S-1-5-21-{i}>;CN={name},DC=x" for i, name in enumerate(HOSTILE)),
+    ]
+    sids, others = split_members(v.encode() for v in values)
+    expected_sids = {r.sid for v in values if (r := parse_extended_dn(v)).sid}
+    expected_others = {r.dn for v in values if not (r := parse_extended_dn(v)).sid}
+    assert sids == expected_sids
+    assert others == expected_others
+    assert "CN=g\\>;\\<SID=S-1-9,DC=x" in others
+    assert "CN=plain,DC=x" in others
+
+
+def test_guid_filter_value_is_the_objectguid_bytes_escaped() -> None:
+    guid = "c89c1df6-553d-4e78-b14f-c91745a788fa"
+    raw = b"\xf6\x1d\x9c\xc8=UxN\xb1O\xc9\x17E\xa7\x88\xfa"  # as Samba returns objectGUID
+    assert guid_filter_value(guid) == "".join(f"\\{b:02x}" for b in raw)
+    assert guid_filter_value(guid.upper()) == guid_filter_value(guid)
+    with pytest.raises(ValueError):
+        guid_filter_value("not a guid")
+
+
+_DN_TEXT = st.text(alphabet=st.sampled_from(list('aZ0 =,+"\\<>;#\t\x00é?-_')), max_size=30)
+
+
+@given(st.lists(st.tuples(_DN_TEXT, _DN_TEXT), min_size=1, max_size=5))
+def test_read_dn_is_canonical_dn_and_its_key(parts: list[tuple[str, str]]) -> None:
+    for dn in (",".join(f"{a}={v}" for a, v in parts), ",".join(a + v for a, v in parts)):
+        canonical = canonical_dn(dn)
+        assert read_dn(dn) == (canonical, dn_key(canonical))
+
+
+def test_read_dn_of_plain_and_escaped_dns() -> None:
+    plain = "CN=Group_3208fd0a-2a34-48f6-8cdd-4f33e840c5d2,OU=M365 Groups,DC=corp,DC=example"
+    assert read_dn(plain) == (plain, dn_key(plain))
+    assert read_dn("CN=On call\\?,OU=x,DC=y")[0] == "CN=On call?,OU=x,DC=y"
+    assert read_dn("CN=a\\,b,DC=y") == ("CN=a\\,b,DC=y", (("cn", "a,b"), ("dc", "y")))

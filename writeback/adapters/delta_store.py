@@ -71,31 +71,39 @@ class SqliteDeltaLinks:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS group_delta_links ("
             " group_id TEXT PRIMARY KEY, delta_link TEXT NOT NULL,"
-            " member_count INTEGER NOT NULL, stored_at REAL NOT NULL DEFAULT 0)"
+            " member_count INTEGER NOT NULL, stored_at REAL NOT NULL DEFAULT 0,"
+            " trusted INTEGER NOT NULL DEFAULT 0)"
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(group_delta_links)")}
         if "stored_at" not in columns:  # a file from before links aged out: 0 = too old
             self._db.execute(
                 "ALTER TABLE group_delta_links ADD COLUMN stored_at REAL NOT NULL DEFAULT 0"
             )
+        if "trusted" not in columns:
+            self._db.execute(
+                "ALTER TABLE group_delta_links ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0"
+            )
 
     def get(self, group_id: str) -> StoredLink | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT delta_link, member_count, stored_at FROM group_delta_links"
+                "SELECT delta_link, member_count, stored_at, trusted FROM group_delta_links"
                 " WHERE group_id = ?",
                 (group_id,),
             ).fetchone()
-        return None if row is None else StoredLink(str(row[0]), int(row[1]), float(row[2]))
+        if row is None:
+            return None
+        return StoredLink(str(row[0]), int(row[1]), float(row[2]), bool(row[3]))
 
     def put(self, group_id: str, link: StoredLink) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO group_delta_links (group_id, delta_link, member_count, stored_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT(group_id) DO UPDATE SET"
+                "INSERT INTO group_delta_links"
+                " (group_id, delta_link, member_count, stored_at, trusted)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(group_id) DO UPDATE SET"
                 " delta_link = excluded.delta_link, member_count = excluded.member_count,"
-                " stored_at = excluded.stored_at",
-                (group_id, link.delta_link, link.member_count, link.stored_at),
+                " stored_at = excluded.stored_at, trusted = excluded.trusted",
+                (group_id, link.delta_link, link.member_count, link.stored_at, int(link.trusted)),
             )
 
     def forget(self, group_id: str) -> None:

@@ -1,11 +1,26 @@
-"""The Directory port over LDAP (ldap3), for Active Directory and Samba AD.
+"""The Directory port over LDAP, for Active Directory and Samba AD.
 
-One connection, opened on first use over TLS with certificate and host-name
-validation (``ldaps://``, or ``ldap://`` with StartTLS before the bind; there is
-no way to turn validation off) and reused; after a connection failure it is
-dropped and the next call opens a new one. Reads that fail on a reused
-connection are tried once more on a fresh one (a DC drops idle connections
-after MaxConnIdleTime); writes never are, the caller decides.
+Speaks through python-ldap (libldap) when it is installed and ldap3 otherwise
+(``client=`` picks one; see :mod:`writeback.adapters.ldap_clients` for why and
+what each costs); everything below holds for both, and the contract tests run
+against both. One connection, opened on first use over TLS with certificate
+and host-name validation (``ldaps://``, or ``ldap://`` with StartTLS before
+the bind; there is no way to turn validation off) and reused; after a
+connection failure it is dropped and the next call opens a new one. Reads that
+fail on a reused connection are tried once more on a fresh one (a DC drops
+idle connections after MaxConnIdleTime); writes never are, the caller decides.
+
+Finding groups: ``adminDescription`` is not indexed (a subtree search on it
+costs the DC 2.5 ms at 1,000 groups, 12.7 ms at 5,000), objectGUID is. So
+every read remembers each group's objectGUID, and :meth:`find_groups` asks for
+the remembered ones in one search over the target OU ORing their GUIDs; an
+object found that way counts only if it still carries that group's anchor
+(else it is a miss), and an object moved out of the OU is simply not found.
+The misses are found in one more search ORing their anchors: one subtree scan
+for all of them, not one each. Two objects carrying one anchor are refused
+(:class:`DuplicateAnchor`), as a full read reports them; an object that an
+admin gives our anchor after we cached the original's GUID is only seen by the
+anchor search (a miss, or the full sync, which reports the duplicate).
 
 Scope guard — nothing outside the target OU, and nothing that does not carry
 our anchor ``adminDescription=Group_<objectId>``, is ever modified or deleted:
@@ -16,7 +31,7 @@ our anchor ``adminDescription=Group_<objectId>``, is ever modified or deleted:
 * an Add must carry ``adminDescription`` equal to its group's anchor and be a
   group; a replace may never change or clear ``adminDescription``;
 * Modify, Rename and Delete only go to a DN this instance has read, from
-  ``find_group``/``iter_groups``, carrying exactly that group's anchor
+  ``find_group(s)``/``iter_groups``, carrying exactly that group's anchor
   (remembered per DN, updated on add, rename and delete, forgotten when a later
   read no longer finds it);
 * and the server checks it too, at the moment of the write. The LDAP assertion
@@ -73,56 +88,50 @@ the DN and the server's message; an untrusted certificate or a refused bind
 raises :class:`~writeback.errors.ConfigError`. The password never appears in
 a message or a log line.
 
+:meth:`apply_all` carries out many operations with up to ``pipeline_window``
+requests outstanding on the connection (python-ldap; ldap3 sends one at a
+time): each operation keeps every check above, and its outcome (requests, or
+the error it alone ended with) is its own.
+
 Not thread-safe: use one instance per thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import ssl
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MethodType
-from typing import Any, TypeVar
+from typing import NamedTuple, TypeVar
 
-from ldap3 import (
-    BASE,
-    LEVEL,
-    MODIFY_ADD,
-    MODIFY_DELETE,
-    MODIFY_REPLACE,
-    NONE,
-    SIMPLE,
-    SUBTREE,
-    Connection,
-    Server,
-    Tls,
+from writeback.adapters.ldap_clients import (
+    EXTENDED_DN_OID,
+    CertificateRejected,
+    Change,
+    Client,
+    ClientFailure,
+    ConnectionFailed,
+    Endpoint,
+    Entry,
+    ResultError,
+    Scope,
+    StartTlsFailed,
+    linear_receiving,
+    make_client,
 )
-from ldap3.core.exceptions import (
-    LDAPCertificateError,
-    LDAPCommunicationError,
-    LDAPException,
-    LDAPMaximumRetriesError,
-    LDAPResponseTimeoutError,
-    LDAPSocketReceiveError,
-    LDAPStartTLSError,
-    communication_exception_factory,
-)
-from ldap3.strategy.base import BaseStrategy
-
 from writeback.adapters.ldap_values import (
     BIND_CONFIG_RESULTS,
     CANONICAL_NAMES,
     TRANSIENT_RESULTS,
     VALUE_CONFLICT_RESULTS,
     decode,
+    guid_filter_value,
     parse_extended_dn,
     parse_range,
+    read_dn,
     result_name,
-    sid_from_bytes,
+    split_members,
 )
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES, MANAGED_ATTRIBUTES
 from writeback.domain.model import (
@@ -139,7 +148,6 @@ from writeback.domain.model import (
 )
 from writeback.domain.naming import (
     DnKey,
-    canonical_dn,
     dn_key,
     escape_filter_value,
     parent_of,
@@ -154,55 +162,18 @@ from writeback.errors import (
     WritebackError,
 )
 
+__all__ = ["EXTENDED_DN_OID", "DuplicateAnchor", "LdapDirectory", "LdapRefused", "linear_receiving"]
+
 log = logging.getLogger(__name__)
 
-#: Extended-DN control, value SEQUENCE { INTEGER 1 }: GUID and SID as strings.
-EXTENDED_DN_OID = "1.2.840.113556.1.4.529"
-_EXTENDED_DN = (EXTENDED_DN_OID, True, b"\x30\x03\x02\x01\x01")
-_PAGED_RESULTS_OID = "1.2.840.113556.1.4.319"
-
-_GROUP_ATTRIBUTES = (*MANAGED_ATTRIBUTES, "objectSid")
+#: The group's own SID comes with its extended DN, so objectSid is not asked for.
+_GROUP_ATTRIBUTES = MANAGED_ATTRIBUTES
 #: ``member`` values per read (see the module's docstring).
 RANGE_WINDOW = 50_000
-
-
-def linear_receiving(strategy: Any) -> list[bytes]:
-    """ldap3's ``SyncStrategy.receiving`` without its quadratic buffer.
-
-    ldap3 appends every piece the socket returns to a ``bytes`` object, copying
-    everything received so far each time. A large entry that arrives in many
-    small pieces (a group of 50,000 members is some 6 MB of extended DNs, and a
-    DC that has to build it streams it slowly) then costs seconds of CPU: 7.8 s
-    to read such a group cold from Samba, 0.6 s with this buffer. Same contract:
-    the complete LDAP messages received (as ``bytes``), stopping once the buffer
-    is empty after at least one, or when the peer closes; a socket error closes
-    the connection and raises ldap3's ``LDAPSocketReceiveError``. Only for
-    connections without SASL signing (ours bind with SIMPLE over TLS).
-    """
-    messages: list[bytes] = []
-    buffer = bytearray()
-    while True:
-        try:
-            data = strategy.connection.socket.recv(strategy.socket_size)
-        except (OSError, AttributeError) as error:
-            strategy.connection.last_error = f"error receiving data: {error}"
-            with contextlib.suppress(OSError, LDAPException):
-                strategy.close()
-            raise communication_exception_factory(LDAPSocketReceiveError, type(error)(str(error)))(
-                strategy.connection.last_error
-            ) from error
-        if not data:
-            return messages
-        buffer += data
-        while True:
-            length = BaseStrategy.compute_ldap_message_size(buffer)
-            if length == -1 or len(buffer) < length:
-                break
-            messages.append(bytes(buffer[:length]))
-            del buffer[:length]
-        if messages and not buffer:
-            return messages
-
+#: Ids per search filter in :meth:`LdapDirectory.find_groups` (a filter of 500
+#: GUIDs is some 30 KB, far below any DC's request limit).
+FILTER_BATCH = 500
+_ANCHORED = "(&(objectClass=group)(adminDescription=Group_*))"
 
 _T = TypeVar("_T")
 
@@ -215,10 +186,24 @@ class LdapRefused(DirectoryRefused):
         self.code = code
 
 
-@dataclass
-class _Entry:
-    dn: str
-    attributes: dict[str, list[bytes]]
+class DuplicateAnchor(DirectoryRefused):
+    """More than one object under the target OU carries one group's anchor.
+
+    ``duplicates`` maps each such group id to the DNs carrying its anchor;
+    ``found`` holds what the same read found for the other ids, so a caller
+    reading many groups at once can go on with them.
+    """
+
+    def __init__(
+        self, duplicates: dict[str, tuple[str, ...]], found: dict[str, DirectoryGroup]
+    ) -> None:
+        text = "; ".join(
+            f"{len(dns)} objects carry the anchor of group {gid}: {'; '.join(dns)}"
+            for gid, dns in duplicates.items()
+        )
+        super().__init__(text)
+        self.duplicates = duplicates
+        self.found = found
 
 
 @dataclass
@@ -238,6 +223,29 @@ class _Members:
         return dn_key(ref.dn) in self.dns
 
 
+class _Read(NamedTuple):
+    """A group as one read found it, with what identifies its object."""
+
+    group: DirectoryGroup
+    guid: str | None
+    key: DnKey
+
+
+@dataclass
+class _Sent:
+    """A pipelined write on its way: what to do once its answer is in."""
+
+    index: int
+    token: object
+    dn: str
+    group_id: str
+    kind: str
+    #: For a modify: the parts a value conflict needs to retry the difference.
+    replace: Attributes = field(default_factory=dict)
+    adds: Sequence[str] = ()
+    removes: Sequence[str] = ()
+
+
 class LdapDirectory:
     """AD (or Samba) under one target OU, as the service layer sees it."""
 
@@ -253,10 +261,14 @@ class LdapDirectory:
         page_size: int = 1000,
         timeout: float = 30.0,
         range_window: int | None = RANGE_WINDOW,
+        client: str | None = None,
+        pipeline_window: int = 8,
     ) -> None:
         """``range_window``: read ``member`` in explicit slices of this many values
         (None: ask for all and let the DC choose, which Samba cannot do fast for
-        very large groups; see the module's docstring)."""
+        very large groups; see the module's docstring). ``client``: 'python-ldap'
+        or 'ldap3' (None: python-ldap when installed). ``pipeline_window``: writes
+        :meth:`apply_all` keeps outstanding at once."""
         scheme = url.partition("://")[0].lower()
         if scheme not in ("ldap", "ldaps") or "://" not in url:
             raise ConfigError(f"LDAP URL must start with ldaps:// or ldap:// (StartTLS): {url!r}")
@@ -264,32 +276,48 @@ class LdapDirectory:
             raise ConfigError("target OU must be a DN")
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ConfigError(f"LDAP CA file not found: {ca_file}")
-        if chunk_size < 1 or page_size < 1 or timeout <= 0:
-            raise ConfigError("chunk_size, page_size and timeout must be positive")
+        if chunk_size < 1 or page_size < 1 or timeout <= 0 or pipeline_window < 1:
+            raise ConfigError("chunk_size, page_size, timeout and pipeline_window must be positive")
         if range_window is not None and range_window < 1:
             raise ConfigError("range_window must be positive")
         self._url = url
-        self._ldaps = scheme == "ldaps"
         self._user = user
-        self._password = password
+        self._endpoint = Endpoint(
+            url=url, user=user, password=password, ca_file=ca_file, timeout=timeout
+        )
+        try:
+            self._client: Client = make_client(client, self._endpoint)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"LDAP client: {exc}") from exc
         self._target_ou = target_ou
-        self._ca_file = ca_file
         self._chunk_size = chunk_size
         self._page_size = page_size
-        self._timeout = timeout
         self._range_window = range_window
-        self._conn: Any = None
+        self._window = pipeline_window
+        self._open = False
         self._requests = 0
-        #: ``member`` values read so far (group reads and conflict read-backs): a
-        #: measure of what a read cost, for tests and benchmarks.
+        #: LDAP requests sent so far by kind ('search', 'modify', 'add', ...): what a
+        #: call cost, for tests and benchmarks.
+        self.request_counts: Counter[str] = Counter()
+        #: ``member`` values read so far (group reads and conflict read-backs).
         self.member_values_read = 0
-        #: DN (as a key) → the group id of the anchor it carried when we read it.
+        #: DN (as a key) → the group id of the anchor it carried when we read it,
+        #: and the other way round.
         self._seen: dict[DnKey, str] = {}
+        self._dns_of: dict[str, set[DnKey]] = {}
+        #: group id → the objectGUID of the object a read found carrying its anchor.
+        self._guids: dict[str, str] = {}
+        self._ou_key = dn_key(target_ou)
         self._schema: frozenset[str] | None = None
 
     @property
     def target_ou(self) -> str:
         return self._target_ou
+
+    @property
+    def client_name(self) -> str:
+        """The LDAP library in use: 'python-ldap' or 'ldap3'."""
+        return self._client.name
 
     def __repr__(self) -> str:
         return (
@@ -304,12 +332,8 @@ class LdapDirectory:
 
     def close(self) -> None:
         """Unbind and drop the connection; the next call opens a new one."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.unbind()
-            except (LDAPException, OSError):  # already gone: nothing to release
-                log.debug("unbind failed; connection already closed")
+        self._open = False
+        self._client.close()
 
     # ------------------------------------------------------------------ reads
 
@@ -319,7 +343,7 @@ class LdapDirectory:
         return self._schema
 
     def _read_schema(self) -> frozenset[str]:
-        root = self._search("", "(objectClass=*)", BASE, ["schemaNamingContext"], extended=False)
+        root = self._search("", "(objectClass=*)", "base", ["schemaNamingContext"], extended=False)
         schema_nc = decode(root[0].attributes.get("schemanamingcontext")) if root else ()
         if not schema_nc:
             raise LdapRefused("rootDSE has no schemaNamingContext", code=32)
@@ -327,7 +351,7 @@ class LdapDirectory:
         entries = self._search(
             schema_nc[0],
             f"(&(objectClass=attributeSchema)(|{wanted}))",
-            LEVEL,
+            "one",
             ["lDAPDisplayName"],
             extended=False,
         )
@@ -336,120 +360,166 @@ class LdapDirectory:
         return frozenset(found & known)
 
     def find_group(self, group_id: str) -> DirectoryGroup | None:
-        return self._find_and_remember(group_id, members=True)
-
-    def find_groups(
-        self, group_ids: Sequence[str], *, members: bool = True
-    ) -> dict[str, DirectoryGroup]:
-        """The anchored objects of these ids (absent when there is none)."""
-        found: dict[str, DirectoryGroup] = {}
-        for group_id in dict.fromkeys(group_ids):
-            group = self._find_and_remember(group_id, members=members)
-            if group is not None:
-                found[group_id] = group
-        return found
+        return self.find_groups([group_id]).get(group_id)
 
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
         """Like :meth:`find_group`, without reading ``member`` (``member_sids`` and
         ``other_members`` come back empty): one search whose size does not grow
         with the group's. For writes planned from member deltas."""
-        return self._find_and_remember(group_id, members=False)
+        return self.find_groups([group_id], members=False).get(group_id)
 
-    def _find_and_remember(self, group_id: str, *, members: bool) -> DirectoryGroup | None:
-        group = self._read(lambda: self._find(group_id, members=members))
-        for key in [k for k, gid in self._seen.items() if gid == group_id]:
-            del self._seen[key]
-        if group is not None:
-            self._remember(group)
-        return group
+    def find_groups(
+        self, group_ids: Sequence[str], *, members: bool = True
+    ) -> dict[str, DirectoryGroup]:
+        """The anchored objects of these ids (absent when there is none): one search
+        for those whose objectGUID a read remembered, one more for the rest (see
+        the module's docstring). Raises :class:`DuplicateAnchor` when an id's
+        anchor is on more than one object, with what was found for the others."""
+        ids = list(dict.fromkeys(group_ids))
+        if not ids:
+            return {}
+        found = self._read(lambda: self._find_many(ids, members=members))
+        result: dict[str, DirectoryGroup] = {}
+        duplicates: dict[str, tuple[str, ...]] = {}
+        for group_id in ids:
+            self._forget(group_id)
+            reads = found.get(group_id, [])
+            if len(reads) > 1:
+                duplicates[group_id] = tuple(r.group.dn for r in reads)
+            elif reads:
+                self._remember(*reads[0])
+                result[group_id] = reads[0].group
+        if duplicates:
+            raise DuplicateAnchor(duplicates, result)
+        return result
 
-    def _find(self, group_id: str, *, members: bool = True) -> DirectoryGroup | None:
-        anchor = escape_filter_value(anchor_for(group_id))
+    def _find_many(self, ids: list[str], *, members: bool) -> dict[str, list[_Read]]:
         wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
-        entries = self._search(
-            self._target_ou,
-            f"(&(objectClass=group)(adminDescription={anchor}))",
-            SUBTREE,
-            list(wanted),
-        )
-        found = (self._group(entry, members=members) for entry in entries)
-        groups = [g for g in found if g is not None]
-        if len(groups) > 1:
-            dns = "; ".join(g.dn for g in groups)
-            raise DirectoryRefused(
-                f"{len(groups)} objects carry the anchor of group {group_id}: {dns}"
+        found: dict[str, list[_Read]] = {}
+        by_guid = {self._guids[gid]: gid for gid in ids if gid in self._guids}
+        misses = [gid for gid in ids if gid not in self._guids]
+        cached = list(by_guid)
+        for start in range(0, len(cached), FILTER_BATCH):
+            ors = "".join(
+                f"(objectGUID={guid_filter_value(g)})" for g in cached[start : start + FILTER_BATCH]
             )
-        return groups[0] if groups else None
+            entries = self._search(
+                self._target_ou, f"(&(objectClass=group)(|{ors}))", "subtree", wanted
+            )
+            for entry in entries:
+                got = self._parse(entry, members=members)
+                if got is not None and by_guid.get(got.guid or "") == got.group.group_id:
+                    found[got.group.group_id] = [got]
+        misses += [gid for gid in by_guid.values() if gid not in found]
+        for start in range(0, len(misses), FILTER_BATCH):
+            chunk = set(misses[start : start + FILTER_BATCH])
+            ors = "".join(
+                f"(adminDescription={escape_filter_value(anchor_for(gid))})" for gid in chunk
+            )
+            entries = self._search(
+                self._target_ou, f"(&(objectClass=group)(|{ors}))", "subtree", wanted
+            )
+            for entry in entries:
+                got = self._parse(entry, members=members)
+                if got is not None and got.group.group_id in chunk:
+                    found.setdefault(got.group.group_id, []).append(got)
+        return found
 
-    def iter_groups(self) -> Iterator[DirectoryGroup]:
+    def iter_groups(self) -> Generator[DirectoryGroup, None, None]:
+        """Every anchored group, page by page. The next page is asked for before
+        this one is parsed, so the DC builds it while this process parses (where
+        the client can have two requests outstanding: python-ldap)."""
         known_before = set(self._seen)
         found: set[DnKey] = set()
-        cookie: bytes | None = None
-        first = True
-        while first or cookie:
-            page, cookie = self._read(lambda: self._page(None)) if first else self._page(cookie)
-            first = False
-            for entry in page:
-                group = self._group(entry)
-                if group is None:
-                    continue
-                found.add(self._remember(group))
-                yield group
+        counted: Counter[str] = Counter()
+        page, cookie = self._read(lambda: self._collect_page(self._send_page(None)))
+        while True:
+            ahead = self._send_page(cookie) if cookie else None
+            try:
+                for entry in page:
+                    got = self._parse(entry)
+                    if got is None:
+                        continue
+                    counted[got.group.group_id] += 1
+                    found.add(self._remember(*got))
+                    yield got.group
+            except BaseException:  # the caller stopped early, or a ranged read failed
+                if ahead is not None:
+                    self._client.abandon(ahead)
+                raise
+            if ahead is None:
+                break
+            page, cookie = self._collect_page(ahead)
         for key in known_before - found:
-            self._seen.pop(key, None)
+            self._drop_dn(key)
+        for group_id, count in counted.items():
+            if count > 1:  # the anchor search, which sees both, decides next time
+                self._guids.pop(group_id, None)
 
-    def _page(self, cookie: bytes | None) -> tuple[list[_Entry], bytes | None]:
-        return self._search_paged(
+    def _send_page(self, cookie: bytes | None) -> object:
+        attributes = [*_GROUP_ATTRIBUTES, self._member_attribute(0)]
+        return self._call(
+            "search",
             self._target_ou,
-            "(&(objectClass=group)(adminDescription=Group_*))",
-            [*_GROUP_ATTRIBUTES, self._member_attribute(0)],
-            cookie,
+            lambda c: c.send_search(
+                self._target_ou,
+                "subtree",
+                _ANCHORED,
+                attributes,
+                extended=True,
+                page_size=self._page_size,
+                cookie=cookie,
+            ),
         )
 
-    def _group(self, entry: _Entry, *, members: bool = True) -> DirectoryGroup | None:
-        """A DirectoryGroup from a search entry, reading the rest of a ranged member
-        (members left empty when ``members`` is False)."""
+    def _collect_page(self, token: object) -> tuple[list[Entry], bytes | None]:
+        client = self._client
+        return self._mapped("search", self._target_ou, lambda: client.collect(token))
+
+    def _parse(self, entry: Entry, *, members: bool = True) -> _Read | None:
+        """A DirectoryGroup from a search entry, with its objectGUID and DN key,
+        reading the rest of a ranged member (members left empty when ``members``
+        is False); None for an object without an anchor of ours, or outside."""
         ref = parse_extended_dn(entry.dn)
         attributes: dict[str, tuple[str, ...]] = {}
-        object_sid = ref.sid
         for name, values in entry.attributes.items():
-            if name == "objectsid" and values:
-                object_sid = sid_from_bytes(values[0])
-            elif name in CANONICAL_NAMES:
-                attributes[CANONICAL_NAMES[name]] = decode(values)
+            canonical = CANONICAL_NAMES.get(name)
+            if canonical is not None:
+                attributes[canonical] = decode(values)
         anchor = attributes.get("adminDescription", ())
         group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
         if group_id is None:
             return None
+        dn, key = read_dn(ref.dn)
+        ou = self._ou_key
+        if len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:  # not strictly below
+            return None
         sids: set[str] = set()
         others: set[str] = set()
-        for value in self._member_values(entry, ref.guid) if members else ():
-            member = parse_extended_dn(value)
-            if member.sid:
-                sids.add(member.sid)
-            else:
-                others.add(member.dn)
-        return DirectoryGroup(
-            dn=canonical_dn(ref.dn),
+        if members:
+            sids, others = split_members(self._member_values(entry, ref.guid))
+        group = DirectoryGroup(
+            dn=dn,
             group_id=group_id,
             attributes=attributes,
             member_sids=frozenset(sids),
             other_members=frozenset(others),
-            object_sid=object_sid,
+            object_sid=ref.sid,
         )
+        return _Read(group, ref.guid.lower() if ref.guid else None, key)
 
     def _member_attribute(self, low: int) -> str:
         if self._range_window is None:
             return "member" if low == 0 else f"member;range={low}-*"
         return f"member;range={low}-{low + self._range_window - 1}"
 
-    def _member_values(self, entry: _Entry, guid: str | None) -> list[str]:
+    def _member_values(self, entry: Entry, guid: str | None) -> list[bytes]:
         """Every member value: the slice in ``entry``, then ranged reads until ``*``."""
         values, next_low = _member_slice(entry, 0)
         base = f"<GUID={guid}>" if guid else parse_extended_dn(entry.dn).dn
         while next_low is not None:
             attribute = self._member_attribute(next_low)
-            found = self._search(base, "(objectClass=*)", BASE, [attribute])
+            found = self._search(base, "(objectClass=*)", "base", [attribute])
             if not found:
                 raise LdapRefused(f"group {base} vanished while reading its members", code=32)
             more, following = _member_slice(found[0], next_low)
@@ -460,10 +530,27 @@ class LdapDirectory:
         self.member_values_read += len(values)
         return values
 
-    def _remember(self, group: DirectoryGroup) -> DnKey:
-        key = dn_key(group.dn)
+    def _remember(self, group: DirectoryGroup, guid: str | None, key: DnKey | None = None) -> DnKey:
+        key = dn_key(group.dn) if key is None else key
+        previous = self._seen.get(key)
+        if previous is not None and previous != group.group_id:
+            self._dns_of.get(previous, set()).discard(key)
         self._seen[key] = group.group_id
+        self._dns_of.setdefault(group.group_id, set()).add(key)
+        if guid is not None:
+            self._guids[group.group_id] = guid
         return key
+
+    def _forget(self, group_id: str) -> None:
+        """Nothing known about ``group_id`` any more (a read is about to say)."""
+        for key in self._dns_of.pop(group_id, ()):
+            self._seen.pop(key, None)
+        self._guids.pop(group_id, None)
+
+    def _drop_dn(self, key: DnKey) -> None:
+        group_id = self._seen.pop(key, None)
+        if group_id is not None:
+            self._dns_of.get(group_id, set()).discard(key)
 
     # ----------------------------------------------------------------- writes
 
@@ -484,7 +571,109 @@ class LdapDirectory:
             raise PolicyRefused(f"unknown operation {operation!r}")
         return self._requests - before
 
-    def _add(self, op: Add) -> None:
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        """:meth:`apply` for each operation, in order, with up to ``pipeline_window``
+        single-request writes (an add, or a modify whose members fit a chunk)
+        outstanding at once; the others wait for those and go alone. Each entry
+        is that operation's requests or the error it ended with. After a write
+        fails for want of the DC, the ones not yet sent fail the same way unsent."""
+        results: list[int | WritebackError] = [0] * len(operations)
+        pending: deque[_Sent] = deque()
+        in_flight: set[DnKey] = set()
+        lost: LdapUnavailable | None = None
+
+        def settle_one() -> None:
+            nonlocal lost
+            sent = pending.popleft()
+            in_flight.discard(dn_key(sent.dn))
+            outcome = self._settle(sent)
+            results[sent.index] = outcome
+            if isinstance(outcome, LdapUnavailable) and lost is None:
+                lost = outcome
+
+        def settle_all() -> None:
+            while pending:
+                settle_one()
+
+        for index, operation in enumerate(operations):
+            if lost is not None:
+                settle_all()
+                results[index] = LdapUnavailable(f"not sent: {lost}")
+                continue
+            try:
+                sent = self._send_single(index, operation, in_flight)
+            except WritebackError as error:
+                results[index] = error
+                lost = error if isinstance(error, LdapUnavailable) else lost
+                continue
+            if sent is not None:
+                pending.append(sent)
+                in_flight.add(dn_key(sent.dn))
+                while len(pending) >= self._window:
+                    settle_one()
+                continue
+            settle_all()
+            if lost is not None:
+                results[index] = LdapUnavailable(f"not sent: {lost}")
+                continue
+            try:
+                results[index] = self.apply(operation)
+            except WritebackError as error:
+                results[index] = error
+                lost = error if isinstance(error, LdapUnavailable) else lost
+        settle_all()
+        return results
+
+    def _send_single(self, index: int, operation: Operation, in_flight: set[DnKey]) -> _Sent | None:
+        """Check and send ``operation`` without waiting, if it is one request; None
+        when it is not (or its DN has a write outstanding): apply it alone."""
+        if dn_key(operation.dn) in in_flight:
+            return None
+        if isinstance(operation, Add) and len(operation.members) <= self._chunk_size:
+            attributes = self._checked_add(operation)
+            token = self._call("add", operation.dn, lambda c: c.send_add(operation.dn, attributes))
+            return _Sent(index, token, operation.dn, operation.group_id, "add")
+        if isinstance(operation, Modify):
+            return self._send_modify(index, operation)
+        return None
+
+    def _send_modify(self, index: int, operation: Modify) -> _Sent | None:
+        changes = operation.changes
+        if not changes or len(changes.add_members) + len(changes.remove_members) > self._chunk_size:
+            return None
+        self._check_target(operation.dn, operation.group_id)
+        self._check_replace(changes, operation.group_id)
+        adds, removes = changes.add_members, changes.remove_members
+        modlist = _modlist(operation.group_id, changes.replace, adds, removes)
+        token = self._call("modify", operation.dn, lambda c: c.send_modify(operation.dn, modlist))
+        return _Sent(
+            index, token, operation.dn, operation.group_id, "modify", changes.replace, adds, removes
+        )
+
+    def _settle(self, sent: _Sent) -> int | WritebackError:
+        before = self._requests
+        try:
+            try:
+                self._wait(sent.kind, sent.dn, sent.token)
+            except LdapRefused as refused:
+                if sent.kind != "modify" or refused.code not in VALUE_CONFLICT_RESULTS:
+                    raise
+                self._resolve_conflict(
+                    sent.dn,
+                    sent.group_id,
+                    sent.replace,
+                    adds=sent.adds,
+                    removes=sent.removes,
+                    conflict=refused,
+                )
+        except WritebackError as error:
+            return error
+        if sent.kind == "add":
+            self._seen_add(sent.dn, sent.group_id)
+        return 1 + self._requests - before
+
+    def _checked_add(self, op: Add) -> dict[str, list[str]]:
+        """The scope and anchor checks of an add; its attributes with the first chunk."""
         self._check_scope(op.dn)
         anchor = _values(op.attributes, "adminDescription")
         if anchor != (anchor_for(op.group_id),):
@@ -499,18 +688,28 @@ class LdapDirectory:
             raise PolicyRefused(
                 f"refusing to add {op.dn}: members go in Add.members, not attributes"
             )
-        attributes: dict[str, list[str]] = {
-            name: list(values)
+        attributes: dict[str, list[str]] = {"objectClass": list(classes)}
+        attributes.update(
+            (name, list(values))
             for name, values in op.attributes.items()
             if values and name.lower() != "objectclass"
-        }
-        chunks = _chunks(op.members, self._chunk_size)
-        if chunks:
-            attributes["member"] = list(chunks[0])
-        self._call("add", op.dn, lambda c: c.add(op.dn, list(classes), attributes))
-        self._seen[dn_key(op.dn)] = op.group_id
-        for chunk in chunks[1:]:
+        )
+        if op.members:
+            attributes["member"] = list(op.members[: self._chunk_size])
+        return attributes
+
+    def _add(self, op: Add) -> None:
+        attributes = self._checked_add(op)
+        self._call("add", op.dn, lambda c: c.wait(c.send_add(op.dn, attributes)))
+        self._seen_add(op.dn, op.group_id)
+        for chunk in _chunks(op.members, self._chunk_size)[1:]:
             self._guarded_modify(op.dn, op.group_id, {}, adds=chunk, removes=())
+
+    def _seen_add(self, dn: str, group_id: str) -> None:
+        key = dn_key(dn)
+        self._drop_dn(key)
+        self._seen[key] = group_id
+        self._dns_of.setdefault(group_id, set()).add(key)
 
     def _rename(self, op: Rename) -> None:
         self._check_target(op.dn, op.group_id)
@@ -523,9 +722,9 @@ class LdapDirectory:
             self._write_changes(op.dn, op.group_id, op.changes)
         else:
             self._guarded_modify(op.dn, op.group_id, {}, adds=(), removes=())
-        self._call("rename", op.dn, lambda c: c.modify_dn(op.dn, op.new_rdn, delete_old_dn=True))
-        self._seen.pop(dn_key(op.dn), None)
-        self._seen[dn_key(new_dn)] = op.group_id
+        self._call("rename", op.dn, lambda c: c.rename(op.dn, op.new_rdn))
+        self._drop_dn(dn_key(op.dn))
+        self._seen_add(new_dn, op.group_id)
 
     def _delete(self, op: Delete) -> None:
         self._check_target(op.dn, op.group_id)
@@ -536,7 +735,8 @@ class LdapDirectory:
             if refused.code != 32:  # noSuchObject: already gone, which is what we wanted
                 raise
             log.info("delete of %s: object already gone", op.dn)
-        self._seen.pop(dn_key(op.dn), None)
+        self._drop_dn(dn_key(op.dn))
+        self._guids.pop(op.group_id, None)
 
     def _check_scope(self, dn: str) -> None:
         if not strictly_within(dn, self._target_ou):
@@ -592,21 +792,31 @@ class LdapDirectory:
         adds: Sequence[str],
         removes: Sequence[str],
     ) -> None:
-        """One modify that only succeeds while ``dn`` carries ``group_id``'s anchor.
-
-        On a value conflict, reads the group back once: another anchor is a
-        policy refusal; otherwise the member values that no longer make a
-        difference are dropped and the modify is sent again.
-        """
+        """One modify that only succeeds while ``dn`` carries ``group_id``'s anchor
+        (on a value conflict, see :meth:`_resolve_conflict`)."""
+        modlist = _modlist(group_id, replace, adds, removes)
         try:
-            self._call(
-                "modify", dn, lambda c: c.modify(dn, _modlist(group_id, replace, adds, removes))
-            )
-            return
+            self._call("modify", dn, lambda c: c.wait(c.send_modify(dn, modlist)))
         except LdapRefused as refused:
             if refused.code not in VALUE_CONFLICT_RESULTS:
                 raise
-            conflict = refused
+            self._resolve_conflict(
+                dn, group_id, replace, adds=adds, removes=removes, conflict=refused
+            )
+
+    def _resolve_conflict(
+        self,
+        dn: str,
+        group_id: str,
+        replace: Attributes,
+        *,
+        adds: Sequence[str],
+        removes: Sequence[str],
+        conflict: LdapRefused,
+    ) -> None:
+        """After a modify refused for a value conflict, read the group back once:
+        another anchor is a policy refusal; otherwise the member values that no
+        longer make a difference are dropped and the modify is sent again."""
         anchor, members = self._read_back(dn)
         if anchor != (anchor_for(group_id),):
             raise PolicyRefused(
@@ -619,20 +829,19 @@ class LdapDirectory:
         removes = [v for v in removes if members.holds(v)]
         log.info("modify of %s: members changed concurrently, retrying the difference", dn)
         if adds or removes or replace:
-            self._call(
-                "modify", dn, lambda c: c.modify(dn, _modlist(group_id, replace, adds, removes))
-            )
+            modlist = _modlist(group_id, replace, adds, removes)
+            self._call("modify", dn, lambda c: c.wait(c.send_modify(dn, modlist)))
 
     def _read_back(self, dn: str) -> tuple[tuple[str, ...], _Members]:
         entries = self._search(
-            dn, "(objectClass=*)", BASE, ["adminDescription", self._member_attribute(0)]
+            dn, "(objectClass=*)", "base", ["adminDescription", self._member_attribute(0)]
         )
         members = _Members()
         if not entries:
             return (), members
         entry = entries[0]
-        for value in self._member_values(entry, parse_extended_dn(entry.dn).guid):
-            ref = parse_extended_dn(value)
+        for raw in self._member_values(entry, parse_extended_dn(entry.dn).guid):
+            ref = parse_extended_dn(raw.decode("utf-8", errors="replace"))
             if ref.sid:
                 members.sids.add(ref.sid.upper())
             if ref.guid:
@@ -644,7 +853,7 @@ class LdapDirectory:
 
     def _read(self, read: Callable[[], _T]) -> _T:
         """Run a read; once more on a new connection if a reused one had died."""
-        reused = self._conn is not None
+        reused = self._open
         try:
             return read()
         except LdapUnavailable:
@@ -657,189 +866,131 @@ class LdapDirectory:
         self,
         base: str,
         search_filter: str,
-        scope: str,
+        scope: Scope,
         attributes: Iterable[str],
         *,
         extended: bool = True,
-    ) -> list[_Entry]:
-        controls = [_EXTENDED_DN] if extended else None
-        response, _ = self._call(
+    ) -> list[Entry]:
+        wanted = list(attributes)
+        entries, _ = self._call(
             "search",
             base,
-            lambda c: c.search(
-                base,
-                search_filter,
-                search_scope=scope,
-                attributes=list(attributes),
-                controls=controls,
+            lambda c: c.collect(
+                c.send_search(base, scope, search_filter, wanted, extended=extended)
             ),
         )
-        return _entries(response)
+        return entries
 
-    def _search_paged(
-        self, base: str, search_filter: str, attributes: Iterable[str], cookie: bytes | None
-    ) -> tuple[list[_Entry], bytes | None]:
-        response, result = self._call(
-            "search",
-            base,
-            lambda c: c.search(
-                base,
-                search_filter,
-                search_scope=SUBTREE,
-                attributes=list(attributes),
-                controls=[_EXTENDED_DN],
-                paged_size=self._page_size,
-                paged_cookie=cookie,
-            ),
-        )
-        control = (result.get("controls") or {}).get(_PAGED_RESULTS_OID) or {}
-        next_cookie = (control.get("value") or {}).get("cookie")
-        return _entries(response), (bytes(next_cookie) if next_cookie else None)
-
-    def _call(
-        self, what: str, dn: str, send: Callable[[Any], object]
-    ) -> tuple[Any, dict[str, Any]]:
-        """Send one request; map failures to our errors. Returns (response, result)."""
-        conn = self._connection()
+    def _call(self, what: str, dn: str, send: Callable[[Client], _T]) -> _T:
+        """Send one request; map failures to our errors."""
+        client = self._connection()
         self._requests += 1
+        self.request_counts[what] += 1
         log.debug("LDAP %s %s", what, dn)
-        try:
-            send(conn)
-        except Exception as exc:  # ldap3 raises more than LDAPException; we raise only ours
-            raise self._failure(exc, f"LDAP {what} of {dn!r}") from exc
-        result: dict[str, Any] = conn.result or {}
-        code = int(result.get("result", 80))
-        if code != 0:
-            name, message = result_name(code), self._scrub(str(result.get("message") or ""))
-            text = f"LDAP {what} of {dn!r}: {name} ({code}): {message}".rstrip(": ")
-            if code in TRANSIENT_RESULTS:
-                self.close()
-                raise LdapUnavailable(text)
-            raise LdapRefused(text, code=code)
-        return conn.response, result
+        return self._mapped(what, dn, lambda: send(client))
 
-    def _connection(self) -> Any:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        self._conn = None
-        tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=self._ca_file)
-        server = Server(
-            self._url, use_ssl=self._ldaps, tls=tls, get_info=NONE, connect_timeout=self._timeout
-        )
-        conn = Connection(
-            server,
-            user=self._user,
-            password=self._password,
-            authentication=SIMPLE,
-            raise_exceptions=False,
-            auto_range=False,
-            auto_referrals=False,
-            return_empty_attributes=False,
-            receive_timeout=max(1, math.ceil(self._timeout)),  # ldap3 packs it as an int
-        )
-        if conn.sasl_mechanism is None and hasattr(conn.strategy, "receiving"):
-            conn.strategy.receiving = MethodType(linear_receiving, conn.strategy)
-        self._conn = conn
+    def _wait(self, what: str, dn: str, token: object) -> None:
+        """The answer to a request :meth:`_call` sent without waiting."""
+        client = self._client
+        self._mapped(what, dn, lambda: client.wait(token))
+
+    def _mapped(self, what: str, dn: str, run: Callable[[], _T]) -> _T:
+        doing = f"LDAP {what} of {dn!r}"
         try:
-            conn.open()
-            if not self._ldaps and not conn.start_tls():
-                raise ConfigError(f"StartTLS with {self._url} failed")
-            bound = conn.bind()
+            return run()
+        except ResultError as failure:
+            name, message = result_name(failure.code), failure.detail
+            text = f"{doing}: {name} ({failure.code}): {message}".rstrip(": ")
+            if failure.code in TRANSIENT_RESULTS:
+                self.close()
+                raise LdapUnavailable(text) from failure
+            raise LdapRefused(text, code=failure.code) from failure
+        except ClientFailure as failure:
+            raise self._failure(failure, doing) from failure
         except WritebackError:
-            self.close()
             raise
-        except Exception as exc:  # ldap3 raises more than LDAPException; we raise only ours
-            raise self._failure(exc, f"connecting to {self._url}") from exc
-        if not bound:
-            result = conn.result or {}
-            code = int(result.get("result", 80))
+        except Exception as exc:  # a library may raise more than its own errors; we raise ours
+            self.close()
+            detail = self._endpoint.scrub(str(exc)) or type(exc).__name__
+            raise DirectoryRefused(f"{doing}: {type(exc).__name__}: {detail}") from exc
+
+    def _connection(self) -> Client:
+        if self._open and not self._client.closed:
+            return self._client
+        self._open = False
+        try:
+            self._client.open()
+        except ResultError as failure:
+            self.close()
+            code = failure.code
             text = (
                 f"LDAP bind to {self._url} as {self._user!r}: {result_name(code)} ({code}): "
-                f"{self._scrub(str(result.get('message') or ''))}"
+                f"{failure.detail}"
             )
-            self.close()
             if code in BIND_CONFIG_RESULTS:
-                raise ConfigError(text)
+                raise ConfigError(text) from failure
             if code in TRANSIENT_RESULTS:
-                raise LdapUnavailable(text)
-            raise LdapRefused(text, code=code)
-        return conn
+                raise LdapUnavailable(text) from failure
+            raise LdapRefused(text, code=code) from failure
+        except ClientFailure as failure:
+            raise self._failure(failure, f"connecting to {self._url}") from failure
+        except Exception as exc:  # a library may raise more than its own errors; we raise ours
+            self.close()
+            detail = self._endpoint.scrub(str(exc)) or type(exc).__name__
+            raise LdapUnavailable(f"connecting to {self._url}: {detail}") from exc
+        self._open = True
+        log.debug("LDAP connection to %s opened with %s", self._url, self._client.name)
+        return self._client
 
-    def _failure(self, exc: Exception, doing: str) -> WritebackError:
-        """The error for an exception ldap3 raised; the connection is dropped."""
+    def _failure(self, failure: ClientFailure, doing: str) -> WritebackError:
+        """The error for what a client raised; the connection is dropped."""
         self.close()
-        detail = self._scrub(str(exc)) or type(exc).__name__
-        if isinstance(exc, (LDAPCertificateError, ssl.SSLCertVerificationError)):
-            ca = self._ca_file or "the system trust store"
-            return ConfigError(f"{doing}: TLS certificate not trusted by {ca}: {detail}")
-        if isinstance(
-            exc,
-            (
-                LDAPCommunicationError,
-                LDAPResponseTimeoutError,
-                LDAPStartTLSError,
-                LDAPMaximumRetriesError,
-                OSError,
-            ),
-        ):
-            return LdapUnavailable(f"{doing}: {detail}")
-        return DirectoryRefused(f"{doing}: {type(exc).__name__}: {detail}")
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._password, "***") if self._password else text
+        if isinstance(failure, CertificateRejected):
+            return ConfigError(f"{doing}: {failure.detail}")
+        if isinstance(failure, StartTlsFailed):
+            return ConfigError(f"{doing}: {failure.detail}")
+        if isinstance(failure, ConnectionFailed):
+            return LdapUnavailable(f"{doing}: {failure.detail}")
+        return DirectoryRefused(f"{doing}: {failure.detail}")
 
 
-def _entries(response: Any) -> list[_Entry]:
-    entries = []
-    for item in response or ():
-        if item.get("type") != "searchResEntry":
-            continue
-        raw = item.get("raw_attributes") or {}
-        attributes = {str(name).lower(): list(values or ()) for name, values in raw.items()}
-        entries.append(_Entry(dn=str(item.get("dn") or ""), attributes=attributes))
-    return entries
-
-
-def _member_slice(entry: _Entry, low: int) -> tuple[list[str], int | None]:
+def _member_slice(entry: Entry, low: int) -> tuple[list[bytes], int | None]:
     """The member values in ``entry`` and where the next slice starts (None: done)."""
     for name, values in entry.attributes.items():
-        if name.partition(";")[0] != "member":
+        if not name.startswith("member") or name.partition(";")[0] != "member":
             continue
         try:
             bounds = parse_range(name)
         except ValueError as exc:
             raise LdapRefused(str(exc), code=2) from exc
-        members = list(decode(values))
         if bounds is None or bounds.high is None:
-            return members, None
+            return list(values), None
         if bounds.low != low:
             raise LdapRefused(f"asked for members from {low}, got {name}", code=2)
-        return members, bounds.high + 1
+        return list(values), bounds.high + 1
     return [], None
 
 
 def _modlist(
     group_id: str, replace: Attributes, adds: Sequence[str], removes: Sequence[str]
-) -> dict[str, list[tuple[str, list[str]]]]:
-    """The modify's change list, starting with the anchor check (delete+add of the anchor)."""
+) -> list[Change]:
+    """The modify's changes, starting with the anchor check (delete+add of the anchor)."""
     anchor = anchor_for(group_id)
-    changes: dict[str, list[tuple[str, list[str]]]] = {
-        "adminDescription": [(MODIFY_DELETE, [anchor]), (MODIFY_ADD, [anchor])]
-    }
+    changes: list[Change] = [
+        ("delete", "adminDescription", [anchor]),
+        ("add", "adminDescription", [anchor]),
+    ]
     for name, values in replace.items():
         if name.lower() != "admindescription":  # equal to the anchor: checked before
-            changes[name] = [(MODIFY_REPLACE, list(values))]
-    member: list[tuple[str, list[str]]] = []
+            changes.append(("replace", name, list(values)))
     if removes:
-        member.append((MODIFY_DELETE, list(removes)))
+        changes.append(("delete", "member", list(removes)))
     if adds:
-        member.append((MODIFY_ADD, list(adds)))
-    if member:
-        changes["member"] = member
+        changes.append(("add", "member", list(adds)))
     return changes
 
 
-def _values(attributes: Attributes, name: str) -> tuple[str, ...]:
+def _values(attributes: Mapping[str, Sequence[str]], name: str) -> tuple[str, ...]:
     lowered = name.lower()
     for key, values in attributes.items():
         if key.lower() == lowered:

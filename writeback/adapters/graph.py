@@ -437,6 +437,15 @@ class GraphCloud:
         self._check_open()
         return self._run(self._group_delta_link(group_id))
 
+    def group_delta_links(self, group_ids: Sequence[str]) -> dict[str, str | WritebackError]:
+        """:meth:`group_delta_link` for many groups, in JSON batches; a group whose
+        answer carried no link, or failed, has the error as its entry."""
+        self._check_open()
+        ids = list(dict.fromkeys(group_ids))
+        if not ids:
+            return {}
+        return self._run(self._group_delta_links(ids))
+
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
         """The group's properties now plus its member changes since ``delta_link``
         (the group read and the delta round run concurrently). None when Graph
@@ -709,6 +718,21 @@ class GraphCloud:
         builder = self._client.groups.delta.with_url(self._group_delta_url(group_id))
         page = await self._get_json("group delta link", builder, delta=True)
         return _opt_str(page.get("@odata.deltaLink"))
+
+    async def _group_delta_links(self, ids: list[str]) -> dict[str, str | WritebackError]:
+        async def one(group_id: str) -> str | WritebackError:
+            try:
+                url = self._relative(self._group_delta_url(group_id))
+                page = await self._batched_get("group delta link", url, delta=True)
+            except WritebackError as error:
+                return error
+            link = _opt_str(page.get("@odata.deltaLink"))
+            if link is None:
+                return GraphUnavailable("Graph answered a group delta link request without one")
+            return link
+
+        links = await asyncio.gather(*(one(group_id) for group_id in ids))
+        return dict(zip(ids, links, strict=True))
 
     async def _group_delta(self, group_id: str, delta_link: str) -> GroupDelta:
         sdk = self._sdk

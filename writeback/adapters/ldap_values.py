@@ -5,10 +5,14 @@ No I/O here, so every parsing rule can be read (and unit-tested) on its own.
 
 from __future__ import annotations
 
+import re
 import struct
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from writeback.domain.mapping import MANAGED_ATTRIBUTES
+from writeback.domain.naming import DnKey, canonical_dn, dn_key
 
 #: The canonical spelling of every managed attribute, by lower-case name.
 CANONICAL_NAMES = {name.lower(): name for name in MANAGED_ATTRIBUTES}
@@ -53,6 +57,61 @@ def parse_extended_dn(value: str) -> ExtendedDn:
         if rest.startswith(";"):
             rest = rest[1:]
     return ExtendedDn(dn=rest, guid=parts.get("GUID"), sid=parts.get("SID"))
+
+
+def split_members(values: Iterable[bytes]) -> tuple[set[str], set[str]]:
+    """``member`` values (extended DNs, as read) as (SIDs, DNs of members without a SID).
+
+    The hot loop of a full read (400,000 values at 20,000 groups), so the shape
+    AD and Samba return, ``<GUID=g>;<SID=s>;dn``, is split with two ``find``
+    calls on the bytes (the SID prefix right after the GUID's); anything else
+    goes through :func:`parse_extended_dn`.
+    """
+    sids: set[str] = set()
+    others: set[str] = set()
+    add_sid = sids.add
+    for value in values:
+        if value.startswith(b"<GUID="):
+            end = value.find(b">", 6)  # the end of the GUID prefix: a GUID holds no ">"
+            if value.startswith(b">;<SID=", end):
+                stop = value.find(b">", end + 7)
+                if stop > 0:
+                    add_sid(value[end + 7 : stop].decode("ascii", errors="replace"))
+                    continue
+        member = parse_extended_dn(value.decode("utf-8", errors="replace"))
+        if member.sid:
+            add_sid(member.sid)
+        else:
+            others.add(member.dn)
+    return sids, others
+
+
+_PLAIN_PART = r'[^\s\\+"<>;#\x00=,](?:[^\\+"<>;#\x00=,]*[^\s\\+"<>;#\x00=,])?'
+_PLAIN_RDN = f"{_PLAIN_PART}={_PLAIN_PART}"
+#: A DN nothing in which is escaped or needs to be: no backslash, no character
+#: RFC 4514 escapes, one ``=`` per RDN, no space around ``=`` and ``,``.
+_PLAIN_DN = re.compile(f"{_PLAIN_RDN}(?:,{_PLAIN_RDN})*")
+
+
+def read_dn(dn: str) -> tuple[str, DnKey]:
+    """A DN as read from the DC: its :func:`canonical_dn` form and its :func:`dn_key`.
+
+    Most DNs are plain (``CN=Group_<id>,OU=...``): their canonical form is
+    themselves and their key a split, which a full read of 20,000 groups would
+    otherwise spend a second of parsing on. Anything else takes the full path.
+    """
+    if _PLAIN_DN.fullmatch(dn):
+        return dn, tuple(
+            (attr.casefold(), value.casefold())
+            for attr, _, value in (rdn.partition("=") for rdn in dn.split(","))
+        )
+    canonical = canonical_dn(dn)
+    return canonical, dn_key(canonical)
+
+
+def guid_filter_value(guid: str) -> str:
+    """An objectGUID (string form) as a filter value: its 16 bytes as ``\\xx`` escapes."""
+    return "".join(f"\\{b:02x}" for b in uuid.UUID(guid).bytes_le)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 Rendered by ``prometheus-client`` (the ``serve`` extra) from what the server and
 its pipeline already count, at scrape time: a collector reads
-:attr:`Server.stats <writeback.hosting.serve.Server.stats>`, the pipeline's
-counters, the queue (depth, waiting retries, dead letters by reason) and the
-state file (the last reconcile, the subscription), so nothing is counted twice
-and a scrape changes nothing. Counters count since the process started, as
+:attr:`Server.stats <writeback.hosting.serve.Server.stats>` (the pipeline's
+counters and the host's, one snapshot), the queue (depth, waiting retries, dead
+letters by reason) and the state file (the last reconcile, the subscription), so
+nothing is counted twice and a scrape changes nothing. Counters count since the process started, as
 Prometheus expects (``rate()`` handles restarts); the latency histogram is
 filled incrementally from the pipeline's latencies, one observation per
 completed notification (seconds from the webhook accepting it to its write).
@@ -78,26 +78,26 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         server = self._server
-        host, pipeline = server.stats, server.pipeline.stats
+        stats = server.stats  # the pipeline's counters and the host's, one snapshot
         counters = {
             "notifications_enqueued": (
                 "Messages the webhook put in the queue (Graph's redeliveries included; "
                 "the queue drops duplicates).",
-                host.enqueued,
+                stats.enqueued,
             ),
-            "events": ("Notified group changes completed.", pipeline.events),
+            "events": ("Notified group changes completed.", stats.events),
             "confirmations": (
                 "Confirmation reads completed (after the settle interval).",
-                pipeline.confirmations,
+                stats.confirmations,
             ),
-            "batches": ("Session batches handled (one group's burst each).", pipeline.batches),
-            "unchanged_batches": ("Completed batches that needed no write.", pipeline.unchanged),
-            "covered_events": ("Completed messages a later read covered.", pipeline.covered),
+            "batches": ("Session batches handled (one group's burst each).", stats.batches),
+            "unchanged_batches": ("Completed batches that needed no write.", stats.unchanged),
+            "covered_events": ("Completed messages a later read covered.", stats.covered),
             "worker_errors": (
                 "Errors no adapter maps (bugs), caught by the pipeline or a worker loop.",
-                host.worker_errors,
+                stats.worker_errors,
             ),
-            "lifecycle_events": ("Graph lifecycle events handled.", pipeline.lifecycle_events),
+            "lifecycle_events": ("Graph lifecycle events handled.", stats.lifecycle_events),
         }
         for name, (documentation, value) in counters.items():
             yield CounterMetricFamily(f"writeback_{name}", documentation, value=value)
@@ -105,28 +105,28 @@ class ServerCollector(Collector):
             "operations": (
                 "Operations the event writes made, by kind.",
                 ("kind",),
-                {(kind,): n for kind, n in pipeline.operations.items()},
+                {(kind,): n for kind, n in stats.operations.items()},
             ),
             "ldap_writes": (
                 "LDAP requests the writes took, by what made them.",
                 ("source",),
-                {("event",): pipeline.writes, ("reconcile",): pipeline.reconcile_writes},
+                {("event",): stats.writes, ("reconcile",): stats.reconcile_writes},
             ),
             "messages_settled": (
                 "Queue messages settled, by settlement (completed, dead-lettered, abandoned, "
                 "parked) and reason (the dead-letter reason, the transient error, why parked).",
                 ("settlement", "reason"),
-                {(s, r or "none"): n for (s, r), n in pipeline.settled.items()},
+                {(s, r or "none"): n for (s, r), n in stats.settled.items()},
             ),
             "skipped_members": (
                 "Members left out of the groups the events wrote, by reason.",
                 ("reason",),
-                {(reason,): n for reason, n in pipeline.skipped_by_reason.items()},
+                {(reason,): n for reason, n in stats.skipped_by_reason.items()},
             ),
             "reconciles": (
                 "Reconciles run, by outcome.",
                 ("outcome",),
-                {("done",): pipeline.reconciles, ("failed",): pipeline.reconcile_failures},
+                {("done",): stats.reconciles, ("failed",): stats.reconcile_failures},
             ),
         }
         for name, (documentation, labels, values) in labelled.items():
@@ -134,9 +134,9 @@ class ServerCollector(Collector):
             for key, value in sorted(values.items()):
                 family.add_metric(key, value)
             yield family
-        yield self._latencies.family(pipeline.latencies)
+        yield self._latencies.family(stats.latencies)
         yield _gauge(
-            "pending_deletes", "Deletes waiting for a confirming read.", pipeline.pending_deletes
+            "pending_deletes", "Deletes waiting for a confirming read.", stats.pending_deletes
         )
         yield _gauge(
             "paused", "1 while writes are paused (events wait in the queue).", int(server.paused)

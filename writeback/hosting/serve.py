@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -54,7 +54,7 @@ from writeback.ports import Cloud, Directory, EventQueue, OutgoingMessage, State
 from writeback.service.handle_event import MAX_REDELIVERY_DELAY
 from writeback.service.incremental import IncrementalResult
 from writeback.service.notifications import MAX_BODY_BYTES, enqueue_lifecycle, handle_webhook
-from writeback.service.pipeline import Pipeline, PipelineConfig
+from writeback.service.pipeline import Pipeline, PipelineConfig, PipelineStats
 from writeback.service.reconcile import SyncPolicy, SyncResult
 from writeback.service.status import StateFile, iso
 from writeback.service.subscriptions import DEFAULT_LIFETIME, DEFAULT_RENEW_BEFORE
@@ -160,35 +160,14 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
-class ServerStats:
-    """Counters since start (a copy; the server keeps counting): the pipeline's, and
-    the host's own (what the webhook enqueued, worker loop errors)."""
+class ServerStats(PipelineStats):
+    """The pipeline's counters since start (a copy; the server keeps counting) and the
+    host's own: what the webhook enqueued (Graph's redeliveries included; the queue
+    drops those as duplicates) and the errors no adapter maps, the pipeline's and
+    the worker loop's."""
 
-    #: Messages the webhook handed to the queue (Graph's redeliveries included;
-    #: the queue drops those as duplicates).
     enqueued: int = 0
-    #: Messages the workers completed (each is one notified group change).
-    events: int = 0
-    #: Session batches handled (a burst for one group is one batch, one write).
-    batches: int = 0
-    operations: dict[str, int] = field(default_factory=dict)
-    #: Completed batches that needed no write (converged already, duplicates, replays).
-    unchanged: int = 0
-    #: LDAP requests the workers' writes took.
-    writes: int = 0
-    #: Members left out of written groups (cloud-only users, nested groups...).
-    skipped_members: int = 0
-    dead_lettered: int = 0
-    abandoned: int = 0
-    parked: int = 0
-    #: Errors no adapter maps (bugs), caught by the pipeline or the worker loop.
     worker_errors: int = 0
-    reconciles: int = 0
-    reconcile_writes: int = 0
-    lifecycle_events: int = 0
-    #: Seconds from the webhook accepting a notification to its write completing,
-    #: one per completed message.
-    latencies: tuple[float, ...] = ()
 
     def percentile(self, p: float) -> float | None:
         """Nearest-rank percentile of the latencies (None before the first event)."""
@@ -424,25 +403,12 @@ class Server:
 
     @property
     def stats(self) -> ServerStats:
-        p = self.pipeline.stats
+        pipeline = self.pipeline.stats
         with self._lock:
             enqueued, worker_errors = self._enqueued, self._worker_errors
+        counts = {f.name: getattr(pipeline, f.name) for f in fields(PipelineStats)}
         return ServerStats(
-            enqueued=enqueued,
-            events=p.events,
-            batches=p.batches,
-            operations=p.operations,
-            unchanged=p.unchanged,
-            writes=p.writes,
-            skipped_members=p.skipped_members,
-            dead_lettered=p.dead_lettered,
-            abandoned=p.abandoned,
-            parked=p.parked,
-            worker_errors=worker_errors + p.errors,
-            reconciles=p.reconciles,
-            reconcile_writes=p.reconcile_writes,
-            lifecycle_events=p.lifecycle_events,
-            latencies=p.latencies,
+            **counts, enqueued=enqueued, worker_errors=worker_errors + pipeline.errors
         )
 
     # ----------------------------------------------------------------- lifecycle

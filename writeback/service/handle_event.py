@@ -20,23 +20,27 @@ trusted with anything that cannot be undone, and every read can be repaired:
   gone (behind the event delete budget). A group that comes back (a restore,
   or a replica that caught up) keeps its object, objectSid and objectGUID.
 * **Every notification is confirmed.** Each handled notification schedules one
-  full read of its group ``settle`` seconds later (coalesced: one per group per
+  read of its group ``settle`` seconds later (coalesced: one per group per
   quarter of the settle interval, by message id), which writes nothing when AD
   already matches. A stale member list or name, a group created while Graph
   still answered 404 for it, reaches AD within about ``settle`` seconds, not at
   the next reconcile. A confirmation schedules another only when it wrote.
 
-Member deltas: for a group with many members and a stored per-group delta link
-(``WorkerContext.links``), an event costs what changed rather than the group's
-size: its properties are read now (state-based), its members only as the
-changes since the link (plus their SIDs), and the AD object without ``member``;
-attributes are planned state-based and member values from the deltas, in one
-modify. A link Graph refuses (any 4xx), a link older than a delta token lives
-(about 7 days), a removed member Graph no longer knows, an added member Graph
-does not show yet (the link is then kept where it was), or anything the deltas
-cannot settle alone take the full read, which stores a fresh link for a large
-group. What is written by hand in AD's ``member`` is not seen by the delta
-path; the confirmation's full read and the reconcile repair it.
+Member deltas: for a group with many members (``DELTA_MIN_MEMBERS``) and a
+trusted per-group delta link (``WorkerContext.links``), an event costs what
+changed rather than the group's size: its properties are read now
+(state-based), its members only as the changes since the link (plus their
+SIDs), and the AD object without ``member``; attributes are planned state-based
+and member values from the deltas, in one modify. A link is trusted when it is
+a delta round's own next link, or when a confirmation's full read found nothing
+the read before it had missed: the link Graph gives "as of now" next to a full
+read may be ahead of a lagging replica that served the read, and a delta from
+it would never show what lay in between. A link Graph refuses (any 4xx), a
+link older than a delta token lives (about 7 days), a removed member Graph no
+longer knows, an added member Graph does not show yet (the link is then kept
+where it was), or anything the deltas cannot settle alone take the full read.
+What is written by hand in AD's ``member`` is not seen by the delta path; the
+reconcile repairs it.
 
 Settlement follows the error tree: success completes every message (after the
 confirmation is sent, so a crash in between costs a duplicate, never a loss); a
@@ -190,7 +194,7 @@ class Work:
     """One group to converge in a step."""
 
     group_id: str
-    #: Read in full (confirmations always are: they must not trust a delta link).
+    #: Read in full (the step found the member delta unusable).
     full: bool = False
     #: The earliest observation of the group gone that is still unconfirmed.
     gone_since: float | None = None
@@ -288,11 +292,13 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
                 wants_link.append(gid)
     results: dict[str, Result] = {}
     try:
-        links = {gid: ctx.cloud.group_delta_link(gid) for gid in wants_link}
+        answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
         current = ctx.directory.find_groups(ids, members=True)
     except WritebackError as error:
         return {gid: error for gid in ids}
+    # A group whose link could not be had is read all the same; it gets one next time.
+    links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
@@ -312,7 +318,6 @@ def _settle_one(
     link: str | None,
     ctx: WorkerContext,
 ) -> Result:
-    gid = work.group_id
     try:
         if isinstance(read, GroupGone):
             return _gone(work, read, current, ctx)
@@ -322,9 +327,14 @@ def _settle_one(
         operation = plan_group(desired, current, ctx.options.target_ou)
         requests = _apply(operation, ctx)
         if ctx.links is not None:
-            users = _user_count(read)
-            big = users >= DELTA_MIN_MEMBERS
-            ctx.links.put(gid, StoredLink(link if big and link else "", users, ctx.clock()))
+            _keep_link(
+                work,
+                ctx.links,
+                link=link,
+                users=_user_count(read),
+                operation=operation,
+                now=ctx.clock(),
+            )
         return Converged(
             operation,
             requests,
@@ -333,6 +343,35 @@ def _settle_one(
         )
     except WritebackError as error:
         return error
+
+
+def _keep_link(
+    work: Work,
+    links: DeltaLinkStore,
+    *,
+    link: str | None,
+    users: int,
+    operation: Operation | None,
+    now: float,
+) -> None:
+    """What a full read leaves for the member-delta path. A small group keeps no link.
+    A large one keeps the link taken before the read, untrusted: the read may have
+    come from a replica behind it, and a delta from it would never show what lay
+    in between. A confirmation's full read that found nothing to write proves the
+    untrusted link it read after: that link becomes trusted (the delta path's)."""
+    stored = links.get(work.group_id)
+    if users < DELTA_MIN_MEMBERS:
+        links.put(work.group_id, StoredLink("", users, now))
+    elif (
+        work.confirming
+        and operation is None
+        and stored is not None
+        and stored.delta_link
+        and not stored.trusted
+    ):
+        links.put(work.group_id, replace(stored, member_count=users, trusted=True))
+    else:
+        links.put(work.group_id, StoredLink(link or "", users, now))
 
 
 def _gone(
@@ -422,8 +461,8 @@ def _read_deltas(
 def _fresh_links(
     works: Sequence[Work], ctx: WorkerContext
 ) -> tuple[dict[str, StoredLink], list[Work]]:
-    """The stored links worth a delta round (a large group, a link younger than a
-    delta token lives, not a confirmation), and the works to read in full."""
+    """The stored links worth a delta round (a large group, a trusted link younger
+    than a delta token lives), and the works to read in full."""
     links: dict[str, StoredLink] = {}
     full: list[Work] = []
     now = ctx.clock()
@@ -432,6 +471,7 @@ def _fresh_links(
         if (
             stored is not None
             and stored.delta_link
+            and stored.trusted
             and not work.full
             and stored.member_count >= DELTA_MIN_MEMBERS
             and now - stored.stored_at < LINK_MAX_AGE
@@ -490,8 +530,10 @@ def _apply_deltas(
         else:
             operation = planned
         requests = _apply(operation, ctx)
-        if ctx.links is not None:
-            ctx.links.put(gid, StoredLink(read.delta_link, read.member_count, ctx.clock()))
+        if ctx.links is not None:  # a delta round's own next link: trusted
+            ctx.links.put(
+                gid, StoredLink(read.delta_link, read.member_count, ctx.clock(), trusted=True)
+            )
         return Converged(operation, requests, list(desired.skips), confirm=not work.confirming)
     except WritebackError as error:
         return error
@@ -550,7 +592,6 @@ def _work_for(events: Sequence[GroupChanged]) -> Work:
     gone = [e.gone_since for e in confirmations if e.gone_since is not None]
     return Work(
         events[0].group_id,
-        full=bool(confirmations),
         gone_since=min(gone) if gone else None,
         confirming=len(confirmations) == len(events),
     )

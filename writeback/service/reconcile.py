@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from tenacity import (
@@ -241,6 +242,16 @@ def sync(
 def plan_sync(
     cloud: CloudSource, directory: Directory, options: MappingOptions, policy: SyncPolicy
 ) -> Plan:
+    """Read both sides at the same time, then plan.
+
+    The Graph snapshot is read on a thread of its own (the Graph adapter runs its
+    own event loop and may be called from any thread) while this thread reads AD,
+    so the LDAP connection stays on the thread that owns it. Either read failing
+    fails the plan (an AD failure once the Graph read has finished).
+    """
     options = replace(options, schema_attributes=directory.schema_attributes())
-    snapshot = cloud.snapshot()
-    return build_plan(snapshot, directory.iter_groups(), options, policy)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="graph-snapshot") as pool:
+        cloud_read = pool.submit(cloud.snapshot)
+        current = list(directory.iter_groups())
+        snapshot = cloud_read.result()
+    return build_plan(snapshot, current, options, policy)

@@ -381,6 +381,11 @@ class MemoryCloud:
             self._enter("group_delta_link")
             return self._link("groups", group_id)
 
+    def group_delta_links(self, group_ids: Sequence[str]) -> dict[str, str | WritebackError]:
+        with self._lock:
+            self._enter("group_delta_links")
+            return {group_id: self._link("groups", group_id) for group_id in group_ids}
+
     def group_delta(self, group_id: str, delta_link: str) -> GroupDelta | None:
         with self._lock:
             self._enter("group_delta")
