@@ -5,7 +5,7 @@ peak RSS of its process (``wait4``), and writes ``bench/results.md``; the README
 Benchmarks section shows the same tables (between the ``bench:results`` markers,
 rewritten by this command).
 
-    ./scripts/bench            # full sizes (about 35 minutes on 2 cores)
+    ./scripts/bench            # full sizes (about 40 minutes on 2 cores)
     ./scripts/bench --quick    # small sizes, to check the harness
 """
 
@@ -90,6 +90,12 @@ BENCHES = (
         (),
         ("--sizes", "200", "--paced", "40", "--big", "3000", "--users", "500"),
         "127.0.0.31",
+    ),
+    Bench(
+        "Service Bus through the SDK against the emulator, next to the local queue",
+        ("bench/servicebus.py",),
+        ("--replay", "1000,10000"),
+        ("--replay", "100,1000", "--messages", "300", "--sessions", "5", "--single", "5"),
     ),
 )
 

@@ -100,6 +100,16 @@ param backlogThreshold int = 1000
 @minValue(1)
 param relayFailureThreshold int = 3
 
+@description('Object ids of the operators who run `python -m writeback replay` and `status` (Azure Service Bus Data Receiver and Data Sender on the queue).')
+param operatorPrincipalIds array = []
+
+@description('What operatorPrincipalIds are: User, Group or ServicePrincipal.')
+@allowed([ 'User', 'Group', 'ServicePrincipal' ])
+param operatorPrincipalType string = 'Group'
+
+@description('true also gives the operators Azure Service Bus Data Owner on the queue, which `status` needs to read the queue depth (Manage).')
+param operatorQueueOwner bool = false
+
 var suffix = uniqueString(resourceGroup().id, prefix)
 var appName = 'func-${prefix}-${suffix}'
 var hostName = '${appName}.azurewebsites.net'
@@ -144,6 +154,9 @@ module serviceBus 'modules/servicebus.bicep' = {
     name: 'sb-${prefix}-${suffix}'
     queueName: queueName
     principalId: identity.properties.principalId
+    operatorPrincipalIds: operatorPrincipalIds
+    operatorPrincipalType: operatorPrincipalType
+    operatorQueueOwner: operatorQueueOwner
     tags: tags
   }
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install the system packages the Samba AD test harness needs
 # (sandbox/writeback_sandbox/samba.py): Samba's AD DC, its provisioning data and
-# Python bindings, OpenLDAP's command-line tools, iproute2 and openssl; and the
-# headers python-ldap builds against (libldap2-dev, libsasl2-dev).
+# Python bindings, OpenLDAP's command-line tools, iproute2 and openssl; the headers
+# python-ldap builds against (libldap2-dev, libsasl2-dev); and what pip needs to
+# build python-qpid-proton (the Service Bus emulator's AMQP engine, sdist only): a
+# C compiler, OpenSSL's headers (else it builds without TLS) and Python's headers.
 #
 # Idempotent: when everything is present it only checks and exits at once.
 # Needs root (or sudo) on Debian 12. Samba's packages would start system
@@ -40,6 +42,10 @@ done
 if ! /usr/bin/python3 -c 'import ldb, samba' >/dev/null 2>&1; then
   missing+=("python3-samba")
 fi
+command -v gcc >/dev/null 2>&1 || missing+=("gcc")
+[ -e /usr/include/openssl/ssl.h ] || missing+=("libssl-dev")
+py_include=$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+[ -n "$py_include" ] && [ -e "$py_include/Python.h" ] || missing+=("python3-dev")
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
@@ -74,7 +80,8 @@ trap cleanup EXIT
 
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
-  samba samba-ad-dc samba-ad-provision krb5-user ldap-utils openssl iproute2 python3-samba
+  samba samba-ad-dc samba-ad-provision krb5-user ldap-utils openssl iproute2 python3-samba \
+  gcc libssl-dev python3-dev
 
 # Make sure no system Samba service runs now or starts at boot.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

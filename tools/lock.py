@@ -10,8 +10,9 @@ distribution pinned with its hashes:
     2.31). The Function app installs exactly this (scripts/package).
 ``requirements-dev.txt``
     every extra of the product (python-ldap too, which the Function app cannot
-    have: it is built from source) plus the tools in requirements-dev.in, held
-    to the versions of requirements.txt, so the development venv tests what ships.
+    have: it is built from source), what the sandbox distribution needs
+    (sandbox/pyproject.toml) and the tools in requirements-dev.in, held to the
+    versions of requirements.txt, so the development venv tests what ships.
 
 Existing pins are kept unless ``--upgrade`` (or ``--upgrade-package NAME``) is
 given. Each file's header records two fingerprints, which
@@ -53,6 +54,8 @@ class Lock:
     extras: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     constraints: tuple[str, ...] = ()
+    #: Also what the sandbox distribution (sandbox/pyproject.toml) depends on.
+    sandbox: bool = False
 
 
 FUNCTIONS = Lock(
@@ -72,7 +75,12 @@ DEV = Lock(
     extras=("all", "python-ldap"),
     inputs=("requirements-dev.in",),
     constraints=("requirements.txt",),
+    sandbox=True,
 )
+SANDBOX = "sandbox/pyproject.toml"
+#: Where the sandbox's own dependencies are written for uv (it cannot read that
+#: pyproject.toml, which names the product, not on any index).
+SANDBOX_INPUT = ROOT / "build" / "lock" / "sandbox-dependencies.in"
 LOCKS = (FUNCTIONS, DEV)
 HEADER_END = "# lock-sha256: "
 
@@ -94,12 +102,27 @@ def requirement_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
+def sandbox_requirements(root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """The sandbox's dependencies: the product's extras it asks for, and the others."""
+    project = tomllib.loads((root / SANDBOX).read_text())["project"]
+    extras: list[str] = []
+    others: list[str] = []
+    for text in project.get("dependencies", []):
+        requirement = Requirement(text)
+        if normalize(requirement.name) == "writeback":
+            extras += sorted(requirement.extras)
+        else:
+            others.append(text)
+    return extras, sorted(others)
+
+
 def inputs_fingerprint(lock: Lock, root: Path = ROOT) -> str:
     document = {
         "tables": dependency_tables(root),
         "extras": list(lock.extras),
         "target": [PYTHON_VERSION, UV_PLATFORM],
         "inputs": {name: requirement_lines((root / name).read_text()) for name in lock.inputs},
+        "sandbox": sandbox_requirements(root) if lock.sandbox else None,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
@@ -140,18 +163,27 @@ def compile_lock(lock: Lock, uv: str, upgrade: list[str]) -> None:
         fields, body = split(target.read_text()) if target.exists() else ({}, "")
         if "lock-sha256" in fields:  # uv keeps the pins of the file it writes to
             out.write_text(body)
+        inputs, extras = list(lock.inputs), list(lock.extras)
+        if lock.sandbox:  # uv cannot read the sandbox's pyproject: it names the product
+            wanted, others = sandbox_requirements()
+            extras += [extra for extra in wanted if extra not in extras]
+            SANDBOX_INPUT.parent.mkdir(parents=True, exist_ok=True)
+            SANDBOX_INPUT.write_text("".join(f"{line}\n" for line in others))
+            inputs.append(str(SANDBOX_INPUT.relative_to(ROOT)))
         command = [
             uv, "pip", "compile", "--quiet", "--no-header", "--generate-hashes",
             "--python-version", PYTHON_VERSION, "--python-platform", UV_PLATFORM,
-            "--output-file", str(out), "pyproject.toml", *lock.inputs,
+            "--output-file", str(out), "pyproject.toml", *inputs,
         ]  # fmt: skip
-        for extra in lock.extras:
+        for extra in extras:
             command += ["--extra", extra]
         for constraint in lock.constraints:
             command += ["--constraints", constraint]
         command += upgrade
         subprocess.run(command, cwd=ROOT, check=True)
-        body = out.read_text()
+        body = out.read_text().replace(
+            f"-r {SANDBOX_INPUT.relative_to(ROOT)}", f"writeback-sandbox ({SANDBOX})"
+        )
     target.write_text(render(lock, body))
     print(f"lock: {lock.path}: {len(pins(body))} pinned distributions", flush=True)
 
@@ -179,6 +211,10 @@ def declared(lock: Lock, root: Path = ROOT) -> list[Requirement]:
     extras = project.get("optional-dependencies", {})
     found = [Requirement(text) for text in project.get("dependencies", [])]
     todo, seen = list(lock.extras), set()
+    if lock.sandbox:
+        wanted, others = sandbox_requirements(root)
+        todo += wanted
+        found += [Requirement(text) for text in others]
     while todo:
         extra = todo.pop()
         if extra in seen:

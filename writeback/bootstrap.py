@@ -228,12 +228,10 @@ def _namespace(pipeline: PipelineSettings) -> str:
 
 def build_state(pipeline: PipelineSettings) -> StateStore:
     """The state file WRITEBACK_STATE_PATH names, else state kept in memory."""
+    from writeback.adapters.state import MemoryState, StateFile
+
     if pipeline.state_path:
-        from writeback.service.status import StateFile
-
         return StateFile(pipeline.state_path)
-    from writeback.adapters.state import MemoryState
-
     return MemoryState()
 
 

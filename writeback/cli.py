@@ -15,15 +15,16 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 from writeback import report
-from writeback.config import Settings, load_settings
+from writeback.config import Settings, load_permissions_settings, load_settings
 from writeback.errors import ConfigError, WritebackError
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory
     from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.local_queue import LocalQueue
     from writeback.adapters.relay import RelayDirectory
-    from writeback.ports import EventQueue
+    from writeback.adapters.servicebus import ServiceBusQueue
 
 EXIT_OK, EXIT_FAILURES, EXIT_CONFIG, EXIT_THRESHOLD = 0, 1, 2, 3
 
@@ -192,8 +193,9 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.adapters.state import StateFile
     from writeback.config import Host, load_pipeline_settings
-    from writeback.service.status import StateFile, collect_status, format_status
+    from writeback.service.status import collect_status, format_status
 
     pipeline = load_pipeline_settings(require_client_state=False, host=Host.TOOL)
     state = StateFile(pipeline.state_path).read() if pipeline.state_path else {}
@@ -202,6 +204,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     for line in format_status(status):
         print(line, file=out)
     agent_ok = _print_agent_status(out)
+    # Any figure that could not be read (depth, dead letters) makes the exit code 1,
+    # the line that says which and why is printed above; the rest still shows.
     return EXIT_FAILURES if status.queue_error or not agent_ok else EXIT_OK
 
 
@@ -274,7 +278,7 @@ def _permissions(args: argparse.Namespace, out: TextIO) -> int:
     from writeback.domain.target import TargetRefused, check_target_ou
     from writeback.permissions import UnsafeName, check_printable, describe
 
-    ou = args.ou or os.environ.get("WRITEBACK_TARGET_OU", "").strip()
+    ou = args.ou or load_permissions_settings().target_ou
     if not ou:
         raise ConfigError("--ou or WRITEBACK_TARGET_OU is required")
     try:
@@ -299,7 +303,8 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
     from writeback.adapters.acl import update_dacl
     from writeback.permissions import delegation, deletion_guard
 
-    url = os.environ.get("WRITEBACK_LDAP_URL", "").strip()
+    settings = load_permissions_settings()
+    url = settings.ldap_url
     if not url or not args.admin_user:
         raise ConfigError("--apply needs WRITEBACK_LDAP_URL and --admin-user")
     password = (
@@ -316,7 +321,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
         aces_for=deletion_guard if args.deny_deletes else delegation,
         revoke=args.revoke,
         force=args.force,
-        ca_file=os.environ.get("WRITEBACK_LDAP_CA_FILE") or None,
+        ca_file=settings.ldap_ca_file,
     )
     verb = "removed" if args.revoke else "added"
     print(f"applied: {done.changed} ACE(s) {verb}, {done.unchanged} already so", file=sys.stderr)
@@ -324,7 +329,7 @@ def _apply_permissions(args: argparse.Namespace, ou: str) -> str:
 
 
 @contextmanager
-def _queue() -> Iterator[EventQueue]:
+def _queue() -> Iterator[LocalQueue | ServiceBusQueue]:
     """The queue the settings name (Service Bus where one is configured, else local)."""
     from writeback.bootstrap import build_queue
     from writeback.config import Host, QueueKind, load_pipeline_settings

@@ -502,3 +502,22 @@ def load_permissions_settings(env: Mapping[str, str] | None = None) -> Permissio
         ldap_url=env.get("WRITEBACK_LDAP_URL", "").strip() or None,
         ldap_ca_file=env.get("WRITEBACK_LDAP_CA_FILE") or None,
     )
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """How writeback logs: its level, whether the Functions host runs it (its worker's
+    handler then carries the lines), and whether to export to Application Insights."""
+
+    level: str = "INFO"
+    under_functions_host: bool = False
+    application_insights: bool = False
+
+
+def load_logging_settings(env: Mapping[str, str] | None = None) -> LoggingSettings:
+    env = os.environ if env is None else env
+    return LoggingSettings(
+        level=env.get("WRITEBACK_LOG_LEVEL", "").strip().upper() or "INFO",
+        under_functions_host=bool(env.get("FUNCTIONS_WORKER_RUNTIME")),
+        application_insights=bool(env.get("APPLICATIONINSIGHTS_CONNECTION_STRING")),
+    )

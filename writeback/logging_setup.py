@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import threading
@@ -50,6 +49,8 @@ import traceback
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from writeback.config import load_logging_settings
 
 __all__ = ["JsonFormatter", "RedactingFilter", "configure_logging", "redact_text", "redacted"]
 
@@ -206,8 +207,9 @@ def configure_logging(
     with _lock:
         if _State.configured:
             return
-        in_functions = _under_functions_host()
-        chosen = level or os.environ.get("WRITEBACK_LOG_LEVEL", "").strip().upper() or "INFO"
+        settings = load_logging_settings()
+        in_functions = settings.under_functions_host or "azure_functions_worker" in sys.modules
+        chosen = level or settings.level
         logging.getLogger("writeback").setLevel(chosen)
         # The HTTP clients log every request with its full URL (delta and skip tokens,
         # ids) at INFO: one line per Graph call is noise, and the URLs are not ours to log.
@@ -255,15 +257,9 @@ def _add_redaction(handler: logging.Handler) -> None:
         handler.addFilter(RedactingFilter())
 
 
-def _under_functions_host() -> bool:
-    return bool(os.environ.get("FUNCTIONS_WORKER_RUNTIME")) or "azure_functions_worker" in (
-        sys.modules
-    )
-
-
 def _configure_azure_monitor() -> None:
     """OpenTelemetry export to Application Insights, when its connection string is set."""
-    if _State.monitor_configured or not os.environ.get("APPLICATIONINSIGHTS_CONNECTION_STRING"):
+    if _State.monitor_configured or not load_logging_settings().application_insights:
         return
     log = logging.getLogger("writeback.logging")
     try:

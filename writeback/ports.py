@@ -10,7 +10,7 @@ never probes for optional methods.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -275,7 +275,37 @@ class MessageSender(Protocol):
     def send(self, messages: list[OutgoingMessage]) -> None: ...
 
 
-class EventQueue(MessageSender, Settlement, Protocol):
+#: One step of a replay pass: the letter, whether it was chosen, and the (permanent)
+#: error that kept a chosen one from moving.
+ReplayStep = tuple[DeadLetter, bool, WritebackError | None]
+
+
+class DeadLetterQueue(Protocol):
+    """What ``replay`` and ``status`` need of a queue's dead letters and figures."""
+
+    def iter_dead_letters(self, *, page_size: int = ...) -> Iterator[DeadLetter]:
+        """Every dead letter, oldest first, read page by page without locking any."""
+        ...
+
+    def replay_dead_letters(
+        self, choose: Callable[[DeadLetter], bool]
+    ) -> Generator[ReplayStep, None, None]:
+        """One pass, oldest first: each letter is shown to ``choose`` and the chosen
+        are moved back as they are met; closing the generator ends the pass."""
+        ...
+
+    def dead_letter_count_by_reason(self) -> dict[str, int]: ...
+
+    def depth(self) -> int:
+        """Messages waiting (scheduled ones not counted)."""
+        ...
+
+    def scheduled_count(self) -> int:
+        """Messages scheduled for later (delayed retries, confirmations, parked)."""
+        ...
+
+
+class EventQueue(MessageSender, Settlement, DeadLetterQueue, Protocol):
     """A session queue (one session per group) with peek-lock and dead letters.
 
     Service Bus in Azure; an embedded SQLite queue on one machine. Both keep the
@@ -302,8 +332,6 @@ class EventQueue(MessageSender, Settlement, Protocol):
     def resubmit(self, dead_letter: DeadLetter) -> None:
         """Move one dead letter back to the queue (replay)."""
         ...
-
-    def depth(self) -> int: ...
 
     def close(self) -> None: ...
 

@@ -31,6 +31,8 @@ def copy_of_the_lists(tmp_path: Path) -> Path:
     for name in ("pyproject.toml", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "requirements-dev.in", tmp_path / "requirements-dev.in")
+    (tmp_path / "sandbox").mkdir()
+    shutil.copy(ROOT / "sandbox" / "pyproject.toml", tmp_path / "sandbox" / "pyproject.toml")
     return tmp_path
 
 

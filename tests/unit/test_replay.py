@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from writeback.adapters.local_queue import LocalQueue
+from writeback.adapters.state import StateFile
 from writeback.cli import EXIT_CONFIG, EXIT_OK, main
+from writeback.errors import QueueRefused, QueueUnavailable
 from writeback.ports import DeadLetter, OutgoingMessage
 from writeback.service.replay import (
     ReplayFilter,
+    ReplayItem,
+    ReplayReport,
     format_report,
     parse_since,
     replay,
     select,
 )
-from writeback.service.status import StateFile, collect_status, format_status
+from writeback.service.status import collect_status, format_status
 
 GROUP_A = "0b9c2f4e-0000-4000-8000-00000000000a"
 GROUP_B = "0b9c2f4e-0000-4000-8000-00000000000b"
@@ -111,24 +116,35 @@ def test_replay_moves_the_chosen_back_with_a_fresh_delivery_count(letters: Local
 
 
 def test_a_dead_letter_gone_meanwhile_is_reported_not_fatal(letters: LocalQueue) -> None:
-    stale = letters.dead_letters()
-    letters.resubmit(stale[0])  # someone else replays m1 first
+    mine = letters.replay_dead_letters(lambda letter: True)
+    assert next(mine)[0].message_id == "m1"  # this pass has read its page and moved m1
+    with LocalQueue(letters.path) as other:
+        assert replay(other, ReplayFilter(group=GROUP_B)).moved == 2  # m2, m4 meanwhile
+    rest = [(letter.message_id, chosen, error is not None) for letter, chosen, error in mine]
+    assert rest == [("m2", True, True), ("m3", True, False), ("m4", True, True)]
+    letter = DeadLetter(b"", "m2", GROUP_B, "r", "", 0.0)
+    failed = ReplayReport(
+        dry_run=False, scanned=1, items=[ReplayItem(letter, moved=False, error="gone")]
+    )
+    assert format_report(failed)[0].startswith("FAILED (gone): message m2")
+    assert format_report(failed)[-1] == "moved 0 of 1 dead letters; 1 could not be moved"
 
-    class Stale:
-        """The queue as a second replayer saw it a moment earlier."""
 
-        def __getattr__(self, name: str) -> object:
-            return getattr(letters, name)
-
-        def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-            return stale
-
-    report = replay(Stale(), ReplayFilter(group=GROUP_A))  # type: ignore[arg-type]
-    assert [(i.letter.message_id, i.moved, i.error is not None) for i in report.items] == [
-        ("m1", False, True),
-        ("m3", True, False),
-    ]
-    assert "FAILED" in format_report(report)[0]
+def test_paged_with_no_cap_2500_dead_letters_replay_completely_on_the_local_queue(
+    queue: LocalQueue, clock: Clock
+) -> None:
+    for start in range(0, 2500, 100):
+        queue.send(
+            [OutgoingMessage(b"{}", f"m{i}", f"g{i % 50}") for i in range(start, start + 100)]
+        )
+    while batch := queue.receive_session(100, 0):
+        for message in batch:
+            queue.dead_letter(message, "OverMemberLimit", "too big")
+        queue.release_session(batch[0].session_id)
+    assert sum(1 for _ in queue.iter_dead_letters(page_size=300)) == 2500
+    report = replay(queue, ReplayFilter(reason="OverMemberLimit"))
+    assert (report.scanned, report.moved, report.failed) == (2500, 2500, 0)
+    assert queue.dead_letters() == [] and queue.depth() == 2500
 
 
 def test_parse_since_accepts_dates_times_and_offsets() -> None:
@@ -218,15 +234,60 @@ def test_status_reports_a_queue_it_cannot_read_without_raising(tmp_path: Path) -
     assert json.loads(path.read_text())["version"] == 1
 
     class Broken:
-        def depth(self) -> int:
-            from writeback.errors import QueueUnavailable
+        """Every read fails, as a locked queue file would."""
 
+        def depth(self) -> int:
             raise QueueUnavailable("the file is locked")
 
-    status = collect_status(Broken(), state.read())  # type: ignore[arg-type]
+        def scheduled_count(self) -> int:
+            raise QueueUnavailable("the file is locked")
+
+        def dead_letter_count_by_reason(self) -> dict[str, int]:
+            raise QueueUnavailable("the file is locked")
+
+        def iter_dead_letters(self, *, page_size: int = 100) -> Iterator[DeadLetter]:
+            raise QueueUnavailable("the file is locked")
+
+        def replay_dead_letters(self, choose: Callable[[DeadLetter], bool]) -> Generator[Any]:
+            raise QueueUnavailable("the file is locked")
+
+    status = collect_status(Broken(), state.read())
     lines = format_status(status)
-    assert lines[0] == "queue: unavailable (QueueUnavailable: the file is locked)"
+    assert lines[0] == "queue: depth unknown (QueueUnavailable: the file is locked)"
+    assert lines[1] == "dead letters: unknown (QueueUnavailable: the file is locked)"
+    assert status.queue_error is not None and "depth" in status.queue_error
     assert any("FAILED: LdapUnavailable: x" in line for line in lines)
+
+
+def test_status_shows_dead_letters_when_only_the_depth_fails(letters: LocalQueue) -> None:
+    class NoDepth:
+        """The queue as a Data Receiver sees it: dead letters, but no depth (Manage)."""
+
+        def depth(self) -> int:
+            raise QueueRefused("needs Manage")
+
+        def scheduled_count(self) -> int:
+            raise QueueRefused("needs Manage")
+
+        def dead_letter_count_by_reason(self) -> dict[str, int]:
+            return letters.dead_letter_count_by_reason()
+
+        def iter_dead_letters(self, *, page_size: int = 100) -> Iterator[DeadLetter]:
+            return letters.iter_dead_letters(page_size=page_size)
+
+        def replay_dead_letters(self, choose: Callable[[DeadLetter], bool]) -> Generator[Any]:
+            return letters.replay_dead_letters(choose)
+
+    status = collect_status(NoDepth(), {})
+    assert status.dead_letters == {
+        "MaxDeliveryCountExceeded": 1,
+        "OverMemberLimit": 2,
+        "PoisonEvent": 1,
+    }
+    assert format_status(status)[:2] == [
+        "queue: depth unknown (QueueRefused: needs Manage)",
+        "dead letters: 4 (MaxDeliveryCountExceeded 1, OverMemberLimit 2, PoisonEvent 1)",
+    ]
 
 
 def test_group_filter_matches_the_functions_workers_hand_off_sessions() -> None:

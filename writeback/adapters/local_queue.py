@@ -19,7 +19,9 @@ rules as a Service Bus session queue:
   a message delivered ``max_delivery_count`` times and then abandoned, or whose
   lock expired again, is dead-lettered with reason ``MaxDeliveryCountExceeded``;
 * a ``message_id`` seen within ``duplicate_window`` seconds is dropped on send;
-  a replay from the dead-letter table bypasses that check.
+  a replay from the dead-letter table bypasses that check;
+* dead letters are read in pages (``iter_dead_letters``) with no cap, and
+  ``replay_dead_letters`` moves the chosen ones back in the same single pass.
 
 Times are wall-clock Unix seconds (they are shared between processes and survive a
 restart); ``clock`` can be replaced in tests.
@@ -33,18 +35,20 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 from writeback.errors import (
     ConfigError,
     DeadLetterNotFound,
     LockLost,
     MessageRejected,
+    PermanentError,
     QueueUnavailable,
+    WritebackError,
 )
 from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
 
@@ -534,13 +538,43 @@ class LocalQueue:
     # -- dead letters and stats ------------------------------------------------
 
     def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        """Dead letters, oldest first."""
+        """The oldest ``limit`` dead letters."""
+        return self._dead_letter_page(0, max(limit, 0))
+
+    def iter_dead_letters(self, *, page_size: int = 500) -> Iterator[DeadLetter]:
+        """Every dead letter, oldest first, read page by page (keyset on the sequence)."""
+        after = 0
+        while True:
+            page = self._dead_letter_page(after, page_size)
+            yield from page
+            if len(page) < page_size:
+                return
+            after = cast(int, page[-1].lock)
+
+    def replay_dead_letters(
+        self, choose: Callable[[DeadLetter], bool]
+    ) -> Generator[tuple[DeadLetter, bool, WritebackError | None], None, None]:
+        """One pass over the dead letters, oldest first, moving back what ``choose``
+        picks as it goes; yields ``(letter, chosen, error)`` for each one looked at
+        (``error``: the PermanentError that kept a chosen one from moving)."""
+        for letter in self.iter_dead_letters():
+            if not choose(letter):
+                yield letter, False, None
+                continue
+            try:
+                self.resubmit(letter)
+            except PermanentError as error:
+                yield letter, True, error
+                continue
+            yield letter, True, None
+
+    def _dead_letter_page(self, after: int, limit: int) -> list[DeadLetter]:
         with self._read() as db:
             rows = db.execute(
                 "SELECT seq, body, message_id, session_id, reason, description,"
                 " dead_lettered_at, delivery_count, enqueued_at"
-                " FROM dead_letters ORDER BY seq LIMIT ?",
-                (limit,),
+                " FROM dead_letters WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
             ).fetchall()
         return [
             DeadLetter(

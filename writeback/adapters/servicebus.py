@@ -13,16 +13,28 @@ What Service Bus does not do by itself, done here so both queues keep one contra
   gives a duplicate, which the idempotent worker absorbs). The copy carries the
   deliveries so far and the original message id in application properties, so
   ``delivery_count``, ``message_id`` and the max-delivery rule carry on.
-* ``resubmit`` sends a copy under a derived message id, so duplicate detection
-  cannot drop a replay, then completes the dead letter (not atomic either).
+* ``resubmit`` and ``replay_dead_letters`` send a copy under a message id derived
+  from the dead letter's sequence number (fresh, so duplicate detection cannot
+  drop a replay, yet the same for a retried replay of the same letter, which the
+  window then drops), then complete the dead letter (not atomic either). A dead
+  letter of the Functions host's hand-off session (``<group>#dl-<random>``, the
+  group's session in ``writeback-session-id``) is reported, filtered and
+  replayed as its group's: the copy goes to the group's own session.
+* Dead letters are read in pages, with no cap: ``iter_dead_letters`` peeks
+  (nothing locked), ``replay_dead_letters`` moves the chosen in one pass over the
+  dead-letter queue in peek-lock, holding the letters it passes over until the
+  pass ends (then abandoned; Service Bus counts that as a delivery of the dead
+  letter, which only shows in its ``delivery_count``).
 
 Errors come out as writeback's own: ``QueueUnavailable`` (try later), ``LockLost``
 (the message will be redelivered), ``MessageRejected`` and ``QueueRefused``
 (a person has to look).
 
 Known SDK limits: a peer that accepts TCP but never speaks AMQP blocks the SDK's
-connection handshake without a timeout; ``depth()`` needs Manage rights (the
-administration API) because a session queue cannot be peeked without a session.
+connection handshake without a timeout; ``depth()`` and ``scheduled_count()`` need
+Manage rights (the administration API, "Azure Service Bus Data Owner" with Entra
+ID) because a session queue cannot be browsed without a session, whereas the
+dead letters need only Listen ("Azure Service Bus Data Receiver").
 """
 
 from __future__ import annotations
@@ -30,16 +42,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import itertools
 import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from writeback.adapters.local_queue import MAX_DELIVERY_COUNT_EXCEEDED, MAX_ID_LENGTH
+from writeback.domain.events import HANDOFF_MARK, group_of_session
 from writeback.errors import (
     DeadLetterNotFound,
     LockLost,
@@ -62,6 +76,7 @@ if TYPE_CHECKING:
     from azure.servicebus.management import ServiceBusAdministrationClient
 
 __all__ = [
+    "HANDOFF_SESSION_PROPERTY",
     "ORIGINAL_MESSAGE_ID",
     "PRIOR_DELIVERIES",
     "DeadLetterNotFound",
@@ -83,7 +98,12 @@ _log = logging.getLogger(__name__)
 PRIOR_DELIVERIES: Final = "writeback-prior-deliveries"
 #: Application property: the message id it had before it was re-sent under a new one.
 ORIGINAL_MESSAGE_ID: Final = "writeback-message-id"
-_OWN_PROPERTIES: Final = frozenset({PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID})
+#: Application property: the group session of a copy sent to a hand-off session
+#: (``<group>#dl-<random>``) by the Functions host to be dead-lettered there.
+HANDOFF_SESSION_PROPERTY: Final = "writeback-session-id"
+_OWN_PROPERTIES: Final = frozenset(
+    {PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID, HANDOFF_SESSION_PROPERTY}
+)
 _BROKER_PROPERTIES: Final = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
 #: After the first session of a claim, how long to wait for each further one.
 _NEXT_SESSION_WAIT: Final = 0.1
@@ -140,15 +160,16 @@ def from_servicebus_message(message: ServiceBusReceivedMessage) -> ReceivedMessa
 def dead_letter_from_servicebus_message(message: ServiceBusReceivedMessage) -> DeadLetter:
     """A dead letter as peeked from the DLQ; ``lock`` is its sequence number there.
 
-    Service Bus records no dead-lettering time; the DLQ message's enqueued time
-    (when it entered the queue) is the closest it offers.
+    ``session_id`` is the group's session, also for a letter dead-lettered from a
+    hand-off session. Service Bus records no dead-lettering time; the DLQ
+    message's enqueued time (when it entered the queue) is the closest it offers.
     """
     properties = _text_properties(message)
     enqueued_at = _timestamp(message.enqueued_time_utc)
     return DeadLetter(
         body=_body_bytes(message),
         message_id=properties.get(ORIGINAL_MESSAGE_ID) or message.message_id or "",
-        session_id=message.session_id or "",
+        session_id=group_session(message.session_id or "", properties),
         reason=message.dead_letter_reason or "",
         description=message.dead_letter_error_description or "",
         dead_lettered_at=enqueued_at,
@@ -156,6 +177,17 @@ def dead_letter_from_servicebus_message(message: ServiceBusReceivedMessage) -> D
         delivery_count=_deliveries(message, properties),
         enqueued_at=enqueued_at,
     )
+
+
+def group_session(session_id: str, properties: dict[str, str]) -> str:
+    """The group's session of a message: its own, or for a copy in a hand-off session
+    the one it names (else the group id the hand-off session starts with)."""
+    if HANDOFF_MARK not in session_id:
+        return session_id
+    named = properties.get(HANDOFF_SESSION_PROPERTY, "")
+    if named and 0 < len(named) <= MAX_ID_LENGTH and HANDOFF_MARK not in named:
+        return named
+    return group_of_session(session_id)
 
 
 def derived_message_id(message_id: str, tag: str) -> str:
@@ -202,10 +234,10 @@ def _timestamp(value: datetime.datetime | None) -> float:
 def _outgoing_copy(
     received: ServiceBusReceivedMessage, message_id: str, tag: str, prior_deliveries: int
 ) -> OutgoingMessage:
+    """A copy to send again, into the group's own session (never a hand-off session)."""
+    original = _text_properties(received)
     properties = {
-        k: v
-        for k, v in _text_properties(received).items()
-        if k not in _OWN_PROPERTIES | _BROKER_PROPERTIES
+        k: v for k, v in original.items() if k not in _OWN_PROPERTIES | _BROKER_PROPERTIES
     }
     properties[ORIGINAL_MESSAGE_ID] = message_id
     if prior_deliveries:
@@ -213,7 +245,7 @@ def _outgoing_copy(
     return OutgoingMessage(
         body=_body_bytes(received),
         message_id=derived_message_id(message_id, tag),
-        session_id=received.session_id or "",
+        session_id=group_session(received.session_id or "", original),
         application_properties=properties,
     )
 
@@ -314,14 +346,15 @@ class ServiceBusQueue:
         receive_client: ServiceBusClient | None = None,
         admin: ServiceBusAdministrationClient | None = None,
         max_delivery_count: int = 10,
-        dead_letter_scan_limit: int = 1000,
+        dead_letter_wait: float = 2.0,
     ) -> None:
         self._client = client
         self._receive_client = receive_client or client
         self._admin = admin
         self.queue_name = queue_name
         self.max_delivery_count = max_delivery_count
-        self.dead_letter_scan_limit = dead_letter_scan_limit
+        #: How long a dead-letter pass waits for more letters before it ends.
+        self.dead_letter_wait = dead_letter_wait
         self._sender: ServiceBusSender | None = None
         self._send_lock = threading.Lock()
         self._receivers: dict[str, ServiceBusReceiver] = {}
@@ -350,21 +383,34 @@ class ServiceBusQueue:
 
     @classmethod
     def from_connection_string(
-        cls, connection_string: str, queue_name: str, *, retry_total: int = 3, **options: Any
+        cls,
+        connection_string: str,
+        queue_name: str,
+        *,
+        retry_total: int = 3,
+        client_options: dict[str, Any] | None = None,
+        admin_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> ServiceBusQueue:
-        """For local tools and the Service Bus emulator (``UseDevelopmentEmulator=true``)."""
+        """For local tools and emulators (``UseDevelopmentEmulator=true`` for Microsoft's).
+
+        ``client_options`` go to both AMQP clients, ``admin_options`` to the
+        administration client: an endpoint and a CA to validate it with
+        (``custom_endpoint_address``, ``connection_verify``), as the SDK takes them.
+        """
         from azure.servicebus import ServiceBusClient
         from azure.servicebus.management import ServiceBusAdministrationClient
 
+        amqp = dict(client_options or {})
         with translated_errors("connect"):
             client = ServiceBusClient.from_connection_string(
-                connection_string, retry_total=retry_total
+                connection_string, retry_total=retry_total, **amqp
             )
             receive_client = ServiceBusClient.from_connection_string(
-                connection_string, retry_total=0
+                connection_string, retry_total=0, **amqp
             )
             admin = ServiceBusAdministrationClient.from_connection_string(
-                connection_string, retry_total=retry_total
+                connection_string, retry_total=retry_total, **(admin_options or {})
             )
         return cls(client, queue_name, receive_client=receive_client, admin=admin, **options)
 
@@ -535,57 +581,111 @@ class ServiceBusQueue:
 
     # -- dead letters and stats ------------------------------------------------
 
-    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        """Peek the dead-letter sub-queue (nothing is locked), oldest first."""
-        letters: list[DeadLetter] = []
+    def iter_dead_letters(self, *, page_size: int = 250) -> Iterator[DeadLetter]:
+        """Every dead letter, oldest first, peeked page by page (nothing is locked)."""
         with translated_errors("read dead letters"), self._dead_letter_receiver() as receiver:
             next_sequence = 0
-            while len(letters) < limit:
+            while True:
                 batch = receiver.peek_messages(
-                    max_message_count=min(limit - len(letters), 250),
-                    sequence_number=next_sequence,
+                    max_message_count=page_size, sequence_number=next_sequence
                 )
                 if not batch:
-                    break
-                letters.extend(dead_letter_from_servicebus_message(m) for m in batch)
+                    return
+                for message in batch:
+                    yield dead_letter_from_servicebus_message(message)
                 next_sequence = (batch[-1].sequence_number or 0) + 1
-        return letters[:limit]
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters (peeked, nothing locked)."""
+        return list(itertools.islice(self.iter_dead_letters(), max(limit, 0)))
+
+    def replay_dead_letters(
+        self, choose: Callable[[DeadLetter], bool]
+    ) -> Generator[tuple[DeadLetter, bool, WritebackError | None], None, None]:
+        """One pass over the dead-letter queue, oldest first, moving what ``choose`` picks.
+
+        Yields ``(letter, chosen, error)`` for every letter looked at; a chosen one
+        is moved back (a copy sent to its group's session under a derived id, then
+        the letter completed) before the next is looked at, and ``error`` is the
+        PermanentError that kept it from moving. A transient error ends the pass
+        and propagates; what moved stays moved. Letters passed over stay locked
+        until the pass ends (closing the generator ends it), then are abandoned.
+        A letter seen twice (its lock lapsed during a long pass) is skipped.
+        """
+        held: dict[int, ServiceBusReceivedMessage] = {}  # received, not completed
+        round_again: list[ServiceBusReceivedMessage] = []
+        seen: set[int] = set()
+        with (
+            translated_errors("replay dead letters"),
+            self._dead_letter_receiver(max_wait_time=self.dead_letter_wait) as receiver,
+        ):
+            try:
+                while True:
+                    batch = receiver.receive_messages(
+                        max_message_count=100, max_wait_time=self.dead_letter_wait
+                    )
+                    fresh = []
+                    for message in batch:
+                        number = message.sequence_number or 0
+                        if number in seen:
+                            round_again.append(message)  # its lock lapsed during the pass
+                            continue
+                        seen.add(number)
+                        held[number] = message
+                        fresh.append(message)
+                    if not fresh:
+                        return
+                    for message in fresh:
+                        number = message.sequence_number or 0
+                        letter = dead_letter_from_servicebus_message(message)
+                        if not choose(letter):
+                            yield letter, False, None
+                            continue
+                        error = self._move_back(receiver, message, letter)
+                        if error is None:
+                            del held[number]
+                        yield letter, True, error
+            finally:
+                # Give back what was looked at and not moved (and what was received
+                # but not looked at, when the pass was closed early).
+                for message in [*held.values(), *round_again]:
+                    with contextlib.suppress(Exception):
+                        receiver.abandon_message(message)
+
+    def _move_back(
+        self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, letter: DeadLetter
+    ) -> WritebackError | None:
+        """Send the letter's copy, then complete it; a permanent refusal is returned."""
+        copy = _outgoing_copy(
+            message, letter.message_id, f"r{message.sequence_number}", prior_deliveries=0
+        )
+        try:
+            outgoing = to_servicebus_message(copy)
+            with translated_errors("resubmit"):
+                self._send_one(outgoing)
+        except (MessageRejected, QueueRefused) as refused:
+            return refused
+        with translated_errors("resubmit"):
+            receiver.complete_message(message)
+        return None
 
     def resubmit(self, dead_letter: DeadLetter) -> None:
-        """Send a copy of the dead letter under a derived id, then complete it.
-
-        The DLQ cannot be read by sequence number, so up to ``dead_letter_scan_limit``
-        dead letters are locked while looking for it and abandoned afterwards.
-        """
+        """Move one dead letter back (a pass that stops at it; no cap on how far it is)."""
         target = dead_letter.lock
         if not isinstance(target, int):
             raise DeadLetterNotFound("this dead letter did not come from ServiceBusQueue")
-        passed_over: list[ServiceBusReceivedMessage] = []
-        with translated_errors("resubmit"), self._dead_letter_receiver(max_wait_time=5) as receiver:
-            found = None
-            try:
-                while found is None and len(passed_over) < self.dead_letter_scan_limit:
-                    batch = receiver.receive_messages(max_message_count=100, max_wait_time=5)
-                    if not batch:
-                        break
-                    for m in batch:
-                        if found is None and m.sequence_number == target:
-                            found = m
-                        else:
-                            passed_over.append(m)
-                if found is None:
-                    raise DeadLetterNotFound(
-                        f"dead letter {dead_letter.message_id} (sequence {target}) is gone"
-                    )
-                copy = _outgoing_copy(
-                    found, dead_letter.message_id, f"r{target}", prior_deliveries=0
-                )
-                self._send_one(to_servicebus_message(copy))
-                receiver.complete_message(found)
-            finally:
-                for m in passed_over:  # closing the receiver would free them too
-                    with contextlib.suppress(Exception):
-                        receiver.abandon_message(m)
+        passes = self.replay_dead_letters(lambda letter: letter.lock == target)
+        try:
+            for _letter, chosen, error in passes:
+                if chosen:
+                    if error is not None:
+                        raise error
+                    return
+        finally:
+            passes.close()
+        raise DeadLetterNotFound(
+            f"dead letter {dead_letter.message_id} (sequence {target}) is gone"
+        )
 
     @contextmanager
     def _dead_letter_receiver(self, **options: Any) -> Iterator[ServiceBusReceiver]:
@@ -601,17 +701,34 @@ class ServiceBusQueue:
         with receiver:
             yield receiver
 
+    def _runtime_properties(self) -> Any:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        if self._admin is None:
+            raise QueueRefused("queue counts need the Service Bus administration client")
+        with translated_errors("read queue properties"):
+            try:
+                return self._admin.get_queue_runtime_properties(self.queue_name)
+            except ClientAuthenticationError as error:
+                if error.status_code not in (401, 403):
+                    raise  # the credential's token endpoint: try later
+                raise QueueRefused(
+                    f"Service Bus refused to read the properties of queue {self.queue_name} "
+                    f"({error.status_code}): that needs Manage rights (with Entra ID the "
+                    "'Azure Service Bus Data Owner' role on the queue; see infra/README.md)"
+                ) from error
+
     def depth(self) -> int:
         """Active messages, from the administration API (needs Manage rights)."""
-        if self._admin is None:
-            raise QueueRefused("depth needs the Service Bus administration client")
-        with translated_errors("read queue properties"):
-            properties = self._admin.get_queue_runtime_properties(self.queue_name)
-        return properties.active_message_count or 0
+        return self._runtime_properties().active_message_count or 0
+
+    def scheduled_count(self) -> int:
+        """Messages scheduled for later (delayed retries), from the administration API."""
+        return self._runtime_properties().scheduled_message_count or 0
 
     def dead_letter_count_by_reason(self) -> dict[str, int]:
-        letters = self.dead_letters(limit=self.dead_letter_scan_limit)
-        return dict(Counter(letter.reason for letter in letters))
+        """Every dead letter counted by reason, peeked page by page (needs Listen only)."""
+        return dict(Counter(letter.reason for letter in self.iter_dead_letters()))
 
     # -- plumbing --------------------------------------------------------------
 

@@ -21,15 +21,14 @@ import bisect
 import math
 import threading
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from writeback.domain.times import parse_iso
 from writeback.errors import WritebackError
-from writeback.service.status import dead_letters_by_reason
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -149,16 +148,18 @@ def _queue(server: Server) -> Iterator[Metric]:
     available = "1 when the queue answered this scrape."
     try:
         depth = server.queue.depth()
-        scheduled_count = getattr(server.queue, "scheduled_count", None)
-        scheduled = scheduled_count() if callable(scheduled_count) else None
-        dead = dead_letters_by_reason(server.queue)
+        scheduled = server.queue.scheduled_count()
+        dead = server.queue.dead_letter_count_by_reason()
     except WritebackError:
         yield _gauge("queue_available", available, 0)
         return
     yield _gauge("queue_available", available, 1)
     yield _gauge("queue_depth", "Messages waiting in the queue (active).", depth)
-    if scheduled is not None:
-        yield _gauge("queue_scheduled", "Messages put back to be retried later.", scheduled)
+    yield _gauge(
+        "queue_scheduled",
+        "Messages scheduled for later (delayed retries, confirmations, parked).",
+        scheduled,
+    )
     family = GaugeMetricFamily(
         "writeback_dead_letters",
         "Dead-lettered messages in the queue, by reason.",
@@ -212,13 +213,9 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def _timestamp(text: object) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    """Unix time of an ISO 8601 time the state file holds (read as ``status`` reads it)."""
+    moment = parse_iso(text)
+    return moment.timestamp() if moment is not None else None
 
 
 class Exposition:

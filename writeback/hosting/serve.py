@@ -46,9 +46,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
-from writeback.adapters.state import MemoryState
+from writeback.adapters.state import MemoryState, StateFile
 from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.domain.mapping import MappingOptions
+from writeback.domain.times import iso
 from writeback.errors import ConfigError, WritebackError
 from writeback.ports import Cloud, Directory, EventQueue, OutgoingMessage, StateStore
 from writeback.service.handle_event import MAX_REDELIVERY_DELAY
@@ -56,7 +57,6 @@ from writeback.service.incremental import IncrementalResult
 from writeback.service.notifications import MAX_BODY_BYTES, enqueue_lifecycle, handle_webhook
 from writeback.service.pipeline import Pipeline, PipelineConfig, PipelineStats
 from writeback.service.reconcile import SyncPolicy, SyncResult
-from writeback.service.status import StateFile, iso
 from writeback.service.subscriptions import DEFAULT_LIFETIME, DEFAULT_RENEW_BEFORE
 
 if TYPE_CHECKING:
@@ -522,7 +522,6 @@ class Server:
         """Wait until the queue is empty (delayed retries too, unless told not to),
         no worker is busy, and no reconcile is asked for or running."""
         deadline = time.monotonic() + timeout
-        scheduled = getattr(self.queue, "scheduled_count", None)
         while time.monotonic() < deadline:
             with self._lock:
                 quiet = not self._busy and not self._reconciling
@@ -530,7 +529,7 @@ class Server:
                 quiet
                 and self.pipeline.requested_reconcile() is None
                 and self.queue.depth() == 0
-                and (not include_scheduled or not callable(scheduled) or scheduled() == 0)
+                and (not include_scheduled or self.queue.scheduled_count() == 0)
             ):
                 with self._lock:
                     if not self._busy:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 from writeback.config import SoftDeletePolicy
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Delete, Skip, SkipReason
+from writeback.domain.times import iso
 from writeback.errors import DeltaExpired, TransientError, WritebackError
 from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
 from writeback.service.reconcile import (
@@ -57,7 +58,6 @@ from writeback.service.reconcile import (
     plan_cloud_group,
     threshold_reason,
 )
-from writeback.service.status import iso
 
 log = logging.getLogger(__name__)
 

@@ -51,6 +51,7 @@ from typing import Any
 
 from writeback.domain.events import CONTROL_SESSION, Change, ControlRequest, GroupChanged
 from writeback.domain.mapping import MappingOptions
+from writeback.domain.times import iso, parse_iso
 from writeback.errors import ConfigError, PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
     Cloud,
@@ -664,10 +665,10 @@ class Pipeline:
         state = self.state.read()
         last = state.get("last_reconcile")
         last = last if isinstance(last, dict) else {}
-        started = _parse(last.get("at"))
+        started = parse_iso(last.get("at"))
         request = state.get("reconcile_request")
         if isinstance(request, dict):
-            asked = _parse(request.get("at"))
+            asked = parse_iso(request.get("at"))
             if asked is not None and (started is None or asked >= started):
                 return ", ".join(str(r) for r in request.get("reasons", [])) or "requested"
         if started is None:
@@ -681,7 +682,7 @@ class Pipeline:
             return 0.0
         last = state.get("last_reconcile")
         last = last if isinstance(last, dict) else {}
-        started = _parse(last.get("at"))
+        started = parse_iso(last.get("at"))
         if started is None:
             return 0.0
         failed = bool(last.get("error"))
@@ -789,7 +790,7 @@ class Pipeline:
             request = self.state.read().get("reconcile_request")
             sections: dict[str, Any] = {"last_reconcile": record}
             if isinstance(request, dict):
-                asked = _parse(request.get("at"))
+                asked = parse_iso(request.get("at"))
                 if asked is None or asked <= started:
                     sections["reconcile_request"] = None
                 else:
@@ -916,21 +917,6 @@ def _log_covered(session: str, messages: int) -> None:
             "notifications": messages,
         },
     )
-
-
-def iso(moment: datetime) -> str:
-    """Full precision: a request and the run that answers it may fall in one second."""
-    return moment.astimezone(UTC).isoformat()
-
-
-def _parse(text: object) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _without_query(url: str) -> str:

@@ -1,15 +1,19 @@
 """Dead letters back to the queue: ``python -m writeback replay``.
 
-Works through the :class:`~writeback.ports.EventQueue` protocol only
-(``dead_letters`` to look, ``resubmit`` to move), so the same code replays from
-Service Bus and from the single-machine SQLite queue. A replayed event goes to
-the end of its group's session with a fresh delivery count and is never dropped
-as a duplicate; the worker then reads both sides again, so replaying an event
-whose group has converged since writes nothing.
+Works through :class:`DeadLetterQueue` (``iter_dead_letters`` to look,
+``replay_dead_letters`` to move), which both queues implement, so the same code
+replays from Service Bus and from the single-machine SQLite queue. Listing and
+moving are one pass over the dead letters, oldest first, read in pages with no
+cap: time grows linearly with the dead-letter queue. A replayed event goes to
+the end of its group's own session (also one the Functions host dead-lettered
+from a hand-off session) with a fresh delivery count and a fresh message id, so
+duplicate detection cannot drop it; the worker then reads both sides again, so
+replaying an event whose group has converged since writes nothing.
 
 Filters combine (all must match): ``reason`` (case-insensitive, exact),
-``group`` (the session id, which is the group id), ``since`` (dead-lettered at
-or after), and ``limit`` (the oldest N of what matched).
+``group`` (the group id), ``since`` (dead-lettered at or after), and ``limit``
+(the oldest N of what matched; a real run stops looking once it has moved them,
+a dry run looks at everything so its total counts the whole queue).
 """
 
 from __future__ import annotations
@@ -20,13 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from writeback.domain.events import group_of_session
-from writeback.errors import PermanentError
-from writeback.ports import DeadLetter, EventQueue
+from writeback.errors import WritebackError
+from writeback.ports import DeadLetter, DeadLetterQueue
 
 log = logging.getLogger("writeback.replay")
-
-#: How many dead letters are looked at, at most, in one run.
-DEFAULT_SCAN_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,11 @@ class ReplayItem:
 @dataclass
 class ReplayReport:
     dry_run: bool
+    #: Dead letters looked at.
     scanned: int = 0
     items: list[ReplayItem] = field(default_factory=list)
+    #: True when a real run stopped at ``limit`` without looking at the rest.
+    stopped_at_limit: bool = False
 
     @property
     def moved(self) -> int:
@@ -84,43 +88,62 @@ def select(letters: Iterable[DeadLetter], where: ReplayFilter) -> list[DeadLette
     return chosen if where.limit is None else chosen[: max(where.limit, 0)]
 
 
-def replay(
-    queue: EventQueue,
-    where: ReplayFilter,
-    *,
-    dry_run: bool = False,
-    scan_limit: int = DEFAULT_SCAN_LIMIT,
-) -> ReplayReport:
-    """Move the chosen dead letters back to the queue (or only list them).
+def replay(queue: DeadLetterQueue, where: ReplayFilter, *, dry_run: bool = False) -> ReplayReport:
+    """Move the chosen dead letters back to the queue (or only list them), in one pass.
 
-    A dead letter that is gone by the time it is moved (someone else replayed
-    it) is reported and skipped; a transient queue error stops the run (what
-    was moved stays moved) and propagates so the command can say so.
+    A dead letter that cannot be moved (refused, or gone because someone else
+    replayed it) is reported and the pass goes on; a transient queue error stops
+    the run (what was moved stays moved) and propagates so the command can say so.
     """
-    letters = queue.dead_letters(limit=scan_limit)
-    report = ReplayReport(dry_run=dry_run, scanned=len(letters))
-    for letter in select(letters, where):
-        if dry_run:
-            report.items.append(ReplayItem(letter, moved=False))
-            continue
-        try:
-            queue.resubmit(letter)
-        except PermanentError as error:
-            report.items.append(ReplayItem(letter, moved=False, error=str(error)))
-            continue
-        report.items.append(ReplayItem(letter, moved=True))
-        log.info(
-            "replayed dead letter %s of group %s (%s)",
-            letter.message_id,
-            letter.session_id,
-            letter.reason,
-            extra={
-                "message_id": letter.message_id,
-                "group_id": letter.session_id,
-                "dead_letter_reason": letter.reason,
-            },
-        )
+    limit = None if where.limit is None else max(where.limit, 0)
+    picked = 0
+
+    def choose(letter: DeadLetter) -> bool:
+        nonlocal picked
+        if limit is not None and picked >= limit:
+            return False
+        if not where.matches(letter):
+            return False
+        picked += 1
+        return True
+
+    report = ReplayReport(dry_run=dry_run)
+    if dry_run:
+        for letter in queue.iter_dead_letters():
+            report.scanned += 1
+            if choose(letter):
+                report.items.append(ReplayItem(letter, moved=False))
+        return report
+    passes = queue.replay_dead_letters(choose)
+    try:
+        for letter, chosen, error in passes:
+            report.scanned += 1
+            if chosen:
+                _record(report, letter, error)
+            if limit is not None and picked >= limit:
+                report.stopped_at_limit = True
+                break
+    finally:
+        passes.close()
     return report
+
+
+def _record(report: ReplayReport, letter: DeadLetter, error: WritebackError | None) -> None:
+    if error is not None:
+        report.items.append(ReplayItem(letter, moved=False, error=str(error)))
+        return
+    report.items.append(ReplayItem(letter, moved=True))
+    log.info(
+        "replayed dead letter %s of group %s (%s)",
+        letter.message_id,
+        letter.session_id,
+        letter.reason,
+        extra={
+            "message_id": letter.message_id,
+            "group_id": group_of_session(letter.session_id),
+            "dead_letter_reason": letter.reason,
+        },
+    )
 
 
 def parse_since(text: str) -> float:
@@ -149,6 +172,8 @@ def format_report(report: ReplayReport) -> list[str]:
         )
     count = len(report.items) if report.dry_run else report.moved
     total = f"{verb} {count} of {report.scanned} dead letters"
+    if report.stopped_at_limit:
+        total += " looked at (stopped at --max; the rest were not looked at)"
     if report.failed:
         total += f"; {report.failed} could not be moved"
     lines.append(total)

@@ -1,6 +1,6 @@
 """What ``python -m writeback status`` shows, and the state file it reads.
 
-Single-machine mode (``serve``) keeps a small JSON state file
+The pipeline keeps a small JSON state (:class:`writeback.adapters.state.StateFile`,
 (``WRITEBACK_STATE_PATH``): the last reconcile (when, how long, what it wrote,
 whether it failed), the subscription (id, expiry, last upkeep action), whether
 writes are paused, and where the server listens. The file is replaced
@@ -8,74 +8,28 @@ atomically (write a temporary file, then rename), so a reader never sees half
 of it. It holds no secret: URLs are stored without their query (which may
 carry the webhook key).
 
-The queue figures come through the queue itself (depth, dead letters by
-reason), so ``status`` works on Service Bus as on the local queue.
+The queue figures come through the queue itself, so ``status`` works on
+Service Bus as on the local queue, and each is read on its own: the depth (and
+the scheduled retries) and the dead letters by reason. On Service Bus they need
+different rights (the depth comes from the administration API and needs Manage,
+"Azure Service Bus Data Owner"; the dead letters are peeked and need only Listen,
+"Azure Service Bus Data Receiver"), so one that cannot be read is reported with
+its reason and the other is still shown.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-import threading
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from writeback.errors import WritebackError
-from writeback.ports import EventQueue
+from writeback.domain.times import iso, parse_iso
+from writeback.errors import QueueRefused, WritebackError
+from writeback.ports import DeadLetterQueue
 
 log = logging.getLogger("writeback.status")
-
-STATE_VERSION = 1
-
-
-class StateFile:
-    """A JSON object on disk, updated section by section (thread-safe within a process)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-
-    def read(self) -> dict[str, Any]:
-        """The recorded state; empty when there is no file or it cannot be read."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            log.warning("state file %s unreadable: %s", self.path, error)
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def update(self, **sections: Any) -> dict[str, Any]:
-        """Replace the given top-level sections and write the file; returns the new state."""
-        with self._lock:
-            state = self.read()
-            state.update(sections)
-            state["version"] = STATE_VERSION
-            state["updated_at"] = iso(datetime.now(UTC))
-            self._write(state)
-            return state
-
-    def _write(self, state: dict[str, Any]) -> None:
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".state-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(state, out, indent=2, sort_keys=True)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
 
 
 @dataclass(frozen=True)
@@ -83,51 +37,74 @@ class Status:
     queue_depth: int | None
     scheduled: int | None
     dead_letters: dict[str, int] | None
-    queue_error: str | None
+    #: Why the depth could not be read (None when it was).
+    depth_error: str | None
+    #: Why the dead letters could not be read (None when they were).
+    dead_letter_error: str | None
     state: Mapping[str, Any]
 
     @property
     def dead_letter_total(self) -> int:
         return sum((self.dead_letters or {}).values())
 
+    @property
+    def queue_error(self) -> str | None:
+        """Every figure that could not be read, with why (None when all were)."""
+        errors = [
+            f"{what}: {error}"
+            for what, error in (
+                ("depth", self.depth_error),
+                ("dead letters", self.dead_letter_error),
+            )
+            if error is not None
+        ]
+        return "; ".join(errors) or None
 
-def collect_status(queue: EventQueue | None, state: Mapping[str, Any]) -> Status:
-    """Read the queue's figures (an error is reported, not raised) next to the state."""
+
+def collect_status(queue: DeadLetterQueue | None, state: Mapping[str, Any]) -> Status:
+    """Read the queue's figures, each on its own (an error is reported, not raised)."""
     depth = scheduled = None
     by_reason: dict[str, int] | None = None
-    error = None
+    depth_error = dead_letter_error = None
     if queue is not None:
         try:
             depth = queue.depth()
-            count_scheduled = getattr(queue, "scheduled_count", None)
-            scheduled = count_scheduled() if callable(count_scheduled) else None
+            scheduled = queue.scheduled_count()
+        except WritebackError as failure:
+            depth_error = _explain(failure, "depth")
+        try:
             by_reason = dead_letters_by_reason(queue)
         except WritebackError as failure:
-            error = f"{type(failure).__name__}: {failure}"
-    return Status(depth, scheduled, by_reason, error, state)
+            dead_letter_error = _explain(failure, "dead letters")
+    return Status(depth, scheduled, by_reason, depth_error, dead_letter_error, state)
 
 
-def dead_letters_by_reason(queue: EventQueue) -> dict[str, int]:
-    counter = getattr(queue, "dead_letter_count_by_reason", None)
-    if callable(counter):
-        counted: dict[str, int] = counter()
-        return dict(sorted(counted.items()))
-    return dict(sorted(Counter(letter.reason for letter in queue.dead_letters()).items()))
+def _explain(failure: WritebackError, what: str) -> str:
+    text = f"{type(failure).__name__}: {failure}"
+    if isinstance(failure, QueueRefused) and what == "dead letters":
+        text += " (reading dead letters needs Listen: 'Azure Service Bus Data Receiver')"
+    return text
+
+
+def dead_letters_by_reason(queue: DeadLetterQueue) -> dict[str, int]:
+    return dict(sorted(queue.dead_letter_count_by_reason().items()))
 
 
 def format_status(status: Status, now: datetime | None = None) -> list[str]:
     now = now or datetime.now(UTC)
     lines = []
-    if status.queue_error is not None:
-        lines.append(f"queue: unavailable ({status.queue_error})")
+    if status.depth_error is not None:
+        lines.append(f"queue: depth unknown ({status.depth_error})")
     else:
         waiting = f", {status.scheduled} waiting to be retried" if status.scheduled else ""
         lines.append(f"queue: {status.queue_depth} messages{waiting}")
-        if status.dead_letters:
-            reasons = ", ".join(f"{reason} {n}" for reason, n in status.dead_letters.items())
-            lines.append(f"dead letters: {status.dead_letter_total} ({reasons})")
-        else:
-            lines.append("dead letters: none")
+    if status.dead_letter_error is not None:
+        lines.append(f"dead letters: unknown ({status.dead_letter_error})")
+    elif status.dead_letters:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in status.dead_letters.items())
+        lines.append(f"dead letters: {status.dead_letter_total} ({reasons})")
+    else:
+        lines.append("dead letters: none")
     state = status.state
     lines.append(_subscription_line(state.get("subscription"), now))
     lines.append(_reconcile_line(state.get("last_reconcile"), now))
@@ -145,7 +122,7 @@ def _subscription_line(subscription: object, now: datetime) -> str:
     if not isinstance(subscription, dict) or not subscription.get("id"):
         return "subscription: unknown (no state recorded)"
     error = subscription.get("error")
-    expires = _parse(subscription.get("expiration"))
+    expires = parse_iso(subscription.get("expiration"))
     if expires is None:
         when = "expiry unknown"
     elif expires <= now:
@@ -163,7 +140,7 @@ def _subscription_line(subscription: object, now: datetime) -> str:
 def _reconcile_line(record: object, now: datetime) -> str:
     if not isinstance(record, dict) or not record.get("at"):
         return "last reconcile: never"
-    at = _parse(record.get("at"))
+    at = parse_iso(record.get("at"))
     ago = f" ({_span(now - at)} ago)" if at is not None else ""
     if record.get("error"):
         return f"last reconcile: {record['at']}{ago} FAILED: {record['error']}"
@@ -177,20 +154,6 @@ def _reconcile_line(record: object, now: datetime) -> str:
     if record.get("deletes_blocked"):
         line += f"; deletes held back: {record['deletes_blocked']}"
     return line
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _parse(text: object) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _span(delta: timedelta) -> str:

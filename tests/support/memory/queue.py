@@ -36,13 +36,19 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 from tests.support.memory.faults import Faults
 from writeback.adapters.local_queue import MAX_DELIVERY_COUNT_EXCEEDED, MAX_ID_LENGTH
-from writeback.errors import ConfigError, DeadLetterNotFound, LockLost, MessageRejected
-from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
+from writeback.errors import (
+    ConfigError,
+    DeadLetterNotFound,
+    LockLost,
+    MessageRejected,
+    PermanentError,
+)
+from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage, ReplayStep
 
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
 
@@ -429,6 +435,25 @@ class MemoryQueue:
         """Dead letters, oldest first."""
         with self._broker.condition:
             return [self._broker.dead[seq][0] for seq in sorted(self._broker.dead)][:limit]
+
+    def iter_dead_letters(self, *, page_size: int = 500) -> Iterator[DeadLetter]:
+        """Every dead letter, oldest first (a copy of the list: one page in memory)."""
+        yield from self.dead_letters(limit=len(self._broker.dead))
+
+    def replay_dead_letters(
+        self, choose: Callable[[DeadLetter], bool]
+    ) -> Generator[ReplayStep, None, None]:
+        """One pass, oldest first, moving back what ``choose`` picks as it goes."""
+        for letter in list(self.iter_dead_letters()):
+            if not choose(letter):
+                yield letter, False, None
+                continue
+            try:
+                self.resubmit(letter)
+            except PermanentError as error:
+                yield letter, True, error
+                continue
+            yield letter, True, None
 
     def resubmit(self, dead_letter: DeadLetter) -> None:
         """Move one dead letter back to the end of the queue with a fresh delivery
