@@ -72,6 +72,7 @@ from writeback.agent_protocol import audience
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
+from writeback.errors import WritebackError
 from writeback.hosting.agent import AgentService, relay_handler
 from writeback.hosting.serve import ServeConfig, Server, ServerStats
 from writeback.ports import Directory
@@ -156,6 +157,17 @@ class CountingDirectory:
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._inner.iter_groups()
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        before = self._inner.member_values_read
+        results = self._inner.apply_all(operations)
+        with self._tally.lock:
+            self._tally.read += self._inner.member_values_read - before
+            for operation, result in zip(operations, results, strict=True):
+                if not isinstance(result, WritebackError):
+                    self._tally.written += values_written(operation)
+                    self._tally.operations.append(operation.kind)
+        return results
 
     def apply(self, operation: Operation) -> int:
         before = self._inner.member_values_read  # a conflict read-back reads members

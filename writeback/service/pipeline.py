@@ -871,6 +871,17 @@ class _Tracked:
     def complete(self, message: ReceivedMessage) -> None:
         self._settle(message, self._settlement.complete)
 
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        if not messages:
+            return
+        try:
+            self._settlement.complete_all(messages)
+        except Exception as error:
+            raise SettlementFailed(
+                f"settling {len(messages)} messages failed: {type(error).__name__}: {error}"
+            ) from error
+        self._settled.update(id(m) for m in messages)
+
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         self._settle(message, lambda m: self._settlement.abandon(m, delay=delay))
 
