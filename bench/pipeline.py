@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
     parser.add_argument("--users", type=int, default=2000, help="users for ordinary groups")
     parser.add_argument("--big", type=int, default=50_000, help="members of the large group")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="WRITEBACK_WORKERS")
+    parser.add_argument("--sessions", type=int, default=20, help="sessions a worker takes a step")
     parser.add_argument("--batch", type=int, default=10, help="notifications per Graph POST")
     parser.add_argument("--address", default="127.0.0.31")
     parser.add_argument(
@@ -376,6 +377,7 @@ class Bench:
         #: SIDs the single-call loop added, so it never adds one twice.
         self.member_sids_added: dict[str, set[str]] = {}
         self.finding = ""
+        self.plain_dc_ms = 0.0
 
     def run(self) -> None:
         args = self.args
@@ -462,6 +464,7 @@ class Bench:
             client_states=[CLIENT_STATE],
             config=ServeConfig(
                 workers=self.args.workers,
+                max_sessions=self.args.sessions,
                 settle=self.args.settle,
                 state_path=str(self.tmp / f"state-{uuid.uuid4().hex}.json"),
                 reconcile_interval=86400,
@@ -485,7 +488,7 @@ class Bench:
         before = server.stats
         order = groups[:]
         self.rng.shuffle(order)
-        cpu_before, child_before = cpu_seconds(), standin.cpu()
+        cpu_before, child_before, dc_before = cpu_seconds(), standin.cpu(), self.dc.cpu_seconds()
         started = time.monotonic()
         for group in order:  # one new member per group: one notification, one write each
             self.add_member(standin, group)
@@ -494,6 +497,7 @@ class Bench:
         assert standin.standin("wait_idle", 600) and server.wait_idle(600, include_scheduled=False)
         seconds = time.monotonic() - started
         cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
+        dc_cpu = self.dc.cpu_seconds() - dc_before
         delta = diff(before, server.stats)
         rate = delta.writes / seconds
         if latency == 0 and not self.pipeline_write_rate:
@@ -510,8 +514,9 @@ class Bench:
             (f"{name}: LDAP writes/s (÷ plain loop)", f"{rate:.0f} ({rate / plain_rate:.2f})"),
             (f"{name}: latency p50 / p99, ms", fmt_latency(delta)),
             (
-                f"{name}: CPU ms per event, pipeline / Graph stand-in",
-                f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f}",
+                f"{name}: CPU ms per event, pipeline / Graph stand-in / DC",
+                f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f} / "
+                f"{dc_cpu * 1000 / events:.1f}",
             ),
             (f"{name}: dead letters", f"{delta.dead_lettered}"),
         ]
@@ -548,12 +553,15 @@ class Bench:
             member_values = [f"<SID={sid}>" for sid in members]
             conn.add(dn, ["top", "group"], {"sAMAccountName": f"plain{n}", "member": member_values})
             planned.append((dn, f"<SID={extra}>"))
+        dc_before = self.dc.cpu_seconds()
         started = time.monotonic()
         for dn, value in planned:
             if not conn.modify(dn, {"member": [(MODIFY_ADD, [value])]}):
                 raise RuntimeError(f"plain modify failed: {conn.result}")
         seconds = time.monotonic() - started
         conn.unbind()
+        self.plain_dc_ms = (self.dc.cpu_seconds() - dc_before) * 1000 / len(planned)
+        self.rows.append(("plain ldap3 loop: DC CPU ms per modify", f"{self.plain_dc_ms:.2f}"))
         return len(planned) / seconds
 
     def large_group(self, standin: RemoteStandIn, server: Server, names: list[str]) -> None:
