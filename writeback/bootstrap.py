@@ -101,7 +101,29 @@ def build_ldap_directory(settings: Settings, guids: ObjectGuids | None = None) -
 # =========================================================================== the cloud
 
 
+def require_extra(extra: str, *modules: str) -> None:
+    """Refuse with a clear message when an optional part of the install is missing.
+
+    The core install (``pip install writeback``) is what the on-premises agent
+    runs on; Graph, Service Bus and serve's metrics come with extras."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # its parent package is missing too
+            return True
+
+    missing = [name for name in modules if absent(name)]
+    if missing:
+        raise ConfigError(
+            f"this needs the {extra} extra, which is not installed ({', '.join(missing)} "
+            f"missing): pip install 'writeback[{extra}]'"
+        )
+
+
 def build_cloud(settings: Settings) -> GraphCloud:
+    require_extra("graph", "msgraph", "azure.identity")
     from writeback.adapters.graph import GraphCloud
 
     return GraphCloud(
@@ -176,6 +198,7 @@ def build_queue(pipeline: PipelineSettings) -> LocalQueue | ServiceBusQueue:
             lock_duration=LOCAL_LOCK_DURATION,
             max_delivery_count=pipeline.max_delivery_count,
         )
+    require_extra("functions", "azure.servicebus", "azure.identity")
     from writeback.adapters.servicebus import ServiceBusQueue
 
     if pipeline.servicebus_connection:

@@ -179,6 +179,12 @@ class EventOutcome:
     confirmation: bool = False
     pending_delete: bool = False
 
+    @property
+    def reason(self) -> str | None:
+        """Why it was settled so, in one word: the dead-letter reason, the transient
+        error's type, why parked (``error`` without its detail); None when completed."""
+        return self.error.split(":", 1)[0].strip() if self.error else None
+
 
 # =========================================================================== converging
 
@@ -610,7 +616,7 @@ def process_sessions(
     for batch, (events, valid) in zip(sessions, parsed, strict=True):
         session = batch[0].session_id
         if not events:
-            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="poison"))
+            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="PoisonEvent"))
             continue
         outcome = _settle(queue, valid, events, results[session], ctx)
         if outcome.settlement == "completed":
@@ -785,9 +791,22 @@ def _log(outcome: EventOutcome) -> None:
             "group_id": outcome.group_id,
             "operation": op,
             "outcome": outcome.settlement,
+            "reason": outcome.reason,
+            "messages": outcome.messages,
+            "notifications": outcome.notifications,
             "latency_ms": None if outcome.latency is None else round(outcome.latency * 1000, 1),
+            "skipped": skip_summary(outcome.skips),
         },
     )
+
+
+def skip_summary(skips: Iterable[Skip]) -> str | None:
+    """``reason=count`` pairs of what a write left out (``member-not-on-prem=3``), one
+    text field (Application Insights keeps custom dimensions as strings); None for none."""
+    counted: dict[str, int] = {}
+    for skip in skips:
+        counted[str(skip.reason)] = counted.get(str(skip.reason), 0) + skip.count
+    return ",".join(f"{reason}={n}" for reason, n in sorted(counted.items())) or None
 
 
 def group_ids(outcomes: Iterable[EventOutcome]) -> list[str]:
