@@ -17,6 +17,13 @@ from enum import Enum, StrEnum
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from writeback.domain.guard import (
+    MEMBER_DENY_SETTING,
+    PROTECTED_GROUPS_SETTING,
+    GuardRules,
+    canonical_sid,
+    is_sid,
+)
 from writeback.domain.mapping import (
     DEFAULT_MEMBER_LIMIT,
     MAX_MEMBER_LIMIT,
@@ -134,6 +141,14 @@ class Settings:
     #: Set when ``directory`` is RELAY: the Send side of the Hybrid Connection.
     relay: RelaySettings | None = None
     credentials: Credentials = field(default_factory=Credentials)
+    #: The member guard's deny list and the nesting guard's extra protected groups
+    #: (SIDs; domain/guard.py). On the agent, its own.
+    member_deny: frozenset[str] = frozenset()
+    protected_groups: frozenset[str] = frozenset()
+
+    @property
+    def guard_rules(self) -> GuardRules:
+        return GuardRules(deny=self.member_deny, protected=self.protected_groups)
 
     def mapping(self, schema_attributes: frozenset[str] = frozenset()) -> MappingOptions:
         return MappingOptions(
@@ -175,6 +190,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         graph_url=env.get("WRITEBACK_GRAPH_URL") or PUBLIC_GRAPH_URL,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
         credentials=load_credentials(env),
+        member_deny=_sids(MEMBER_DENY_SETTING, env.get(MEMBER_DENY_SETTING, "")),
+        protected_groups=_sids(PROTECTED_GROUPS_SETTING, env.get(PROTECTED_GROUPS_SETTING, "")),
     )
     _check_target_ou(settings.target_ou)
     _check_graph(settings.graph_url, settings.graph_auth)
@@ -240,6 +257,15 @@ def load_agent_settings(env: Mapping[str, str] | None = None) -> AgentSettings:
         delete_limit=reader.integer("WRITEBACK_AGENT_DELETE_LIMIT", 500, 0, 10_000_000),
         concurrency=reader.integer("WRITEBACK_AGENT_CONCURRENCY", 4, 1, 64),
     )
+
+
+def _sids(name: str, value: str) -> frozenset[str]:
+    """A list of SIDs (commas, semicolons or spaces between them), upper case."""
+    sids = frozenset(canonical_sid(s) for s in re.split(r"[,;\s]+", value) if s.strip())
+    bad = sorted(s for s in sids if not is_sid(s))
+    if bad:
+        raise ConfigError(f"{name}: {', '.join(bad)} is not a SID (S-1-5-21-...)")
+    return sids
 
 
 def _domains(value: str) -> frozenset[str]:

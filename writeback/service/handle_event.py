@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, replace
 
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import Change, GroupChanged
+from writeback.domain.guard import GuardView, guard_desired
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
     Changes,
@@ -77,6 +78,7 @@ from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
 from writeback.errors import (
     ConfigError,
+    DuplicateAnchor,
     PermanentError,
     PoisonEvent,
     TransientError,
@@ -94,6 +96,7 @@ from writeback.ports import (
     Settlement,
     StoredLink,
 )
+from writeback.service.guarding import GuardReads
 
 log = logging.getLogger("writeback.worker")
 
@@ -151,6 +154,8 @@ class WorkerContext:
     #: Seconds between a read and its confirmation (module docstring).
     settle: float = DEFAULT_SETTLE
     clock: Callable[[], float] = time.time
+    #: The member and nesting guards' reads (their rules, and answers kept briefly).
+    guard: GuardReads = field(default_factory=GuardReads)
 
 
 #: The window the worker counts its deletes over.
@@ -251,22 +256,67 @@ def _step(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
     deltas, full = _read_deltas(works, ctx, results)
     by_id = {w.group_id: w for w in works}
     if deltas:
-        try:
-            current = ctx.directory.find_groups(list(deltas), members=False)
-        except WritebackError as error:
-            current = {}
-            for group_id in deltas:
-                results[group_id] = error
-            deltas = {}
+        current = _find(list(deltas), ctx, results, members=False)
+        deltas = {gid: read for gid, read in deltas.items() if gid not in results}
+        for group_id in [gid for gid in deltas if gid not in current]:
+            full.append(replace(by_id[group_id], full=True))  # AD object missing
+            del deltas[group_id]
+        adds = [replace(read.group, members=read.added) for read in deltas.values()]
+        guard = _guard(adds, ctx, results, deltas)
         for group_id, read in deltas.items():
-            found = current.get(group_id)
-            if found is None:
-                full.append(replace(by_id[group_id], full=True))  # AD object missing
-            else:
-                results[group_id] = _apply_deltas(group_id, read, found, by_id[group_id], ctx)
+            if guard is not None:
+                results[group_id] = _apply_deltas(
+                    group_id, read, current[group_id], by_id[group_id], ctx, guard=guard
+                )
     if full:
         results.update(_converge_in_full(full, ctx))
     return results
+
+
+def _find(
+    ids: list[str], ctx: WorkerContext, results: dict[str, Result], *, members: bool
+) -> dict[str, DirectoryGroup]:
+    """The AD objects of ``ids``. A group whose anchor is duplicated gets its own
+    error (a person must look), and the others go on; any other failure is every
+    group's."""
+    try:
+        return ctx.directory.find_groups(ids, members=members)
+    except DuplicateAnchor as duplicate:
+        for group_id, dns in duplicate.duplicates.items():
+            results[group_id] = DuplicateAnchor({group_id: dns})
+            log.warning(
+                "group %s: %s; not written",
+                group_id,
+                results[group_id],
+                extra={"group_id": group_id, "outcome": "duplicate-anchor"},
+            )
+        return {gid: g for gid, g in duplicate.found.items() if gid in ids}
+    except WritebackError as error:
+        for group_id in ids:
+            results[group_id] = error
+        return {}
+
+
+def _guard(
+    groups: Sequence[CloudGroup],
+    ctx: WorkerContext,
+    results: dict[str, Result],
+    ids: Iterable[str],
+) -> GuardView | None:
+    """The guards' reads for the member SIDs of ``groups`` (one bulk read, cached
+    briefly); None, with every group of ``ids`` given the error, when they failed."""
+    sids = {
+        sid
+        for group in groups
+        if group.is_unified and over_member_limit(group, ctx.options.member_limit) is None
+        for sid in desired_group(group, ctx.options).member_sids
+    }
+    try:
+        return ctx.guard.view(ctx.directory, sids)
+    except WritebackError as error:
+        for group_id in ids:
+            results[group_id] = error
+        return None
 
 
 # --------------------------------------------------------------------------- full reads
@@ -288,20 +338,30 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
     try:
         answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
-        current = ctx.directory.find_groups(ids, members=True)
     except WritebackError as error:
         return {gid: error for gid in ids}
+    current = _find(ids, ctx, results, members=True)
+    if len(results) == len(ids):
+        return results
+    cloud_groups = [g for g in groups.values() if isinstance(g, CloudGroup)]
+    guard = _guard(cloud_groups, ctx, results, [gid for gid in ids if gid not in results])
+    if guard is None:
+        return results
     # A group whose link could not be had is read all the same; it gets one next time.
     links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
+        if gid in results:
+            continue
         if read is None:
             results[gid] = TransientError(f"group {gid}: Graph gave no answer for it")
         elif isinstance(read, WritebackError):
             results[gid] = read
         else:
-            results[gid] = _settle_one(work, read, current.get(gid), links.get(gid), ctx)
+            results[gid] = _settle_one(
+                work, read, current.get(gid), links.get(gid), ctx, guard=guard
+            )
     return results
 
 
@@ -311,13 +371,17 @@ def _settle_one(
     current: DirectoryGroup | None,
     link: str | None,
     ctx: WorkerContext,
+    *,
+    guard: GuardView,
 ) -> Result:
     try:
         if isinstance(read, GroupGone):
             return _gone(work, read, current, ctx)
         if not read.is_unified:
             return Converged()  # not (or no longer) ours to write
-        desired = desired_group(_within_limit(read, ctx), ctx.options)
+        desired = guard_desired(
+            desired_group(_within_limit(read, ctx), ctx.options), current, guard
+        )
         operation = plan_group(desired, current, ctx.options.target_ou)
         requests = _apply(operation, ctx)
         if ctx.links is not None:
@@ -504,10 +568,17 @@ def _usable(
 
 
 def _apply_deltas(
-    gid: str, read: _Deltas, current: DirectoryGroup, work: Work, ctx: WorkerContext
+    gid: str,
+    read: _Deltas,
+    current: DirectoryGroup,
+    work: Work,
+    ctx: WorkerContext,
+    *,
+    guard: GuardView,
 ) -> Result:
     try:
-        desired = desired_group(replace(read.group, members=read.added), ctx.options)
+        added = desired_group(replace(read.group, members=read.added), ctx.options)
+        desired = guard_desired(added, current, guard)  # current without members: adds only
         planned = plan_group(
             replace(desired, member_sids=frozenset()), current, ctx.options.target_ou
         )
@@ -731,6 +802,20 @@ def _log(outcome: EventOutcome) -> None:
             "latency_ms": None if outcome.latency is None else round(outcome.latency * 1000, 1),
         },
     )
+    for skip in outcome.skips:
+        if skip.member or skip.alert:  # the guards' decisions, one line each
+            log.warning(
+                "group %s: %s%s: %s",
+                outcome.group_id,
+                skip.reason.value,
+                f" x{skip.count}" if skip.count != 1 else "",
+                skip.detail,
+                extra={
+                    "group_id": outcome.group_id,
+                    "skip_reason": skip.reason.value,
+                    "member": skip.member or None,
+                },
+            )
 
 
 def group_ids(outcomes: Iterable[EventOutcome]) -> list[str]:
