@@ -273,6 +273,7 @@ var appSettings = {
   WRITEBACK_LISTEN_PORT: ''
   WRITEBACK_WORKERS: ''
   WRITEBACK_WEBHOOK_KEY: ''
+  WRITEBACK_MAX_CONNECTIONS: ''
 }
 
 module app 'modules/functionapp.bicep' = {

@@ -422,8 +422,11 @@ class PipelineSettings:
     #: Seconds between an event's read and its confirmation read; a group must stay
     #: gone this long before its object is deleted (Graph is eventually consistent).
     settle_seconds: int = 60
-    #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
+    #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set
+    #: (required when listening off loopback).
     webhook_key: str | None = field(default=None, repr=False)
+    #: Single-machine mode: connections the webhook serves at once (one more: 503).
+    max_connections: int = 64
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
     servicebus_connection: str | None = field(default=None, repr=False)
     #: How Service Bus is reached when no connection string is set.
@@ -478,15 +481,21 @@ def load_pipeline_settings(
         )
     listen_address = env.get("WRITEBACK_LISTEN_ADDRESS", "").strip() or "127.0.0.1"
     try:
-        ipaddress.ip_address(listen_address)
+        loopback = ipaddress.ip_address(listen_address).is_loopback
     except ValueError:
         raise ConfigError(
             f"WRITEBACK_LISTEN_ADDRESS={listen_address!r} is not an IP address"
         ) from None
+    if host is Host.SERVE and not loopback and webhook_key is None:
+        raise ConfigError(
+            f"WRITEBACK_WEBHOOK_KEY must be set when WRITEBACK_LISTEN_ADDRESS={listen_address} "
+            "is not a loopback address (anyone who can reach it could post to the webhook)"
+        )
     return PipelineSettings(
         client_states=states,
         queue=queue,
-        queue_path=env.get("WRITEBACK_QUEUE_PATH") or DEFAULT_QUEUE_PATH,
+        # Absolute, so the file a tool reads is the one serve writes whatever the cwd was.
+        queue_path=os.path.abspath(env.get("WRITEBACK_QUEUE_PATH") or DEFAULT_QUEUE_PATH),
         servicebus_namespace=namespace,
         servicebus_queue=env.get("WRITEBACK_SERVICEBUS_QUEUE") or "group-events",
         notification_url=env.get("WRITEBACK_NOTIFICATION_URL") or None,
@@ -506,6 +515,7 @@ def load_pipeline_settings(
         workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
         settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
+        max_connections=reader.integer("WRITEBACK_MAX_CONNECTIONS", 64, 1, 4096),
         servicebus_connection=connection,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
         credentials=load_credentials(env),

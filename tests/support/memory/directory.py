@@ -288,7 +288,12 @@ class MemoryForest:
             obj = self._object(dn)
             obj.member_sids |= set(add)
             obj.member_sids -= set(remove)
-            obj.other_members |= {dn_key(d) for d in add_dns}
+            for member_dn in add_dns:  # an object with a SID is read back by its SID, as in AD
+                member = self._objects.get(dn_key(member_dn))
+                if member is not None and member.object_sid:
+                    obj.member_sids.add(member.object_sid)
+                else:
+                    obj.other_members.add(dn_key(member_dn))
 
     def admin_move(self, dn: str, new_dn: str) -> None:
         """Rename or move an object by hand (anywhere the parent exists)."""
