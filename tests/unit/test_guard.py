@@ -22,6 +22,7 @@ from writeback.domain.guard import (
     member_refusal,
     needs_lookup,
     protected_reason,
+    sids_to_resolve,
     static_refusal,
 )
 from writeback.domain.mapping import MappingOptions, desired_group
@@ -195,3 +196,14 @@ def test_the_guard_settings_are_sids_and_named_when_wrong() -> None:
     for name in ("WRITEBACK_MEMBER_DENY", "WRITEBACK_PROTECTED_GROUPS"):
         with pytest.raises(ConfigError, match=name):
             load_settings({**env, name: "CN=Domain Admins,CN=Users,DC=corp"})
+
+
+def test_members_ad_holds_are_checked_by_the_rules_that_need_no_directory() -> None:
+    held, new, admin = f"{DOMAIN}-1105", f"{DOMAIN}-1106", f"{DOMAIN}-512"
+    desired = desired_group(cloud(held, new, admin), MappingOptions(target_ou=OU))
+    current = DirectoryGroup(f"CN=Group_{GID},{OU}", GID, {}, member_sids=frozenset({held, admin}))
+    assert sids_to_resolve(desired.member_sids, current.member_sids, GuardRules()) == [new]
+    guarded = guard_desired(desired, current, GuardView(principals={new: user(1106)}))
+    assert guarded.member_sids == {held, new}, "Domain Admins goes, even though AD holds it"
+    denied = GuardView(rules=GuardRules(deny=frozenset({held})), principals={new: user(1106)})
+    assert guard_desired(desired, current, denied).member_sids == {new}

@@ -244,6 +244,13 @@ def static_refusal(sid: str, rules: GuardRules) -> tuple[SkipReason, str] | None
     return None
 
 
+def sids_to_resolve(desired: Iterable[str], held: Iterable[str], rules: GuardRules) -> list[str]:
+    """Of one group's desired member SIDs, those the directory must be asked about:
+    the ones AD does not hold yet (``held``) and the static rules leave open."""
+    already = set(held)
+    return needs_lookup((sid for sid in desired if sid not in already), rules)
+
+
 def needs_lookup(sids: Iterable[str], rules: GuardRules) -> list[str]:
     """The SIDs (canonical, each once) that only the directory can decide."""
     wanted = dict.fromkeys(canonical_sid(s) for s in sids)
@@ -357,8 +364,22 @@ def guard_desired(
 ) -> DesiredGroup:
     """``desired`` with the guards applied: refused members left out (so any already
     in AD are removed), and for a frozen group no member AD does not hold already.
-    Each refused member, and a frozen group, adds a skip with the reason."""
-    refused = member_refusals(sorted(desired.member_sids), view.principals, view.rules)
+    Each refused member, and a frozen group, adds a skip with the reason.
+
+    A member AD already holds is checked against the rules that need no directory
+    (the deny list, the well-known principals), so one of those already there is
+    removed; the directory's answers (``view.principals``) are needed only for the
+    members a write would add (:func:`sids_to_resolve`)."""
+    held = current.member_sids if current is not None else frozenset()
+    refused: dict[str, tuple[SkipReason, str]] = {}
+    for sid in sorted(desired.member_sids):
+        why = (
+            static_refusal(sid, view.rules)
+            if sid in held
+            else member_refusal(sid, view.principals.get(canonical_sid(sid)), view.rules)
+        )
+        if why is not None:
+            refused[sid] = why
     kept = desired.member_sids - refused.keys()
     skips = [
         Skip(desired.group_id, reason, detail, member=sid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from writeback.domain.guard import (
     GuardRules,
@@ -24,7 +24,10 @@ from writeback.domain.guard import (
     Principal,
     frozen_groups,
     needs_lookup,
+    sids_to_resolve,
 )
+from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.model import CloudGroup, DirectoryGroup
 from writeback.ports import Directory
 
 log = logging.getLogger("writeback.guard")
@@ -103,3 +106,21 @@ class GuardReads:
 def read_view(directory: Directory, sids: Iterable[str], rules: GuardRules) -> GuardView:
     """The guards' view read afresh (the reconcile's, once per run)."""
     return GuardReads(rules, ttl=0).view(directory, sids)
+
+
+def member_sids_to_check(
+    groups: Iterable[CloudGroup],
+    current: Mapping[str, DirectoryGroup],
+    options: MappingOptions,
+    rules: GuardRules,
+) -> set[str]:
+    """The member SIDs the mapping would add to ``groups`` (Unified, within the
+    member limit) that AD does not hold yet: what the directory is asked about."""
+    sids: set[str] = set()
+    for group in groups:
+        if not group.is_unified or over_member_limit(group, options.member_limit) is not None:
+            continue
+        found = current.get(group.id)
+        held = found.member_sids if found is not None else frozenset()
+        sids.update(sids_to_resolve(desired_group(group, options).member_sids, held, rules))
+    return sids

@@ -56,7 +56,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from writeback.config import SoftDeletePolicy
@@ -96,7 +96,7 @@ from writeback.ports import (
     Settlement,
     StoredLink,
 )
-from writeback.service.guarding import GuardReads
+from writeback.service.guarding import GuardReads, member_sids_to_check
 
 log = logging.getLogger("writeback.worker")
 
@@ -262,7 +262,7 @@ def _step(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
             full.append(replace(by_id[group_id], full=True))  # AD object missing
             del deltas[group_id]
         adds = [replace(read.group, members=read.added) for read in deltas.values()]
-        guard = _guard(adds, ctx, results, deltas)
+        guard = _guard(adds, current, ctx, results, deltas)
         for group_id, read in deltas.items():
             if guard is not None:
                 results[group_id] = _apply_deltas(
@@ -299,18 +299,15 @@ def _find(
 
 def _guard(
     groups: Sequence[CloudGroup],
+    current: Mapping[str, DirectoryGroup],
     ctx: WorkerContext,
     results: dict[str, Result],
     ids: Iterable[str],
 ) -> GuardView | None:
-    """The guards' reads for the member SIDs of ``groups`` (one bulk read, cached
-    briefly); None, with every group of ``ids`` given the error, when they failed."""
-    sids = {
-        sid
-        for group in groups
-        if group.is_unified and over_member_limit(group, ctx.options.member_limit) is None
-        for sid in desired_group(group, ctx.options).member_sids
-    }
+    """The guards' reads for the member SIDs ``groups`` would add (one bulk read,
+    cached briefly); None, with every group of ``ids`` given the error, when they
+    failed."""
+    sids = member_sids_to_check(groups, current, ctx.options, ctx.guard.rules)
     try:
         return ctx.guard.view(ctx.directory, sids)
     except WritebackError as error:
@@ -344,7 +341,8 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
     if len(results) == len(ids):
         return results
     cloud_groups = [g for g in groups.values() if isinstance(g, CloudGroup)]
-    guard = _guard(cloud_groups, ctx, results, [gid for gid in ids if gid not in results])
+    pending = [gid for gid in ids if gid not in results]
+    guard = _guard(cloud_groups, current, ctx, results, pending)
     if guard is None:
         return results
     # A group whose link could not be had is read all the same; it gets one next time.

@@ -47,7 +47,7 @@ from writeback.domain.model import Delete, Skip, SkipReason
 from writeback.domain.times import iso
 from writeback.errors import DeltaExpired, DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
-from writeback.service.guarding import GuardReads
+from writeback.service.guarding import GuardReads, member_sids_to_check
 from writeback.service.reconcile import (
     Plan,
     Progress,
@@ -56,7 +56,6 @@ from writeback.service.reconcile import (
     add_deletes,
     apply_plan,
     check_adds,
-    guard_sids,
     plan_cloud_group,
     plan_from,
     threshold_reason,
@@ -289,7 +288,8 @@ def _plan_one(
     if not group.is_unified:
         return
     plan.groups_in_cloud += 1
-    view = guard.view(directory, guard_sids([group], options))
+    found = {group_id: current} if current is not None else {}
+    view = guard.view(directory, member_sids_to_check([group], found, options, policy.guard))
     plan_cloud_group(plan, group, current, options, view)
 
 

@@ -35,7 +35,7 @@ from writeback.domain.model import (
 from writeback.domain.planner import plan_group
 from writeback.errors import DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSnapshot, CloudSource, Directory
-from writeback.service.guarding import read_view
+from writeback.service.guarding import member_sids_to_check, read_view
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +126,17 @@ def plan_cloud_group(
 
 
 def guard_view(
-    groups: Iterable[CloudGroup], directory: Directory, options: MappingOptions, policy: SyncPolicy
+    groups: Iterable[CloudGroup],
+    current: Iterable[DirectoryGroup],
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
 ) -> GuardView:
-    """The guards' reads for planning ``groups``: every member SID the mapping would
-    write, resolved in bulk, and the nesting of our groups (one read each)."""
-    return read_view(directory, guard_sids(groups, options), policy.guard)
-
-
-def guard_sids(groups: Iterable[CloudGroup], options: MappingOptions) -> set[str]:
-    """Every member SID the mapping would write for ``groups``."""
-    return {
-        sid
-        for group in groups
-        if group.is_unified and over_member_limit(group, options.member_limit) is None
-        for sid in desired_group(group, options).member_sids
-    }
+    """The guards' reads for planning ``groups``: the member SIDs the mapping would add,
+    resolved in bulk, and the nesting of our groups (one read each)."""
+    by_id = {group.group_id: group for group in current}
+    sids = member_sids_to_check(groups, by_id, options, policy.guard)
+    return read_view(directory, sids, policy.guard)
 
 
 def plan_from(
@@ -151,9 +147,9 @@ def plan_from(
     policy: SyncPolicy,
 ) -> Plan:
     """:func:`build_plan` with the guards' reads, and the adds checked (:func:`check_adds`)."""
-    plan = build_plan(
-        snapshot, current, options, policy, guard_view(snapshot.groups, directory, options, policy)
-    )
+    current = list(current)
+    guard = guard_view(snapshot.groups, current, directory, options, policy)
+    plan = build_plan(snapshot, current, options, policy, guard)
     check_adds(plan, directory)
     return plan
 
