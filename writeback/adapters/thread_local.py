@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import WritebackError
 from writeback.ports import Directory
 
 
@@ -57,6 +58,9 @@ class ThreadLocalDirectory:
 
     def apply(self, operation: Operation) -> int:
         return self._mine().apply(operation)
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return self._mine().apply_all(operations)
 
     def close(self) -> None:
         with self._lock:

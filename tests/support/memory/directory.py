@@ -96,7 +96,8 @@ from writeback.domain.naming import (
     single_cn_rdn,
     strictly_within,
 )
-from writeback.errors import DirectoryRefused, DuplicateAnchor, PolicyRefused
+from writeback.errors import DirectoryRefused, DuplicateAnchor, PolicyRefused, WritebackError
+from writeback.ports import apply_each
 
 #: The attributes every forest's group class has (lower case), besides the Exchange ones.
 _BASE_SCHEMA = frozenset(
@@ -596,6 +597,9 @@ class MemoryDirectory:
         return key
 
     # ------------------------------------------------------------------ writes
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return apply_each(self.apply, operations)
 
     def apply(self, operation: Operation) -> int:
         self._enter("apply")
