@@ -12,7 +12,8 @@ on-premises privilege, and one id form holds at every boundary.
   removals and renames still reach AD; ``plan`` and ``status`` say so.
 * Finding 4: an anchor in another case is not ours (never deleted, recreated or
   written) and is reported; a queue body with an id in another case is poison;
-  one duplicated anchor in a step does not fail the other groups of the step.
+  one duplicated anchor in a step does not fail the other groups of the step, and
+  it is an alert in ``plan`` and ``status``.
 """
 
 from __future__ import annotations
@@ -402,3 +403,15 @@ def test_one_duplicated_anchor_does_not_fail_the_other_groups_of_its_step(
     plan = world.plan()
     [alert] = plan.alerts
     assert (alert.group_id, alert.reason) == (doubled, SkipReason.DUPLICATE_ANCHOR)
+    # Not a silent skip: the reconcile records it, and status shows it.
+    state = MemoryState()
+    pipeline = Pipeline(
+        cloud=world.cloud,
+        directory=world.dc.directory(world.ou),
+        config=PipelineConfig(options=world.options),
+        state=state,
+    )
+    assert pipeline.reconcile("test") is not None
+    lines = format_status(collect_status(None, state.read()))
+    assert any(line.startswith("ALERTS: 1") for line in lines), lines
+    assert any("duplicate-anchor" in line and doubled in line for line in lines), lines
