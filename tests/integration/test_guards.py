@@ -134,7 +134,13 @@ def hostile_members(world: World) -> dict[str, tuple[str, SkipReason]]:
         "administrators": ("S-1-5-32-544", SkipReason.MEMBER_PRIVILEGED),
         "everyone": ("S-1-1-0", SkipReason.MEMBER_PRIVILEGED),
         "ghost": (f"{domain}-987654", SkipReason.MEMBER_UNRESOLVED),
-        "otherdomain": ("S-1-5-21-1-2-3-4444", SkipReason.MEMBER_UNRESOLVED),
+        # A domain of its own per test: once some test has written a foreign SID as a
+        # member, the shared DC holds a foreign security principal for it, and that
+        # SID reads as not-a-user-object (refused all the same) instead.
+        "otherdomain": (
+            f"S-1-5-21-1-2-{uuid.uuid4().int % 2**31}-4444",
+            SkipReason.MEMBER_UNRESOLVED,
+        ),
         "protected": (world.sid_of("user1"), SkipReason.MEMBER_PROTECTED),
         "computer": (computer, SkipReason.MEMBER_NOT_A_USER_OBJECT),
         "theirs": (group_sid, SkipReason.MEMBER_NOT_A_USER_OBJECT),
