@@ -170,6 +170,14 @@ def admin_add(dc: SambaDC, dn: str, classes: list[str], attributes: dict[str, An
         conn.unbind()
 
 
+def admin_delete(dc: SambaDC, dn: str) -> None:
+    conn = dc.connection(raise_exceptions=False)
+    try:
+        assert conn.delete(dn), conn.result
+    finally:
+        conn.unbind()
+
+
 def admin_group(dc: SambaDC, dn: str, anchor: str | None = None) -> None:
     attributes: dict[str, Any] = {"sAMAccountName": "g" + uuid.uuid4().hex[:18]}
     if anchor is not None:
@@ -391,21 +399,22 @@ def test_find_groups_reads_many_groups_in_one_search(
     unknown = [new_id(), new_id()]
     directory = open_directory(samba_dc, target)
 
-    # Nothing cached yet: one search ORing the anchors finds them all.
+    # Nothing cached yet: one search ORing their sAMAccountNames (indexed) finds
+    # them all, and the unknown ones cost one search ORing their anchors.
     found, sent = searches(directory, lambda: directory.find_groups([*ids, *unknown]))
-    assert sent == 1
+    assert sent == 2
     assert set(found) == set(ids)
     for i, gid in enumerate(ids):
         assert found[gid].member_sids == set(sids[: i % 4])
         assert same_dn(found[gid].dn, dn_for(f"Group_{gid}", target))
         assert found[gid].object_sid and found[gid].object_sid.startswith("S-1-5-21-")
 
-    # Now every GUID is known: one search ORing them, and the misses one more.
+    # Now every GUID is known: one search ORing them, and the misses two more.
     again, sent = searches(directory, lambda: directory.find_groups(ids))
     assert sent == 1
     assert again == found
     _, sent = searches(directory, lambda: directory.find_groups([*ids, *unknown]))
-    assert sent == 2
+    assert sent == 3
 
     # Without members: still one search, and no member value read.
     values_before = directory.member_values_read
@@ -462,7 +471,7 @@ def test_guid_hints_shared_between_instances_save_the_anchor_search(
         assert conn.modify(found[stripped].dn, {"adminDescription": [(MODIFY_REPLACE, ["theirs"])]})
     assert hints.get(stripped) is not None
     result, sent = searches(second, lambda: second.find_groups(ids[1:]))
-    assert sent == 2, "the GUID search, then the anchor search for the refused hint"
+    assert sent == 3, "the GUID search, then by name and by anchor for the refused hint"
     assert set(result) == set(ids[2:])
 
 
@@ -501,7 +510,7 @@ def test_find_groups_follows_a_move_within_the_ou_but_not_out_of_it(
         conn.unbind()
 
     after, sent = searches(directory, lambda: directory.find_groups([stays, moves_in, moves_out]))
-    assert sent == 2, "the GUID search, then the anchor search for the one it missed"
+    assert sent == 3, "the GUID search, then by name and by anchor for the one it missed"
     assert set(after) == {stays, moves_in}
     assert same_dn(after[moves_in].dn, dn_for("Moved in", child))
     # the moved object is what may be written now; nothing outside the OU ever is
@@ -510,9 +519,9 @@ def test_find_groups_follows_a_move_within_the_ou_but_not_out_of_it(
         with pytest.raises(PolicyRefused):
             directory.apply(Delete(moves_out if "out" in dn else moves_in, dn))
     assert read(samba_dc, dn_for("Moved out", outside)) is not None
-    # and the GUID of the group gone from the OU is forgotten: one anchor search now
+    # and the GUID of the group gone from the OU is forgotten: by name, then by anchor
     _, sent = searches(directory, lambda: directory.find_groups([moves_out]))
-    assert sent == 1
+    assert sent == 2
 
 
 def test_find_groups_treats_an_edited_anchor_as_a_miss(
@@ -540,7 +549,7 @@ def test_find_groups_treats_an_edited_anchor_as_a_miss(
 
     ids = [cleared, handed_over, retargeted, kept]
     after, sent = searches(directory, lambda: directory.find_groups(ids))
-    assert sent == 2
+    assert sent == 3, "by GUID; by name, which finds only objects without the anchor; by anchor"
     assert set(after) == {handed_over, kept}
     assert same_dn(after[handed_over].dn, successor)
     # the objects that lost the anchor may not be written for those groups any more
@@ -560,8 +569,18 @@ def test_find_groups_refuses_duplicated_anchors_and_returns_the_rest(
     originals = directory.find_groups([fine, copied])
     twin = dn_for("Twin", ou)
     admin_group(samba_dc, twin, anchor_for(copied))
-    fresh = open_directory(samba_dc, ou)  # nothing cached: the anchor search sees both
 
+    # Nothing cached: the object we created is found by its sAMAccountName, which
+    # no twin can share; the twin is never what gets written.
+    fresh = open_directory(samba_dc, ou)
+    found = fresh.find_groups([fine, copied])
+    assert dn_key(found[copied].dn) == dn_key(originals[copied].dn)
+    with pytest.raises(PolicyRefused):
+        fresh.apply(Modify(copied, twin, Changes({"info": ("x",)})))
+
+    # A full read reports the pair, and from then on only the anchor search, which
+    # sees both, finds that group: refused, with what was found for the others.
+    assert sorted(g.group_id for g in fresh.iter_groups()) == sorted([fine, copied, copied])
     with pytest.raises(DuplicateAnchor) as refused:
         fresh.find_groups([fine, copied])
     assert isinstance(refused.value, DirectoryRefused)
@@ -577,11 +596,25 @@ def test_find_groups_refuses_duplicated_anchors_and_returns_the_rest(
         with pytest.raises(PolicyRefused):
             fresh.apply(Modify(copied, dn, Changes({"info": ("x",)})))
     assert fresh.apply(Modify(fine, refused.value.found[fine].dn, Changes({"info": ("x",)}))) == 1
-    # a full read reports the pair too, and forgets the cached GUID, so the next
-    # batched read of the instance that had it cached sees both as well
+    # the instance that had the GUID cached sees both as well after a full read
     assert sorted(g.group_id for g in directory.iter_groups()) == sorted([fine, copied, copied])
     with pytest.raises(DuplicateAnchor):
         directory.find_groups([copied])
+
+    # Once the twin is gone, the anchor search sees one object again and clears it.
+    admin_delete(samba_dc, twin)
+    again = directory.find_groups([copied])
+    assert dn_key(again[copied].dn) == dn_key(originals[copied].dn)
+    _, sent = searches(directory, lambda: directory.find_groups([copied]))
+    assert sent == 1, "by GUID again"
+
+    # Two objects named otherwise (as Connect or an admin may have) carrying one
+    # anchor: nothing cached, the anchor search sees both at once.
+    adopted = new_id()
+    admin_group(samba_dc, dn_for("Copy one", ou), anchor_for(adopted))
+    admin_group(samba_dc, dn_for("Copy two", ou), anchor_for(adopted))
+    with pytest.raises(DuplicateAnchor):
+        open_directory(samba_dc, ou).find_groups([adopted])
 
 
 def test_find_groups_escapes_ids_and_stays_in_the_ou(

@@ -38,7 +38,7 @@ from writeback.cli import main
 from writeback.domain.events import Change, GroupChanged
 from writeback.domain.guard import GuardRules
 from writeback.domain.model import SkipReason, anchor_for
-from writeback.domain.naming import dn_for, escape_filter_value
+from writeback.domain.naming import dn_for, dn_key, escape_filter_value
 from writeback.ports import OutgoingMessage
 from writeback.service.guarding import GuardReads
 from writeback.service.handle_event import WorkerContext, process_sessions
@@ -391,7 +391,14 @@ def test_one_duplicated_anchor_does_not_fail_the_other_groups_of_its_step(
     )
     world.tenant.add_members(fine, [world.uid("user1")])
     world.tenant.add_members(doubled, [world.uid("user1")])
-    ctx = WorkerContext(world.cloud, world.dc.directory(world.ou), world.options, attempts=1)
+    directory = world.dc.directory(world.ou)
+    # Read cold, the group is found by the sAMAccountName we gave it, which the
+    # decoy cannot share: what would be written is ours, never the decoy.
+    ours = directory.find_groups([doubled])[doubled]
+    assert dn_key(ours.dn) != dn_key(decoy)
+    # Once a full read in the process has seen both, only the anchor search finds it.
+    assert sorted(g.group_id for g in directory.iter_groups()).count(doubled) == 2
+    ctx = WorkerContext(world.cloud, directory, world.options, attempts=1)
     for n, gid in enumerate((doubled, fine)):
         event = GroupChanged(gid, Change.UPDATED, time.time(), f"n{n}")
         queue.send([OutgoingMessage(event.to_json(), f"m{n}", gid)])

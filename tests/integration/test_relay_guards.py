@@ -15,6 +15,7 @@ from ldap3 import BASE, MODIFY_ADD, MODIFY_REPLACE
 
 from tests.support.relay import RelayRig, relay_rig
 from tests.support.world import World, make_world
+from writeback.adapters.directory import ObjectGuids
 from writeback.adapters.relay import RelayDirectory
 from writeback.domain.guard import GuardRules, PrincipalKind, frozen_groups
 from writeback.domain.model import Changes, Modify, SkipReason, anchor_for
@@ -38,7 +39,8 @@ def rig() -> Iterator[RelayRig]:
 
 
 def through_relay(world: World, rig: RelayRig, **agent: Any) -> RelayDirectory:
-    rig.start_agent(lambda: world.dc.directory(world.ou), world.ou, **agent)
+    hints = ObjectGuids()  # shared by the agent's shards, as build_agent does
+    rig.start_agent(lambda: world.dc.directory(world.ou, guids=hints), world.ou, **agent)
     world.directory.close()
     world.directory = rig.directory(world.ou)  # type: ignore[assignment]
     return world.directory  # type: ignore[return-value]
@@ -153,6 +155,8 @@ def test_ids_in_another_case_and_duplicated_anchors_through_the_relay(
         {"adminDescription": anchor_for(doubled), "sAMAccountName": f"dc{world.token}"},
     )
     conn.unbind()
+    # The agent finds ours by its sAMAccountName until a full read sees both.
+    assert sorted(g.group_id for g in relay.iter_groups()).count(doubled) == 2
     with pytest.raises(DuplicateAnchor) as duplicate:
         relay.find_groups([doubled, fine])
     assert set(duplicate.value.duplicates) == {doubled}

@@ -16,11 +16,18 @@ every read remembers each group's objectGUID, and :meth:`find_groups` asks for
 the remembered ones in one search over the target OU ORing their GUIDs; an
 object found that way counts only if it still carries that group's anchor
 (else it is a miss), and an object moved out of the OU is simply not found.
-The misses are found in one more search ORing their anchors: one subtree scan
-for all of them, not one each. Two objects carrying one anchor are refused
+The misses are looked for next by the sAMAccountName we give the groups we
+create (``Group_`` and the start of the objectId; indexed), under the same
+anchor check: after an initial sync no GUID is known yet (an add does not
+return it, and AD offers no post-read control), and the first event of each
+group would otherwise pay a scan of the whole OU. What is still missing (a
+new group, one Connect or an admin named otherwise) is found in one more
+search ORing their anchors: one subtree scan for all of them, not one each.
+Two objects carrying one anchor are refused
 (:class:`DuplicateAnchor`), as a full read reports them; an object that an
-admin gives our anchor after we cached the original's GUID is only seen by the
-anchor search (a miss, or the full sync, which reports the duplicate).
+admin gives our anchor after we cached the original's GUID (or beside the
+one found by its name) is only seen by the anchor search (a miss, or the
+full sync, which reports the duplicate).
 
 Scope guard — nothing outside the target OU, and nothing that does not carry
 our anchor ``adminDescription=Group_<objectId>``, is ever modified or deleted:
@@ -168,6 +175,7 @@ from writeback.domain.naming import (
     escape_filter_value,
     first_rdn,
     parent_of,
+    sam_account_name_for,
     single_cn_rdn,
     strictly_within,
 )
@@ -251,6 +259,10 @@ class _Sent:
     removes: Sequence[str] = ()
 
 
+_Found = dict[str, list[_Read]]
+"""group id → every object a read found carrying its anchor."""
+
+
 class ObjectGuids:
     """group id → the objectGUID of the object a read last found carrying its
     anchor: hints for :meth:`LdapDirectory.find_groups`, safe to share between
@@ -259,6 +271,9 @@ class ObjectGuids:
 
     def __init__(self) -> None:
         self._guids: dict[str, str] = {}
+        #: ids whose anchor a read saw on two objects: only the anchor search,
+        #: which sees every copy, may find them until it sees one again.
+        self._duplicated: set[str] = set()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -274,6 +289,17 @@ class ObjectGuids:
     def drop(self, group_id: str) -> None:
         with self._lock:
             self._guids.pop(group_id, None)
+
+    def duplicated(self, group_id: str) -> bool:
+        return group_id in self._duplicated
+
+    def mark_duplicated(self, group_id: str, duplicated: bool = True) -> None:
+        with self._lock:
+            if duplicated:
+                self._guids.pop(group_id, None)
+                self._duplicated.add(group_id)
+            else:
+                self._duplicated.discard(group_id)
 
 
 class LdapDirectory:
@@ -428,16 +454,30 @@ class LdapDirectory:
         return result
 
     def _find_many(self, ids: list[str], *, members: bool) -> dict[str, list[_Read]]:
+        """By remembered GUID, then by our sAMAccountName, then by anchor: each
+        pass only for what the ones before did not find (the module's docstring)."""
         wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
         found: dict[str, list[_Read]] = {}
         by_guid: dict[str, str] = {}
         misses: list[str] = []
+        suspects: list[str] = []
         for gid in ids:
             guid = self._guids.get(gid)
-            if guid is None:
+            if self._guids.duplicated(gid):
+                suspects.append(gid)
+            elif guid is None:
                 misses.append(gid)
             else:
                 by_guid[guid] = gid
+        self._find_by_guid(by_guid, wanted, members, found)
+        misses += [gid for gid in by_guid.values() if gid not in found]
+        misses = [*self._find_by_name(misses, wanted, members, found), *suspects]
+        self._find_by_anchor(misses, wanted, members, found)
+        return found
+
+    def _find_by_guid(
+        self, by_guid: dict[str, str], wanted: Sequence[str], members: bool, found: _Found
+    ) -> None:
         cached = list(by_guid)
         for start in range(0, len(cached), FILTER_BATCH):
             ors = "".join(
@@ -450,9 +490,35 @@ class LdapDirectory:
                 got = self._parse(entry, members=members)
                 if got is not None and by_guid.get(got.guid or "") == got.group.group_id:
                     found[got.group.group_id] = [got]
-        misses += [gid for gid in by_guid.values() if gid not in found]
-        for start in range(0, len(misses), FILTER_BATCH):
-            chunk = set(misses[start : start + FILTER_BATCH])
+
+    def _find_by_name(
+        self, ids: list[str], wanted: Sequence[str], members: bool, found: _Found
+    ) -> list[str]:
+        """Look ``ids`` up by the sAMAccountName a group we created has (an indexed
+        lookup, unlike the anchor); an object counts only when it carries that
+        group's anchor. Returns the ids still not found."""
+        wanted_ids = set(ids)
+        for start in range(0, len(ids), FILTER_BATCH):
+            ors = "".join(
+                f"(sAMAccountName={escape_filter_value(sam_account_name_for(g))})"
+                for g in ids[start : start + FILTER_BATCH]
+            )
+            entries = self._search(
+                self._target_ou, f"(&(objectClass=group)(|{ors}))", "subtree", wanted
+            )
+            for entry in entries:
+                got = self._parse(entry, members=members)
+                if got is not None and got.group.group_id in wanted_ids:
+                    found[got.group.group_id] = [got]
+        return [gid for gid in ids if gid not in found]
+
+    def _find_by_anchor(
+        self, ids: list[str], wanted: Sequence[str], members: bool, found: _Found
+    ) -> None:
+        """The one read that sees every object carrying an anchor: it finds
+        duplicates, and decides whether an id is still duplicated."""
+        for start in range(0, len(ids), FILTER_BATCH):
+            chunk = set(ids[start : start + FILTER_BATCH])
             ors = "".join(
                 f"(adminDescription={escape_filter_value(anchor_for(gid))})" for gid in chunk
             )
@@ -465,7 +531,10 @@ class LdapDirectory:
                     found.setdefault(got.group.group_id, []).append(got)
                 elif got is None and (claim := self._claim(entry)) in chunk:
                     found.setdefault(claim, []).append(_claimant(entry))
-        return found
+            for gid in chunk:
+                duplicated = len(found.get(gid, ())) > 1
+                if duplicated or self._guids.duplicated(gid):
+                    self._guids.mark_duplicated(gid, duplicated)
 
     def _claim(self, entry: Entry) -> str | None:
         """The group id an object below the OU claims with an anchor that is not
@@ -515,8 +584,9 @@ class LdapDirectory:
         for key in known_before - found:
             self._drop_dn(key)
         for group_id, count in counted.items():
-            if count > 1:  # the anchor search, which sees both, decides next time
-                self._guids.drop(group_id)
+            if count > 1 or self._guids.duplicated(group_id):
+                # only the anchor search, which sees every copy, finds it next time
+                self._guids.mark_duplicated(group_id, count > 1)
 
     def _send_page(self, cookie: bytes | None) -> object:
         attributes = [*_GROUP_ATTRIBUTES, self._member_attribute(0)]
