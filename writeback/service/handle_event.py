@@ -61,8 +61,15 @@ from dataclasses import dataclass, field, replace
 
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import Change, GroupChanged
-from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.mapping import (
+    MappingOptions,
+    OutOfScope,
+    Placement,
+    desired_group,
+    over_member_limit,
+)
 from writeback.domain.model import (
+    Add,
     Changes,
     CloudGroup,
     CloudMember,
@@ -73,8 +80,10 @@ from writeback.domain.model import (
     Rename,
     Skip,
 )
+from writeback.domain.nesting import NestedGroups
 from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
+from writeback.domain.rules import Excluded
 from writeback.errors import (
     ConfigError,
     PermanentError,
@@ -94,6 +103,7 @@ from writeback.ports import (
     Settlement,
     StoredLink,
 )
+from writeback.service.scope import event_nesting_for, in_scope, kept_skip
 
 log = logging.getLogger("writeback.worker")
 
@@ -205,6 +215,9 @@ class Converged:
     confirm: bool = False
     #: Set when the group is gone but not yet confirmed gone: carried by the confirmation.
     gone_since: float | None = None
+    #: Groups to confirm too: the parents of a group just created (nesting), whose
+    #: membership of it can be written now that it exists.
+    parents: tuple[str, ...] = ()
 
 
 Result = Converged | WritebackError
@@ -289,6 +302,7 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
         answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
         current = ctx.directory.find_groups(ids, members=True)
+        nested = event_nesting_for(groups, current, ctx.directory, ctx.options)
     except WritebackError as error:
         return {gid: error for gid in ids}
     # A group whose link could not be had is read all the same; it gets one next time.
@@ -301,7 +315,10 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
         elif isinstance(read, WritebackError):
             results[gid] = read
         else:
-            results[gid] = _settle_one(work, read, current.get(gid), links.get(gid), ctx)
+            found = current.get(gid)
+            results[gid] = _settle_one(
+                work, read, found, links.get(gid), ctx, nested=nested.get(gid)
+            )
     return results
 
 
@@ -311,13 +328,16 @@ def _settle_one(
     current: DirectoryGroup | None,
     link: str | None,
     ctx: WorkerContext,
+    *,
+    nested: NestedGroups | None = None,
 ) -> Result:
     try:
         if isinstance(read, GroupGone):
             return _gone(work, read, current, ctx)
-        if not read.is_unified:
-            return Converged()  # not (or no longer) ours to write
-        desired = desired_group(_within_limit(read, ctx), ctx.options)
+        decision = in_scope(read, ctx.options)
+        if not isinstance(decision, Placement):
+            return _excluded(work, decision, current, ctx)
+        desired = desired_group(_within_limit(read, ctx), ctx.options, decision, nested)
         operation = plan_group(desired, current, ctx.options.target_ou)
         requests = _apply(operation, ctx)
         if ctx.links is not None:
@@ -334,9 +354,24 @@ def _settle_one(
             requests,
             list(desired.skips),
             confirm=not work.confirming or operation is not None,
+            parents=read.member_of if isinstance(operation, Add) else (),
         )
     except WritebackError as error:
         return error
+
+
+def _excluded(
+    work: Work, excluded: Excluded | None, current: DirectoryGroup | None, ctx: WorkerContext
+) -> Result:
+    """A group out of scope (None: not a kind this deployment reads at all, as V1
+    ignores security groups). Its object is kept, or with WRITEBACK_OUT_OF_SCOPE=
+    delete deleted once two reads ``settle`` seconds apart agree (behind the
+    event delete budget), as for a group gone."""
+    if excluded is None or current is None:
+        return Converged()
+    if ctx.options.out_of_scope is OutOfScope.DELETE:
+        return _confirmed_delete(work, current, ctx)
+    return Converged(skips=[kept_skip(excluded, current)])
 
 
 def _keep_link(
@@ -380,6 +415,11 @@ def _gone(
         return Converged(confirm=not work.confirming)
     if read.soft_deleted and ctx.soft_delete is SoftDeletePolicy.KEEP:
         return Converged()
+    return _confirmed_delete(work, current, ctx)
+
+
+def _confirmed_delete(work: Work, current: DirectoryGroup, ctx: WorkerContext) -> Result:
+    """Delete ``current`` once it was observed to go at least ``settle`` seconds apart."""
     now = ctx.clock()
     first = work.gone_since
     if first is None or now - first < ctx.settle:
@@ -482,8 +522,14 @@ def _usable(
     """The deltas with SIDs resolved; None when only a full read can settle it (the
     group gone or not Unified, a removed member Graph no longer knows, too many
     ids, a count that may pass the limit)."""
-    if delta.group is None or delta.delta_link is None or not delta.group.is_unified:
+    if delta.group is None or delta.delta_link is None:
         return None
+    if not isinstance(in_scope(delta.group, ctx.options), Placement):
+        return None  # out of scope now: the full read decides what happens to it
+    if ctx.options.nesting and any(
+        m.kind is MemberKind.GROUP for m in (*delta.added, *delta.removed)
+    ):
+        return None  # member groups need their AD objects: the full read resolves them
     added_users = [m.id for m in delta.added if m.kind is MemberKind.USER]
     removed_users = [m.id for m in delta.removed if m.kind is MemberKind.USER]
     count = stored.member_count + len(added_users)
@@ -507,12 +553,15 @@ def _apply_deltas(
     gid: str, read: _Deltas, current: DirectoryGroup, work: Work, ctx: WorkerContext
 ) -> Result:
     try:
-        desired = desired_group(replace(read.group, members=read.added), ctx.options)
+        decision = in_scope(read.group, ctx.options)
+        placement = decision if isinstance(decision, Placement) else None
+        desired = desired_group(replace(read.group, members=read.added), ctx.options, placement)
         planned = plan_group(
             replace(desired, member_sids=frozenset()), current, ctx.options.target_ou
         )
         add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
-        remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
+        removed = frozenset() if desired.keep_members else read.removed_sids
+        remove = tuple(sid_ref(sid) for sid in sorted(removed - desired.member_sids))
         operation: Operation | None
         if isinstance(planned, Rename):
             changes = replace(planned.changes, add_members=add, remove_members=remove)
@@ -638,13 +687,17 @@ def _schedule_confirmation(
 ) -> Result:
     """Send the confirmation the result asks for (before the messages are completed);
     a failure to send becomes the group's error, so it is all tried again."""
-    if not result.confirm or ctx.sender is None:
+    if not (result.confirm or result.parents) or ctx.sender is None:
         return result
+    now = ctx.clock()
+    messages = [confirmation(parent, now, ctx.settle) for parent in result.parents]
+    if result.confirm:
+        messages.append(confirmation(session, now, ctx.settle, result.gone_since))
     try:
-        ctx.sender.send([confirmation(session, ctx.clock(), ctx.settle, result.gone_since)])
+        ctx.sender.send(messages)
     except WritebackError as error:
         return error
-    outcome.confirmation = True
+    outcome.confirmation = result.confirm
     outcome.pending_delete = result.gone_since is not None
     return result
 
