@@ -25,7 +25,7 @@ from writeback.domain.mapping import (
     OutOfScope,
 )
 from writeback.domain.naming import DnFormat
-from writeback.domain.rules import FROM_GRAPH, RulesError, RuleSet, parse_rules
+from writeback.domain.rules import RulesError, RuleSet, parse_rules
 from writeback.errors import ConfigError
 
 PUBLIC_GRAPH_URL = "https://graph.microsoft.com/v1.0"
@@ -234,7 +234,12 @@ def load_rules(path: str, settings: Settings) -> RuleSet:
     except UnicodeDecodeError:
         raise ConfigError(f"WRITEBACK_RULES={path!r} is not UTF-8 text") from None
     try:
-        rules = parse_rules(text, target_ou=settings.target_ou, source=path)
+        rules = parse_rules(
+            text,
+            target_ou=settings.target_ou,
+            source=path,
+            writeback_configuration=settings.writeback_configuration,
+        )
     except RulesError as error:
         raise ConfigError(f"WRITEBACK_RULES={path!r} {error}") from None
     if settings.security_groups:
@@ -242,19 +247,6 @@ def load_rules(path: str, settings: Settings) -> RuleSet:
             "WRITEBACK_SECURITY_GROUPS is for deployments without a rules file; with "
             f"WRITEBACK_RULES={path!r} the rules' kinds decide which groups are written"
         )
-    if not settings.writeback_configuration:
-        for rule in rules.rules:
-            if rule.uses_writeback_configuration:
-                raise ConfigError(
-                    f"WRITEBACK_RULES={path!r} line {rule.line}: rule {rule.name!r} uses "
-                    "Graph's writebackConfiguration, which is read (from the beta endpoint) "
-                    "only with WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION=true"
-                )
-        if rules.group_type == FROM_GRAPH:
-            raise ConfigError(
-                f'WRITEBACK_RULES={path!r}: [defaults] group_type = "from-graph" needs '
-                "WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION=true"
-            )
     return rules
 
 

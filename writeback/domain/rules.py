@@ -278,13 +278,23 @@ def v2_group_type(group: CloudGroup, kind: GroupKind) -> str | None:
 # =========================================================================== parsing
 
 
-def parse_rules(text: str, *, target_ou: str, source: str = "") -> RuleSet:
+#: Keys that need Graph's writebackConfiguration (read only when a setting asks).
+_WRITEBACK_KEYS = ("writeback_enabled", "writeback_group_type")
+
+
+def parse_rules(
+    text: str, *, target_ou: str, source: str = "", writeback_configuration: bool = True
+) -> RuleSet:
     """The rules in ``text`` (TOML), checked against ``target_ou``; RulesError
-    naming the line of the first problem."""
+    naming the line of the first problem. Without ``writeback_configuration``
+    (the setting that reads it from Graph's beta endpoint is off), a rule that
+    uses it is an error too."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         line = getattr(error, "lineno", None) or _line_of(error)
+        if line is None and "end of document" in str(error):
+            line = max(1, len(text.splitlines()))
         raise RulesError(_toml_reason(error), line) from None
     lines = _Lines(text)
     for key in data:
@@ -314,14 +324,29 @@ def parse_rules(text: str, *, target_ou: str, source: str = "") -> RuleSet:
     for position, raw in enumerate(raw_rules):
         line = starts[position] if position < len(starts) else 0
         rule = _rule(raw, position + 1, line, lines, target_ou)
+        if not writeback_configuration and rule.uses_writeback_configuration:
+            key = next((k for k in _WRITEBACK_KEYS if k in raw), "group_type")
+            raise RulesError(
+                f"rule {rule.name!r} uses Graph's writebackConfiguration ({key}), which is "
+                "read (from the beta endpoint) only with "
+                "WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION=true",
+                lines.key(line, key) or line,
+            )
         if rule.name in names:
             raise RulesError(f"two rules are named {rule.name!r}", lines.key(line, "name") or line)
         names[rule.name] = rule
         rules.append(rule)
+    group_type_line = lines.key(default_line, "group_type")
+    group_type = _group_type(defaults.get("group_type"), group_type_line)
+    if group_type == FROM_GRAPH and not writeback_configuration:
+        raise RulesError(
+            'group_type = "from-graph" needs WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION=true',
+            group_type_line,
+        )
     return RuleSet(
         rules=tuple(rules),
         dn_format=_dn_format(defaults.get("dn_format"), lines.key(default_line, "dn_format")),
-        group_type=_group_type(defaults.get("group_type"), lines.key(default_line, "group_type")),
+        group_type=group_type,
         source=source,
     )
 
