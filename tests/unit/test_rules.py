@@ -182,7 +182,7 @@ def test_writeback_configuration_rules_follow_v2s_defaults() -> None:
         ('[[rule]]\nkinds = ["security"]\ngroup_type = "global"\n', 3, "group_type 'global'"),
         ('[[rule]]\ndisplay_name_regex = "("\n', 2, "display_name_regex"),
         ('[defaults]\ngroup_typ = "security"\n', 2, "unknown key 'group_typ'"),
-        ('[[rule]]\nname = "a"\nkinds = ["security"]\n' * 2, 4, "named"),
+        ('[[rule]]\nname = "a"\nkinds = ["security"]\n' * 2, 5, "named"),
         ('writeback = "yes"\n', 1, "unknown key 'writeback'"),
     ],
 )
