@@ -15,6 +15,7 @@ from ldap3 import BASE
 
 from tests.support.world import World, make_world
 from writeback.adapters.graph import GraphCloud, GraphReads
+from writeback.adapters.ldap_values import sid_from_bytes
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.rules import parse_rules
 from writeback_sandbox.samba import SambaDC
@@ -67,3 +68,18 @@ def attributes(world: World, dn: str, *names: str) -> dict[str, list[str]]:
         }
     finally:
         conn.unbind()
+
+
+def object_sid(entry: dict[str, Any]) -> str:
+    """The objectSid of an :meth:`World.ad_entry` as a string (ldap3 may hand the
+    raw bytes back)."""
+    value = entry["objectsid"]
+    value = value[0] if isinstance(value, list) else value
+    if isinstance(value, bytes | bytearray):
+        return sid_from_bytes(bytes(value))
+    text = str(value)
+    if text.startswith("b'") or text.startswith('b"'):
+        import ast
+
+        return sid_from_bytes(ast.literal_eval(text))
+    return text
