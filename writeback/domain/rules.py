@@ -297,22 +297,7 @@ def parse_rules(
             line = max(1, len(text.splitlines()))
         raise RulesError(_toml_reason(error), line) from None
     lines = _Lines(text)
-    for key in data:
-        if key not in _TOP_KEYS:
-            raise RulesError(
-                f"unknown key {key!r} (expected [[rule]] tables and one [defaults])",
-                lines.top_key(key),
-            )
-    defaults = data.get("defaults", {})
-    if not isinstance(defaults, dict):
-        raise RulesError("defaults must be a table: [defaults]", lines.top_key("defaults"))
-    default_line = lines.table("defaults")
-    for key in defaults:
-        if key not in _DEFAULT_KEYS:
-            raise RulesError(
-                f"unknown key {key!r} in [defaults] (allowed: {', '.join(sorted(_DEFAULT_KEYS))})",
-                lines.key(default_line, key),
-            )
+    defaults, default_line = _top_level(data, lines)
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
         raise RulesError("rules are [[rule]] tables", lines.top_key("rule"))
@@ -349,6 +334,27 @@ def parse_rules(
         group_type=group_type,
         source=source,
     )
+
+
+def _top_level(data: dict[str, Any], lines: _Lines) -> tuple[dict[str, Any], int]:
+    """The top-level keys checked; the [defaults] table and its line."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise RulesError(
+                f"unknown key {key!r} (expected [[rule]] tables and one [defaults])",
+                lines.top_key(key),
+            )
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise RulesError("defaults must be a table: [defaults]", lines.top_key("defaults"))
+    default_line = lines.table("defaults")
+    for key in defaults:
+        if key not in _DEFAULT_KEYS:
+            raise RulesError(
+                f"unknown key {key!r} in [defaults] (allowed: {', '.join(sorted(_DEFAULT_KEYS))})",
+                lines.key(default_line, key),
+            )
+    return defaults, default_line
 
 
 def _rule(raw: Any, number: int, line: int, lines: _Lines, target_ou: str) -> Rule:
