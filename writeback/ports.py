@@ -204,7 +204,26 @@ class Directory(Protocol):
         """Carry out one planned operation; returns the LDAP requests it took."""
         ...
 
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        """:meth:`apply` for each, in order (pipelined where the adapter can); each
+        entry is that operation's requests or the error it alone ended with."""
+        ...
+
     def close(self) -> None: ...
+
+
+def apply_each(
+    apply: Callable[[Operation], int], operations: Sequence[Operation]
+) -> list[int | WritebackError]:
+    """``apply_all`` for an adapter that writes one operation at a time: in order,
+    each operation's own error kept as its entry, the others still tried."""
+    results: list[int | WritebackError] = []
+    for operation in operations:
+        try:
+            results.append(apply(operation))
+        except WritebackError as error:
+            results.append(error)
+    return results
 
 
 # =========================================================================== the queue
@@ -257,6 +276,10 @@ class Settlement(Protocol):
     """
 
     def complete(self, message: ReceivedMessage) -> None: ...
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Complete many at once (one commit for the embedded queue)."""
+        ...
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         """Unlock for redelivery, after ``delay`` seconds."""

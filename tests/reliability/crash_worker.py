@@ -32,6 +32,7 @@ from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import DirectoryGroup, Operation
 from writeback.errors import WritebackError
+from writeback.ports import apply_each
 from writeback.service.handle_event import WorkerContext
 
 
@@ -63,6 +64,9 @@ class AfterWrite:
         requests = self.inner.apply(operation)
         self.after_write(operation)
         return requests
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return apply_each(self.apply, operations)
 
     def after_write(self, operation: Operation) -> None:
         """Nothing here; a fault in a subclass."""

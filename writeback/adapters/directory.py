@@ -97,13 +97,18 @@ requests outstanding on the connection (python-ldap; ldap3 sends one at a
 time): each operation keeps every check above, and its outcome (requests, or
 the error it alone ended with) is its own.
 
-Not thread-safe: use one instance per thread.
+Not thread-safe: use one instance per thread. The objectGUID hints can be
+shared by a process's instances (:class:`ObjectGuids`): every read verifies
+them, so a hint one thread learnt saves the others the anchor scan (with one
+cache per thread, an event's group was a miss whenever another worker had
+read it last: the scan cost the DC more than the write).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,6 +256,43 @@ class _Sent:
     removes: Sequence[str] = ()
 
 
+def _names_in_flight(operation: Operation, in_flight: set[DnKey]) -> bool:
+    """Whether ``operation`` adds a member by the DN of an object with a write
+    outstanding (a nested group created in the same run)."""
+    if isinstance(operation, Add):
+        added: Sequence[str] = operation.members
+    elif isinstance(operation, Modify):
+        added = operation.changes.add_members
+    else:
+        return False
+    return any(not value.startswith("<") and dn_key(value) in in_flight for value in added)
+
+
+class ObjectGuids:
+    """group id → the objectGUID of the object a read last found carrying its
+    anchor: hints for :meth:`LdapDirectory.find_groups`, safe to share between
+    the adapters of one target OU in one process because each read checks the
+    anchor of what a hint found (a wrong hint costs one anchor search)."""
+
+    def __init__(self) -> None:
+        self._guids: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._guids)
+
+    def get(self, group_id: str) -> str | None:
+        return self._guids.get(group_id)
+
+    def put(self, group_id: str, guid: str) -> None:
+        with self._lock:
+            self._guids[group_id] = guid
+
+    def drop(self, group_id: str) -> None:
+        with self._lock:
+            self._guids.pop(group_id, None)
+
+
 class LdapDirectory:
     """AD (or Samba) under one target OU, as the service layer sees it."""
 
@@ -268,12 +310,14 @@ class LdapDirectory:
         range_window: int | None = RANGE_WINDOW,
         client: str | None = None,
         pipeline_window: int = 8,
+        guids: ObjectGuids | None = None,
     ) -> None:
         """``range_window``: read ``member`` in explicit slices of this many values
         (None: ask for all and let the DC choose, which Samba cannot do fast for
         very large groups; see the module's docstring). ``client``: 'python-ldap'
         or 'ldap3' (None: python-ldap when installed). ``pipeline_window``: writes
-        :meth:`apply_all` keeps outstanding at once."""
+        :meth:`apply_all` keeps outstanding at once. ``guids``: objectGUID hints
+        shared with this process's other instances for the same OU (else its own)."""
         scheme = url.partition("://")[0].lower()
         if scheme not in ("ldap", "ldaps") or "://" not in url:
             raise ConfigError(f"LDAP URL must start with ldaps:// or ldap:// (StartTLS): {url!r}")
@@ -310,8 +354,7 @@ class LdapDirectory:
         #: and the other way round.
         self._seen: dict[DnKey, str] = {}
         self._dns_of: dict[str, set[DnKey]] = {}
-        #: group id → the objectGUID of the object a read found carrying its anchor.
-        self._guids: dict[str, str] = {}
+        self._guids = ObjectGuids() if guids is None else guids
         self._ou_key = dn_key(target_ou)
         self._schema: frozenset[str] | None = None
 
@@ -401,8 +444,14 @@ class LdapDirectory:
     def _find_many(self, ids: list[str], *, members: bool) -> dict[str, list[_Read]]:
         wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
         found: dict[str, list[_Read]] = {}
-        by_guid = {self._guids[gid]: gid for gid in ids if gid in self._guids}
-        misses = [gid for gid in ids if gid not in self._guids]
+        by_guid: dict[str, str] = {}
+        misses: list[str] = []
+        for gid in ids:
+            guid = self._guids.get(gid)
+            if guid is None:
+                misses.append(gid)
+            else:
+                by_guid[guid] = gid
         cached = list(by_guid)
         for start in range(0, len(cached), FILTER_BATCH):
             ors = "".join(
@@ -459,7 +508,7 @@ class LdapDirectory:
             self._drop_dn(key)
         for group_id, count in counted.items():
             if count > 1:  # the anchor search, which sees both, decides next time
-                self._guids.pop(group_id, None)
+                self._guids.drop(group_id)
 
     def _send_page(self, cookie: bytes | None) -> object:
         attributes = [*_GROUP_ATTRIBUTES, self._member_attribute(0)]
@@ -543,14 +592,14 @@ class LdapDirectory:
         self._seen[key] = group.group_id
         self._dns_of.setdefault(group.group_id, set()).add(key)
         if guid is not None:
-            self._guids[group.group_id] = guid
+            self._guids.put(group.group_id, guid)
         return key
 
     def _forget(self, group_id: str) -> None:
         """Nothing known about ``group_id`` any more (a read is about to say)."""
         for key in self._dns_of.pop(group_id, ()):
             self._seen.pop(key, None)
-        self._guids.pop(group_id, None)
+        self._guids.drop(group_id)
 
     def _drop_dn(self, key: DnKey) -> None:
         group_id = self._seen.pop(key, None)
@@ -635,6 +684,8 @@ class LdapDirectory:
         when it is not (or its DN has a write outstanding): apply it alone."""
         if dn_key(operation.dn) in in_flight:
             return None
+        if _names_in_flight(operation, in_flight):
+            return None  # a member group still being written: its write must land first
         if isinstance(operation, Add) and len(operation.members) <= self._chunk_size:
             attributes = self._checked_add(operation)
             token = self._call("add", operation.dn, lambda c: c.send_add(operation.dn, attributes))
@@ -751,7 +802,7 @@ class LdapDirectory:
                 raise
             log.info("delete of %s: object already gone", op.dn)
         self._drop_dn(dn_key(op.dn))
-        self._guids.pop(op.group_id, None)
+        self._guids.drop(op.group_id)
 
     def _check_scope(self, dn: str) -> None:
         if not strictly_within(dn, self._target_ou):

@@ -39,6 +39,8 @@ from writeback.agent_protocol import (
 )
 from writeback.agent_protocol import decode as decode_body
 from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import WritebackError
+from writeback.ports import apply_each
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,10 @@ class RelayDirectory:
         reply = self._call("apply", {"operation": operation_to_json(operation)})
         requests = reply.get("requests", 0)
         return requests if isinstance(requests, int) else 0
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        """One relay round trip per operation (the agent checks each on its own)."""
+        return apply_each(self.apply, operations)
 
     # ------------------------------------------------------------------ internals
 

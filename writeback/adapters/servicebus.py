@@ -47,7 +47,7 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -510,6 +510,10 @@ class ServiceBusQueue:
         raw, receiver = self._settlement(message)
         with translated_errors("complete"):
             receiver.complete_message(raw)
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        for message in messages:
+            self.complete(message)
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         """Redeliver, after ``delay`` seconds if given; dead-letter at the maximum."""

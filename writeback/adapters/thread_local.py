@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import WritebackError
 from writeback.ports import Directory
 
 
@@ -50,6 +51,9 @@ class ThreadLocalDirectory:
 
     def apply(self, operation: Operation) -> int:
         return self._mine().apply(operation)
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return self._mine().apply_all(operations)
 
     def close(self) -> None:
         with self._lock:

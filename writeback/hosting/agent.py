@@ -505,6 +505,7 @@ def placement_limits(settings: Settings) -> dict[str, Any]:
 def build_agent(settings: AgentSettings, state: AgentState | None = None) -> AgentService:
     """The agent's service: its policy from its own settings, one LDAP connection
     per shard (``WRITEBACK_AGENT_CONCURRENCY`` of them)."""
+    from writeback.adapters.directory import ObjectGuids
     from writeback.agent_protocol import audience
     from writeback.bootstrap import build_ldap_directory
 
@@ -517,8 +518,9 @@ def build_agent(settings: AgentSettings, state: AgentState | None = None) -> Age
         mail_domains=settings.mail_domains,
         **placement_limits(directory),
     )
+    guids = ObjectGuids()  # the shards' adapters share what their reads learnt
     return AgentService(
-        lambda: build_ldap_directory(directory),
+        lambda: build_ldap_directory(directory, guids),
         policy,
         settings.relay.caller_key,
         audience=audience(settings.relay.namespace, settings.relay.path),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -60,12 +61,17 @@ from writeback.service.subscriptions import DEFAULT_LIFETIME, DEFAULT_RENEW_BEFO
 
 if TYPE_CHECKING:
     from writeback.config import PipelineSettings, Settings
+    from writeback.hosting.metrics import Exposition
 
 log = logging.getLogger("writeback.serve")
 
 NOTIFICATIONS_PATH = "/api/notifications"
 LIFECYCLE_PATH = "/api/lifecycle"
 HEALTH_PATH = "/api/health"
+#: Liveness for a process supervisor: 200 while every thread of the server runs.
+HEALTHZ_PATH = "/healthz"
+#: Prometheus exposition (writeback/hosting/metrics.py); behind the webhook key when set.
+METRICS_PATH = "/metrics"
 #: Longest a request may take to arrive in full before the connection is dropped.
 REQUEST_TIMEOUT = 10.0
 
@@ -337,11 +343,12 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._notification_url: str | None = None
         self._lifecycle_url: str | None = None
+        self._metrics: Exposition | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, pipeline: PipelineSettings) -> Server:
         """Everything from the environment's settings, adapters owned by the server."""
-        from writeback.bootstrap import build_cloud, build_directory, build_queue
+        from writeback.bootstrap import build_cloud, build_queue, directory_factory
         from writeback.service.reconcile import SyncPolicy
 
         queue = build_queue(pipeline)
@@ -353,7 +360,7 @@ class Server:
         return cls(
             queue=queue,
             cloud=cloud,
-            directory_factory=lambda: build_directory(settings),
+            directory_factory=directory_factory(settings),
             options=settings.mapping(),
             client_states=pipeline.client_states,
             policy=SyncPolicy.from_settings(settings),
@@ -587,8 +594,8 @@ class Server:
         parts = urlsplit(request.path)
         path = parts.path.rstrip("/")
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        if path == HEALTH_PATH and request.command == "GET":
-            return 200, "text/plain", b"ok"
+        if request.command == "GET" and path in (HEALTH_PATH, HEALTHZ_PATH, METRICS_PATH):
+            return self._answer_probe(request, path, query)
         if path not in (NOTIFICATIONS_PATH, LIFECYCLE_PATH):
             return 404, "text/plain", b""
         if not self._key_ok(query.get("code") or request.headers.get("x-functions-key")):
@@ -614,6 +621,43 @@ class Server:
             on_lifecycle=enqueue_lifecycle(self._webhook_queue),
         )
         return response.status, response.content_type, response.body
+
+    def _answer_probe(
+        self, request: BaseHTTPRequestHandler, path: str, query: dict[str, str]
+    ) -> tuple[int, str, bytes]:
+        """``/api/health`` (plain "ok"), ``/healthz`` (liveness, JSON) and ``/metrics``."""
+        if path == HEALTH_PATH:
+            return 200, "text/plain", b"ok"
+        if path == HEALTHZ_PATH:
+            healthy, report = self.health()
+            return (200 if healthy else 503), "application/json", json.dumps(report).encode()
+        given = query.get("code") or request.headers.get("x-functions-key")
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        if not self._key_ok(given or (token if scheme.lower() == "bearer" else None)):
+            return 401, "text/plain", b""
+        exposition = self._exposition()
+        return 200, exposition.content_type, exposition.render()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the server is alive (every thread running, not stopping), and why not."""
+        down = [thread.name for thread in self._threads if not thread.is_alive()]
+        healthy = bool(self._threads) and not down and not self._stopping.is_set()
+        report = {
+            "status": "ok" if healthy else "failing",
+            "threads_down": down,
+            "stopping": self._stopping.is_set(),
+            "ready": self._ready.is_set(),
+            "paused": self.paused,
+        }
+        return healthy, report
+
+    def _exposition(self) -> Exposition:
+        with self._lock:
+            if self._metrics is None:
+                from writeback.hosting.metrics import Exposition
+
+                self._metrics = Exposition(self)
+            return self._metrics
 
     def _key_ok(self, given: str | None) -> bool:
         key = self.config.webhook_key

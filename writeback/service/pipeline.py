@@ -163,6 +163,11 @@ class PipelineStats:
     lifecycle_events: int = 0
     #: Seconds from the webhook accepting a notification to its write completing.
     latencies: tuple[float, ...] = ()
+    #: Messages by (settlement, reason): the dead-letter reason, the transient error
+    #: a batch was put back for, why it was parked; "" for completed ones.
+    settled: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Members (and groups) left out of the event writes, by skip reason.
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class SettlementFailed(TransientError):
@@ -205,6 +210,8 @@ class Pipeline:
         self._read_at: dict[str, float] = {}
         self._stats = PipelineStats()
         self._operations: Counter[str] = Counter()
+        self._settled: Counter[tuple[str, str]] = Counter()
+        self._skipped: Counter[str] = Counter()
         self._latencies: list[float] = []
         self._delta = DeltaState.load(state)
         self.last_reconcile: SyncResult | None = None
@@ -326,7 +333,17 @@ class Pipeline:
                 for batch in batches
             ]
         except TransientError as error:
-            log.warning("worker not ready: %s: %s", type(error).__name__, error)
+            log.warning(
+                "worker not ready: %s: %s",
+                type(error).__name__,
+                error,
+                extra={
+                    "operation": "none",
+                    "outcome": "abandoned",
+                    "reason": type(error).__name__,
+                    "messages": sum(len(batch) for batch in batches),
+                },
+            )
             outcomes = []
             for batch in batches:
                 for message in batch:
@@ -449,13 +466,20 @@ class Pipeline:
             )
             if outcome.operation is not None and done:
                 self._operations[outcome.operation.kind] += 1
+            self._settled[(outcome.settlement, outcome.reason or "")] += len(batch)
+            for skip in outcome.skips:
+                self._skipped[str(skip.reason)] += skip.count
             self._latencies.extend(latencies)
 
     @property
     def stats(self) -> PipelineStats:
         with self._lock:
             return replace(
-                self._stats, operations=dict(self._operations), latencies=tuple(self._latencies)
+                self._stats,
+                operations=dict(self._operations),
+                latencies=tuple(self._latencies),
+                settled=dict(self._settled),
+                skipped_by_reason=dict(self._skipped),
             )
 
     # ================================================================= control messages
@@ -547,7 +571,11 @@ class Pipeline:
                 "subscription upkeep failed: %s: %s",
                 type(error).__name__,
                 error,
-                extra={"subscription_action": "failed", "outcome": "failed"},
+                extra={
+                    "subscription_action": "failed",
+                    "outcome": "failed",
+                    "error": type(error).__name__,
+                },
             )
             self._record_subscription(None, "failed", error=f"{type(error).__name__}: {error}")
             raise
@@ -691,7 +719,11 @@ class Pipeline:
                 log.error(
                     "reconcile failed: %s",
                     message,
-                    extra={"reconcile_reason": reason, "outcome": "failed"},
+                    extra={
+                        "reconcile_reason": reason,
+                        "outcome": "failed",
+                        "error": type(error).__name__,
+                    },
                 )
                 self.last_reconcile_error = message
                 with self._lock:
@@ -839,6 +871,17 @@ class _Tracked:
     def complete(self, message: ReceivedMessage) -> None:
         self._settle(message, self._settlement.complete)
 
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        if not messages:
+            return
+        try:
+            self._settlement.complete_all(messages)
+        except Exception as error:
+            raise SettlementFailed(
+                f"settling {len(messages)} messages failed: {type(error).__name__}: {error}"
+            ) from error
+        self._settled.update(id(m) for m in messages)
+
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         self._settle(message, lambda m: self._settlement.abandon(m, delay=delay))
 
@@ -877,7 +920,13 @@ def _log_covered(session: str, messages: int) -> None:
         "group %s: completed after %d messages, covered by a later read",
         session,
         messages,
-        extra={"group_id": session, "operation": "none", "outcome": "completed"},
+        extra={
+            "group_id": session,
+            "operation": "none",
+            "outcome": "completed",
+            "messages": messages,
+            "notifications": messages,
+        },
     )
 
 

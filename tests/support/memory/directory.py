@@ -81,7 +81,8 @@ from writeback.domain.naming import (
     strictly_within,
 )
 from writeback.domain.target import is_within
-from writeback.errors import DirectoryRefused, PolicyRefused
+from writeback.errors import DirectoryRefused, PolicyRefused, WritebackError
+from writeback.ports import apply_each
 
 #: The attributes every forest's group class has (lower case), besides the Exchange ones.
 _BASE_SCHEMA = frozenset(
@@ -416,6 +417,9 @@ class MemoryDirectory:
         return key
 
     # ------------------------------------------------------------------ writes
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return apply_each(self.apply, operations)
 
     def apply(self, operation: Operation) -> int:
         self._enter("apply")
