@@ -1,7 +1,8 @@
 """Security and mail-enabled security groups on a real Samba DC, as the issue asks:
 written as universal security groups (the mail-enabled ones with their Exchange
 attributes), updated, renamed, and never written when synced from on-premises
-or role-assignable without a rule naming them. V1's scope leaves them all out."""
+or role-assignable without a rule naming them. V1's scope leaves them all out,
+and never writes a Microsoft 365 group synced from AD."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 from ldap3 import MODIFY_REPLACE
 
 from tests.support.beyond import attributes, beyond_world
-from tests.support.world import World, user_id
+from tests.support.world import World, make_world, user_id
 from writeback.domain.mapping import MAIL_UNIVERSAL_SECURITY_GROUP
 from writeback.domain.model import SkipReason
 from writeback.domain.rules import parse_rules
+from writeback.service.handle_event import WorkerContext, converge
+from writeback.service.incremental import reconcile_incremental
+from writeback.service.reconcile import SyncPolicy
 from writeback_sandbox.samba import SambaDC
 
 pytestmark = pytest.mark.samba
@@ -143,3 +147,34 @@ def test_synced_and_role_assignable_groups_are_left_out_and_reported(
         assert tier0 is not None and ",OU=Privileged," in tier0["dn"]
         assert world.ad_entry(plain) is not None
         assert world.plan().operations == []
+
+
+def test_a_unified_group_synced_from_ad_is_never_written_with_v1s_defaults(
+    samba_dc: SambaDC, make_ou: Callable[[SambaDC], str]
+) -> None:
+    """The loop the issue names: a group Entra Connect syncs up from AD that carries
+    groupTypes Unified. With no rules file and default settings (V1's scope) it is
+    left out and reported by the full sync, the incremental one and the worker."""
+    with make_world(samba_dc, make_ou(samba_dc)) as world:
+        looped = world.add_group(1, "Synced up from AD", ["user0"], on_premises_sync_enabled=True)
+        ordinary = world.add_group(2, "Cloud team", ["user1"])
+        plan = world.plan()
+        assert [op.group_id for op in plan.operations] == [ordinary]
+        reasons = {s.group_id: s.reason for s in plan.skips}
+        assert reasons[looped] is SkipReason.SYNCED_FROM_ON_PREMISES
+        world.sync()
+        assert world.ad_entry(looped) is None and world.ad_entry(ordinary) is not None
+
+        link = world.cloud.snapshot().groups_delta_link
+        world.tenant.update_group(looped, description="changed, so the delta reports it")
+        outcome = reconcile_incremental(
+            world.cloud, world.directory, world.options, SyncPolicy(), delta_link=link
+        )
+        assert outcome.mode == "incremental" and outcome.changed == 1
+        assert outcome.result.applied == {}
+        assert world.ad_entry(looped) is None
+
+        context = WorkerContext(world.cloud, world.directory, world.options, attempts=1)
+        operation, _, _ = converge(looped, context)
+        assert operation is None
+        assert world.ad_entry(looped) is None
