@@ -157,6 +157,7 @@ def test_member_groups_by_sid_by_dn_or_skipped_with_the_reason() -> None:
     desired = desired_group(parent, options, nested=nested)
     assert desired.member_sids == {SID2, user(9).sid}
     assert desired.member_dns == {f"CN=Group_{gid(3)},{OU}"}
+    assert desired.nested_sids == {SID2}  # ours, read from its anchored object
     reasons = {s.reason: s.count for s in desired.skips}
     assert reasons == {
         SkipReason.MEMBER_GROUP_NOT_UNIVERSAL: 1,

@@ -155,6 +155,9 @@ class DesiredGroup:
     member_sids: frozenset[str]
     skips: tuple[Skip, ...] = ()
     member_dns: frozenset[str] = frozenset()
+    #: The SIDs of ``member_sids`` that are groups of ours (nesting), read from their
+    #: anchored AD objects below the target OU.
+    nested_sids: frozenset[str] = frozenset()
     keep_members: bool = False
     parent_dn: str | None = None
     rule: str | None = None
@@ -182,7 +185,7 @@ def desired_group(
     """The AD entry for ``group`` placed by ``placement`` (default: V1's); member
     groups are written when ``nested`` knows them (see :mod:`writeback.domain.nesting`)."""
     placement = placement or default_placement(group, options)
-    sids, dns, skips = writable_members(group, nested if options.nesting else None)
+    sids, dns, groups, skips = writable_members(group, nested if options.nesting else None)
     if group.members_hidden:
         skips = (
             *skips,
@@ -204,6 +207,7 @@ def desired_group(
         member_sids=sids,
         skips=skips,
         member_dns=dns,
+        nested_sids=groups,
         keep_members=group.members_hidden,
         parent_dn=placement.parent_dn,
         rule=placement.rule,
@@ -286,8 +290,9 @@ def smtp_proxy_addresses(group: CloudGroup) -> tuple[str, ...]:
 
 def writable_members(
     group: CloudGroup, nested: NestedGroups | None = None
-) -> tuple[frozenset[str], frozenset[str], tuple[Skip, ...]]:
-    """SIDs (and DNs) of the members that exist on-premises, and a count of the rest.
+) -> tuple[frozenset[str], frozenset[str], frozenset[str], tuple[Skip, ...]]:
+    """SIDs (and DNs) of the members that exist on-premises, which of those SIDs are
+    member groups of ours, and a count of the rest.
 
     Users synced from AD have an object there; cloud-only users, guests, devices
     and contacts are skipped and reported per group. A member group is written
@@ -297,6 +302,7 @@ def writable_members(
     """
     sids: set[str] = set()
     dns: set[str] = set()
+    groups: set[str] = set()
     skipped: Counter[SkipReason] = Counter()
     for member in group.members:
         if member.kind is MemberKind.GROUP and nested is not None:
@@ -305,6 +311,7 @@ def writable_members(
                 skipped[reason or SkipReason.MEMBER_GROUP_NOT_WRITTEN] += 1
             elif ref.startswith("<SID="):
                 sids.add(ref[5:-1])
+                groups.add(ref[5:-1])
             else:
                 dns.add(ref)
             continue
@@ -317,7 +324,7 @@ def writable_members(
         Skip(group.id, reason, _SKIP_DETAIL[reason], count)
         for reason, count in sorted(skipped.items(), key=lambda item: item[0].value)
     )
-    return frozenset(sids), frozenset(dns), skips
+    return frozenset(sids), frozenset(dns), frozenset(groups), skips
 
 
 _SKIP_DETAIL: Mapping[SkipReason, str] = {
