@@ -69,6 +69,7 @@ from writeback.adapters.hybrid_connection import (
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
 from writeback.agent_protocol import audience
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
@@ -158,6 +159,12 @@ class CountingDirectory:
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._inner.iter_groups()
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        return self._inner.resolve_sids(sids)
+
+    def group_ancestry(self) -> Ancestry:
+        return self._inner.group_ancestry()
 
     def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
         before = self._inner.member_values_read

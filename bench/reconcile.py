@@ -56,6 +56,7 @@ from writeback.service.reconcile import (
     SyncResult,
     apply_plan,
     build_plan,
+    guard_view,
     plan_sync,
 )
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
@@ -208,16 +209,19 @@ def rules_file(dc: SambaDC, target: str, tenant: Tenant, count: int) -> str:
 def planning_seconds(
     cloud: GraphCloud, directory: LdapDirectory, options: MappingOptions
 ) -> tuple[float, float]:
-    """build_plan alone over one snapshot and AD read: with the rules, and without."""
+    """build_plan alone over one snapshot and AD read, with the guards' view read
+    before (as plan_sync does): with the rules, and without."""
     options = replace(options, schema_attributes=directory.schema_attributes())
     snapshot = cloud.snapshot()
     current = list(directory.iter_groups())
+    policy = SyncPolicy()
+    guard = guard_view(snapshot.groups, current, directory, options, policy)
     started = time.monotonic()
-    build_plan(snapshot, current, options, SyncPolicy())
+    build_plan(snapshot, current, options, policy, guard)
     with_rules = time.monotonic() - started
     v1 = replace(options, rules=None)
     started = time.monotonic()
-    build_plan(snapshot, current, v1, SyncPolicy())
+    build_plan(snapshot, current, v1, policy, guard)
     return with_rules, time.monotonic() - started
 
 

@@ -93,6 +93,12 @@ param paused string = 'false'
 param memberLimit int = 50000
 param deleteThreshold int = 500
 
+@description('SIDs never written as members, beyond the privileged principals the member guard always refuses (comma-separated; docs/security.md).')
+param memberDeny string = ''
+
+@description('SIDs of groups the nesting guard treats as protected, beyond adminCount=1, built-in and privileged groups (comma-separated; docs/security.md).')
+param protectedGroups string = ''
+
 @description('Elastic Premium size.')
 @allowed([ 'EP1', 'EP2', 'EP3' ])
 param planSku string = 'EP1'
@@ -296,6 +302,8 @@ var appSettings = {
   WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION: graphWritebackConfiguration
   WRITEBACK_HIDE_FROM_ADDRESS_LISTS: hideFromAddressLists
   WRITEBACK_MEMBER_READ_HIDDEN: memberReadHidden
+  WRITEBACK_MEMBER_DENY: memberDeny
+  WRITEBACK_PROTECTED_GROUPS: protectedGroups
   WRITEBACK_LOG_LEVEL: 'INFO'
 
   WRITEBACK_RELAY_NAMESPACE: useRelay ? relay.outputs.namespaceHost : ''
@@ -313,6 +321,7 @@ var appSettings = {
   WRITEBACK_LISTEN_PORT: ''
   WRITEBACK_WORKERS: ''
   WRITEBACK_WEBHOOK_KEY: ''
+  WRITEBACK_MAX_CONNECTIONS: ''
 }
 
 module app 'modules/functionapp.bicep' = {

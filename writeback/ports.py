@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.model import CloudGroup, CloudMember, DirectoryGroup, Operation
 from writeback.errors import WritebackError
 
@@ -198,6 +199,18 @@ class Directory(Protocol):
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         """Every anchored object under the target OU, members included."""
+        ...
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        """What the domain holds for each SID (keys in canonical spelling), in a few
+        searches for all of them; a SID that names no object is absent. For the
+        member guard (:mod:`writeback.domain.guard`)."""
+        ...
+
+    def group_ancestry(self) -> Ancestry:
+        """The groups the anchored groups under the target OU are in, directly and
+        through nesting, read upward (a search over the OU for those that are in
+        any group, then one per level of nesting). For the nesting guard."""
         ...
 
     def apply(self, operation: Operation) -> int:

@@ -29,6 +29,7 @@ from tests.support.worker import run_once
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import DirectoryGroup, Operation
 from writeback.errors import WritebackError
@@ -59,6 +60,12 @@ class AfterWrite:
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self.inner.iter_groups()
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        return self.inner.resolve_sids(sids)
+
+    def group_ancestry(self) -> Ancestry:
+        return self.inner.group_ancestry()
 
     def apply(self, operation: Operation) -> int:
         requests = self.inner.apply(operation)

@@ -140,7 +140,17 @@ from writeback.adapters.ldap_values import (
     parse_range,
     read_dn,
     result_name,
+    sid_from_bytes,
     split_members,
+)
+from writeback.domain.guard import (
+    BUILTIN_GROUP_FLAG,
+    Ancestry,
+    ParentGroup,
+    Principal,
+    PrincipalKind,
+    canonical_sid,
+    is_sid,
 )
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES, MANAGED_ATTRIBUTES
 from writeback.domain.model import (
@@ -152,6 +162,7 @@ from writeback.domain.model import (
     Modify,
     Operation,
     Rename,
+    anchor_claims,
     anchor_for,
     group_id_from_anchor,
 )
@@ -159,6 +170,7 @@ from writeback.domain.naming import (
     DnKey,
     dn_key,
     escape_filter_value,
+    first_rdn,
     parent_of,
     single_cn_rdn,
     strictly_within,
@@ -167,6 +179,7 @@ from writeback.domain.target import is_within
 from writeback.errors import (
     ConfigError,
     DirectoryRefused,
+    DuplicateAnchor,
     LdapUnavailable,
     PolicyRefused,
     WritebackError,
@@ -184,6 +197,13 @@ RANGE_WINDOW = 50_000
 #: GUIDs is some 30 KB, far below any DC's request limit).
 FILTER_BATCH = 500
 _ANCHORED = "(&(objectClass=group)(adminDescription=Group_*))"
+#: SIDs, or DNs, per search filter of the guards' reads.
+GUARD_BATCH = 200
+#: Levels of nesting :meth:`LdapDirectory.group_ancestry` follows upward (AD allows
+#: any depth; past this the groups not read yet count as unreadable: protected).
+MAX_NESTING = 32
+_PRINCIPAL_ATTRIBUTES = ("objectClass", "objectSid", "adminCount", "adminDescription")
+_PARENT_ATTRIBUTES = ("objectSid", "adminCount", "groupType", "sAMAccountName", "memberOf")
 
 _T = TypeVar("_T")
 
@@ -194,26 +214,6 @@ class LdapRefused(DirectoryRefused):
     def __init__(self, message: str, *, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-class DuplicateAnchor(DirectoryRefused):
-    """More than one object under the target OU carries one group's anchor.
-
-    ``duplicates`` maps each such group id to the DNs carrying its anchor;
-    ``found`` holds what the same read found for the other ids, so a caller
-    reading many groups at once can go on with them.
-    """
-
-    def __init__(
-        self, duplicates: dict[str, tuple[str, ...]], found: dict[str, DirectoryGroup]
-    ) -> None:
-        text = "; ".join(
-            f"{len(dns)} objects carry the anchor of group {gid}: {'; '.join(dns)}"
-            for gid, dns in duplicates.items()
-        )
-        super().__init__(text)
-        self.duplicates = duplicates
-        self.found = found
 
 
 @dataclass
@@ -356,6 +356,7 @@ class LdapDirectory:
         self._dns_of: dict[str, set[DnKey]] = {}
         self._guids = ObjectGuids() if guids is None else guids
         self._ou_key = dn_key(target_ou)
+        self._domain_dn = _domain_of(target_ou)
         self._schema: frozenset[str] | None = None
 
     @property
@@ -422,7 +423,9 @@ class LdapDirectory:
         """The anchored objects of these ids (absent when there is none): one search
         for those whose objectGUID a read remembered, one more for the rest (see
         the module's docstring). Raises :class:`DuplicateAnchor` when an id's
-        anchor is on more than one object, with what was found for the others."""
+        anchor is on more than one object, or on an object only in another case
+        (not ours: it is never taken for the group), with what was found for the
+        others."""
         ids = list(dict.fromkeys(group_ids))
         if not ids:
             return {}
@@ -432,7 +435,7 @@ class LdapDirectory:
         for group_id in ids:
             self._forget(group_id)
             reads = found.get(group_id, [])
-            if len(reads) > 1:
+            if len(reads) > 1 or any(r.group.group_id != group_id for r in reads):
                 duplicates[group_id] = tuple(r.group.dn for r in reads)
             elif reads:
                 self._remember(*reads[0])
@@ -477,7 +480,29 @@ class LdapDirectory:
                 got = self._parse(entry, members=members)
                 if got is not None and got.group.group_id in chunk:
                     found.setdefault(got.group.group_id, []).append(got)
+                elif got is None and (claim := self._claim(entry)) in chunk:
+                    found.setdefault(claim, []).append(_claimant(entry))
         return found
+
+    def _claim(self, entry: Entry) -> str | None:
+        """The group id an object below the OU claims with an anchor that is not
+        canonical (another case): AD's case-blind filter matched it, so it stands in
+        that group's way and is reported as a duplicate, never written."""
+        anchor = decode(entry.attributes.get("admindescription"))
+        _, key = read_dn(parse_extended_dn(entry.dn).dn)
+        ou = self._ou_key
+        if len(anchor) != 1 or len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:
+            return None
+        claimed = anchor_claims(anchor[0])
+        if claimed is not None:
+            log.warning(
+                "%s carries %r, not the canonical anchor of group %s: it is not ours and is "
+                "never written",
+                parse_extended_dn(entry.dn).dn,
+                anchor[0],
+                claimed,
+            )
+        return claimed
 
     def iter_groups(self) -> Generator[DirectoryGroup, None, None]:
         """Every anchored group, page by page. The next page is asked for before
@@ -605,6 +630,140 @@ class LdapDirectory:
         group_id = self._seen.pop(key, None)
         if group_id is not None:
             self._dns_of.get(group_id, set()).discard(key)
+
+    # ------------------------------------------------------------- the guards' reads
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        """What the domain holds for each SID: searches from the domain's head
+        ORing up to ``GUARD_BATCH`` SIDs each (objectSid is indexed, and AD and
+        Samba take a SID's string form in a filter). Malformed SIDs are not asked."""
+        wanted = [s for s in dict.fromkeys(canonical_sid(sid) for sid in sids) if is_sid(s)]
+        if not wanted:
+            return {}
+        return self._read(lambda: self._resolve(wanted))
+
+    def _resolve(self, sids: list[str]) -> dict[str, Principal]:
+        found: dict[str, Principal] = {}
+        for start in range(0, len(sids), GUARD_BATCH):
+            # A validated SID is digits and dashes only: nothing to escape.
+            ors = "".join(f"(objectSid={sid})" for sid in sids[start : start + GUARD_BATCH])
+            entries = self._search(
+                self._domain_dn, f"(|{ors})", "subtree", _PRINCIPAL_ATTRIBUTES, extended=False
+            )
+            for entry in entries:
+                principal = self._principal(entry)
+                if principal is not None:
+                    found[principal.sid] = principal
+        return found
+
+    def _principal(self, entry: Entry) -> Principal | None:
+        raw = entry.attributes.get("objectsid") or []
+        try:
+            sid = canonical_sid(sid_from_bytes(raw[0])) if raw else None
+        except ValueError:
+            sid = None
+        if sid is None:
+            return None
+        dn, key = read_dn(entry.dn)
+        classes = {c.lower() for c in decode(entry.attributes.get("objectclass"))}
+        kind = (
+            PrincipalKind.COMPUTER
+            if "computer" in classes
+            else PrincipalKind.USER
+            if "user" in classes
+            else PrincipalKind.GROUP
+            if "group" in classes
+            else PrincipalKind.FOREIGN
+            if "foreignsecurityprincipal" in classes
+            else PrincipalKind.OTHER
+        )
+        anchor = decode(entry.attributes.get("admindescription"))
+        ou = self._ou_key
+        ours = (
+            kind is PrincipalKind.GROUP
+            and len(anchor) == 1
+            and len(key) > len(ou)
+            and key[len(key) - len(ou) :] == ou
+        )
+        return Principal(
+            sid=sid,
+            dn=dn,
+            kind=kind,
+            admin_count=decode(entry.attributes.get("admincount")) == ("1",),
+            group_id=group_id_from_anchor(anchor[0]) if ours else None,
+        )
+
+    def group_ancestry(self) -> Ancestry:
+        """Our groups that are in any group (one search over the OU: ``memberOf`` is
+        a back link every group has, so ``(memberOf=*)`` finds exactly those), then
+        the groups they are in, level by level, ``GUARD_BATCH`` DNs per search. A
+        group that cannot be found is reported unreadable (the guard takes it as
+        protected). Usually one search that finds nothing."""
+        return self._read(self._ancestry)
+
+    def _ancestry(self) -> Ancestry:
+        entries = self._search(
+            self._target_ou,
+            "(&(objectClass=group)(adminDescription=Group_*)(memberOf=*))",
+            "subtree",
+            ["adminDescription", "memberOf"],
+            extended=False,
+        )
+        parents: dict[str, tuple[str, ...]] = {}
+        ou = self._ou_key
+        for entry in entries:
+            anchor = decode(entry.attributes.get("admindescription"))
+            group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
+            _, key = read_dn(entry.dn)
+            if group_id is None or len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:
+                continue
+            above = tuple(read_dn(dn)[0] for dn in decode(entry.attributes.get("memberof")))
+            parents[group_id] = (*parents.get(group_id, ()), *above)  # two objects: both count
+        groups: dict[DnKey, ParentGroup] = {}
+        frontier = list(dict.fromkeys(dn for dns in parents.values() for dn in dns))
+        for _ in range(MAX_NESTING):
+            frontier = [dn for dn in dict.fromkeys(frontier) if dn_key(dn) not in groups]
+            if not frontier:
+                break
+            read = self._parent_groups(frontier)
+            for dn in frontier:
+                groups[dn_key(dn)] = read.get(dn_key(dn), ParentGroup(dn, readable=False))
+            frontier = [dn for g in read.values() for dn in g.parents]
+        return Ancestry(parents=parents, groups={g.dn: g for g in groups.values()})
+
+    def _parent_groups(self, dns: list[str]) -> dict[DnKey, ParentGroup]:
+        found: dict[DnKey, ParentGroup] = {}
+        for start in range(0, len(dns), GUARD_BATCH):
+            ors = "".join(
+                f"(distinguishedName={escape_filter_value(dn)})"
+                for dn in dns[start : start + GUARD_BATCH]
+            )
+            entries = self._search(
+                self._domain_dn,
+                f"(&(objectClass=group)(|{ors}))",
+                "subtree",
+                _PARENT_ATTRIBUTES,
+                extended=False,
+            )
+            for entry in entries:
+                dn, key = read_dn(entry.dn)
+                raw = entry.attributes.get("objectsid") or []
+                try:
+                    sid = canonical_sid(sid_from_bytes(raw[0])) if raw else None
+                except ValueError:
+                    sid = None
+                group_type = decode(entry.attributes.get("grouptype"))
+                flags = int(group_type[0]) if group_type and _is_int(group_type[0]) else 0
+                names = decode(entry.attributes.get("samaccountname"))
+                found[key] = ParentGroup(
+                    dn=dn,
+                    sid=sid,
+                    admin_count=decode(entry.attributes.get("admincount")) == ("1",),
+                    builtin=bool(flags & BUILTIN_GROUP_FLAG),
+                    name=names[0] if names else "",
+                    parents=tuple(read_dn(p)[0] for p in decode(entry.attributes.get("memberof"))),
+                )
+        return found
 
     # ----------------------------------------------------------------- writes
 
@@ -1055,6 +1214,36 @@ class LdapDirectory:
         if isinstance(failure, ConnectionFailed):
             return LdapUnavailable(f"{doing}: {failure.detail}")
         return DirectoryRefused(f"{doing}: {failure.detail}")
+
+
+def _domain_of(dn: str) -> str:
+    """The domain's head of a DN: its trailing ``DC=`` RDNs."""
+    parts: list[str] = []
+    rest = dn
+    while rest.strip():
+        rdn = first_rdn(rest).strip()
+        parts.append(rdn)
+        rest = parent_of(rest)
+    tail: list[str] = []
+    for rdn in reversed(parts):
+        if rdn.partition("=")[0].strip().casefold() != "dc":
+            break
+        tail.insert(0, rdn)
+    return ",".join(tail) or dn
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _claimant(entry: Entry) -> _Read:
+    """An object claiming an anchor without being ours, as a read of it (for the
+    duplicate report only: it is never remembered, so never written)."""
+    ref = parse_extended_dn(entry.dn)
+    dn, key = read_dn(ref.dn)
+    anchor = decode(entry.attributes.get("admindescription"))
+    group = DirectoryGroup(dn=dn, group_id=anchor[0] if anchor else "", attributes={})
+    return _Read(group, None, key)
 
 
 def _member_slice(entry: Entry, low: int) -> tuple[list[bytes], int | None]:

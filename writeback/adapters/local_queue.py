@@ -25,11 +25,17 @@ rules as a Service Bus session queue:
 
 Times are wall-clock Unix seconds (they are shared between processes and survive a
 restart); ``clock`` can be replaced in tests.
+
+The file holds every pending event (group ids, when they were noticed) and the dead
+letters with their reasons, so it is private to the process's user: created mode
+0600 (SQLite gives its ``-wal`` and ``-shm`` files the mode of the database), an
+existing one narrowed to 0600, and opened by its absolute path, which is logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -51,6 +57,8 @@ from writeback.errors import (
     WritebackError,
 )
 from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
+
+log = logging.getLogger(__name__)
 
 MAX_DELIVERY_COUNT_EXCEEDED: Final = "MaxDeliveryCountExceeded"
 MAX_ID_LENGTH: Final = 128  # Service Bus limit for message and session ids
@@ -150,6 +158,17 @@ _signals: dict[str, _Signal] = {}
 _signals_lock = threading.Lock()
 
 
+def _private_file(path: str) -> None:
+    """Create ``path`` mode 0600 if it is not there, and narrow it to 0600 if it is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("queue file %s was readable by others; now mode 0600", path)
+    finally:
+        os.close(fd)
+
+
 def _signal_for(path: str) -> _Signal:
     with _signals_lock:
         return _signals.setdefault(path, _Signal())
@@ -192,6 +211,7 @@ class LocalQueue:
         self._held: dict[str, str] = {}  # session id -> lock token, for release_session
         self._signal = _signal_for(self.path)
         try:
+            _private_file(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -203,6 +223,9 @@ class LocalQueue:
                         self._db.execute(statement)
         except sqlite3.Error as error:
             raise _map_sqlite_error(error, f"cannot open queue file {self.path}") from error
+        except OSError as error:
+            raise ConfigError(f"cannot open queue file {self.path}: {error}") from None
+        log.info("local queue at %s", self.path)
 
     def now(self) -> float:
         """The queue's clock (Unix seconds; tests move it)."""

@@ -159,6 +159,9 @@ class DesiredGroup:
     #: anchored AD objects below the target OU.
     nested_sids: frozenset[str] = frozenset()
     keep_members: bool = False
+    #: Members AD holds that the member guard refuses: removed even when
+    #: ``keep_members`` (a hidden list keeps unknown members, never refused ones).
+    refused_sids: frozenset[str] = frozenset()
     parent_dn: str | None = None
     rule: str | None = None
 

@@ -79,14 +79,18 @@ def _add(desired: DesiredGroup, target_ou: str) -> Add:
 
 def diff(desired: DesiredGroup, current: DirectoryGroup) -> Changes:
     """Attribute replaces and member deltas; empty when already converged. A group
-    whose members Graph may have hidden (``keep_members``) loses none."""
+    whose members Graph may have hidden (``keep_members``) loses none but those the
+    member guard refuses (``refused_sids``)."""
     replace = {
         name: values
         for name, values in desired.attributes.items()
         if not _same(name, values, _current_values(current.attributes, name))
     }
     add = sorted(desired.member_sids - current.member_sids)
-    remove = [] if desired.keep_members else sorted(current.member_sids - desired.member_sids)
+    if desired.keep_members:
+        remove = sorted(current.member_sids & desired.refused_sids)
+    else:
+        remove = sorted(current.member_sids - desired.member_sids)
     others = () if desired.keep_members else tuple(sorted(current.other_members))
     return Changes(
         replace=replace,

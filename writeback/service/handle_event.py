@@ -56,11 +56,12 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import Change, GroupChanged
+from writeback.domain.guard import GuardView, guard_desired
 from writeback.domain.mapping import (
     MappingOptions,
     OutOfScope,
@@ -86,6 +87,7 @@ from writeback.domain.policy import DeleteBudget
 from writeback.domain.rules import Excluded
 from writeback.errors import (
     ConfigError,
+    DuplicateAnchor,
     PermanentError,
     PoisonEvent,
     TransientError,
@@ -103,6 +105,7 @@ from writeback.ports import (
     Settlement,
     StoredLink,
 )
+from writeback.service.guarding import GuardReads, member_sids_to_check
 from writeback.service.scope import event_nesting_for, in_scope, kept_skip
 
 log = logging.getLogger("writeback.worker")
@@ -161,6 +164,8 @@ class WorkerContext:
     #: Seconds between a read and its confirmation (module docstring).
     settle: float = DEFAULT_SETTLE
     clock: Callable[[], float] = time.time
+    #: The member and nesting guards' reads (their rules, and answers kept briefly).
+    guard: GuardReads = field(default_factory=GuardReads)
 
 
 #: The window the worker counts its deletes over.
@@ -289,23 +294,61 @@ def _step(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
     deltas, full = _read_deltas(works, ctx, results)
     by_id = {w.group_id: w for w in works}
     if deltas:
-        try:
-            current = ctx.directory.find_groups(list(deltas), members=False)
-        except WritebackError as error:
-            current = {}
-            for group_id in deltas:
-                results[group_id] = error
-            deltas = {}
+        current, errors = _find(list(deltas), ctx, members=False)
+        results.update(errors)
+        deltas = {gid: read for gid, read in deltas.items() if gid not in errors}
+        for group_id in [gid for gid in deltas if gid not in current]:
+            full.append(replace(by_id[group_id], full=True))  # AD object missing
+            del deltas[group_id]
+        adds = [replace(read.group, members=read.added) for read in deltas.values()]
+        guard = _guard(adds, current, ctx)
         for group_id, read in deltas.items():
-            found = current.get(group_id)
-            if found is None:
-                full.append(replace(by_id[group_id], full=True))  # AD object missing
-            else:
-                plans[group_id] = _plan_deltas(group_id, read, found, by_id[group_id], ctx)
+            plans[group_id] = (
+                guard
+                if isinstance(guard, WritebackError)
+                else _plan_deltas(
+                    group_id, read, current[group_id], by_id[group_id], ctx, guard=guard
+                )
+            )
     if full:
         plans.update(_plan_in_full(full, ctx))
     results.update(_write(plans, ctx))
     return results
+
+
+def _find(
+    ids: list[str], ctx: WorkerContext, *, members: bool
+) -> tuple[dict[str, DirectoryGroup], dict[str, WritebackError]]:
+    """The AD objects of ``ids``, and the errors of those that could not be had. A
+    group whose anchor is duplicated gets its own error (a person must look), and
+    the others go on; any other failure is every group's."""
+    try:
+        return ctx.directory.find_groups(ids, members=members), {}
+    except DuplicateAnchor as duplicate:
+        errors: dict[str, WritebackError] = {}
+        for group_id, dns in duplicate.duplicates.items():
+            errors[group_id] = DuplicateAnchor({group_id: dns})
+            log.warning(
+                "group %s: %s; not written",
+                group_id,
+                errors[group_id],
+                extra={"group_id": group_id, "outcome": "duplicate-anchor"},
+            )
+        return {gid: g for gid, g in duplicate.found.items() if gid in ids}, errors
+    except WritebackError as error:
+        return {}, dict.fromkeys(ids, error)
+
+
+def _guard(
+    groups: Sequence[CloudGroup], current: Mapping[str, DirectoryGroup], ctx: WorkerContext
+) -> GuardView | WritebackError:
+    """The guards' reads for the member SIDs ``groups`` would add (one bulk read,
+    cached briefly), or the error that stopped them (every such group's)."""
+    sids = member_sids_to_check(groups, current, ctx.options, ctx.guard.rules)
+    try:
+        return ctx.guard.view(ctx.directory, sids)
+    except WritebackError as error:
+        return error
 
 
 def _write(plans: dict[str, Plan], ctx: WorkerContext) -> dict[str, Result]:
@@ -352,9 +395,14 @@ def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
     try:
         answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
-        current = ctx.directory.find_groups(ids, members=True)
     except WritebackError as error:
         return {gid: error for gid in ids}
+    current, errors = _find(ids, ctx, members=True)
+    results.update(errors)
+    if len(results) == len(ids):
+        return results
+    cloud_groups = [g for g in groups.values() if isinstance(g, CloudGroup)]
+    guard = _guard(cloud_groups, current, ctx)
     # A group whose link could not be had is read all the same; it gets one next time.
     links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
     try:
@@ -364,14 +412,18 @@ def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
+        if gid in results:
+            continue
         if read is None:
             results[gid] = TransientError(f"group {gid}: Graph gave no answer for it")
         elif isinstance(read, WritebackError):
             results[gid] = read
+        elif isinstance(guard, WritebackError):
+            results[gid] = guard
         else:
             found = current.get(gid)
             results[gid] = _settle_one(
-                work, read, found, links.get(gid), ctx, nested=nested.get(gid)
+                work, read, found, links.get(gid), ctx, guard=guard, nested=nested.get(gid)
             )
     return results
 
@@ -383,6 +435,7 @@ def _settle_one(
     link: str | None,
     ctx: WorkerContext,
     *,
+    guard: GuardView,
     nested: NestedGroups | None = None,
 ) -> Plan:
     try:
@@ -391,7 +444,9 @@ def _settle_one(
         decision = in_scope(read, ctx.options)
         if not isinstance(decision, Placement):
             return _excluded(work, decision, current, ctx)
-        desired = desired_group(_within_limit(read, ctx), ctx.options, decision, nested)
+        desired = guard_desired(
+            desired_group(_within_limit(read, ctx), ctx.options, decision, nested), current, guard
+        )
     except WritebackError as error:
         return error
     operation = plan_group(desired, current, ctx.options.target_ou)
@@ -597,12 +652,19 @@ def _usable(
 
 
 def _plan_deltas(
-    gid: str, read: _Deltas, current: DirectoryGroup, work: Work, ctx: WorkerContext
+    gid: str,
+    read: _Deltas,
+    current: DirectoryGroup,
+    work: Work,
+    ctx: WorkerContext,
+    *,
+    guard: GuardView,
 ) -> Plan:
     try:
         decision = in_scope(read.group, ctx.options)
         placement = decision if isinstance(decision, Placement) else None
-        desired = desired_group(replace(read.group, members=read.added), ctx.options, placement)
+        added = desired_group(replace(read.group, members=read.added), ctx.options, placement)
+        desired = guard_desired(added, current, guard)  # current without members: adds only
     except WritebackError as error:
         return error
     planned = plan_group(replace(desired, member_sids=frozenset()), current, ctx.options.target_ou)
@@ -857,6 +919,20 @@ def _log(outcome: EventOutcome) -> None:
             "skipped": skip_summary(outcome.skips),
         },
     )
+    for skip in outcome.skips:
+        if skip.member or skip.alert:  # the guards' decisions, one line each
+            log.warning(
+                "group %s: %s%s: %s",
+                outcome.group_id,
+                skip.reason.value,
+                f" x{skip.count}" if skip.count != 1 else "",
+                skip.detail,
+                extra={
+                    "group_id": outcome.group_id,
+                    "skip_reason": skip.reason.value,
+                    "member": skip.member or None,
+                },
+            )
 
 
 def skip_summary(skips: Iterable[Skip]) -> str | None:

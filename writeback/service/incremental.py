@@ -42,13 +42,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from writeback.config import SoftDeletePolicy
+from writeback.domain.guard import GuardView
 from writeback.domain.mapping import MappingOptions, Placement
 from writeback.domain.model import CloudGroup, Delete, DirectoryGroup, Skip, SkipReason
 from writeback.domain.nesting import NestedGroups, creation_order, member_group_ids, plan_nesting
 from writeback.domain.rules import Excluded
 from writeback.domain.times import iso
-from writeback.errors import DeltaExpired, TransientError, WritebackError
+from writeback.errors import DeltaExpired, DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
+from writeback.service.guarding import member_sids_to_check, read_view
 from writeback.service.reconcile import (
     Plan,
     Progress,
@@ -56,9 +58,10 @@ from writeback.service.reconcile import (
     SyncResult,
     add_deletes,
     apply_plan,
-    build_plan,
+    check_adds,
     plan_cloud_group,
     plan_excluded,
+    plan_from,
     threshold_reason,
 )
 from writeback.service.scope import in_scope
@@ -167,7 +170,7 @@ def _full(
     progress: Progress | None,
 ) -> IncrementalResult:
     snapshot = cloud.snapshot()
-    plan = build_plan(snapshot, directory.iter_groups(), options, policy)
+    plan = plan_from(snapshot, list(directory.iter_groups()), directory, options, policy)
     result = apply_plan(plan, directory, progress=progress)
     link = snapshot.groups_delta_link if not result.failures else None
     log.info("reconcile: full sync (%s)", reason or "asked for")
@@ -210,15 +213,20 @@ def _incremental(
         except WritebackError as error:
             log.warning("reconcile: group %s not planned: %s", group_id, error)
             errors.append((group_id, f"{type(error).__name__}: {error}"))
+            if isinstance(error, DuplicateAnchor):  # an alert in the plan, as a full sync has
+                for gid, dns in (error.duplicates or {group_id: ()}).items():
+                    plan.skips.append(Skip(gid, SkipReason.DUPLICATE_ANCHOR, "; ".join(dns)))
             continue
         if found is not None:
             placed[group_id] = found
     nested = _nesting(placed, directory, options) if options.nesting else None
+    view = _guard_view(placed, directory, options, policy)
     for group, placement, current in placed.values():
         plan.groups_in_cloud += 1
-        plan_cloud_group(plan, group, current, options, placement=placement, nested=nested)
+        plan_cloud_group(plan, group, current, options, view, placement=placement, nested=nested)
     if nested is not None:
         plan.operations = creation_order(plan.operations)
+    check_adds(plan, directory)
     add_deletes(deletes, plan, policy, threshold_reason(deletes, policy))
     unguarded = deletes and plan.deletes_blocked is None and not policy.allow_deletes
     if unguarded and _would_empty(deletes, directory):
@@ -320,6 +328,21 @@ def _nesting(
         if gid in current
     )
     return plan_nesting(scope, current, options.target_ou)
+
+
+def _guard_view(
+    placed: dict[str, tuple[CloudGroup, Placement, DirectoryGroup | None]],
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+) -> GuardView:
+    """The guards' reads for the changed groups in scope, once for the run: the
+    member SIDs they would add, resolved in one bulk read, and the nesting."""
+    groups = [group for group, _, _ in placed.values()]
+    current = {gid: found for gid, (_, _, found) in placed.items() if found is not None}
+    return read_view(
+        directory, member_sids_to_check(groups, current, options, policy.guard), policy.guard
+    )
 
 
 def _would_empty(deletes: list[Delete], directory: Directory) -> bool:

@@ -51,6 +51,7 @@ from typing import Any
 
 from writeback.domain.events import CONTROL_SESSION, Change, ControlRequest, GroupChanged
 from writeback.domain.mapping import MappingOptions
+from writeback.domain.model import Skip
 from writeback.domain.times import iso, parse_iso
 from writeback.errors import ConfigError, PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
@@ -64,6 +65,7 @@ from writeback.ports import (
     StateStore,
     Subscription,
 )
+from writeback.service.guarding import GuardReads
 from writeback.service.handle_event import (
     CONFIG_RETRY_DELAY,
     DEFAULT_SETTLE,
@@ -430,6 +432,7 @@ class Pipeline:
             sender=self._sender,
             settle=config.settle,
             clock=lambda: self.clock().timestamp(),
+            guard=GuardReads(config.policy.guard),
         )
         with self._lock:
             self._context = self._context or context
@@ -754,10 +757,20 @@ class Pipeline:
                 "failures": len(result.failures),
                 "skips": len(plan.skips),
                 "deletes_blocked": plan.deletes_blocked,
+                "alerts": alerts_record(plan.alerts),
+                "alert_count": len(plan.alerts),
                 "error": None,
             },
             answered,
         )
+        for alert in plan.alerts:
+            log.warning(
+                "reconcile: group %s: %s: %s",
+                alert.group_id,
+                alert.reason.value,
+                alert.detail,
+                extra={"group_id": alert.group_id, "skip_reason": alert.reason.value},
+            )
         log.info(
             "reconcile done (%s): %s, %d LDAP requests, %d failures in %.2f s",
             reason,
@@ -890,6 +903,18 @@ class _Tracked:
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         self._settle(message, self._settlement.dead_letter, reason, description)
+
+
+#: Alerts kept in the state file for ``status`` (the rest are counted).
+MAX_RECORDED_ALERTS = 50
+
+
+def alerts_record(alerts: Sequence[Skip]) -> list[dict[str, Any]]:
+    """The reconcile's alerts (duplicated anchors, frozen groups) as ``status`` shows them."""
+    return [
+        {"group_id": a.group_id, "reason": a.reason.value, "detail": a.detail[:500]}
+        for a in alerts[:MAX_RECORDED_ALERTS]
+    ]
 
 
 def _control_requests(
