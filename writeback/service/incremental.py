@@ -337,7 +337,10 @@ def _guard_view(
     policy: SyncPolicy,
 ) -> GuardView:
     """The guards' reads for the changed groups in scope, once for the run: the
-    member SIDs they would add, resolved in one bulk read, and the nesting."""
+    member SIDs they would add, resolved in one bulk read, and the nesting (no read
+    when no changed group is in scope)."""
+    if not placed:
+        return GuardView(rules=policy.guard)
     groups = [group for group, _, _ in placed.values()]
     current = {gid: found for gid, (_, _, found) in placed.items() if found is not None}
     return read_view(
