@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -122,6 +123,12 @@ class Tally:
     read: int = 0
     operations: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Every adapter the workers opened, for their LDAP requests by kind.
+    directories: list[LdapDirectory] = field(default_factory=list)
+
+    def requests(self) -> Counter[str]:
+        with self.lock:
+            return sum((Counter(d.request_counts) for d in self.directories), Counter())
 
     def reset(self) -> None:
         with self.lock:
@@ -135,6 +142,8 @@ class CountingDirectory:
     def __init__(self, inner: LdapDirectory, tally: Tally) -> None:
         self._inner = inner
         self._tally = tally
+        with tally.lock:
+            tally.directories.append(inner)
 
     def schema_attributes(self) -> frozenset[str]:
         return self._inner.schema_attributes()
@@ -497,6 +506,7 @@ class Bench:
         before = server.stats
         order = groups[:]
         self.rng.shuffle(order)
+        requests_before = self.tally.requests()
         cpu_before, child_before, dc_before = cpu_seconds(), standin.cpu(), self.dc.cpu_seconds()
         started = time.monotonic()
         for group in order:  # one new member per group: one notification, one write each
@@ -507,6 +517,7 @@ class Bench:
         seconds = time.monotonic() - started
         cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
         dc_cpu = self.dc.cpu_seconds() - dc_before
+        requests = self.tally.requests() - requests_before
         delta = diff(before, server.stats)
         rate = delta.writes / seconds
         if latency == 0 and not self.pipeline_write_rate:
@@ -526,6 +537,10 @@ class Bench:
                 f"{name}: CPU ms per event, pipeline / Graph stand-in / DC",
                 f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f} / "
                 f"{dc_cpu * 1000 / events:.1f}",
+            ),
+            (
+                f"{name}: LDAP requests per event, by kind",
+                ", ".join(f"{k} {v / events:.2f}" for k, v in sorted(requests.items())),
             ),
             (f"{name}: dead letters", f"{delta.dead_lettered}"),
         ]
