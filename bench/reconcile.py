@@ -17,6 +17,14 @@ the sync for the GIL); ``--graph-latency`` adds that many seconds to each of
 its responses where the stand-in has such a setting.
 
     .venv/bin/python bench/reconcile.py --groups 20000 --memberships 400000
+
+``--rules N`` runs the same sync under a scoping and placement rules file of N
+rules (docs/rules.md): id lists placing groups in sub-OUs, display-name globs and
+regular expressions that most groups test and miss, kind rules, and a last
+catch-all, so nearly every group is tried against every rule; the Graph client
+then reads what rules need (security groups, member groups). It prints the
+planning alone (the pure build_plan over the same snapshot and AD read, with
+those rules and without) next to the sync, as a share of it.
 """
 
 from __future__ import annotations
@@ -36,12 +44,21 @@ from typing import Any
 from ldap3 import SUBTREE, Connection
 
 from writeback.adapters.directory import LdapDirectory
-from writeback.adapters.graph import GraphCloud
+from writeback.adapters.graph import GraphCloud, GraphReads
 from writeback.adapters.ldap_clients import python_ldap_available
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
+from writeback.domain.rules import parse_rules
 from writeback.report import markdown_table
-from writeback.service.reconcile import Plan, SyncPolicy, SyncResult, apply_plan, plan_sync
+from writeback.service.reconcile import (
+    Plan,
+    SyncPolicy,
+    SyncResult,
+    apply_plan,
+    build_plan,
+    guard_view,
+    plan_sync,
+)
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
 
@@ -56,12 +73,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--graph-latency", type=float, default=0.0, help="seconds per response")
     parser.add_argument("--address", default=None, help="loopback address for the DC")
+    parser.add_argument("--rules", type=int, default=0, help="plan under a rules file of N rules")
     args = parser.parse_args(argv)
     with running_dc(address=args.address or free_loopback_address("127.0.0.30")) as dc:
-        run(dc, args.groups, args.memberships, args.users, args.graph_latency)
+        run(dc, args.groups, args.memberships, args.users, args.graph_latency, rules=args.rules)
 
 
-def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) -> None:
+def run(
+    dc: SambaDC, groups: int, memberships: int, users: int, latency: float, *, rules: int = 0
+) -> None:
     users_ou = dc.create_ou("BenchUsers")
     t = time.monotonic()
     sids = dc.create_users(users_ou, [f"u{i}" for i in range(users)])
@@ -72,9 +92,13 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
     options, latency_note = standin_options(latency)
     standin = RemoteStandIn(tenant, options)
     try:
-        cloud = GraphCloud(base_url=standin.url)
-        directory = dc.directory(target)
         options_ = MappingOptions(target_ou=target)
+        if rules:
+            rule_set = parse_rules(rules_file(dc, target, tenant, rules), target_ou=target)
+            options_ = replace(options_, rules=rule_set)
+        reads = GraphReads(all_groups=options_.wants_all_groups, nested=options_.nesting)
+        cloud = GraphCloud(base_url=standin.url, reads=reads)
+        directory = dc.directory(target)
         started = time.monotonic()
         plan = plan_sync(cloud, directory, options_, SyncPolicy())
         read_seconds = time.monotonic() - started
@@ -97,6 +121,7 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
         again, again_total, _ = timed_sync(cloud, directory, options_)
         graph_alone = timed(cloud.snapshot)
         ad_alone = timed(lambda: sum(1 for _ in directory.iter_groups()))
+        planning = planning_seconds(cloud, directory, options_) if rules else None
         client = directory.client_name
         cloud.close()
         directory.close()
@@ -137,8 +162,67 @@ def run(dc: SambaDC, groups: int, memberships: int, users: int, latency: float) 
             ("plain python-ldap add loop writes per second", f"{pyl_rate:.1f}"),
             ("ratio sync / plain python-ldap loop", f"{sync_rate / pyl_rate:.2f}"),
         ]
+    if planning is not None:
+        with_rules, without = planning
+        rows += [
+            ("rules in the rules file", f"{rules}"),
+            (f"planning alone with {rules} rules (build_plan), seconds", f"{with_rules:.2f}"),
+            ("planning alone without rules (V1), seconds", f"{without:.2f}"),
+            ("planning with rules, share of the initial sync", f"{with_rules / first_total:.1%}"),
+            ("planning with rules, share of the no-op re-sync", f"{with_rules / again_total:.1%}"),
+        ]
     rows.append(("peak RSS of this process, MB", f"{peak_mb:.0f}"))
     print_table(rows)
+
+
+def rules_file(dc: SambaDC, target: str, tenant: Tenant, count: int) -> str:
+    """A rules file of ``count`` rules over the bench tenant (see the module docstring):
+    a fifth are id lists of 10 groups each, placed in OUs of their own (created
+    here), the rest display-name globs and regular expressions that match no
+    bench group, then kind rules, and a catch-all for Microsoft 365 groups last."""
+    rng = random.Random(7)
+    ids = sorted(tenant.group_ids())
+    placed = max(1, count // 5)
+    lines = ['[defaults]\ndn_format = "objectid"\n']
+    for n in range(placed):
+        dc.create_ou(f"Placed{n}", target)
+        chosen = ", ".join(f'"{gid}"' for gid in rng.sample(ids, min(10, len(ids))))
+        fmt = "displayname" if n % 2 else "objectid"
+        lines.append(
+            f'[[rule]]\nname = "placed {n}"\nids = [{chosen}]\nou = "OU=Placed{n}"\n'
+            f'dn_format = "{fmt}"\n'
+        )
+    misses = max(0, count - placed - 2)
+    for n in range(misses):
+        if n % 2:
+            lines.append(f'[[rule]]\nname = "dept {n}"\ndisplay_name = "Dept {n} *"\n')
+        else:
+            lines.append(
+                f'[[rule]]\nname = "project {n}"\ndisplay_name_regex = "^Project-{n}-"\n'
+                'group_type = "security"\n'
+            )
+    lines.append('[[rule]]\nname = "security groups"\nkinds = ["security"]\n')
+    lines.append('[[rule]]\nname = "every other M365 group"\nkinds = ["microsoft365"]\n')
+    return "\n".join(lines[: count + 1])
+
+
+def planning_seconds(
+    cloud: GraphCloud, directory: LdapDirectory, options: MappingOptions
+) -> tuple[float, float]:
+    """build_plan alone over one snapshot and AD read, with the guards' view read
+    before (as plan_sync does): with the rules, and without."""
+    options = replace(options, schema_attributes=directory.schema_attributes())
+    snapshot = cloud.snapshot()
+    current = list(directory.iter_groups())
+    policy = SyncPolicy()
+    guard = guard_view(snapshot.groups, current, directory, options, policy)
+    started = time.monotonic()
+    build_plan(snapshot, current, options, policy, guard)
+    with_rules = time.monotonic() - started
+    v1 = replace(options, rules=None)
+    started = time.monotonic()
+    build_plan(snapshot, current, v1, policy, guard)
+    return with_rules, time.monotonic() - started
 
 
 def mirror_population(dc: SambaDC, ou: str, sids: dict[str, str], prefix: str) -> dict[str, str]:

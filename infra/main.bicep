@@ -50,11 +50,34 @@ param relayCallerKey string
 @description('CIDR ranges (e.g. your workstation\'s "203.0.113.7/32") allowed to reach the SCM (Kudu) site, for publishing the code and SSH; empty (the default) denies everyone.')
 param scmAllowedIpRanges array = []
 
-@allowed([ 'objectid', 'displayname' ])
+@allowed([ 'objectid', 'displayname', 'cloudsync' ])
 param dnFormat string = 'objectid'
 
-@allowed([ 'distribution', 'security' ])
+@allowed([ 'distribution', 'security', 'mail-enabled-security' ])
 param groupType string = 'distribution'
+
+@description('Path of the scoping and placement rules file in the deployed package (docs/rules.md), e.g. /home/site/wwwroot/rules.toml; empty: group writeback V1\'s scope.')
+param rulesPath string = ''
+
+@description('Without a rules file: also write cloud security and mail-enabled security groups.')
+@allowed([ 'true', 'false' ])
+param securityGroups string = 'false'
+
+@description('What happens to the AD object of a group that falls out of scope.')
+@allowed([ 'keep', 'delete' ])
+param outOfScope string = 'keep'
+
+@description('Read writebackConfiguration from Graph beta (for rules written for Entra Connect V2 migrants).')
+@allowed([ 'true', 'false' ])
+param graphWritebackConfiguration string = 'false'
+
+@description('Write msExchHideFromAddressLists from Graph\'s hideFromAddressLists (an Exchange-prepared forest).')
+@allowed([ 'true', 'false' ])
+param hideFromAddressLists string = 'false'
+
+@description('Whether the identity holds Member.Read.Hidden; auto reads it from its token.')
+@allowed([ 'auto', 'true', 'false' ])
+param memberReadHidden string = 'auto'
 
 @allowed([ 'keep', 'delete' ])
 param softDelete string = 'keep'
@@ -273,6 +296,12 @@ var appSettings = {
   WRITEBACK_DELETE_THRESHOLD: string(deleteThreshold)
   WRITEBACK_ENABLED: enabled
   WRITEBACK_SOFT_DELETE: softDelete
+  WRITEBACK_RULES: rulesPath
+  WRITEBACK_SECURITY_GROUPS: securityGroups
+  WRITEBACK_OUT_OF_SCOPE: outOfScope
+  WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION: graphWritebackConfiguration
+  WRITEBACK_HIDE_FROM_ADDRESS_LISTS: hideFromAddressLists
+  WRITEBACK_MEMBER_READ_HIDDEN: memberReadHidden
   WRITEBACK_MEMBER_DENY: memberDeny
   WRITEBACK_PROTECTED_GROUPS: protectedGroups
   WRITEBACK_LOG_LEVEL: 'INFO'

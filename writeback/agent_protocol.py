@@ -488,6 +488,8 @@ def operation_to_json(operation: Operation) -> dict[str, Any]:
     elif isinstance(operation, Rename):
         data["new_rdn"] = operation.new_rdn
         data["changes"] = _changes_to_json(operation.changes)
+        if operation.new_parent is not None:
+            data["new_parent"] = operation.new_parent
     return data
 
 
@@ -523,6 +525,7 @@ def parse_operation(data: object) -> Operation:
             dn=dn,
             new_rdn=text_field(item, "new_rdn"),
             changes=_parse_changes(item.get("changes")),
+            new_parent=_optional_text(item, "new_parent"),
         )
     if kind == "delete":
         return Delete(group_id=group_id, dn=dn)

@@ -24,7 +24,7 @@ from writeback.errors import ConfigError
 
 if TYPE_CHECKING:
     from writeback.adapters.directory import LdapDirectory, ObjectGuids
-    from writeback.adapters.graph import GraphCloud
+    from writeback.adapters.graph import GraphCloud, GraphReads
     from writeback.adapters.hybrid_connection import RelayEndpoint
     from writeback.adapters.local_queue import LocalQueue
     from writeback.adapters.relay import RelayDirectory
@@ -129,6 +129,21 @@ def build_cloud(settings: Settings) -> GraphCloud:
     return GraphCloud(
         base_url=settings.graph_url,
         credential=graph_credential(settings.graph_auth, settings.credentials),
+        reads=graph_reads(settings),
+    )
+
+
+def graph_reads(settings: Settings) -> GraphReads:
+    """What the Graph adapter reads beyond V1's, as the settings and rules ask."""
+    from writeback.adapters.graph import GraphReads
+
+    options = settings.mapping()
+    return GraphReads(
+        all_groups=options.wants_all_groups,
+        nested=options.nesting,
+        hide_from_address_lists=settings.hide_from_address_lists,
+        writeback_configuration=settings.writeback_configuration,
+        member_read_hidden=settings.reads_hidden_members,
     )
 
 

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -29,8 +29,10 @@ from writeback.domain.mapping import (
     MAX_MEMBER_LIMIT,
     GroupType,
     MappingOptions,
+    OutOfScope,
 )
 from writeback.domain.naming import DnFormat
+from writeback.domain.rules import RulesError, RuleSet, parse_rules
 from writeback.errors import ConfigError
 
 PUBLIC_GRAPH_URL = "https://graph.microsoft.com/v1.0"
@@ -48,6 +50,14 @@ class GraphAuth(StrEnum):
 class SoftDeletePolicy(StrEnum):
     KEEP = "keep"
     DELETE = "delete"
+
+
+class HiddenMembers(StrEnum):
+    """Whether the Graph app holds Member.Read.Hidden (auto: its token's roles say)."""
+
+    AUTO = "auto"
+    TRUE = "true"
+    FALSE = "false"
 
 
 class DirectoryKind(StrEnum):
@@ -141,6 +151,15 @@ class Settings:
     #: Set when ``directory`` is RELAY: the Send side of the Hybrid Connection.
     relay: RelaySettings | None = None
     credentials: Credentials = field(default_factory=Credentials)
+    #: WRITEBACK_RULES: the scoping and placement rules; None is V1's scope.
+    rules: RuleSet | None = field(default=None, compare=False)
+    #: Without rules: write cloud security and mail-enabled security groups too.
+    security_groups: bool = False
+    out_of_scope: OutOfScope = OutOfScope.KEEP
+    #: Read Graph's beta writebackConfiguration (rules that name it need this).
+    writeback_configuration: bool = False
+    hide_from_address_lists: bool = False
+    member_read_hidden: HiddenMembers = HiddenMembers.AUTO
     #: The member guard's deny list and the nesting guard's extra protected groups
     #: (SIDs; domain/guard.py). On the agent, its own.
     member_deny: frozenset[str] = frozenset()
@@ -157,7 +176,18 @@ class Settings:
             group_type=self.group_type,
             schema_attributes=schema_attributes,
             member_limit=self.member_limit,
+            rules=self.rules,
+            security_groups=self.security_groups,
+            out_of_scope=self.out_of_scope,
+            hide_from_address_lists=self.hide_from_address_lists,
         )
+
+    @property
+    def reads_hidden_members(self) -> bool | None:
+        """The setting as the Graph adapter takes it (None: find out from the token)."""
+        if self.member_read_hidden is HiddenMembers.AUTO:
+            return None
+        return self.member_read_hidden is HiddenMembers.TRUE
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -190,12 +220,51 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         graph_url=env.get("WRITEBACK_GRAPH_URL") or PUBLIC_GRAPH_URL,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
         credentials=load_credentials(env),
+        security_groups=reader.boolean("WRITEBACK_SECURITY_GROUPS", default=False),
+        out_of_scope=reader.choice("WRITEBACK_OUT_OF_SCOPE", OutOfScope, OutOfScope.KEEP),
+        writeback_configuration=reader.boolean(
+            "WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION", default=False
+        ),
+        hide_from_address_lists=reader.boolean("WRITEBACK_HIDE_FROM_ADDRESS_LISTS", default=False),
+        member_read_hidden=reader.choice(
+            "WRITEBACK_MEMBER_READ_HIDDEN", HiddenMembers, HiddenMembers.AUTO
+        ),
         member_deny=_sids(MEMBER_DENY_SETTING, env.get(MEMBER_DENY_SETTING, "")),
         protected_groups=_sids(PROTECTED_GROUPS_SETTING, env.get(PROTECTED_GROUPS_SETTING, "")),
     )
     _check_target_ou(settings.target_ou)
     _check_graph(settings.graph_url, settings.graph_auth)
+    rules_path = env.get("WRITEBACK_RULES", "").strip()
+    if rules_path:
+        settings = replace(settings, rules=load_rules(rules_path, settings))
     return settings
+
+
+def load_rules(path: str, settings: Settings) -> RuleSet:
+    """The rules file ``path`` (WRITEBACK_RULES), checked: ConfigError naming the
+    file and the line of the first problem."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise ConfigError(f"WRITEBACK_RULES={path!r} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"WRITEBACK_RULES={path!r} is not UTF-8 text") from None
+    try:
+        rules = parse_rules(
+            text,
+            target_ou=settings.target_ou,
+            source=path,
+            writeback_configuration=settings.writeback_configuration,
+        )
+    except RulesError as error:
+        raise ConfigError(f"WRITEBACK_RULES={path!r} {error}") from None
+    if settings.security_groups:
+        raise ConfigError(
+            "WRITEBACK_SECURITY_GROUPS is for deployments without a rules file; with "
+            f"WRITEBACK_RULES={path!r} the rules' kinds decide which groups are written"
+        )
+    return rules
 
 
 def _ldap(env: Mapping[str, str]) -> tuple[str, str, str, str | None]:

@@ -1,11 +1,12 @@
 """How plans and results look to a person and to a script.
 
 ``plan --json`` prints one JSON object a line: operations carry ``op`` (add,
-modify, rename, delete), ``group_id``, ``dn`` and ``changes``; skips carry
-``op: "skip"`` with the reason, so nothing left out is silent: a member the
-member guard refused is a skip of its own with its SID in ``member``, and a
-skip a person must act on (a duplicated anchor, a frozen group) has
-``alert: true``.
+modify, rename, delete), ``group_id``, ``dn`` and ``changes`` (a move carries
+``new_parent``), and ``rule`` when a scoping rule placed the group; skips carry
+``op: "skip"`` with the reason (and the rule that excluded the group), so
+nothing left out is silent: a member the member guard refused is a skip of its
+own with its SID in ``member``, and a skip a person must act on (a duplicated
+anchor, a frozen group) has ``alert: true``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _changes_json(operation: Operation) -> dict[str, Any]:
         return {}
     changes = _modify_json(operation.changes)
     if isinstance(operation, Rename):
-        changes = {"new_rdn": operation.new_rdn, **changes}
+        moved = {"new_parent": operation.new_parent} if operation.new_parent else {}
+        changes = {"new_rdn": operation.new_rdn, **moved, **changes}
     return changes
 
 
@@ -66,9 +68,14 @@ def skip_json(skip: Skip) -> dict[str, Any]:
 
 def plan_json_lines(plan: Plan) -> Iterator[str]:
     for operation in plan.operations:
-        yield json.dumps(operation_json(operation), ensure_ascii=False)
+        yield json.dumps(_with_rule(operation_json(operation), plan), ensure_ascii=False)
     for skip in plan.skips:
-        yield json.dumps(skip_json(skip), ensure_ascii=False)
+        yield json.dumps(_with_rule(skip_json(skip), plan), ensure_ascii=False)
+
+
+def _with_rule(line: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    rule = plan.rules.get(str(line["group_id"]))
+    return {**line, "rule": rule} if rule is not None else line
 
 
 def describe(operation: Operation) -> str:
@@ -80,7 +87,8 @@ def describe(operation: Operation) -> str:
     else:
         detail = _describe_changes(operation.changes)
         if isinstance(operation, Rename):
-            detail = f"to {operation.new_rdn}" + (f"; {detail}" if detail else "")
+            where = f"{operation.new_rdn},{operation.new_parent}" if operation.new_parent else ""
+            detail = f"to {where or operation.new_rdn}" + (f"; {detail}" if detail else "")
     return f"{operation.kind:<7} {operation.dn}" + (f"  ({detail})" if detail else "")
 
 
@@ -96,14 +104,16 @@ def _describe_changes(changes: Changes) -> str:
 
 
 def print_plan(plan: Plan, out: TextIO) -> None:
+    kind = "groups in scope" if plan.rules else "Microsoft 365 groups"
     print(
-        f"Cloud: {plan.groups_in_cloud} Microsoft 365 groups; "
+        f"Cloud: {plan.groups_in_cloud} {kind}; "
         f"directory: {plan.groups_in_directory} written-back groups.",
         file=out,
     )
     for operation in plan.operations:
-        print("  " + describe(operation), file=out)
-    print_skips(plan.skips, out)
+        rule = plan.rules.get(operation.group_id)
+        print("  " + describe(operation) + (f"  [rule: {rule}]" if rule else ""), file=out)
+    print_skips(plan.skips, out, plan.rules)
     for alert in plan.alerts:
         print(f"ALERT {alert.reason.value}: group {alert.group_id}: {alert.detail}", file=out)
     print(f"Plan: {_count_ops(plan.operations)}.", file=out)
@@ -111,13 +121,15 @@ def print_plan(plan: Plan, out: TextIO) -> None:
         print(f"Deletes held back: {plan.deletes_blocked}", file=out)
 
 
-def print_skips(skips: list[Skip], out: TextIO) -> None:
+def print_skips(skips: list[Skip], out: TextIO, rules: dict[str, str] | None = None) -> None:
     if not skips:
         return
     print("Skipped:", file=out)
     for skip in skips:
         count = f" x{skip.count}" if skip.count > 1 else ""
-        print(f"  {skip.group_id}  {skip.reason.value}{count}  {skip.detail}", file=out)
+        rule = (rules or {}).get(skip.group_id)
+        where = f"  [rule: {rule}]" if rule and not skip.reason.value.startswith("member") else ""
+        print(f"  {skip.group_id}  {skip.reason.value}{count}  {skip.detail}{where}", file=out)
 
 
 def _count_ops(operations: list[Operation]) -> str:

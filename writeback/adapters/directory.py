@@ -34,7 +34,11 @@ our anchor ``adminDescription=Group_<objectId>``, is ever modified or deleted:
 
 * every DN an operation touches must be strictly below the target OU (DNs are
   compared unescaped and case-folded, since AD escapes differently than we do);
-  a Rename keeps its parent and names exactly one ``CN=`` RDN;
+  a Rename names exactly one ``CN=`` RDN and keeps its parent, or moves the
+  object to the target OU or an OU below it (``new_parent``, a placement rule),
+  never elsewhere; a member added by DN (a nested group created in the same run,
+  before it has a SID) must be an object below the target OU carrying an anchor
+  of ours;
 * an Add must carry ``adminDescription`` equal to its group's anchor and be a
   group; a replace may never change or clear ``adminDescription``;
 * Modify, Rename and Delete only go to a DN this instance has read, from
@@ -179,6 +183,7 @@ from writeback.domain.naming import (
     single_cn_rdn,
     strictly_within,
 )
+from writeback.domain.target import is_within
 from writeback.errors import (
     ConfigError,
     DirectoryRefused,
@@ -261,6 +266,18 @@ class _Sent:
 
 _Found = dict[str, list[_Read]]
 """group id → every object a read found carrying its anchor."""
+
+
+def _names_in_flight(operation: Operation, in_flight: set[DnKey]) -> bool:
+    """Whether ``operation`` adds a member by the DN of an object with a write
+    outstanding (a nested group created in the same run)."""
+    if isinstance(operation, Add):
+        added: Sequence[str] = operation.members
+    elif isinstance(operation, Modify):
+        added = operation.changes.add_members
+    else:
+        return False
+    return any(not value.startswith("<") and dn_key(value) in in_flight for value in added)
 
 
 class ObjectGuids:
@@ -827,6 +844,7 @@ class LdapDirectory:
         elif isinstance(operation, Modify):
             self._check_target(operation.dn, operation.group_id)
             self._check_replace(operation.changes, operation.group_id)
+            self._check_member_adds(operation.changes.add_members)
             if operation.changes:
                 self._write_changes(operation.dn, operation.group_id, operation.changes)
         elif isinstance(operation, Rename):
@@ -895,6 +913,8 @@ class LdapDirectory:
         when it is not (or its DN has a write outstanding): apply it alone."""
         if dn_key(operation.dn) in in_flight:
             return None
+        if _names_in_flight(operation, in_flight):
+            return None  # a member group still being written: its write must land first
         if isinstance(operation, Add) and len(operation.members) <= self._chunk_size:
             attributes = self._checked_add(operation)
             token = self._call("add", operation.dn, lambda c: c.send_add(operation.dn, attributes))
@@ -909,6 +929,7 @@ class LdapDirectory:
             return None
         self._check_target(operation.dn, operation.group_id)
         self._check_replace(changes, operation.group_id)
+        self._check_member_adds(changes.add_members)
         adds, removes = changes.add_members, changes.remove_members
         modlist = _modlist(operation.group_id, changes.replace, adds, removes)
         token = self._call("modify", operation.dn, lambda c: c.send_modify(operation.dn, modlist))
@@ -954,6 +975,7 @@ class LdapDirectory:
             raise PolicyRefused(
                 f"refusing to add {op.dn}: members go in Add.members, not attributes"
             )
+        self._check_member_adds(op.members)
         attributes: dict[str, list[str]] = {"objectClass": list(classes)}
         attributes.update(
             (name, list(values))
@@ -981,14 +1003,21 @@ class LdapDirectory:
         self._check_target(op.dn, op.group_id)
         if not single_cn_rdn(op.new_rdn):
             raise PolicyRefused(f"refusing to rename {op.dn}: {op.new_rdn!r} is not one CN= RDN")
-        new_dn = f"{op.new_rdn},{parent_of(op.dn)}"
+        new_parent = op.new_parent
+        if new_parent is not None and not is_within(new_parent, self._target_ou):
+            raise PolicyRefused(
+                f"refusing to move {op.dn} to {new_parent}: not the target OU {self._target_ou} "
+                "nor an OU below it"
+            )
+        new_dn = f"{op.new_rdn},{new_parent or parent_of(op.dn)}"
         self._check_scope(new_dn)
         self._check_replace(op.changes, op.group_id)
+        self._check_member_adds(op.changes.add_members)
         if op.changes:
             self._write_changes(op.dn, op.group_id, op.changes)
         else:
             self._guarded_modify(op.dn, op.group_id, {}, adds=(), removes=())
-        self._call("rename", op.dn, lambda c: c.rename(op.dn, op.new_rdn))
+        self._call("rename", op.dn, lambda c: c.rename(op.dn, op.new_rdn, new_parent))
         self._drop_dn(dn_key(op.dn))
         self._seen_add(new_dn, op.group_id)
 
@@ -1024,6 +1053,43 @@ class LdapDirectory:
                 f"refusing to write {dn} for group {group_id}: "
                 f"it carries the anchor of group {seen}"
             )
+
+    def _check_member_adds(self, values: Sequence[str]) -> None:
+        """A member added by DN rather than ``<SID=...>`` must be one of our groups:
+        below the target OU and carrying an anchor of ours (nested groups created in
+        the same run, which have no SID to name them by yet)."""
+        for value in values:
+            if value.startswith("<"):
+                continue
+            key = dn_key(value)
+            if not strictly_within(value, self._target_ou):
+                raise PolicyRefused(
+                    f"refusing to add member {value}: a member named by DN must be a group "
+                    f"of ours below the target OU {self._target_ou}"
+                )
+            if key not in self._seen and self.anchored_at(value) is None:
+                raise PolicyRefused(f"refusing to add member {value}: it carries no anchor of ours")
+
+    def anchored_at(self, dn: str) -> str | None:
+        """The group id whose anchor the object at ``dn`` (below the target OU)
+        carries, remembered for the checks above; None when there is none."""
+        if not strictly_within(dn, self._target_ou):
+            return None
+        try:
+            entries = self._read(
+                lambda: self._search(dn, "(objectClass=group)", "base", ["adminDescription"])
+            )
+        except LdapRefused as refused:
+            if refused.code == 32:  # noSuchObject
+                return None
+            raise
+        if not entries:
+            return None
+        anchor = decode(entries[0].attributes.get("admindescription"))
+        group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
+        if group_id is not None:
+            self._seen_add(dn, group_id)
+        return group_id
 
     @staticmethod
     def _check_replace(changes: Changes, group_id: str) -> None:

@@ -1,8 +1,10 @@
 """The cloud side: Microsoft Graph v1.0 through msgraph-sdk, behind a sync API.
 
 ``GraphCloud`` implements :class:`writeback.ports.CloudSource`. It makes only
-these calls (application permission ``Group.Read.All`` plus ``User.Read.All``
-for the users delta):
+these calls (application permissions ``Group.Read.All``, ``User.Read.All`` for
+the users delta, and ``Member.Read.Hidden``, without which Graph silently
+leaves the members of ``visibility=HiddenMembership`` groups out of every member
+list: such groups are then marked ``members_hidden`` and never lose a member):
 
 * ``GET /users/delta?$select=id,onPremisesSecurityIdentifier,onPremisesSyncEnabled``
 * ``GET /groups/delta?$select=id,displayName,description,mail,mailNickname,
@@ -17,6 +19,12 @@ for the users delta):
   onPremisesSyncEnabled`` for the SIDs of the members a delta names (15 ids a request,
   Graph's limit for one ``in``)
 * ``GET /directory/deletedItems/{id}?$select=id`` for a group that answered 404
+* only as :class:`GraphReads` asks: ``GET /groups/{id}/members/microsoft.graph.group
+  ?$select=id`` and ``GET /groups/{id}/memberOf/microsoft.graph.group?$select=id``
+  (nesting, beside a group's own reads); ``hideFromAddressLists`` in the ``$select``
+  of ``GET /groups/{id}`` (Graph returns it on no other call); ``GET
+  /beta/groups?$select=id,writebackConfiguration`` (a snapshot) or with ``$filter=id
+  in (...)`` (the worker), the one property V2 migrants need that v1.0 lacks
 * ``POST /$batch`` carrying up to 20 of the GETs above (JSON batching), for the
   batched reads :meth:`GraphCloud.get_groups`, :meth:`GraphCloud.group_deltas`
   and :meth:`GraphCloud.resolve_users`
@@ -95,7 +103,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -109,7 +117,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from writeback.domain.model import CloudGroup, CloudMember, MemberKind
+from writeback.domain.model import CloudGroup, CloudMember, MemberKind, WritebackConfiguration
 from writeback.errors import (
     ConfigError,
     DeltaExpired,
@@ -144,7 +152,18 @@ GROUP_SELECT = (
     "proxyAddresses",
     "groupTypes",
     "visibility",
+    "securityEnabled",
+    "mailEnabled",
+    "onPremisesSyncEnabled",
+    "isAssignableToRole",
 )
+#: Returned only by a GET of one group that names it in $select (Graph's rule).
+HIDE_FROM_ADDRESS_LISTS = "hideFromAddressLists"
+#: The beta-only property Entra Connect's group writeback V2 read.
+_WRITEBACK_PROPERTY = "writebackConfiguration"
+#: The application permission without which Graph leaves out the members of
+#: HiddenMembership groups (silently: the list just comes back shorter).
+MEMBER_READ_HIDDEN = "Member.Read.Hidden"
 GROUP_DELTA_SELECT = (*GROUP_SELECT, "members")
 USER_SELECT = ("id", "onPremisesSecurityIdentifier", "onPremisesSyncEnabled")
 MAX_PAGE_SIZE = 999
@@ -213,6 +232,7 @@ _BUILDER_MODULES = (
     "msgraph.generated.users.users_request_builder",
     "msgraph.generated.groups.groups_request_builder",
     "msgraph.generated.groups.item.members.members_request_builder",
+    "msgraph.generated.groups.item.member_of.member_of_request_builder",
     "msgraph.generated.directory.directory_request_builder",
     "msgraph.generated.directory.deleted_items.deleted_items_request_builder",
     "msgraph.generated.directory.deleted_items.item.directory_object_item_request_builder",
@@ -275,6 +295,12 @@ class _Sdk:
         self.MemberUsers = load(
             "msgraph.generated.groups.item.members.graph_user.graph_user_request_builder"
         ).GraphUserRequestBuilder
+        self.MemberGroups = load(
+            "msgraph.generated.groups.item.members.graph_group.graph_group_request_builder"
+        ).GraphGroupRequestBuilder
+        self.MemberOfGroups = load(
+            "msgraph.generated.groups.item.member_of.graph_group.graph_group_request_builder"
+        ).GraphGroupRequestBuilder
         self.DeletedItem = load(
             "msgraph.generated.directory.deleted_items.item.directory_object_item_request_builder"
         ).DirectoryObjectItemRequestBuilder
@@ -289,8 +315,30 @@ class _Sdk:
         )
 
 
+@dataclass(frozen=True)
+class GraphReads:
+    """What the reads include beyond V1's (each costs requests of its own, so each is
+    asked for by a setting).
+
+    ``all_groups``: the snapshot keeps security groups (not only Unified ones).
+    ``nested``: a group read one by one (the worker, the incremental reconcile)
+    lists its member groups and the groups it is a member of. ``hide_from_address_lists``:
+    read ``hideFromAddressLists`` (one GET per mail-enabled group in a snapshot).
+    ``writeback_configuration``: read ``writebackConfiguration`` from the beta
+    endpoint. ``member_read_hidden``: whether the app holds Member.Read.Hidden;
+    None reads it from the access token's ``roles`` claim (a token that cannot
+    be read counts as without; no credential, the loopback stand-in, as with).
+    """
+
+    all_groups: bool = False
+    nested: bool = False
+    hide_from_address_lists: bool = False
+    writeback_configuration: bool = False
+    member_read_hidden: bool | None = None
+
+
 class GraphCloud:
-    """Read Microsoft 365 groups and their members from Graph (sync API)."""
+    """Read Microsoft 365 and security groups and their members from Graph (sync API)."""
 
     def __init__(
         self,
@@ -301,6 +349,7 @@ class GraphCloud:
         max_attempts: int = 6,
         max_wait: float = 60.0,
         backoff: float = 0.5,
+        reads: GraphReads | None = None,
     ) -> None:
         """``credential`` is an azure-identity credential (sync or ``aio``), or
         None for no authentication (the loopback stand-in). An async credential
@@ -319,6 +368,9 @@ class GraphCloud:
             raise ConfigError("the Graph base URL must be an http(s) URL")
         if credential is not None and url.scheme != "https" and url.hostname not in _LOOPBACK:
             raise ConfigError("the Graph base URL must use https when a credential is used")
+        self._reads = reads or GraphReads()
+        self._beta_url = _beta_url(base_url) if self._reads.writeback_configuration else ""
+        self._hidden_readable: bool | None = self._reads.member_read_hidden
         self._sdk = _Sdk()
         self._max_attempts = max_attempts
         self._max_wait = max_wait
@@ -404,6 +456,12 @@ class GraphCloud:
         self._check_open()
         if not group_id:
             return None
+        if self._reads != GraphReads(all_groups=self._reads.all_groups):
+            # What V1 never read comes with the batched read (and its extras).
+            read = self._run(self._get_groups([group_id]))[group_id]
+            if isinstance(read, WritebackError):
+                raise read
+            return read if isinstance(read, CloudGroup) else None
         return self._run(self._get_group(group_id))
 
     def get_groups(self, group_ids: Sequence[str]) -> dict[str, GroupRead]:
@@ -649,13 +707,15 @@ class GraphCloud:
                     raise
                 log.warning("Graph delta paging token expired during a full read; restarting")
                 continue
-            groups = tuple(
-                group
+            hidden_ok = await self._can_read_hidden()
+            everything = [
+                _to_group(group_id, part, users, hidden_ok=hidden_ok)
                 for group_id, part in parts.items()
-                if part.removed is None and (group := _to_group(group_id, part, users)).is_unified
-            )
+                if part.removed is None
+            ]
+            groups = [g for g in everything if self._reads.all_groups or g.is_unified]
             return CloudSnapshot(
-                groups=groups,
+                groups=tuple(await self._with_extras(groups, listed=True)),
                 soft_deleted=soft_deleted,
                 groups_delta_link=groups_link,
                 users_delta_link=users_link,
@@ -774,7 +834,9 @@ class GraphCloud:
         if body is not None and not gone:
             part = _GroupParts()
             _merge(part, body)
-            group = _to_group(group_id, part, {}, members=())
+            group = _to_group(
+                group_id, part, {}, members=(), hidden_ok=await self._can_read_hidden()
+            )
         return GroupDelta(
             group=group,
             added=tuple(CloudMember(m, kind) for m, kind in added.items()),
@@ -810,7 +872,13 @@ class GraphCloud:
         part = _GroupParts()
         _merge(part, body)
         group_id = _opt_str(body.get("id")) or group_id
-        return _to_group(group_id, part, {}, members=tuple(members.values()))
+        return _to_group(
+            group_id,
+            part,
+            {},
+            members=tuple(members.values()),
+            hidden_ok=await self._can_read_hidden(),
+        )
 
     async def _soft_deleted(self) -> frozenset[str]:
         config = self._query(
@@ -828,18 +896,29 @@ class GraphCloud:
 
     async def _get_groups(self, ids: list[str]) -> dict[str, GroupRead]:
         reads = await asyncio.gather(*(self._read_group(group_id) for group_id in ids))
-        return dict(zip(ids, reads, strict=True))
+        result: dict[str, GroupRead] = dict(zip(ids, reads, strict=True))
+        groups = [read for read in reads if isinstance(read, CloudGroup)]
+        if groups and self._reads.writeback_configuration:
+            try:
+                extended = await self._with_extras(groups, listed=False, hide_read=True)
+            except WritebackError as error:
+                return {gid: error if isinstance(r, CloudGroup) else r for gid, r in result.items()}
+            result.update((g.id, g) for g in extended)
+        return result
 
     async def _read_group(self, group_id: str) -> GroupRead:
-        """One group's properties and user members through the batcher; on a 404
-        its recycle-bin entry. Errors are returned, not raised."""
+        """One group's properties and user members through the batcher (with
+        ``nested``, its member groups and the groups it is in too); on a 404 its
+        recycle-bin entry. Errors are returned, not raised."""
         if not group_id:
             return GroupGone(soft_deleted=False)
-        first = await asyncio.gather(
-            self._batched_get("get group", _group_url(group_id)),
+        steps = [
+            self._batched_get("get group", _group_url(group_id, self._group_select())),
             self._batched_get("list group members", _members_url(group_id)),
-            return_exceptions=True,
-        )
+        ]
+        if self._reads.nested:
+            steps.extend(self._nesting_steps(group_id))
+        first = await asyncio.gather(*steps, return_exceptions=True)
         if any(isinstance(result, GraphNotFound) for result in first):
             return await self._gone(group_id)
         for result in first:
@@ -847,27 +926,186 @@ class GraphCloud:
                 if isinstance(result, WritebackError):
                     return result
                 raise result
-        body, first_page = first[0], first[1]
-        assert isinstance(body, dict) and isinstance(first_page, dict)
-        members: dict[str, CloudMember] = {}
+        body = first[0]
+        assert isinstance(body, dict)
         try:
-            async for page in self._batched_pages("list group members", first_page):
-                for user in _items(page):
-                    user_id = _opt_str(user.get("id"))
-                    if user_id is not None:
-                        sid, synced = _user_facts(user)
-                        members[user_id] = CloudMember(
-                            user_id, MemberKind.USER, sid=sid, synced=synced
-                        )
+            members, parents = await self._members_and_parents(first[1:])
         except GraphNotFound:
             return await self._gone(group_id)
         except WritebackError as error:
             return error
         part = _GroupParts()
         _merge(part, body)
-        return _to_group(
-            _opt_str(body.get("id")) or group_id, part, {}, members=tuple(members.values())
+        group = _to_group(
+            _opt_str(body.get("id")) or group_id,
+            part,
+            {},
+            members=tuple(members.values()),
+            hidden_ok=await self._can_read_hidden(),
         )
+        return replace(group, member_of=tuple(parents))
+
+    async def _members_and_parents(
+        self, first: Sequence[object]
+    ) -> tuple[dict[str, CloudMember], list[str]]:
+        """The user members from their first page on (and with ``nested`` the member
+        groups and the groups it is in), following every next page."""
+        users_page = first[0]
+        assert isinstance(users_page, dict)
+        members: dict[str, CloudMember] = {}
+        async for page in self._batched_pages("list group members", users_page):
+            for user in _items(page):
+                user_id = _opt_str(user.get("id"))
+                if user_id is not None:
+                    sid, synced = _user_facts(user)
+                    members[user_id] = CloudMember(user_id, MemberKind.USER, sid=sid, synced=synced)
+        if not self._reads.nested:
+            return members, []
+        groups_page, parents_page = first[1], first[2]
+        assert isinstance(groups_page, dict) and isinstance(parents_page, dict)
+        for member_id in await self._ids_of("list member groups", groups_page):
+            members[member_id] = CloudMember(member_id, MemberKind.GROUP)
+        return members, await self._ids_of("list groups it is a member of", parents_page)
+
+    def _group_select(self) -> tuple[str, ...]:
+        """A single group's $select: with hideFromAddressLists when asked for (Graph
+        returns it only this way)."""
+        if self._reads.hide_from_address_lists:
+            return (*GROUP_SELECT, HIDE_FROM_ADDRESS_LISTS)
+        return GROUP_SELECT
+
+    def _nesting_steps(self, group_id: str) -> list[Coroutine[Any, Any, dict[str, Any]]]:
+        """The batched first pages of a group's member groups and of the groups it is
+        a direct member of (ids only)."""
+        return [
+            self._batched_get("list member groups", _member_groups_url(group_id)),
+            self._batched_get("list groups it is a member of", _member_of_url(group_id)),
+        ]
+
+    async def _ids_of(self, what: str, first: dict[str, Any]) -> list[str]:
+        ids: list[str] = []
+        async for page in self._batched_pages(what, first):
+            ids.extend(i for i in (_opt_str(item.get("id")) for item in _items(page)) if i)
+        return ids
+
+    # ----------------------------------------------------------------- what V1 never read
+
+    async def _can_read_hidden(self) -> bool:
+        """Whether Graph shows this app the members of HiddenMembership groups: the
+        setting, else the ``roles`` claim of the app's access token (decoded, not
+        verified: it is our own token, read only to know what Graph will do)."""
+        if self._hidden_readable is not None:
+            return self._hidden_readable
+        credential = self._credential
+        if credential is None:
+            self._hidden_readable = True  # the loopback stand-in: it shows what it is told
+            return True
+        try:
+            token = credential.get_token(GRAPH_SCOPE)  # type: ignore[attr-defined]
+            if inspect.isawaitable(token):
+                token = await token
+            roles = token_roles(str(token.token))
+        except Exception as error:  # any failure to get or read it: not proven held
+            log.warning(
+                "could not read the app's roles from its Graph token (%s): members of "
+                "HiddenMembership groups are added but never removed; set "
+                "WRITEBACK_MEMBER_READ_HIDDEN=true once %s is granted",
+                type(error).__name__,
+                MEMBER_READ_HIDDEN,
+            )
+            roles = None
+        self._hidden_readable = roles is not None and MEMBER_READ_HIDDEN in roles
+        if roles is not None and not self._hidden_readable:
+            log.warning(
+                "the Graph application lacks %s: members of HiddenMembership groups are "
+                "added but never removed (Graph leaves them out of member lists)",
+                MEMBER_READ_HIDDEN,
+            )
+        return self._hidden_readable
+
+    async def _with_extras(
+        self, groups: list[CloudGroup], *, listed: bool, hide_read: bool = False
+    ) -> list[CloudGroup]:
+        """``groups`` with what costs requests of its own, when asked for:
+        hideFromAddressLists (a GET of each mail-enabled group, unless ``hide_read``:
+        the group's own GET carried it) and the beta writebackConfiguration (the
+        whole list when ``listed``, else by id)."""
+        wants_hide = self._reads.hide_from_address_lists and not hide_read
+        if not groups or not (wants_hide or self._reads.writeback_configuration):
+            return groups
+        hide: dict[str, bool | None] = {}
+        configs: dict[str, WritebackConfiguration] = {}
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if wants_hide:
+            mailed = [g.id for g in groups if g.is_unified or g.mail_enabled]
+
+            async def read_hide() -> None:
+                hide.update(await self._hide_from_address_lists(mailed))
+
+            jobs.append(read_hide())
+        if self._reads.writeback_configuration:
+
+            async def read_configs() -> None:
+                ids = None if listed else [g.id for g in groups]
+                configs.update(await self._writeback_configurations(ids))
+
+            jobs.append(read_configs())
+        await _all(*jobs)
+        return [
+            replace(
+                g,
+                hide_from_address_lists=hide.get(g.id, g.hide_from_address_lists),
+                writeback=configs.get(g.id, g.writeback),
+            )
+            for g in groups
+        ]
+
+    async def _hide_from_address_lists(self, ids: list[str]) -> dict[str, bool | None]:
+        """``hideFromAddressLists`` of each group, one batched GET per group."""
+
+        async def one(group_id: str) -> bool | None:
+            url = _group_url(group_id, ("id", HIDE_FROM_ADDRESS_LISTS))
+            try:
+                body = await self._batched_get("get group hideFromAddressLists", url)
+            except GraphNotFound:
+                return None
+            value = body.get(HIDE_FROM_ADDRESS_LISTS)
+            return value if isinstance(value, bool) else None
+
+        found = await _all(*(one(group_id) for group_id in ids))
+        return dict(zip(ids, found, strict=True))
+
+    async def _writeback_configurations(
+        self, ids: list[str] | None
+    ) -> dict[str, WritebackConfiguration]:
+        """``writebackConfiguration`` from the beta endpoint: every group's (paged
+        list) or those of ``ids`` (``$filter=id in (...)``, 15 ids a request)."""
+        select = f"$select=id,{_WRITEBACK_PROPERTY}"
+        urls: list[str]
+        if ids is None:
+            urls = [f"{self._beta_url}/groups?{select}&$top={MAX_PAGE_SIZE}"]
+        else:
+            urls = []
+            for start in range(0, len(ids), MAX_IN_VALUES):
+                chunk = ids[start : start + MAX_IN_VALUES]
+                quoted = ",".join(f"'{_odata_quote(i)}'" for i in chunk)
+                clause = quote(f"id in ({quoted})", safe="'(),")
+                urls.append(f"{self._beta_url}/groups?$filter={clause}&{select}")
+
+        async def one(url: str) -> dict[str, WritebackConfiguration]:
+            found: dict[str, WritebackConfiguration] = {}
+            builder = self._client.groups.with_url(url)
+            async for page in self._pages("list groups writebackConfiguration (beta)", builder):
+                for item in _items(page):
+                    group_id = _opt_str(item.get("id"))
+                    if group_id is not None:
+                        found[group_id] = _writeback_configuration(item.get(_WRITEBACK_PROPERTY))
+            return found
+
+        merged: dict[str, WritebackConfiguration] = {}
+        for part in await _all(*(one(url) for url in urls)):
+            merged.update(part)
+        return merged
 
     async def _gone(self, group_id: str) -> GroupGone | WritebackError:
         """A group Graph answered 404 for: is it in the recycle bin?"""
@@ -943,7 +1181,9 @@ class GraphCloud:
         if group_read is not None and not gone:
             part = _GroupParts()
             _merge(part, group_read)
-            group = _to_group(group_id, part, {}, members=())
+            group = _to_group(
+                group_id, part, {}, members=(), hidden_ok=await self._can_read_hidden()
+            )
         return GroupDelta(
             group=group,
             added=tuple(CloudMember(m, kind) for m, kind in added.items()),
@@ -1281,6 +1521,11 @@ _GROUP_FIELDS = {
     "proxyAddresses": "proxy_addresses",
     "groupTypes": "group_types",
     "visibility": "visibility",
+    "securityEnabled": "security_enabled",
+    "mailEnabled": "mail_enabled",
+    "onPremisesSyncEnabled": "on_premises_sync_enabled",
+    "isAssignableToRole": "is_assignable_to_role",
+    HIDE_FROM_ADDRESS_LISTS: "hide_from_address_lists",
 }
 
 
@@ -1390,10 +1635,11 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _group_url(group_id: str) -> str:
+def _group_url(group_id: str, select: tuple[str, ...] = GROUP_SELECT) -> str:
     """A batch step reading a group's properties (what the SDK's builder would send,
     made without kiota's URI templates, which cost more than the request itself)."""
-    return f"/groups/{_segment(group_id)}?$select={_GROUP_SELECT_QUERY}"
+    query = _GROUP_SELECT_QUERY if select == GROUP_SELECT else ",".join(select)
+    return f"/groups/{_segment(group_id)}?$select={query}"
 
 
 def _members_url(group_id: str) -> str:
@@ -1402,6 +1648,16 @@ def _members_url(group_id: str) -> str:
         f"/groups/{_segment(group_id)}/members/graph.user"
         f"?$select={_USER_SELECT_QUERY}&$top={MAX_PAGE_SIZE}"
     )
+
+
+def _member_groups_url(group_id: str) -> str:
+    """A batch step reading the first page of a group's member groups (ids only)."""
+    return f"/groups/{_segment(group_id)}/members/graph.group?$select=id&$top={MAX_PAGE_SIZE}"
+
+
+def _member_of_url(group_id: str) -> str:
+    """A batch step reading the first page of the groups a group is a direct member of."""
+    return f"/groups/{_segment(group_id)}/memberOf/graph.group?$select=id&$top={MAX_PAGE_SIZE}"
 
 
 def _odata_quote(value: str) -> str:
@@ -1415,7 +1671,10 @@ def _to_group(
     users: Mapping[str, tuple[str | None, bool]],
     *,
     members: tuple[CloudMember, ...] | None = None,
+    hidden_ok: bool = True,
 ) -> CloudGroup:
+    """A CloudGroup from what was read; ``hidden_ok``: the app can read hidden
+    memberships, else a HiddenMembership group's member list is marked partial."""
     fields = part.fields
     if members is None:
         resolved: list[CloudMember] = []
@@ -1436,7 +1695,57 @@ def _to_group(
         group_types=tuple(str(t) for t in fields.get("group_types") or ()),
         visibility=_opt_str(fields.get("visibility")),
         members=members,
+        security_enabled=_opt_bool(fields.get("security_enabled")),
+        mail_enabled=_opt_bool(fields.get("mail_enabled")),
+        on_premises_sync_enabled=fields.get("on_premises_sync_enabled") is True,
+        is_assignable_to_role=fields.get("is_assignable_to_role") is True,
+        members_hidden=not hidden_ok
+        and str(fields.get("visibility") or "").lower() == "hiddenmembership",
+        hide_from_address_lists=_opt_bool(fields.get("hide_from_address_lists")),
     )
+
+
+def _opt_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _writeback_configuration(value: Any) -> WritebackConfiguration:
+    """Graph's (beta) writebackConfiguration object; nulls and oddities as None."""
+    if not isinstance(value, Mapping):
+        return WritebackConfiguration()
+    group_type = value.get("onPremisesGroupType")
+    return WritebackConfiguration(
+        is_enabled=_opt_bool(value.get("isEnabled")),
+        on_premises_group_type=str(group_type) if isinstance(group_type, str) else None,
+    )
+
+
+def _beta_url(base_url: str) -> str:
+    """The beta endpoint next to the configured v1.0 one."""
+    parts = urlsplit(base_url.rstrip("/"))
+    head, _, version = parts.path.rpartition("/")
+    if version != "v1.0":
+        raise ConfigError(
+            "WRITEBACK_GRAPH_WRITEBACK_CONFIGURATION needs a Graph URL ending in /v1.0 "
+            "(the beta endpoint is found next to it)"
+        )
+    return f"{parts.scheme}://{parts.netloc}{head}/beta"
+
+
+def token_roles(token: str) -> frozenset[str] | None:
+    """The ``roles`` claim of a JWT access token (application permissions), without
+    verifying it; None when the token is not a readable JWT (it may be opaque)."""
+    pieces = token.split(".")
+    if len(pieces) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(pieces[1] + "=" * (-len(pieces[1]) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    roles = payload.get("roles") if isinstance(payload, dict) else None
+    if not isinstance(roles, list):
+        return frozenset()
+    return frozenset(str(r) for r in roles)
 
 
 def _map_api_error(error: Any, what: str, *, delta: bool, link: bool = False) -> Exception:

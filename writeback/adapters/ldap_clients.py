@@ -149,7 +149,9 @@ class Client(Protocol):
         """The outcome of a sent add or modify: returns, or raises its failure."""
         ...
 
-    def rename(self, dn: str, new_rdn: str) -> None: ...
+    def rename(self, dn: str, new_rdn: str, new_superior: str | None = None) -> None:
+        """Modify DN: a new RDN, and with ``new_superior`` a new parent (a move)."""
+        ...
 
     def delete(self, dn: str) -> None: ...
 
@@ -317,9 +319,9 @@ class PythonLdapClient:
         except self._ldap.LDAPError as error:
             self._raise(error)
 
-    def rename(self, dn: str, new_rdn: str) -> None:
+    def rename(self, dn: str, new_rdn: str, new_superior: str | None = None) -> None:
         try:
-            self._connection().rename_s(dn, new_rdn, None, 1)
+            self._connection().rename_s(dn, new_rdn, new_superior, 1)
         except self._ldap.LDAPError as error:
             self._raise(error)
 
@@ -642,8 +644,8 @@ class Ldap3Client:
         if isinstance(token, _Failed):
             raise token.failure
 
-    def rename(self, dn: str, new_rdn: str) -> None:
-        self._run(lambda c: c.modify_dn(dn, new_rdn, delete_old_dn=True))
+    def rename(self, dn: str, new_rdn: str, new_superior: str | None = None) -> None:
+        self._run(lambda c: c.modify_dn(dn, new_rdn, delete_old_dn=True, new_superior=new_superior))
 
     def delete(self, dn: str) -> None:
         self._run(lambda c: c.delete(dn))

@@ -368,36 +368,54 @@ def guard_desired(
 
     A member AD already holds is checked against the rules that need no directory
     (the deny list, the well-known principals), so one of those already there is
-    removed; the directory's answers (``view.principals``) are needed only for the
-    members a write would add (:func:`sids_to_resolve`)."""
+    removed; so is a member group of ours (``desired.nested_sids``, read from its
+    anchored object below the target OU: rule 5 without a lookup); the directory's
+    answers (``view.principals``) are needed only for the other members a write
+    would add (:func:`sids_to_resolve`). A frozen group gets no member group added
+    by DN either (one created in the same run). Members of a group whose list Graph
+    may have cut short (``keep_members``) are kept, except those the rules that
+    need no directory refuse (``refused_sids``: removed all the same)."""
     held = current.member_sids if current is not None else frozenset()
     refused: dict[str, tuple[SkipReason, str]] = {}
     for sid in sorted(desired.member_sids):
         why = (
             static_refusal(sid, view.rules)
-            if sid in held
+            if sid in held or sid in desired.nested_sids
             else member_refusal(sid, view.principals.get(canonical_sid(sid)), view.rules)
         )
         if why is not None:
             refused[sid] = why
+    if desired.keep_members:  # held members the list may hide stay, unless never allowed
+        for sid in sorted(held - desired.member_sids):
+            why = static_refusal(sid, view.rules)
+            if why is not None:
+                refused[sid] = why
     kept = desired.member_sids - refused.keys()
     skips = [
         Skip(desired.group_id, reason, detail, member=sid)
         for sid, (reason, detail) in refused.items()
     ]
     nested_in = view.frozen.get(desired.group_id)
+    member_dns = desired.member_dns
     if nested_in is not None and current is not None:
-        withheld = kept - current.member_sids
-        kept -= withheld
+        withheld = len(kept - current.member_sids) + len(member_dns)
+        kept -= kept - current.member_sids
+        member_dns = frozenset()
         skips.append(
             Skip(
                 desired.group_id,
                 SkipReason.GROUP_FROZEN,
                 f"nested in a protected group, so no member is added "
-                f"({len(withheld)} withheld): {'; '.join(nested_in)}",
-                count=len(withheld),
+                f"({withheld} withheld): {'; '.join(nested_in)}",
+                count=withheld,
             )
         )
     if not skips:
         return desired
-    return replace(desired, member_sids=frozenset(kept), skips=(*desired.skips, *skips))
+    return replace(
+        desired,
+        member_sids=frozenset(kept),
+        member_dns=member_dns,
+        refused_sids=frozenset(refused) & held,
+        skips=(*desired.skips, *skips),
+    )

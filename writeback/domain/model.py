@@ -37,9 +37,50 @@ class CloudMember:
     synced: bool = False
 
 
+class GroupKind(StrEnum):
+    """What a cloud group is, as the scoping rules name it.
+
+    Exchange Online distribution lists (mail-enabled, not security, not Unified)
+    are ``distribution``: no Microsoft product writes them back, nor does this one.
+    """
+
+    MICROSOFT_365 = "microsoft365"
+    SECURITY = "security"
+    MAIL_ENABLED_SECURITY = "mail-enabled-security"
+    DISTRIBUTION = "distribution"
+    OTHER = "other"
+
+
+#: The group types Graph's (beta) ``writebackConfiguration.onPremisesGroupType`` takes.
+ON_PREMISES_GROUP_TYPES = (
+    "universalDistributionGroup",
+    "universalSecurityGroup",
+    "universalMailEnabledSecurityGroup",
+)
+
+
+@dataclass(frozen=True)
+class WritebackConfiguration:
+    """Graph's beta ``writebackConfiguration`` of a group, as Entra Connect V2 read it;
+    None values are Graph's nulls (V2's defaults apply, see :mod:`writeback.domain.rules`)."""
+
+    is_enabled: bool | None = None
+    on_premises_group_type: str | None = None
+
+
 @dataclass(frozen=True)
 class CloudGroup:
-    """A Microsoft 365 group as Graph reports it now."""
+    """A cloud group (Microsoft 365 or security) as Graph reports it now.
+
+    ``security_enabled`` and ``mail_enabled`` are None when not read (a Unified
+    group is a Microsoft 365 group whatever they say). ``members_hidden``: the
+    group's membership is hidden (``visibility=HiddenMembership``) and the app
+    cannot read hidden memberships (no ``Member.Read.Hidden``), so Graph may have
+    left members out: never remove a member on the word of this list.
+    ``hide_from_address_lists`` and ``writeback`` are None when not read (they
+    cost requests of their own). ``member_of`` lists the groups this one is a
+    direct member of, read only by the event path when nesting is on.
+    """
 
     id: str
     display_name: str
@@ -50,10 +91,26 @@ class CloudGroup:
     group_types: tuple[str, ...] = ("Unified",)
     visibility: str | None = None
     members: tuple[CloudMember, ...] = ()
+    security_enabled: bool | None = None
+    mail_enabled: bool | None = None
+    on_premises_sync_enabled: bool = False
+    is_assignable_to_role: bool = False
+    members_hidden: bool = False
+    hide_from_address_lists: bool | None = None
+    writeback: WritebackConfiguration | None = None
+    member_of: tuple[str, ...] = ()
 
     @property
     def is_unified(self) -> bool:
         return any(t.lower() == "unified" for t in self.group_types)
+
+    @property
+    def kind(self) -> GroupKind:
+        if self.is_unified:
+            return GroupKind.MICROSOFT_365
+        if self.security_enabled:
+            return GroupKind.MAIL_ENABLED_SECURITY if self.mail_enabled else GroupKind.SECURITY
+        return GroupKind.DISTRIBUTION if self.mail_enabled else GroupKind.OTHER
 
     @property
     def anchor(self) -> str:
@@ -152,13 +209,16 @@ class Modify:
 
 @dataclass(frozen=True)
 class Rename:
-    """A modify-DN to ``new_rdn`` in the same parent, then ``changes`` if any."""
+    """A modify-DN to ``new_rdn``, in the same parent or, with ``new_parent``, moved
+    under that OU (a placement rule sent the group there; the object, its
+    objectSid and objectGUID stay the same), after ``changes`` if any."""
 
     group_id: str
     dn: str
     new_rdn: str
     changes: Changes = field(default_factory=Changes)
     kind: str = "rename"
+    new_parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +239,17 @@ class SkipReason(StrEnum):
     DUPLICATE_ANCHOR = "duplicate-anchor"
     MEMBER_NOT_ON_PREM = "member-not-on-prem"
     MEMBER_NOT_A_USER = "member-not-a-user"
+    #: A scoping rule (or the default scope) leaves the group out; kept or deleted.
+    OUT_OF_SCOPE = "out-of-scope"
+    #: Groups synced from on-premises AD are never written back (it would loop).
+    SYNCED_FROM_ON_PREMISES = "synced-from-on-premises"
+    #: Role-assignable groups are written only when a rule names their id.
+    ROLE_ASSIGNABLE = "role-assignable"
+    #: Member.Read.Hidden is missing: members of a HiddenMembership group are not removed.
+    HIDDEN_MEMBERSHIP = "hidden-membership"
+    MEMBER_GROUP_NOT_WRITTEN = "member-group-not-written-back"
+    MEMBER_GROUP_NOT_UNIVERSAL = "member-group-not-universal"
+    MEMBER_GROUP_CYCLE = "member-group-cycle"
     # The member guard (domain/guard.py): one skip per member, naming it.
     MEMBER_DENIED = "member-denied"
     MEMBER_PRIVILEGED = "member-privileged"

@@ -21,6 +21,13 @@ _SUFFIX_LEN = 12
 class DnFormat(StrEnum):
     OBJECT_ID = "objectid"
     DISPLAY_NAME = "displayname"
+    #: Entra Cloud Sync's CN: ``Left(Trim(displayName),51)+"_"+Mid(objectId,25,12)``,
+    #: so groups Cloud Sync wrote are adopted without a rename.
+    CLOUD_SYNC = "cloudsync"
+
+
+#: Characters of the display name Cloud Sync's CN expression keeps.
+_CLOUD_SYNC_NAME = 51
 
 
 def cn_for(group_id: str, display_name: str, dn_format: DnFormat) -> str:
@@ -33,6 +40,11 @@ def cn_for(group_id: str, display_name: str, dn_format: DnFormat) -> str:
     if dn_format is DnFormat.OBJECT_ID:
         return f"{ANCHOR_PREFIX}{group_id}"
     suffix = "_" + group_id[-_SUFFIX_LEN:]
+    if dn_format is DnFormat.CLOUD_SYNC:
+        # Trim, then Left(51): no folding of inner whitespace, no second trim.
+        cut = display_name.strip()[:_CLOUD_SYNC_NAME]
+        name = "".join(ch if ch.isprintable() else " " for ch in cut)
+        return (name if name.strip() else "Group") + suffix
     name = _clean(display_name)[: MAX_CN - len(suffix)].strip() or "Group"
     return name + suffix
 

@@ -18,7 +18,14 @@ from writeback.domain.model import (
     Operation,
     Rename,
 )
-from writeback.domain.naming import dn_for, first_rdn, rdn_for, unescape_dn_value
+from writeback.domain.naming import (
+    dn_for,
+    dn_key,
+    first_rdn,
+    parent_of,
+    rdn_for,
+    unescape_dn_value,
+)
 
 #: Values compared as sets: AD does not keep the order of multi-valued attributes.
 _UNORDERED = frozenset({"proxyaddresses"})
@@ -38,9 +45,24 @@ def plan_group(
     if current is None:
         return _add(desired, target_ou)
     changes = diff(desired, current)
+    if moves(desired, current):
+        return Rename(
+            desired.group_id,
+            current.dn,
+            rdn_for(desired.cn),
+            changes,
+            new_parent=desired.parent_dn,
+        )
     if current_cn(current.dn) != desired.cn:
         return Rename(desired.group_id, current.dn, rdn_for(desired.cn), changes)
     return Modify(desired.group_id, current.dn, changes) if changes else None
+
+
+def moves(desired: DesiredGroup, current: DirectoryGroup) -> bool:
+    """A rule places the group in another OU than the one its object is in."""
+    return desired.parent_dn is not None and dn_key(parent_of(current.dn)) != dn_key(
+        desired.parent_dn
+    )
 
 
 def _add(desired: DesiredGroup, target_ou: str) -> Add:
@@ -48,25 +70,32 @@ def _add(desired: DesiredGroup, target_ou: str) -> Add:
     attributes.update(desired.create_only)
     return Add(
         desired.group_id,
-        dn_for(desired.cn, target_ou),
+        dn_for(desired.cn, desired.parent_dn or target_ou),
         attributes,
-        tuple(sid_ref(sid) for sid in sorted(desired.member_sids)),
+        tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
+        + tuple(sorted(desired.member_dns)),
     )
 
 
 def diff(desired: DesiredGroup, current: DirectoryGroup) -> Changes:
-    """Attribute replaces and member deltas; empty when already converged."""
+    """Attribute replaces and member deltas; empty when already converged. A group
+    whose members Graph may have hidden (``keep_members``) loses none but those the
+    member guard refuses (``refused_sids``)."""
     replace = {
         name: values
         for name, values in desired.attributes.items()
         if not _same(name, values, _current_values(current.attributes, name))
     }
     add = sorted(desired.member_sids - current.member_sids)
-    remove = sorted(current.member_sids - desired.member_sids)
+    if desired.keep_members:
+        remove = sorted(current.member_sids & desired.refused_sids)
+    else:
+        remove = sorted(current.member_sids - desired.member_sids)
+    others = () if desired.keep_members else tuple(sorted(current.other_members))
     return Changes(
         replace=replace,
-        add_members=tuple(sid_ref(sid) for sid in add),
-        remove_members=tuple(sid_ref(sid) for sid in remove) + tuple(sorted(current.other_members)),
+        add_members=tuple(sid_ref(sid) for sid in add) + tuple(sorted(desired.member_dns)),
+        remove_members=tuple(sid_ref(sid) for sid in remove) + others,
     )
 
 

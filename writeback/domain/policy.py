@@ -6,11 +6,14 @@ rules are the agent's own, from its local settings; a request that breaks one
 is refused with the reason (PolicyRefused), and nothing is sent to AD.
 
 Inside the OU they pin what a group may become, not only where it may be: the
-agent's own group type (a distribution-only deployment never gets a security
-group), the sAMAccountName and CN that writeback derives from the object id
-(no ``linux-admins`` next to ours), mail addresses only in the agent's accepted
-domains (no group claiming another recipient's address), members added only by
-SID and through the member guard.
+agent's own group types (a distribution-only deployment never gets a security
+group), the OUs its own copy of the rules file places groups in (new groups are
+created and moved only there), the sAMAccountName and CN that writeback derives
+from the object id (no ``linux-admins`` next to ours), mail addresses only in the
+agent's accepted domains (no group claiming another recipient's address),
+members added only by SID and through the member guard, or by the DN of one of
+our own groups below the target OU (a nested group created in the same run; the
+agent's LDAP adapter checks it carries our anchor).
 
 Pure: the agent adds the checks that need AD (that the DN really carries the
 group's anchor now, that a member removed by DN is one the group holds) around
@@ -88,10 +91,29 @@ class AgentPolicy:
     dn_format: DnFormat = DnFormat.OBJECT_ID
     mail_domains: frozenset[str] = frozenset()
     member_guard: MemberGuard | None = field(default=None, compare=False)
+    #: From the agent's own rules file and settings: the OUs below the target OU
+    #: groups may be created in or moved to, and the further group types and DN
+    #: formats they may have.
+    ous: frozenset[str] = frozenset()
+    group_types: frozenset[GroupType] = frozenset()
+    dn_formats: frozenset[DnFormat] = frozenset()
 
     @property
     def group_type_value(self) -> str:
         return GROUP_TYPE_VALUES[self.group_type]
+
+    @property
+    def group_type_values(self) -> frozenset[str]:
+        return frozenset(GROUP_TYPE_VALUES[t] for t in {self.group_type, *self.group_types})
+
+    @property
+    def formats(self) -> frozenset[DnFormat]:
+        return frozenset({self.dn_format, *self.dn_formats})
+
+    def allows_parent(self, dn: str) -> bool:
+        """Whether groups may be created in, or moved to, the OU ``dn``."""
+        key = dn_key(dn)
+        return key == dn_key(self.target_ou) or any(key == dn_key(ou) for ou in self.ous)
 
 
 def check_group_id(group_id: str) -> None:
@@ -113,6 +135,11 @@ def check_operation(operation: Operation, policy: AgentPolicy) -> None:
     elif isinstance(operation, Rename):
         if not single_cn_rdn(operation.new_rdn):
             raise PolicyRefused(f"{operation.new_rdn!r} is not a single CN= RDN")
+        if operation.new_parent is not None and not policy.allows_parent(operation.new_parent):
+            raise PolicyRefused(
+                f"a group moves only to the target OU or an OU of this agent's rules, "
+                f"not to {operation.new_parent}"
+            )
         _check_cn(operation.new_rdn, operation.group_id, policy)
         _check_changes(operation.changes, policy)
     elif not isinstance(operation, Delete):  # pragma: no cover - closed union
@@ -138,8 +165,11 @@ def _check_add(op: Add, policy: AgentPolicy) -> None:
     if {v.lower() for v in names.get("objectclass", ())} - {"top"} != {"group"}:
         raise PolicyRefused("an add must create objectClass=group and nothing else")
     _check_names(names, _ADD_ATTRIBUTES)
-    if dn_key(parent_of(op.dn)) != dn_key(policy.target_ou):
-        raise PolicyRefused(f"a group is created directly in the target OU, not at {op.dn}")
+    if not policy.allows_parent(parent_of(op.dn)):
+        raise PolicyRefused(
+            "a group is created directly in the target OU or in an OU of this agent's "
+            f"rules, not at {op.dn}"
+        )
     _check_cn(first_rdn(op.dn), op.group_id, policy)
     sam = sam_account_name_for(op.group_id)
     if names.get("samaccountname") != (sam,):
@@ -164,10 +194,14 @@ def _check_names(names: Iterable[str], allowed: frozenset[str]) -> None:
 
 
 def _check_values(names: Mapping[str, tuple[str, ...]], policy: AgentPolicy) -> None:
-    if "grouptype" in names and names["grouptype"] != (policy.group_type_value,):
+    allowed = policy.group_type_values
+    if "grouptype" in names and (
+        len(names["grouptype"]) != 1 or names["grouptype"][0] not in allowed
+    ):
+        kinds = ", ".join(sorted(t.value for t in {policy.group_type, *policy.group_types}))
         raise PolicyRefused(
             f"groupType {names['grouptype']!r} is not this agent's group type "
-            f"({policy.group_type.value}: {policy.group_type_value}, WRITEBACK_GROUP_TYPE)"
+            f"({kinds}: WRITEBACK_GROUP_TYPE and its rules file)"
         )
     for address in names.get("mail", ()):
         _check_address(address, policy)
@@ -191,15 +225,18 @@ def _check_cn(rdn: str, group_id: str, policy: AgentPolicy) -> None:
     """The RDN is ``CN=`` of the form writeback derives for this group."""
     attr, _, value = rdn.partition("=")
     cn = unescape_dn_value(value.strip())
-    if policy.dn_format is DnFormat.OBJECT_ID:
-        ok = cn == cn_for(group_id, "", DnFormat.OBJECT_ID)
-    else:
-        suffix = "_" + group_id[-_SUFFIX_LEN:]
-        ok = cn.endswith(suffix) and len(cn) > len(suffix) and len(cn) <= MAX_CN
+    suffix = "_" + group_id[-_SUFFIX_LEN:]
+    ok = any(
+        cn == cn_for(group_id, "", DnFormat.OBJECT_ID)
+        if dn_format is DnFormat.OBJECT_ID
+        else cn.endswith(suffix) and len(cn) > len(suffix) and len(cn) <= MAX_CN
+        for dn_format in policy.formats
+    )
     if attr.strip().casefold() != "cn" or not ok:
+        formats = ", ".join(sorted(f.value for f in policy.formats))
         raise PolicyRefused(
             f"{rdn!r} is not the CN writeback derives for group {group_id} "
-            f"(WRITEBACK_DN_FORMAT={policy.dn_format.value})"
+            f"(WRITEBACK_DN_FORMAT and the rules file: {formats})"
         )
 
 
@@ -208,7 +245,12 @@ def _check_member_adds(values: Iterable[str], policy: AgentPolicy) -> None:
     for value in values:
         match = _SID_REFERENCE.match(value)
         if match is None:
-            raise PolicyRefused(f"a member to add must be a <SID=...> reference, not {value!r}")
+            if not value.startswith("<") and strictly_within(value, policy.target_ou):
+                continue  # one of our groups by DN: the LDAP adapter checks its anchor
+            raise PolicyRefused(
+                f"a member to add must be a <SID=...> reference or the DN of a group below "
+                f"the target OU, not {value!r}"
+            )
         sids.append(match.group(1))
     if sids and policy.member_guard is not None:
         policy.member_guard(sids)

@@ -83,8 +83,9 @@ from writeback.domain.guard import (
     member_refusals,
     needs_lookup,
 )
+from writeback.domain.mapping import GroupType
 from writeback.domain.model import Add, Delete, DirectoryGroup, Modify, Operation, Rename
-from writeback.domain.naming import dn_key
+from writeback.domain.naming import DnFormat, dn_key
 from writeback.domain.policy import (
     AgentPolicy,
     DeleteBudget,
@@ -98,7 +99,7 @@ from writeback.ports import Directory
 
 if TYPE_CHECKING:
     from writeback.adapters.hybrid_connection import RelayRequest, RelayResponse
-    from writeback.config import AgentSettings
+    from writeback.config import AgentSettings, Settings
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("writeback.audit")
@@ -569,6 +570,22 @@ def _position_after(listing: list[_Reading], cursor: tuple[str, Any]) -> int:
 # -- the agent process ----------------------------------------------------------------
 
 
+def placement_limits(settings: Settings) -> dict[str, Any]:
+    """What the agent's own rules file and settings allow beyond one type, format and
+    OU: the rules' OUs, group types and DN formats (security groups bring their
+    own types)."""
+    types: set[GroupType] = set()
+    if settings.security_groups or settings.rules is not None:
+        types |= {GroupType.SECURITY, GroupType.MAIL_ENABLED_SECURITY}
+    ous: frozenset[str] = frozenset()
+    formats: frozenset[DnFormat] = frozenset()
+    if settings.rules is not None:
+        types |= settings.rules.group_types()
+        ous = settings.rules.ous()
+        formats = settings.rules.dn_formats()
+    return {"ous": ous, "group_types": frozenset(types), "dn_formats": formats}
+
+
 def build_agent(settings: AgentSettings, state: AgentState | None = None) -> AgentService:
     """The agent's service: its policy from its own settings, one LDAP connection
     per shard (``WRITEBACK_AGENT_CONCURRENCY`` of them)."""
@@ -583,6 +600,7 @@ def build_agent(settings: AgentSettings, state: AgentState | None = None) -> Age
         group_type=directory.group_type,
         dn_format=directory.dn_format,
         mail_domains=settings.mail_domains,
+        **placement_limits(directory),
     )
     guids = ObjectGuids()  # the shards' adapters share what their reads learnt
     return AgentService(

@@ -26,9 +26,10 @@ from writeback.domain.guard import (
     needs_lookup,
     sids_to_resolve,
 )
-from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.mapping import MappingOptions, Placement, desired_group, over_member_limit
 from writeback.domain.model import CloudGroup, DirectoryGroup
 from writeback.ports import Directory
+from writeback.service.scope import in_scope
 
 log = logging.getLogger("writeback.guard")
 
@@ -114,13 +115,19 @@ def member_sids_to_check(
     options: MappingOptions,
     rules: GuardRules,
 ) -> set[str]:
-    """The member SIDs the mapping would add to ``groups`` (Unified, within the
-    member limit) that AD does not hold yet: what the directory is asked about."""
+    """The member SIDs the mapping would add to ``groups`` (in scope, within the
+    member limit) that AD does not hold yet: what the directory is asked about.
+    Member groups are not among them: nesting names only groups of ours, read
+    from their anchored objects (``DesiredGroup.nested_sids``)."""
     sids: set[str] = set()
     for group in groups:
-        if not group.is_unified or over_member_limit(group, options.member_limit) is not None:
+        placement = in_scope(group, options)
+        if not isinstance(placement, Placement):
+            continue
+        if over_member_limit(group, options.member_limit) is not None:
             continue
         found = current.get(group.id)
         held = found.member_sids if found is not None else frozenset()
-        sids.update(sids_to_resolve(desired_group(group, options).member_sids, held, rules))
+        desired = desired_group(group, options, placement)
+        sids.update(sids_to_resolve(desired.member_sids, held, rules))
     return sids

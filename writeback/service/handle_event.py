@@ -62,8 +62,15 @@ from dataclasses import dataclass, field, replace
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import Change, GroupChanged
 from writeback.domain.guard import GuardView, guard_desired
-from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.mapping import (
+    MappingOptions,
+    OutOfScope,
+    Placement,
+    desired_group,
+    over_member_limit,
+)
 from writeback.domain.model import (
+    Add,
     Changes,
     CloudGroup,
     CloudMember,
@@ -74,8 +81,10 @@ from writeback.domain.model import (
     Rename,
     Skip,
 )
+from writeback.domain.nesting import NestedGroups
 from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
+from writeback.domain.rules import Excluded
 from writeback.errors import (
     ConfigError,
     DuplicateAnchor,
@@ -97,6 +106,7 @@ from writeback.ports import (
     StoredLink,
 )
 from writeback.service.guarding import GuardReads, member_sids_to_check
+from writeback.service.scope import event_nesting_for, in_scope, kept_skip
 
 log = logging.getLogger("writeback.worker")
 
@@ -216,6 +226,9 @@ class Converged:
     confirm: bool = False
     #: Set when the group is gone but not yet confirmed gone: carried by the confirmation.
     gone_since: float | None = None
+    #: Groups to confirm too: the parents of a group just created (nesting), whose
+    #: membership of it can be written now that it exists.
+    parents: tuple[str, ...] = ()
     #: The confirmation was sent.
     scheduled: bool = False
 
@@ -392,6 +405,10 @@ def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
     guard = _guard(cloud_groups, current, ctx)
     # A group whose link could not be had is read all the same; it gets one next time.
     links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
+    try:
+        nested = event_nesting_for(groups, current, ctx.directory, ctx.options)
+    except WritebackError as error:
+        return {gid: error for gid in ids}
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
@@ -404,8 +421,9 @@ def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
         elif isinstance(guard, WritebackError):
             results[gid] = guard
         else:
+            found = current.get(gid)
             results[gid] = _settle_one(
-                work, read, current.get(gid), links.get(gid), ctx, guard=guard
+                work, read, found, links.get(gid), ctx, guard=guard, nested=nested.get(gid)
             )
     return results
 
@@ -418,14 +436,16 @@ def _settle_one(
     ctx: WorkerContext,
     *,
     guard: GuardView,
+    nested: NestedGroups | None = None,
 ) -> Plan:
     try:
         if isinstance(read, GroupGone):
             return _gone(work, read, current, ctx)
-        if not read.is_unified:
-            return Converged()  # not (or no longer) ours to write
+        decision = in_scope(read, ctx.options)
+        if not isinstance(decision, Placement):
+            return _excluded(work, decision, current, ctx)
         desired = guard_desired(
-            desired_group(_within_limit(read, ctx), ctx.options), current, guard
+            desired_group(_within_limit(read, ctx), ctx.options, decision, nested), current, guard
         )
     except WritebackError as error:
         return error
@@ -442,9 +462,24 @@ def _settle_one(
             requests,
             list(desired.skips),
             confirm=not work.confirming or operation is not None,
+            parents=read.member_of if isinstance(operation, Add) else (),
         )
 
     return _Planned(operation, finish)
+
+
+def _excluded(
+    work: Work, excluded: Excluded | None, current: DirectoryGroup | None, ctx: WorkerContext
+) -> Plan:
+    """A group out of scope (None: not a kind this deployment reads at all, as V1
+    ignores security groups). Its object is kept, or with WRITEBACK_OUT_OF_SCOPE=
+    delete deleted once two reads ``settle`` seconds apart agree (behind the
+    event delete budget), as for a group gone."""
+    if excluded is None or current is None:
+        return Converged()
+    if ctx.options.out_of_scope is OutOfScope.DELETE:
+        return _confirmed_delete(work, current, ctx)
+    return Converged(skips=[kept_skip(excluded, current)])
 
 
 def _keep_link(
@@ -486,6 +521,11 @@ def _gone(work: Work, read: GroupGone, current: DirectoryGroup | None, ctx: Work
         return Converged(confirm=not work.confirming)
     if read.soft_deleted and ctx.soft_delete is SoftDeletePolicy.KEEP:
         return Converged()
+    return _confirmed_delete(work, current, ctx)
+
+
+def _confirmed_delete(work: Work, current: DirectoryGroup, ctx: WorkerContext) -> Plan:
+    """Delete ``current`` once it was observed to go at least ``settle`` seconds apart."""
     now = ctx.clock()
     first = work.gone_since
     if first is None or now - first < ctx.settle:
@@ -582,10 +622,16 @@ def _usable(
     delta: GroupDelta, stored: StoredLink, users: dict[str, CloudMember], ctx: WorkerContext
 ) -> _Deltas | None:
     """The deltas with SIDs resolved; None when only a full read can settle it (the
-    group gone or not Unified, a removed member Graph no longer knows, too many
+    group gone or out of scope, a removed member Graph no longer knows, too many
     ids, a count that may pass the limit)."""
-    if delta.group is None or delta.delta_link is None or not delta.group.is_unified:
+    if delta.group is None or delta.delta_link is None:
         return None
+    if not isinstance(in_scope(delta.group, ctx.options), Placement):
+        return None  # out of scope now: the full read decides what happens to it
+    if ctx.options.nesting and any(
+        m.kind is MemberKind.GROUP for m in (*delta.added, *delta.removed)
+    ):
+        return None  # member groups need their AD objects: the full read resolves them
     added_users = [m.id for m in delta.added if m.kind is MemberKind.USER]
     removed_users = [m.id for m in delta.removed if m.kind is MemberKind.USER]
     count = stored.member_count + len(added_users)
@@ -615,13 +661,16 @@ def _plan_deltas(
     guard: GuardView,
 ) -> Plan:
     try:
-        added = desired_group(replace(read.group, members=read.added), ctx.options)
+        decision = in_scope(read.group, ctx.options)
+        placement = decision if isinstance(decision, Placement) else None
+        added = desired_group(replace(read.group, members=read.added), ctx.options, placement)
         desired = guard_desired(added, current, guard)  # current without members: adds only
     except WritebackError as error:
         return error
     planned = plan_group(replace(desired, member_sids=frozenset()), current, ctx.options.target_ou)
     add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
-    remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
+    removed = frozenset() if desired.keep_members else read.removed_sids
+    remove = tuple(sid_ref(sid) for sid in sorted(removed - desired.member_sids))
     operation: Operation | None
     if isinstance(planned, Rename):
         changes = replace(planned.changes, add_members=add, remove_members=remove)
@@ -710,12 +759,19 @@ def _schedule_confirmations(
         for events, _ in parsed
         if events
         and isinstance(result := results[(session := events[0].group_id)], Converged)
-        and result.confirm
+        and (result.confirm or result.parents)
     ]
     if not wanted:
         return
     now = ctx.clock()
-    messages = [confirmation(gid, now, ctx.settle, result.gone_since) for gid, result in wanted]
+    messages = [
+        confirmation(parent, now, ctx.settle) for _, result in wanted for parent in result.parents
+    ]
+    messages += [
+        confirmation(gid, now, ctx.settle, result.gone_since)
+        for gid, result in wanted
+        if result.confirm
+    ]
     try:
         ctx.sender.send(messages)
     except WritebackError as error:
@@ -723,7 +779,7 @@ def _schedule_confirmations(
             results[gid] = error
         return
     for _, result in wanted:
-        result.scheduled = True
+        result.scheduled = result.confirm
 
 
 def _work_for(events: Sequence[GroupChanged]) -> Work:

@@ -42,12 +42,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from writeback.config import SoftDeletePolicy
-from writeback.domain.mapping import MappingOptions
-from writeback.domain.model import Delete, Skip, SkipReason
+from writeback.domain.guard import GuardView
+from writeback.domain.mapping import MappingOptions, Placement
+from writeback.domain.model import CloudGroup, Delete, DirectoryGroup, Skip, SkipReason
+from writeback.domain.nesting import NestedGroups, creation_order, member_group_ids, plan_nesting
+from writeback.domain.rules import Excluded
 from writeback.domain.times import iso
 from writeback.errors import DeltaExpired, DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
-from writeback.service.guarding import GuardReads, member_sids_to_check
+from writeback.service.guarding import member_sids_to_check, read_view
 from writeback.service.reconcile import (
     Plan,
     Progress,
@@ -57,9 +60,11 @@ from writeback.service.reconcile import (
     apply_plan,
     check_adds,
     plan_cloud_group,
+    plan_excluded,
     plan_from,
     threshold_reason,
 )
+from writeback.service.scope import in_scope
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +194,10 @@ def _incremental(
     soft_deleted = _SoftDeleted(cloud, changes.soft_deleted)
     group_ids = sorted({*changes.changed, *changes.soft_deleted, *changes.hard_deleted})
     deletes: list[Delete] = []
-    guard = GuardReads(policy.guard, ttl=float("inf"))  # read once for the run
+    placed: dict[str, tuple[CloudGroup, Placement, DirectoryGroup | None]] = {}
     for group_id in group_ids:
         try:
-            _plan_one(
+            found = _plan_one(
                 group_id,
                 cloud,
                 directory,
@@ -202,7 +207,6 @@ def _incremental(
                 soft_deleted=soft_deleted,
                 plan=plan,
                 deletes=deletes,
-                guard=guard,
             )
         except TransientError:
             raise  # the run fails as a whole; the link is not advanced
@@ -212,6 +216,16 @@ def _incremental(
             if isinstance(error, DuplicateAnchor):  # an alert in the plan, as a full sync has
                 for gid, dns in (error.duplicates or {group_id: ()}).items():
                     plan.skips.append(Skip(gid, SkipReason.DUPLICATE_ANCHOR, "; ".join(dns)))
+            continue
+        if found is not None:
+            placed[group_id] = found
+    nested = _nesting(placed, directory, options) if options.nesting else None
+    view = _guard_view(placed, directory, options, policy)
+    for group, placement, current in placed.values():
+        plan.groups_in_cloud += 1
+        plan_cloud_group(plan, group, current, options, view, placement=placement, nested=nested)
+    if nested is not None:
+        plan.operations = creation_order(plan.operations)
     check_adds(plan, directory)
     add_deletes(deletes, plan, policy, threshold_reason(deletes, policy))
     unguarded = deletes and plan.deletes_blocked is None and not policy.allow_deletes
@@ -267,14 +281,15 @@ def _plan_one(
     soft_deleted: _SoftDeleted,
     plan: Plan,
     deletes: list[Delete],
-    guard: GuardReads,
-) -> None:
+) -> tuple[CloudGroup, Placement, DirectoryGroup | None] | None:
+    """Read one changed group from both sides: a delete or a skip goes into the plan
+    now; a group in scope is returned, to be planned with the others (nesting)."""
     removed = group_id in changes.soft_deleted or group_id in changes.hard_deleted
     group = None if removed else cloud.get_group(group_id)
     current = directory.find_group(group_id)
     if group is None:
         if current is None:
-            return
+            return None
         hard = group_id in changes.hard_deleted
         if not hard and policy.soft_delete is SoftDeletePolicy.KEEP and group_id in soft_deleted:
             plan.skips.append(
@@ -282,15 +297,55 @@ def _plan_one(
                     group_id, SkipReason.SOFT_DELETED, f"kept until deleted for good: {current.dn}"
                 )
             )
-            return
+            return None
         deletes.append(Delete(group_id, current.dn))
-        return
-    if not group.is_unified:
-        return
-    plan.groups_in_cloud += 1
-    found = {group_id: current} if current is not None else {}
-    view = guard.view(directory, member_sids_to_check([group], found, options, policy.guard))
-    plan_cloud_group(plan, group, current, options, view)
+        return None
+    decision = in_scope(group, options)
+    if decision is None:
+        return None
+    if isinstance(decision, Excluded):
+        plan_excluded(plan, group_id, decision, current, options, deletes=deletes)
+        return None
+    return group, decision, current
+
+
+def _nesting(
+    placed: dict[str, tuple[CloudGroup, Placement, DirectoryGroup | None]],
+    directory: Directory,
+    options: MappingOptions,
+) -> NestedGroups:
+    """The member groups the changed groups may write: the changed groups themselves
+    (created in this run by DN) and the AD objects of the others they name."""
+    current = {gid: found for gid, (_, _, found) in placed.items() if found is not None}
+    named = {cid for group, _, _ in placed.values() for cid in member_group_ids(group)}
+    others = sorted(named - set(placed))
+    if others:
+        current.update(directory.find_groups(others, members=False))
+    scope = {gid: (group, placement) for gid, (group, placement, _) in placed.items()}
+    scope.update(
+        (gid, (CloudGroup(gid, ""), Placement(None, None, options.dn_format, options.group_type)))
+        for gid in others
+        if gid in current
+    )
+    return plan_nesting(scope, current, options.target_ou)
+
+
+def _guard_view(
+    placed: dict[str, tuple[CloudGroup, Placement, DirectoryGroup | None]],
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+) -> GuardView:
+    """The guards' reads for the changed groups in scope, once for the run: the
+    member SIDs they would add, resolved in one bulk read, and the nesting (no read
+    when no changed group is in scope)."""
+    if not placed:
+        return GuardView(rules=policy.guard)
+    groups = [group for group, _, _ in placed.values()]
+    current = {gid: found for gid, (_, _, found) in placed.items() if found is not None}
+    return read_view(
+        directory, member_sids_to_check(groups, current, options, policy.guard), policy.guard
+    )
 
 
 def _would_empty(deletes: list[Delete], directory: Directory) -> bool:

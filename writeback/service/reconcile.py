@@ -22,7 +22,13 @@ from tenacity import (
 
 from writeback.config import Settings, SoftDeletePolicy
 from writeback.domain.guard import GuardRules, GuardView, guard_desired
-from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
+from writeback.domain.mapping import (
+    MappingOptions,
+    OutOfScope,
+    Placement,
+    desired_group,
+    over_member_limit,
+)
 from writeback.domain.model import (
     Add,
     CloudGroup,
@@ -32,7 +38,9 @@ from writeback.domain.model import (
     Skip,
     SkipReason,
 )
+from writeback.domain.nesting import NestedGroups, creation_order, plan_nesting
 from writeback.domain.planner import plan_group
+from writeback.domain.rules import Excluded, decide
 from writeback.errors import DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSnapshot, CloudSource, Directory
 from writeback.service.guarding import member_sids_to_check, read_view
@@ -70,6 +78,8 @@ class Plan:
     deletes_blocked: str | None = None
     groups_in_cloud: int = 0
     groups_in_directory: int = 0
+    #: The rule that placed each group written (group id -> rule name), for ``plan``.
+    rules: dict[str, str] = field(default_factory=dict)
 
     @property
     def deletes(self) -> list[Delete]:
@@ -94,14 +104,30 @@ def build_plan(
     plan = Plan()
     by_id, duplicated = _index(current, plan)
     plan.groups_in_directory = len(by_id)
-    cloud = [group for group in snapshot.groups if group.is_unified] if policy.enabled else []
-    plan.groups_in_cloud = len(cloud)
+    read = snapshot.groups if policy.enabled else ()
+    cloud = [g for g in read if options.wants_all_groups or g.is_unified]
+    placed: dict[str, tuple[CloudGroup, Placement]] = {}
+    out_of_scope: list[Delete] = []
     for group in sorted(cloud, key=lambda g: g.id):
         if group.id in duplicated:
             continue
-        plan_cloud_group(plan, group, by_id.pop(group.id, None), options, guard)
+        decision = decide(group, options)
+        if isinstance(decision, Excluded):
+            current_object = by_id.pop(group.id, None)
+            plan_excluded(plan, group.id, decision, current_object, options, deletes=out_of_scope)
+        else:
+            placed[group.id] = (group, decision)
+    plan.groups_in_cloud = len(placed)
+    nested = _nesting(placed, by_id, options) if options.nesting else None
+    for gid, (group, placement) in placed.items():
+        current_object = by_id.pop(gid, None)
+        plan_cloud_group(
+            plan, group, current_object, options, guard, placement=placement, nested=nested
+        )
+    if nested is not None:
+        plan.operations = creation_order(plan.operations)
     deletes = _orphan_deletes(by_id.values(), snapshot.soft_deleted, policy, plan)
-    _guard_deletes(deletes, plan, policy)
+    _guard_deletes(deletes + out_of_scope, plan, policy, cloud_empty=not cloud)
     return plan
 
 
@@ -111,6 +137,9 @@ def plan_cloud_group(
     current: DirectoryGroup | None,
     options: MappingOptions,
     guard: GuardView,
+    *,
+    placement: Placement | None = None,
+    nested: NestedGroups | None = None,
 ) -> None:
     """Add one cloud group to the plan: skipped over the member limit (never truncated),
     else at most one operation, with its skipped members reported (the guards' too)."""
@@ -118,11 +147,51 @@ def plan_cloud_group(
     if limit_skip is not None:
         plan.skips.append(limit_skip)
         return
-    desired = guard_desired(desired_group(group, options), current, guard)
+    desired = guard_desired(desired_group(group, options, placement, nested), current, guard)
     plan.skips.extend(desired.skips)
+    if desired.rule is not None:
+        plan.rules[group.id] = desired.rule
     operation = plan_group(desired, current, options.target_ou)
     if operation is not None:
         plan.operations.append(operation)
+
+
+def _nesting(
+    placed: dict[str, tuple[CloudGroup, Placement]],
+    current: dict[str, DirectoryGroup],
+    options: MappingOptions,
+) -> NestedGroups:
+    """The member groups of this plan: those in scope that have an AD object or get
+    one in this run (a group over the member limit without one is not created)."""
+    written = {
+        gid: entry
+        for gid, entry in placed.items()
+        if gid in current or over_member_limit(entry[0], options.member_limit) is None
+    }
+    return plan_nesting(written, current, options.target_ou)
+
+
+def plan_excluded(
+    plan: Plan,
+    group_id: str,
+    excluded: Excluded,
+    current: DirectoryGroup | None,
+    options: MappingOptions,
+    *,
+    deletes: list[Delete],
+) -> None:
+    """A group the scope leaves out: its AD object, if any, is kept (reported) or,
+    with WRITEBACK_OUT_OF_SCOPE=delete, deleted behind the threshold; without an
+    object it is reported when a rule or a safety exclusion decided."""
+    if excluded.rule is not None:
+        plan.rules[group_id] = excluded.rule
+    if current is not None and options.out_of_scope is OutOfScope.DELETE:
+        deletes.append(Delete(group_id, current.dn))
+        return
+    if current is None and excluded.rule is None and excluded.reason is SkipReason.OUT_OF_SCOPE:
+        return  # never written, and no rule spoke of it: not worth a line
+    kept = f"; kept as it is: {current.dn}" if current is not None else ""
+    plan.skips.append(Skip(group_id, excluded.reason, excluded.detail + kept))
 
 
 def guard_view(
@@ -225,10 +294,12 @@ def _orphan_deletes(
     return deletes
 
 
-def _guard_deletes(deletes: list[Delete], plan: Plan, policy: SyncPolicy) -> None:
+def _guard_deletes(
+    deletes: list[Delete], plan: Plan, policy: SyncPolicy, *, cloud_empty: bool
+) -> None:
     """Hold back every delete when a safety rule says so (accidental-delete protection)."""
     reason = threshold_reason(deletes, policy)
-    if reason is None and deletes and policy.enabled and plan.groups_in_cloud == 0:
+    if reason is None and deletes and policy.enabled and cloud_empty:
         reason = (
             f"the cloud returned no groups but {len(deletes)} written-back groups exist; "
             "nothing was deleted (use --allow-deletes if that is really so)"

@@ -27,7 +27,32 @@ Reads
   form msgraph-sdk sends), paged by ``$top`` (1..999, default 100);
 * ``GET /directory/deletedItems/microsoft.graph.group`` (also ``graph.group``)
   and ``GET /directory/deletedItems/{id}`` (the group if it is in the bin, else
-  404).
+  404);
+* ``GET /groups/{id}/members/microsoft.graph.group`` (the member groups) and
+  ``GET /groups/{id}/memberOf/microsoft.graph.group`` (the groups it is in);
+* ``GET /beta/groups`` (``$select``, ``$filter=id in (...)``, ``$top``, paged) and
+  ``GET /beta/groups/{id}``: the beta endpoint, the only one where
+  ``writebackConfiguration`` exists (v1.0 answers 400 for it in ``$select``).
+
+Groups carry ``securityEnabled``, ``mailEnabled``, ``onPremisesSyncEnabled``
+(null unless synced from AD), ``isAssignableToRole`` and ``visibility`` as
+Graph returns them by default; ``hideFromAddressLists`` only on ``GET
+/groups/{id}`` with a ``$select`` naming it (Graph: "Supported only on the Get
+group API"; elsewhere it is left out, and a delta ``$select`` naming it is 400).
+
+Permissions (``app_roles``, or the ``roles`` claim of a bearer token such as
+:class:`StandInCredential` mints)
+    Graph reads an app's application permissions from its token. Without
+    ``Member.Read.Hidden`` it hides the members of ``visibility=HiddenMembership``
+    groups: their member lists come back empty, their ``members@delta`` are left
+    out of delta rounds, and they are missing from a member's ``memberOf``
+    (microsoft-graph-docs issue 12285, docs-contrib issue 3575; "To list the
+    members of a hidden membership group, the Member.Read.Hidden permission is
+    required"), all with 200, so a client cannot tell from the answer. The
+    stand-in does the same. A request without a token gets ``app_roles`` (by
+    default what writeback's docs ask for, Member.Read.Hidden included); a
+    token that is not a JWT is 401. Differs: no other permission is enforced
+    and no signature is checked.
 
 Latency (``latency=`` seconds, settable while serving)
     Graph documents no figure; round trips to it are tens of milliseconds from
@@ -136,13 +161,20 @@ materialised once, on its first page, into serialised pages held under a
 server-side cursor, so paging is O(page) and a round is a consistent snapshot.
 """
 
-from writeback_sandbox.graph_standin.server import MAX_BATCH_REQUESTS, GraphStandIn, LoggedRequest
+from writeback_sandbox.graph_standin.credential import StandInCredential, app_token
+from writeback_sandbox.graph_standin.server import (
+    DEFAULT_APP_ROLES,
+    MAX_BATCH_REQUESTS,
+    GraphStandIn,
+    LoggedRequest,
+)
 from writeback_sandbox.graph_standin.subscriptions import MAX_GROUP_SUBSCRIPTION_MINUTES, Delivery
 from writeback_sandbox.graph_standin.tenant import (
     CONTACT_TYPE,
     DEVICE_TYPE,
     GROUP_PROPERTIES,
     GROUP_TYPE,
+    MEMBER_READ_HIDDEN,
     USER_PROPERTIES,
     USER_TYPE,
     Tenant,
@@ -152,15 +184,19 @@ from writeback_sandbox.graph_standin.wire import API_VERSION
 __all__ = [
     "API_VERSION",
     "CONTACT_TYPE",
+    "DEFAULT_APP_ROLES",
     "DEVICE_TYPE",
     "GROUP_PROPERTIES",
     "GROUP_TYPE",
     "MAX_BATCH_REQUESTS",
     "MAX_GROUP_SUBSCRIPTION_MINUTES",
+    "MEMBER_READ_HIDDEN",
     "USER_PROPERTIES",
     "USER_TYPE",
     "Delivery",
     "GraphStandIn",
     "LoggedRequest",
+    "StandInCredential",
     "Tenant",
+    "app_token",
 ]

@@ -28,8 +28,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from writeback_sandbox.graph_standin.subscriptions import Notifications
 from writeback_sandbox.graph_standin.tenant import (
+    BETA_PROPERTIES,
     GROUP_PROPERTIES,
     GROUP_TYPE,
+    MEMBER_READ_HIDDEN,
+    SINGLE_GET_PROPERTIES,
     USER_PROPERTIES,
     Tenant,
 )
@@ -59,6 +62,10 @@ _QUOTED = re.compile(r"'([^']+)'")
 _DEFAULT_TOP = 100
 _MAX_CURSORS = 16
 _BATCH_PATH = f"/{API_VERSION}/$batch"
+_BETA = "beta"
+#: What the app is granted when a request carries no token: what writeback's docs
+#: ask for (tests take Member.Read.Hidden away, or send tokens with other roles).
+DEFAULT_APP_ROLES = frozenset({"Group.Read.All", "User.Read.All", MEMBER_READ_HIDDEN})
 
 #: What Graph says with each code a refused delta link comes back with.
 _DELTA_REFUSALS = {
@@ -123,6 +130,7 @@ class GraphStandIn(Notifications):
         delivery_batch_window: float = 0.0,
         validation_timeout: float = 10.0,
         tenant_id: str = "7d5b3a4e-1c2f-4e8a-9b6d-0a1b2c3d4e5f",
+        app_roles: frozenset[str] = DEFAULT_APP_ROLES,
     ) -> None:
         """``latency`` seconds are added to every answer (one per round trip: a
         ``$batch`` costs one). ``lag`` is how many seconds old the replica is that
@@ -143,6 +151,9 @@ class GraphStandIn(Notifications):
         if latency < 0 or lag < 0 or deleted_items_lag < 0:
             raise ValueError("latency and lags must not be negative")
         self.tenant = tenant if tenant is not None else Tenant()
+        #: the application permissions of a request without a bearer token (settable)
+        self.app_roles = frozenset(app_roles)
+        self._request = threading.local()
         self.page_size = page_size
         self.member_page_size = member_page_size
         #: seconds added to every answer (settable while serving)
@@ -499,12 +510,23 @@ class GraphStandIn(Notifications):
     # ----------------------------------------------------------------- answering
 
     def answer(
-        self, method: str, raw_target: str, body: bytes = b"", request_id: str = ""
+        self,
+        method: str,
+        raw_target: str,
+        body: bytes = b"",
+        request_id: str = "",
+        authorization: str | None = None,
     ) -> Response | None:
         """One HTTP exchange as the server makes it: the latency, the faults, the
         request (or the ``$batch`` it carries) and the log; None when the
-        connection is to be dropped unanswered."""
+        connection is to be dropped unanswered. ``authorization`` is the request's
+        header: a bearer token's ``roles`` claim says what the app may read (the
+        steps of a batch are read with the envelope's), none means ``app_roles``."""
         request_id = request_id or str(uuid.uuid4())
+        try:
+            self._request.roles = _token_roles(authorization)
+        except GraphError as error:
+            return Response(error.status, error_body(error.code, error.message, request_id))
         if self.latency > 0:
             time.sleep(self.latency)
         target = unquote(raw_target)
@@ -672,6 +694,12 @@ class GraphStandIn(Notifications):
 
     # ----------------------------------------------------------------- routing
 
+    @property
+    def hidden_members_visible(self) -> bool:
+        """Whether the request being answered may see hidden memberships."""
+        roles = getattr(self._request, "roles", None)
+        return MEMBER_READ_HIDDEN in (self.app_roles if roles is None else roles)
+
     def handle(self, method: str, target: str) -> Response:
         """Answer one request; ``target`` is the raw request target."""
         if method != "GET":
@@ -683,10 +711,16 @@ class GraphStandIn(Notifications):
         query: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             query[key.lower().lstrip("$")] = value
+        if path.startswith(f"/{_BETA}/"):
+            return self._beta(path, query)
         prefix = f"/{API_VERSION}/"
         if not path.startswith(prefix):
             raise GraphError(404, "BadRequest", "Invalid version.")
         segments = [s for s in path[len(prefix) :].split("/") if s]
+        return self._route(segments, query)
+
+    def _route(self, segments: list[str], query: dict[str, str]) -> Response:
+        """The v1.0 reads, by path segment."""
         match segments:
             case ["groups", "delta" | "delta()"]:
                 response = self._delta("groups", query)
@@ -698,6 +732,10 @@ class GraphStandIn(Notifications):
                 response = self._get_group(group_id, query)
             case ["groups", group_id, "members", "microsoft.graph.user" | "graph.user"]:
                 response = self._list_user_members(group_id, query)
+            case ["groups", group_id, "members", "microsoft.graph.group" | "graph.group"]:
+                response = self._list_group_members(group_id, query)
+            case ["groups", group_id, "memberOf", "microsoft.graph.group" | "graph.group"]:
+                response = self._list_member_of(group_id, query)
             case ["directory", "deletedItems", "microsoft.graph.group" | "graph.group"]:
                 response = self._list_deleted_groups(query)
             case ["directory", "deletedItems", object_id]:
@@ -709,13 +747,18 @@ class GraphStandIn(Notifications):
 
     # ----------------------------------------------------------------- endpoints
 
-    def _select(self, query: dict[str, str], kind: str) -> list[str] | None:
+    def _select(
+        self, query: dict[str, str], kind: str, extra: Sequence[str] = ()
+    ) -> list[str] | None:
+        """The ``$select`` names, refused (400, as Graph) when one is not a property
+        of the type here; ``extra`` adds what only this call knows (the single-GET
+        and beta-only properties)."""
         raw = query.get("select")
         if raw is None:
             return None
         names = [n.strip() for n in raw.split(",") if n.strip()]
         if kind == "groups":
-            allowed = {"id", "members", *GROUP_PROPERTIES}
+            allowed = {"id", "members", *GROUP_PROPERTIES, *extra}
         elif kind == "deletedItems":
             allowed = {"id", "displayName", "deletedDateTime"}
         else:
@@ -843,7 +886,11 @@ class GraphStandIn(Notifications):
         pages: list[list[dict[str, Any]]]
         if kind == "groups":
             upto, group_items = self.tenant.groups_round(
-                since, select, ids, as_of=self.replica_sequence()
+                since,
+                select,
+                ids,
+                as_of=self.replica_sequence(),
+                hidden_ok=self.hidden_members_visible,
             )
             pages = self._paginate_groups(group_items)
         else:
@@ -913,7 +960,7 @@ class GraphStandIn(Notifications):
         return pages
 
     def _get_group(self, group_id: str, query: dict[str, str]) -> Response:
-        select = self._select(query, "groups")
+        select = self._select(query, "groups", SINGLE_GET_PROPERTIES)
         if select is not None and "members" in select:
             select = [s for s in select if s != "members"]
         body = self.tenant.group_for_read(group_id, select, as_of=self.replica_sequence())
@@ -957,7 +1004,9 @@ class GraphStandIn(Notifications):
             return json_response(self._load_page(kind, query["skiptoken"]))
         select = self._select(query, "users")
         top = self._top(query)
-        members = self.tenant.user_members(group_id, select, as_of=self.replica_sequence())
+        members = self.tenant.user_members(
+            group_id, select, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible
+        )
         if members is None:
             raise not_found(group_id)
         return self._list(
@@ -967,6 +1016,104 @@ class GraphStandIn(Notifications):
             members,
             top,
         )
+
+    def _list_group_members(self, group_id: str, query: dict[str, str]) -> Response:
+        """``GET /groups/{id}/members/microsoft.graph.group``: the member groups."""
+        kind = f"member-groups:{group_id}"
+        if "skiptoken" in query:
+            return json_response(self._load_page(kind, query["skiptoken"]))
+        select = self._select(query, "groups")
+        found = self.tenant.group_members(
+            group_id, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible
+        )
+        if found is None:
+            raise not_found(group_id)
+        return self._list(
+            kind,
+            f"groups/{quote(group_id)}/members/microsoft.graph.group",
+            self._context("groups", select),
+            found,
+            self._top(query),
+        )
+
+    def _list_member_of(self, group_id: str, query: dict[str, str]) -> Response:
+        """``GET /groups/{id}/memberOf/microsoft.graph.group``: the groups it is in
+        (without Member.Read.Hidden, HiddenMembership groups are left out)."""
+        kind = f"member-of:{group_id}"
+        if "skiptoken" in query:
+            return json_response(self._load_page(kind, query["skiptoken"]))
+        select = self._select(query, "groups")
+        found = self.tenant.member_of(
+            group_id, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible
+        )
+        if found is None:
+            raise not_found(group_id)
+        return self._list(
+            kind,
+            f"groups/{quote(group_id)}/memberOf/microsoft.graph.group",
+            self._context("groups", select),
+            found,
+            self._top(query),
+        )
+
+    def _beta(self, path: str, query: dict[str, str]) -> Response:
+        """The beta endpoint, as far as writeback reads it: ``GET /beta/groups``
+        (``$select``, ``$filter=id in (...)``, ``$top``, paging) and ``GET
+        /beta/groups/{id}``, where ``writebackConfiguration`` exists."""
+        segments = [s for s in path[len(_BETA) + 2 :].split("/") if s]
+        select = self._select(query, "groups", (*SINGLE_GET_PROPERTIES, *BETA_PROPERTIES))
+        base = self.url.rsplit("/", 1)[0] + f"/{_BETA}"
+        match segments:
+            case ["groups"]:
+                kind = "beta-groups"
+                if "skiptoken" in query:
+                    return json_response(self._load_page(kind, query["skiptoken"]))
+                ids = self._in_filter(query) if "filter" in query else None
+                values = self.tenant.groups_list(
+                    select, ids, as_of=self.replica_sequence(), beta=True
+                )
+                top = self._top(query)
+                pages = [values[i : i + top] for i in range(0, len(values), top)] or [[]]
+                cursor = self._new_cursor()
+                serialized = []
+                for index, page in enumerate(pages):
+                    body: dict[str, Any] = {"@odata.context": f"{base}/$metadata#groups"}
+                    if index + 1 < len(pages):
+                        body["@odata.nextLink"] = f"{base}/groups?$skiptoken={cursor}~{index + 1}"
+                    body["value"] = page
+                    serialized.append(dumps(body))
+                if len(serialized) > 1:
+                    self._save_cursor(cursor, kind, serialized)
+                return json_response(serialized[0])
+            case ["groups", group_id]:
+                found = self.tenant.group_for_read(
+                    group_id, select, as_of=self.replica_sequence(), beta=True
+                )
+                if found is None:
+                    raise not_found(group_id)
+                context = f"{base}/$metadata#groups/$entity"
+                return json_response(dumps({"@odata.context": context, **found}))
+            case _:
+                last = segments[-1] if segments else ""
+                raise GraphError(400, "BadRequest", f"Resource not found for the segment '{last}'.")
+
+    @staticmethod
+    def _in_filter(query: dict[str, str]) -> list[str]:
+        raw = (query.get("filter") or "").strip()
+        match = _ID_IN.fullmatch(raw)
+        ids = _QUOTED.findall(match.group(1)) if match else []
+        single = _ID_EQ.fullmatch(raw)
+        if single is not None:
+            ids = [single.group(1)]
+        if not ids:
+            raise GraphError(400, "Request_UnsupportedQuery", "Only $filter=id in (...) is served.")
+        if len(ids) > _MAX_IN_VALUES:
+            raise GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Too many values in the 'in' clause: at most {_MAX_IN_VALUES}.",
+            )
+        return ids
 
     def _list_users(self, query: dict[str, str]) -> Response:
         """``GET /users?$filter=id in ('a','b')`` (or ``id eq 'a'``): users by id."""
@@ -1070,6 +1217,28 @@ def _token_ids(token: str) -> list[str] | None:
     return [str(i) for i in ids] if isinstance(ids, list) else None
 
 
+def _token_roles(authorization: str | None) -> frozenset[str] | None:
+    """The roles of a bearer token (an unsigned JWT from :class:`StandInCredential`,
+    or any JWT whose payload names ``roles``); None without a token (the
+    configured roles apply); 401 for a token that is not a JWT, as Graph says."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    parts = token.split(".")
+    try:
+        if scheme.lower() != "bearer" or len(parts) != 3:
+            raise ValueError("not a bearer JWT")
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        roles = payload.get("roles", []) if isinstance(payload, dict) else None
+        if not isinstance(roles, list):
+            raise ValueError("roles is not a list")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise GraphError(
+            401, "InvalidAuthenticationToken", "Access token validation failure."
+        ) from None
+    return frozenset(str(r) for r in roles)
+
+
 def _wall_clock(monotonic: float | None) -> datetime:
     """The wall-clock time of a ``time.monotonic()`` reading (now when None)."""
     now = time.time()
@@ -1117,7 +1286,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         request_id = self.headers.get("client-request-id") or str(uuid.uuid4())
-        response = self.server.standin.answer(method, self.path, body, request_id)
+        response = self.server.standin.answer(
+            method, self.path, body, request_id, self.headers.get("Authorization")
+        )
         if response is None:
             self.close_connection = True
             with contextlib.suppress(OSError):

@@ -30,7 +30,8 @@ KIND_TYPES = {
     "contact": CONTACT_TYPE,
 }
 
-#: Group properties the stand-in stores, by their Graph (camelCase) names.
+#: Group properties the stand-in stores and returns by default (v1.0), by their
+#: Graph (camelCase) names.
 GROUP_PROPERTIES = (
     "displayName",
     "description",
@@ -41,7 +42,17 @@ GROUP_PROPERTIES = (
     "visibility",
     "mailEnabled",
     "securityEnabled",
+    "onPremisesSyncEnabled",
+    "isAssignableToRole",
 )
+#: "Returned only on $select. Supported only on the Get group API (GET /groups/{ID})."
+SINGLE_GET_PROPERTIES = ("hideFromAddressLists",)
+#: On the beta endpoint only (v1.0 has no such property).
+BETA_PROPERTIES = ("writebackConfiguration",)
+#: Without it, an app is shown no member of a HiddenMembership group (Graph
+#: answers as if the group had none) and no such group in a member's memberOf.
+MEMBER_READ_HIDDEN = "Member.Read.Hidden"
+HIDDEN_MEMBERSHIP = "HiddenMembership"
 USER_PROPERTIES = ("displayName", "onPremisesSecurityIdentifier", "onPremisesSyncEnabled")
 
 _GROUP_FIELD_NAMES = {
@@ -54,7 +65,12 @@ _GROUP_FIELD_NAMES = {
     "visibility": "visibility",
     "mail_enabled": "mailEnabled",
     "security_enabled": "securityEnabled",
+    "on_premises_sync_enabled": "onPremisesSyncEnabled",
+    "is_assignable_to_role": "isAssignableToRole",
+    "hide_from_address_lists": "hideFromAddressLists",
+    "writeback_configuration": "writebackConfiguration",
 }
+_STORED_GROUP_PROPERTIES = (*GROUP_PROPERTIES, *SINGLE_GET_PROPERTIES, *BETA_PROPERTIES)
 _USER_FIELD_NAMES = {
     "display_name": "displayName",
     "sid": "onPremisesSecurityIdentifier",
@@ -332,7 +348,17 @@ class Tenant:
         group_types: Sequence[str] = ("Unified",),
         visibility: str | None = "Private",
         members: Iterable[str] = (),
+        security_enabled: bool | None = None,
+        mail_enabled: bool | None = None,
+        on_premises_sync_enabled: bool = False,
+        is_assignable_to_role: bool = False,
+        hide_from_address_lists: bool = False,
+        writeback_configuration: dict[str, Any] | None = None,
     ) -> None:
+        """A group. Defaults as Graph makes them: a Unified group is mail-enabled and
+        not security-enabled, another group security-enabled (and mail-enabled when
+        it has an address); ``onPremisesSyncEnabled`` is null unless synced;
+        ``writebackConfiguration`` (beta) has null members unless given."""
         with self._lock:
             member_ids = list(members)
             for member_id in member_ids:
@@ -348,8 +374,14 @@ class Tenant:
                 "proxyAddresses": list(proxy_addresses),
                 "groupTypes": list(group_types),
                 "visibility": visibility,
-                "mailEnabled": unified or mail is not None,
-                "securityEnabled": not unified,
+                "mailEnabled": (unified or mail is not None)
+                if mail_enabled is None
+                else mail_enabled,
+                "securityEnabled": (not unified) if security_enabled is None else security_enabled,
+                "onPremisesSyncEnabled": True if on_premises_sync_enabled else None,
+                "isAssignableToRole": is_assignable_to_role,
+                "hideFromAddressLists": hide_from_address_lists,
+                "writebackConfiguration": _writeback_configuration(writeback_configuration),
             }
             group = _Obj(
                 group_id, "group", props, dict.fromkeys(props, seq), seq, seq, born_seq=seq
@@ -364,7 +396,13 @@ class Tenant:
         """Change properties; names as in :meth:`add_group` (or Graph's camelCase)."""
         with self._lock:
             group = self._live_group(group_id)
-            props = _camel_fields(fields, _GROUP_FIELD_NAMES, GROUP_PROPERTIES)
+            props = _camel_fields(fields, _GROUP_FIELD_NAMES, _STORED_GROUP_PROPERTIES)
+            if "writebackConfiguration" in props:
+                props["writebackConfiguration"] = _writeback_configuration(
+                    props["writebackConfiguration"]
+                )
+            if "onPremisesSyncEnabled" in props:
+                props["onPremisesSyncEnabled"] = True if props["onPremisesSyncEnabled"] else None
             for name in ("proxyAddresses", "groupTypes"):
                 if name in props:
                     props[name] = list(props[name] or ())
@@ -523,12 +561,25 @@ class Tenant:
     def _upto(self, as_of: int | None) -> int:
         return self._seq if as_of is None else min(as_of, self._seq)
 
-    def _group_json(self, group: _Obj, select: Sequence[str] | None) -> dict[str, Any]:
+    def _group_json(
+        self, group: _Obj, select: Sequence[str] | None, *, single: bool = False, beta: bool = False
+    ) -> dict[str, Any]:
+        """The group as Graph shows it: the default properties, or those selected
+        that this call returns (hideFromAddressLists on a single GET that selects it,
+        writebackConfiguration on beta only; elsewhere they are left out)."""
         names = GROUP_PROPERTIES if select is None else [s for s in select if s in group.props]
         out: dict[str, Any] = {"id": group.id}
         for name in names:
+            if name in SINGLE_GET_PROPERTIES and not (single and select is not None):
+                continue
+            if name in BETA_PROPERTIES and not beta:
+                continue
             out[name] = _copy(group.props[name])
         return out
+
+    @staticmethod
+    def _hides_members(group: _Obj, hidden_ok: bool) -> bool:
+        return not hidden_ok and group.props.get("visibility") == HIDDEN_MEMBERSHIP
 
     def _member_entry(self, member_id: str, present: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -548,12 +599,14 @@ class Tenant:
         ids: Sequence[str] | None = None,
         *,
         as_of: int | None = None,
+        hidden_ok: bool = True,
     ) -> tuple[int, list[tuple[dict[str, Any], list[dict[str, Any]]]]]:
         """Items of one groups delta round: (group json, member entries) pairs;
         only the groups in ``ids`` when given (a ``$filter=id eq`` round). Read
         as of ``as_of`` (a replica that lags); a token ahead of it gets nothing
-        and keeps its place."""
-        with_members = select is not None and "members" in select
+        and keeps its place. Without ``hidden_ok`` (Member.Read.Hidden) the member
+        entries of a HiddenMembership group are left out."""
+        select_members = select is not None and "members" in select
         wanted = None if ids is None else frozenset(ids)
         items: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         with self._lock:
@@ -563,6 +616,7 @@ class Tenant:
             for group in self._group_views(as_of):
                 if wanted is not None and group.id not in wanted:
                     continue
+                with_members = select_members and not self._hides_members(group, hidden_ok)
                 if since is None or group.created_seq > since:
                     if group.soft_deleted_seq is not None:
                         continue  # created (or restored) and binned before this round
@@ -644,13 +698,73 @@ class Tenant:
         return out
 
     def group_for_read(
-        self, group_id: str, select: Sequence[str] | None, *, as_of: int | None = None
+        self,
+        group_id: str,
+        select: Sequence[str] | None,
+        *,
+        as_of: int | None = None,
+        beta: bool = False,
     ) -> dict[str, Any] | None:
         with self._lock:
             group = self._group(group_id, as_of)
             if group is None or group.soft_deleted_seq is not None:
                 return None
-            return self._group_json(group, select)
+            return self._group_json(group, select, single=True, beta=beta)
+
+    def groups_list(
+        self,
+        select: Sequence[str] | None,
+        ids: Sequence[str] | None = None,
+        *,
+        as_of: int | None = None,
+        beta: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Live groups (``GET /groups``), those of ``ids`` only when given."""
+        wanted = None if ids is None else frozenset(ids)
+        with self._lock:
+            return [
+                self._group_json(group, select, beta=beta)
+                for group in self._group_views(as_of)
+                if group.soft_deleted_seq is None and (wanted is None or group.id in wanted)
+            ]
+
+    def group_members(
+        self, group_id: str, *, as_of: int | None = None, hidden_ok: bool = True
+    ) -> list[dict[str, Any]] | None:
+        """The groups among a group's direct members (``/members/microsoft.graph.group``)."""
+        with self._lock:
+            group = self._group(group_id, as_of)
+            if group is None or group.soft_deleted_seq is not None:
+                return None
+            if self._hides_members(group, hidden_ok):
+                return []
+            out: list[dict[str, Any]] = []
+            for member_id, (present, _) in group.members.items():
+                child = self._group(member_id, as_of) if present else None
+                if child is not None and child.soft_deleted_seq is None:
+                    out.append({"@odata.type": GROUP_TYPE, "id": child.id})
+            return out
+
+    def member_of(
+        self, object_id: str, *, as_of: int | None = None, hidden_ok: bool = True
+    ) -> list[dict[str, Any]] | None:
+        """The groups ``object_id`` is a direct member of (``/memberOf/microsoft.graph.group``);
+        without ``hidden_ok`` HiddenMembership groups are left out, as Graph does."""
+        with self._lock:
+            if self._group(object_id, as_of) is None and self._user(object_id, as_of) is None:
+                return None
+            out: list[dict[str, Any]] = []
+            if as_of is None:  # now: the index of present memberships
+                views = [self._groups[g] for g in sorted(self._member_of.get(object_id, ()))]
+            else:
+                views = self._group_views(as_of)
+            for group in views:
+                if group.soft_deleted_seq is not None or self._hides_members(group, hidden_ok):
+                    continue
+                entry = group.members.get(object_id)
+                if entry is not None and entry[0]:
+                    out.append({"@odata.type": GROUP_TYPE, "id": group.id})
+            return out
 
     def deleted_group(self, group_id: str, *, as_of: int | None = None) -> dict[str, Any] | None:
         """The group as ``/directory/deletedItems/{id}`` shows it, if it is in the bin."""
@@ -666,7 +780,12 @@ class Tenant:
             }
 
     def user_members(
-        self, group_id: str, select: Sequence[str] | None, *, as_of: int | None = None
+        self,
+        group_id: str,
+        select: Sequence[str] | None,
+        *,
+        as_of: int | None = None,
+        hidden_ok: bool = True,
     ) -> list[dict[str, Any]] | None:
         with self._lock:
             group = self._group(group_id, as_of)
@@ -674,6 +793,8 @@ class Tenant:
                 return None
             names = USER_PROPERTIES if select is None else [s for s in select if s != "id"]
             out: list[dict[str, Any]] = []
+            if self._hides_members(group, hidden_ok):
+                return out
             for member_id, (present, _) in group.members.items():
                 user = self._user(member_id, as_of) if present else None
                 if user is None:
@@ -705,7 +826,21 @@ def _deleted_between(deleted: dict[str, int], since: int | None, upto: int) -> l
 
 
 def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
     return list(value) if isinstance(value, list) else value
+
+
+def _writeback_configuration(value: dict[str, Any] | None) -> dict[str, Any]:
+    """Graph's (beta) groupWritebackConfiguration: isEnabled and onPremisesGroupType."""
+    value = value or {}
+    unknown = set(value) - {"isEnabled", "onPremisesGroupType"}
+    if unknown:
+        raise TypeError(f"unknown writebackConfiguration fields {sorted(unknown)}")
+    return {
+        "isEnabled": value.get("isEnabled"),
+        "onPremisesGroupType": value.get("onPremisesGroupType"),
+    }
 
 
 def _camel_fields(

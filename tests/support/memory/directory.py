@@ -96,6 +96,7 @@ from writeback.domain.naming import (
     single_cn_rdn,
     strictly_within,
 )
+from writeback.domain.target import is_within
 from writeback.errors import DirectoryRefused, DuplicateAnchor, PolicyRefused, WritebackError
 from writeback.ports import apply_each
 
@@ -659,9 +660,13 @@ class MemoryDirectory:
         self._check_target(op.dn, op.group_id)
         if not single_cn_rdn(op.new_rdn):
             raise PolicyRefused(f"refusing to rename {op.dn}: {op.new_rdn!r} is not one CN= RDN")
-        new_dn = f"{op.new_rdn},{parent_of(op.dn)}"
+        if op.new_parent is not None and not is_within(op.new_parent, self.target_ou):
+            raise PolicyRefused(f"refusing to move {op.dn} to {op.new_parent}: outside the OU")
+        new_dn = f"{op.new_rdn},{op.new_parent or parent_of(op.dn)}"
         self._check_scope(new_dn)
         self._check_replace(op.changes, op.group_id)
+        if op.new_parent is not None:
+            self.forest._require_container(op.new_parent)
         if op.changes:
             self._write_changes(op.dn, op.group_id, op.changes)
         else:
