@@ -661,9 +661,12 @@ class Bench:
             started = time.monotonic()
             for group in order:
                 self.add_member(standin, group)
-            assert standin.standin("wait_idle", 600) and server.wait_idle(600)
+            # Until the last write, as the direct burst: the confirmations come later.
+            assert standin.standin("wait_idle", 600)
+            assert server.wait_idle(600, include_scheduled=False)
             seconds = time.monotonic() - started
             delta, agent_cpu = diff(before, server.stats), relay.cpu() - agent_cpu
+            assert server.wait_idle(600), "relay: the confirmation reads did not finish"
         finally:
             server.stop()
         rate, direct_rate = delta.writes / seconds, self.pipeline_write_rate
