@@ -9,8 +9,8 @@ import uuid
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
 from tests.support.servicebus import adapter, new_queue, queue_name, sb, sdk_client
-from writeback.adapters.servicebus import HANDOFF_SESSION_PROPERTY, ORIGINAL_MESSAGE_ID
-from writeback.domain.events import HANDOFF_MARK
+from writeback.adapters.servicebus import ORIGINAL_MESSAGE_ID
+from writeback.domain.events import HANDOFF_MARK, HANDOFF_SESSION_PROPERTY
 from writeback.service.replay import ReplayFilter, format_report, replay
 from writeback.service.status import collect_status, format_status
 from writeback_sandbox.servicebus_emulator import APP_RULE, ServiceBusEmulator

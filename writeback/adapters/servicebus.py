@@ -53,7 +53,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from writeback.adapters.local_queue import MAX_DELIVERY_COUNT_EXCEEDED, MAX_ID_LENGTH
-from writeback.domain.events import HANDOFF_MARK, group_of_session
+from writeback.domain.events import HANDOFF_SESSION_PROPERTY, group_session
 from writeback.errors import (
     DeadLetterNotFound,
     LockLost,
@@ -76,7 +76,6 @@ if TYPE_CHECKING:
     from azure.servicebus.management import ServiceBusAdministrationClient
 
 __all__ = [
-    "HANDOFF_SESSION_PROPERTY",
     "ORIGINAL_MESSAGE_ID",
     "PRIOR_DELIVERIES",
     "DeadLetterNotFound",
@@ -98,9 +97,6 @@ _log = logging.getLogger(__name__)
 PRIOR_DELIVERIES: Final = "writeback-prior-deliveries"
 #: Application property: the message id it had before it was re-sent under a new one.
 ORIGINAL_MESSAGE_ID: Final = "writeback-message-id"
-#: Application property: the group session of a copy sent to a hand-off session
-#: (``<group>#dl-<random>``) by the Functions host to be dead-lettered there.
-HANDOFF_SESSION_PROPERTY: Final = "writeback-session-id"
 _OWN_PROPERTIES: Final = frozenset(
     {PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID, HANDOFF_SESSION_PROPERTY}
 )
@@ -177,17 +173,6 @@ def dead_letter_from_servicebus_message(message: ServiceBusReceivedMessage) -> D
         delivery_count=_deliveries(message, properties),
         enqueued_at=enqueued_at,
     )
-
-
-def group_session(session_id: str, properties: dict[str, str]) -> str:
-    """The group's session of a message: its own, or for a copy in a hand-off session
-    the one it names (else the group id the hand-off session starts with)."""
-    if HANDOFF_MARK not in session_id:
-        return session_id
-    named = properties.get(HANDOFF_SESSION_PROPERTY, "")
-    if named and 0 < len(named) <= MAX_ID_LENGTH and HANDOFF_MARK not in named:
-        return named
-    return group_of_session(session_id)
 
 
 def derived_message_id(message_id: str, tag: str) -> str:
