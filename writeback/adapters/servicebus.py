@@ -353,16 +353,24 @@ class ServiceBusQueue:
         credential: TokenCredential,
         *,
         retry_total: int = 3,
+        client_options: dict[str, Any] | None = None,
+        admin_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> ServiceBusQueue:
-        """For Azure: ``<name>.servicebus.windows.net`` and a managed identity credential."""
+        """For Azure: ``<name>.servicebus.windows.net`` and a managed identity credential
+        (``client_options``/``admin_options`` as for :meth:`from_connection_string`)."""
         from azure.servicebus import ServiceBusClient
         from azure.servicebus.management import ServiceBusAdministrationClient
 
-        client = ServiceBusClient(fully_qualified_namespace, credential, retry_total=retry_total)
-        receive_client = ServiceBusClient(fully_qualified_namespace, credential, retry_total=0)
+        amqp = dict(client_options or {})
+        client = ServiceBusClient(
+            fully_qualified_namespace, credential, retry_total=retry_total, **amqp
+        )
+        receive_client = ServiceBusClient(
+            fully_qualified_namespace, credential, retry_total=0, **amqp
+        )
         admin = ServiceBusAdministrationClient(
-            fully_qualified_namespace, credential, retry_total=retry_total
+            fully_qualified_namespace, credential, retry_total=retry_total, **(admin_options or {})
         )
         return cls(client, queue_name, receive_client=receive_client, admin=admin, **options)
 

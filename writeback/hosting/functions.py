@@ -44,11 +44,13 @@ Timers
     ``subscription_upkeep`` (``%WRITEBACK_SUBSCRIPTION_SCHEDULE%``): create or
     renew the subscription; a new one requests a reconcile.
 
-Pause switch (``WRITEBACK_PAUSED=true``)
-    The webhook keeps enqueuing; the worker writes nothing and parks each
-    message ``PAUSE_DELAY`` seconds ahead without counting a delivery; the
-    reconcile is held. To stop the trigger from receiving at all, set the host's
-    own ``AzureWebJobs.worker.Disabled=true`` (infra/README.md).
+Pausing
+    The host's own switch, ``AzureWebJobs.worker.Disabled=true``, stops the
+    trigger's listener: nothing is received, rescheduled or counted, events wait
+    in the queue. ``WRITEBACK_PAUSED=true``, set with it (the Bicep's ``paused``
+    parameter sets both; infra/README.md), holds the reconcile, and a message
+    delivered anyway is written nowhere and parked ``PAUSE_DELAY`` seconds ahead
+    without counting a delivery. The webhook keeps enqueuing.
 """
 
 from __future__ import annotations
