@@ -16,6 +16,7 @@ from tests.support.servicebus import (
 )
 from writeback.adapters.servicebus import ORIGINAL_MESSAGE_ID
 from writeback.domain.events import HANDOFF_SESSION_PROPERTY
+from writeback.ports import DeadLetter
 from writeback.service.replay import ReplayFilter, format_report, replay
 from writeback.service.status import collect_status, format_status
 from writeback_sandbox.servicebus_emulator import APP_RULE, ServiceBusEmulator
@@ -78,6 +79,40 @@ def test_2500_dead_letters_replay_completely_in_one_pass(sb: ServiceBusEmulator)
     with sb.lock:
         sessions = {m.session_id for m in sb.queue(name).iter_messages()}
     assert sessions == {f"g{i}" for i in range(10)}
+
+
+def test_a_letter_refused_again_during_the_pass_is_not_moved_in_a_circle(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    """A worker dead-letters the replayed copy of a poison event while the pass still
+    reads the dead-letter queue: the pass passes over it rather than moving it back
+    again (and again, for as long as the worker keeps refusing it)."""
+    consulted: list[str] = []
+    with sdk_client(sb) as client:
+        dead_letter_directly(client, queue_name, [("n-1", GROUP), ("n-2", OTHER)], "PoisonEvent")
+
+        def choose(letter: DeadLetter) -> bool:
+            consulted.append(letter.message_id)
+            if letter.message_id == "n-2":  # meanwhile a worker refuses n-1's copy
+                with client.get_queue_receiver(
+                    queue_name, session_id=GROUP, max_wait_time=2
+                ) as receiver:
+                    [copy] = receiver.receive_messages(max_message_count=1, max_wait_time=2)
+                    receiver.dead_letter_message(
+                        copy, reason="PoisonEvent", error_description="still not JSON"
+                    )
+                return False
+            return True
+
+        with adapter(sb, queue_name, dead_letter_wait=1.0) as queue:
+            seen = [
+                (letter.message_id, chosen)
+                for letter, chosen, _ in queue.replay_dead_letters(choose)
+            ]
+            assert seen == [("n-1", True), ("n-2", False), ("n-1", False)]
+            assert consulted == ["n-1", "n-2"]
+            assert sorted(d.message_id for d in queue.dead_letters()) == ["n-1", "n-2"]
+    assert sb.counts(queue_name)["active"] == 0
 
 
 def test_filters_dry_run_and_max_leave_the_rest_in_place(
