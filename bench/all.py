@@ -51,6 +51,12 @@ BENCHES = (
         ("--repeat", "3"),
     ),
     Bench(
+        "Cold imports from the deployment zip, with and without its .pyc",
+        ("-m", "bench.package_import"),
+        ("--repeat", "5"),
+        ("--repeat", "2"),
+    ),
+    Bench(
         "Reconcile: full sync from empty, then a no-op re-sync",
         ("bench/reconcile.py",),
         ("--groups", "20000", "--memberships", "400000", "--users", "5000"),

@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -59,7 +60,7 @@ from typing import Any
 from ldap3 import MODIFY_ADD
 
 from writeback.adapters.agent_state import AgentStateStore
-from writeback.adapters.directory import LdapDirectory
+from writeback.adapters.directory import LdapDirectory, ObjectGuids
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.hybrid_connection import (
     HybridConnectionListener,
@@ -69,9 +70,11 @@ from writeback.adapters.hybrid_connection import (
 from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.relay import RelayDirectory
 from writeback.agent_protocol import audience
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add, Changes, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.policy import AgentPolicy
+from writeback.errors import WritebackError
 from writeback.hosting.agent import AgentService, relay_handler
 from writeback.hosting.serve import ServeConfig, Server, ServerStats
 from writeback.ports import Directory
@@ -97,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
     parser.add_argument("--users", type=int, default=2000, help="users for ordinary groups")
     parser.add_argument("--big", type=int, default=50_000, help="members of the large group")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="WRITEBACK_WORKERS")
+    parser.add_argument("--sessions", type=int, default=20, help="sessions a worker takes a step")
     parser.add_argument("--batch", type=int, default=10, help="notifications per Graph POST")
     parser.add_argument("--address", default="127.0.0.31")
     parser.add_argument(
@@ -119,6 +123,12 @@ class Tally:
     read: int = 0
     operations: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Every adapter the workers opened, for their LDAP requests by kind.
+    directories: list[LdapDirectory] = field(default_factory=list)
+
+    def requests(self) -> Counter[str]:
+        with self.lock:
+            return sum((Counter(d.request_counts) for d in self.directories), Counter())
 
     def reset(self) -> None:
         with self.lock:
@@ -132,6 +142,8 @@ class CountingDirectory:
     def __init__(self, inner: LdapDirectory, tally: Tally) -> None:
         self._inner = inner
         self._tally = tally
+        with tally.lock:
+            tally.directories.append(inner)
 
     def schema_attributes(self) -> frozenset[str]:
         return self._inner.schema_attributes()
@@ -156,6 +168,23 @@ class CountingDirectory:
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._inner.iter_groups()
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        return self._inner.resolve_sids(sids)
+
+    def group_ancestry(self) -> Ancestry:
+        return self._inner.group_ancestry()
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        before = self._inner.member_values_read
+        results = self._inner.apply_all(operations)
+        with self._tally.lock:
+            self._tally.read += self._inner.member_values_read - before
+            for operation, result in zip(operations, results, strict=True):
+                if not isinstance(result, WritebackError):
+                    self._tally.written += values_written(operation)
+                    self._tally.operations.append(operation.kind)
+        return results
 
     def apply(self, operation: Operation) -> int:
         before = self._inner.member_values_read  # a conflict read-back reads members
@@ -364,6 +393,7 @@ class Bench:
         #: SIDs the single-call loop added, so it never adds one twice.
         self.member_sids_added: dict[str, set[str]] = {}
         self.finding = ""
+        self.plain_dc_ms = 0.0
 
     def run(self) -> None:
         args = self.args
@@ -434,9 +464,10 @@ class Bench:
         self, graph_url: str, target: str, directory: Callable[[], Directory] | None = None
     ) -> Server:
         dc, tally = self.dc, self.tally
+        guids = ObjectGuids()  # shared by the workers' adapters, as bootstrap does
 
         def counted() -> Directory:
-            return CountingDirectory(dc.directory(target), tally)
+            return CountingDirectory(dc.directory(target, guids=guids), tally)
 
         cloud = GraphCloud(base_url=graph_url)
         queue = LocalQueue(
@@ -450,6 +481,7 @@ class Bench:
             client_states=[CLIENT_STATE],
             config=ServeConfig(
                 workers=self.args.workers,
+                max_sessions=self.args.sessions,
                 settle=self.args.settle,
                 state_path=str(self.tmp / f"state-{uuid.uuid4().hex}.json"),
                 reconcile_interval=86400,
@@ -470,10 +502,12 @@ class Bench:
         latency: float,
         plain_rate: float,
     ) -> None:
+        print(f"burst over {len(groups)} groups, Graph {latency * 1000:.0f} ms", flush=True)
         before = server.stats
         order = groups[:]
         self.rng.shuffle(order)
-        cpu_before, child_before = cpu_seconds(), standin.cpu()
+        requests_before = self.tally.requests()
+        cpu_before, child_before, dc_before = cpu_seconds(), standin.cpu(), self.dc.cpu_seconds()
         started = time.monotonic()
         for group in order:  # one new member per group: one notification, one write each
             self.add_member(standin, group)
@@ -482,6 +516,8 @@ class Bench:
         assert standin.standin("wait_idle", 600) and server.wait_idle(600, include_scheduled=False)
         seconds = time.monotonic() - started
         cpu, child_cpu = cpu_seconds() - cpu_before, standin.cpu() - child_before
+        dc_cpu = self.dc.cpu_seconds() - dc_before
+        requests = self.tally.requests() - requests_before
         delta = diff(before, server.stats)
         rate = delta.writes / seconds
         if latency == 0 and not self.pipeline_write_rate:
@@ -498,8 +534,13 @@ class Bench:
             (f"{name}: LDAP writes/s (÷ plain loop)", f"{rate:.0f} ({rate / plain_rate:.2f})"),
             (f"{name}: latency p50 / p99, ms", fmt_latency(delta)),
             (
-                f"{name}: CPU ms per event, pipeline / Graph stand-in",
-                f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f}",
+                f"{name}: CPU ms per event, pipeline / Graph stand-in / DC",
+                f"{cpu * 1000 / events:.1f} / {child_cpu * 1000 / events:.1f} / "
+                f"{dc_cpu * 1000 / events:.1f}",
+            ),
+            (
+                f"{name}: LDAP requests per event, by kind",
+                ", ".join(f"{k} {v / events:.2f}" for k, v in sorted(requests.items())),
             ),
             (f"{name}: dead letters", f"{delta.dead_lettered}"),
         ]
@@ -536,12 +577,15 @@ class Bench:
             member_values = [f"<SID={sid}>" for sid in members]
             conn.add(dn, ["top", "group"], {"sAMAccountName": f"plain{n}", "member": member_values})
             planned.append((dn, f"<SID={extra}>"))
+        dc_before = self.dc.cpu_seconds()
         started = time.monotonic()
         for dn, value in planned:
             if not conn.modify(dn, {"member": [(MODIFY_ADD, [value])]}):
                 raise RuntimeError(f"plain modify failed: {conn.result}")
         seconds = time.monotonic() - started
         conn.unbind()
+        self.plain_dc_ms = (self.dc.cpu_seconds() - dc_before) * 1000 / len(planned)
+        self.rows.append(("plain ldap3 loop: DC CPU ms per modify", f"{self.plain_dc_ms:.2f}"))
         return len(planned) / seconds
 
     def large_group(self, standin: RemoteStandIn, server: Server, names: list[str]) -> None:

@@ -70,6 +70,12 @@ param paused string = 'false'
 param memberLimit int = 50000
 param deleteThreshold int = 500
 
+@description('SIDs never written as members, beyond the privileged principals the member guard always refuses (comma-separated; docs/security.md).')
+param memberDeny string = ''
+
+@description('SIDs of groups the nesting guard treats as protected, beyond adminCount=1, built-in and privileged groups (comma-separated; docs/security.md).')
+param protectedGroups string = ''
+
 @description('Elastic Premium size.')
 @allowed([ 'EP1', 'EP2', 'EP3' ])
 param planSku string = 'EP1'
@@ -83,6 +89,22 @@ param alwaysReady int = 1
 param maximumBurst int = 10
 
 param tags object = { app: 'writeback' }
+
+@description('E-mail address the alerts go to (infra/modules/alerts.bicep: dead letters, backlog, failed invocations, subscription upkeep, reconcile, relay agent).')
+param alertEmail string
+
+@description('Seconds between reconciles (WRITEBACK_RECONCILE_INTERVAL); a reconcile older than twice this alerts.')
+@minValue(300)
+@maxValue(43200)
+param reconcileInterval int = 1800
+
+@description('Events waiting in the queue above which the backlog alert fires.')
+@minValue(1)
+param backlogThreshold int = 1000
+
+@description('directory=relay: failed calls to the agent in 15 minutes before its alert fires.')
+@minValue(1)
+param relayFailureThreshold int = 3
 
 @description('Object ids of the operators who run `python -m writeback replay` and `status` (Azure Service Bus Data Receiver and Data Sender on the queue).')
 param operatorPrincipalIds array = []
@@ -203,6 +225,9 @@ var appSettings = {
   WEBSITE_CONTENTSHARE: contentShare
   WEBSITE_SKIP_CONTENTSHARE_VALIDATION: '1'
   WEBSITE_RUN_FROM_PACKAGE: '1'
+  // The zip is built locally with its dependencies (scripts/package): no build on deployment.
+  SCM_DO_BUILD_DURING_DEPLOYMENT: 'false'
+  ENABLE_ORYX_BUILD: 'false'
 
   WRITEBACK_SERVICEBUS__fullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
   WRITEBACK_SERVICEBUS__credential: 'managedidentity'
@@ -217,7 +242,7 @@ var appSettings = {
   WRITEBACK_MAX_DELIVERY_COUNT: '100'
 
   WRITEBACK_RECONCILE_SCHEDULE: '0 */5 * * * *'
-  WRITEBACK_RECONCILE_INTERVAL: '1800'
+  WRITEBACK_RECONCILE_INTERVAL: string(reconcileInterval)
   WRITEBACK_SETTLE_SECONDS: '60'
   WRITEBACK_SUBSCRIPTION_SCHEDULE: '0 17 3 * * *'
   WRITEBACK_RECONCILE_INCREMENTAL: 'true'
@@ -253,6 +278,8 @@ var appSettings = {
   WRITEBACK_DELETE_THRESHOLD: string(deleteThreshold)
   WRITEBACK_ENABLED: enabled
   WRITEBACK_SOFT_DELETE: softDelete
+  WRITEBACK_MEMBER_DENY: memberDeny
+  WRITEBACK_PROTECTED_GROUPS: protectedGroups
   WRITEBACK_LOG_LEVEL: 'INFO'
 
   WRITEBACK_RELAY_NAMESPACE: useRelay ? relay.outputs.namespaceHost : ''
@@ -270,6 +297,7 @@ var appSettings = {
   WRITEBACK_LISTEN_PORT: ''
   WRITEBACK_WORKERS: ''
   WRITEBACK_WEBHOOK_KEY: ''
+  WRITEBACK_MAX_CONNECTIONS: ''
 }
 
 module app 'modules/functionapp.bicep' = {
@@ -291,6 +319,24 @@ module app 'modules/functionapp.bicep' = {
   }
 }
 
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    location: location
+    prefix: '${prefix}-${suffix}'
+    tags: tags
+    alertEmail: alertEmail
+    workspaceResourceId: monitoring.outputs.workspaceId
+    insightsId: monitoring.outputs.insightsId
+    serviceBusNamespaceName: split(serviceBus.outputs.fullyQualifiedNamespace, '.')[0]
+    queueName: serviceBus.outputs.queueName
+    relayNamespaceName: useRelay ? relay.outputs.namespaceName : ''
+    reconcileInterval: reconcileInterval
+    backlogThreshold: backlogThreshold
+    relayFailureThreshold: relayFailureThreshold
+  }
+}
+
 @description('Where Graph posts change notifications (the function key is in Key Vault, secret notification-url).')
 output webhookUrl string = 'https://${app.outputs.hostName}/api/notifications'
 output lifecycleUrl string = 'https://${app.outputs.hostName}/api/lifecycle'
@@ -299,6 +345,8 @@ output functionAppName string = app.outputs.name
 output identityPrincipalId string = identity.properties.principalId
 output identityClientId string = identity.properties.clientId
 output keyVaultName string = vault.outputs.name
+@description('The Azure Monitor workbook with the pipeline\'s figures (portal: Monitor, Workbooks).')
+output workbookId string = alerts.outputs.workbookId
 output serviceBusNamespace string = serviceBus.outputs.fullyQualifiedNamespace
 @description('For the on-premises agent: WRITEBACK_RELAY_NAMESPACE.')
 output agentRelayNamespace string = useRelay ? relay.outputs.namespaceHost : ''

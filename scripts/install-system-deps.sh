@@ -13,13 +13,17 @@
 # install (policy-rc.d) and those services are stopped and disabled after it.
 set -euo pipefail
 
+# A notice for the terminal: to file descriptor 3 when scripts/bootstrap.sh opened it
+# (it sends everything else to its log), else to stderr.
+note() { if { : >&3; } 2>/dev/null; then echo "$*" >&3; else echo "$*" >&2; fi; }
+
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH}"
 
 # python-ldap (the directory adapter's preferred LDAP client) builds from source
 # against OpenLDAP's and Cyrus SASL's headers; pip needs them before it installs.
 if [ ! -e /usr/include/lber.h ] || [ ! -e /usr/include/ldap.h ] || [ ! -e /usr/include/sasl/sasl.h ] \
    || ! command -v cc >/dev/null 2>&1; then
-  echo "install-system-deps: installing libldap2-dev libsasl2-dev (to build python-ldap)" >&2
+  note "install-system-deps: installing libldap2-dev libsasl2-dev from Debian (to build python-ldap)"
   build=(libldap2-dev libsasl2-dev)
   command -v cc >/dev/null 2>&1 || build+=(gcc libc6-dev)
   if [ "$(id -u)" -ne 0 ]; then
@@ -45,7 +49,7 @@ py_include=$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_paths(
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
-echo "install-system-deps: missing ${missing[*]}; installing" >&2
+note "install-system-deps: installing ${missing[*]} from Debian (a few minutes)"
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then

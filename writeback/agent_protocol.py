@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from writeback.domain.guard import Ancestry, ParentGroup, Principal, PrincipalKind
 from writeback.domain.model import (
     Add,
     Changes,
@@ -45,6 +46,7 @@ from writeback.domain.model import (
 )
 from writeback.errors import (
     DirectoryRefused,
+    DuplicateAnchor,
     LdapUnavailable,
     PermanentError,
     PolicyRefused,
@@ -58,6 +60,8 @@ API_PREFIX = "/v1/"
 #: Member SIDs per response page: about 1 MB of JSON, so a 250,000-member group
 #: is 13 round trips and no single response needs much memory on either side.
 MEMBER_PAGE = 20_000
+#: SIDs per ``resolve_sids`` request (some 250 KB of JSON).
+SID_PAGE = 5_000
 #: How far ahead of the agent's clock a request's stamp may be.
 CLOCK_SKEW = 30.0
 #: How long after its stamp a request is accepted (the relay answers a sender
@@ -284,7 +288,10 @@ def status_for(error: WritebackError) -> int:
 
 
 def error_body(error: WritebackError) -> bytes:
-    return json.dumps({"error": type(error).__name__, "message": str(error)}).encode()
+    body: dict[str, Any] = {"error": type(error).__name__, "message": str(error)}
+    if isinstance(error, DuplicateAnchor):
+        body["duplicates"] = {gid: list(dns) for gid, dns in error.duplicates.items()}
+    return json.dumps(body).encode()
 
 
 def error_from(status: int, body: bytes) -> WritebackError:
@@ -294,10 +301,27 @@ def error_from(status: int, body: bytes) -> WritebackError:
     500 from the agent are transient: the event is retried, not lost.
     """
     message = _message(body) or f"agent answered HTTP {status}"
+    duplicates = _duplicates(body) if status == status_for(DirectoryRefused("")) else None
+    if duplicates is not None:
+        return DuplicateAnchor(duplicates, message=message)
     for kind, known in _STATUS_OF:
         if known == status:
             return kind(message)
     return RelayUnavailable(f"agent answered HTTP {status}: {message}")
+
+
+def _duplicates(body: bytes) -> dict[str, tuple[str, ...]] | None:
+    """The duplicates a DuplicateAnchor refusal names, or None for any other error."""
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(decoded, dict) or decoded.get("error") != DuplicateAnchor.__name__:
+        return None
+    found = decoded.get("duplicates")
+    if not isinstance(found, dict):
+        return {}
+    return {str(gid): _texts(dns, "duplicates") for gid, dns in found.items()}
 
 
 def _message(body: bytes) -> str:
@@ -371,6 +395,79 @@ def parse_group_page(data: object) -> GroupPage:
         members_total=whole_field(item, "members_total"),
         offset=whole_field(item, "offset"),
         digest=text_field(item, "digest"),
+    )
+
+
+# -- the guards' reads ------------------------------------------------------------------
+
+
+def principal_to_json(principal: Principal) -> dict[str, Any]:
+    return {
+        "sid": principal.sid,
+        "dn": principal.dn,
+        "kind": principal.kind.value,
+        "admin_count": principal.admin_count,
+        "group_id": principal.group_id,
+    }
+
+
+def parse_principal(data: object) -> Principal:
+    item = _object(data, "principal")
+    try:
+        kind = PrincipalKind(text_field(item, "kind"))
+    except ValueError:
+        raise ProtocolError(f"unknown principal kind {item.get('kind')!r}") from None
+    return Principal(
+        sid=text_field(item, "sid"),
+        dn=text_field(item, "dn"),
+        kind=kind,
+        admin_count=item.get("admin_count") is True,
+        group_id=_optional_text(item, "group_id"),
+    )
+
+
+def ancestry_to_json(ancestry: Ancestry) -> dict[str, Any]:
+    return {
+        "parents": {gid: list(dns) for gid, dns in ancestry.parents.items()},
+        "groups": [
+            {
+                "dn": g.dn,
+                "sid": g.sid,
+                "admin_count": g.admin_count,
+                "builtin": g.builtin,
+                "name": g.name,
+                "parents": list(g.parents),
+                "readable": g.readable,
+            }
+            for g in ancestry.groups.values()
+        ],
+    }
+
+
+def parse_ancestry(data: object) -> Ancestry:
+    """The ancestry the agent read. What cannot be parsed fails the call (the guard
+    never runs on half an answer)."""
+    item = _object(data, "ancestry")
+    parents = _object(item.get("parents", {}), "parents")
+    groups_data = item.get("groups", [])
+    if not isinstance(groups_data, list):
+        raise ProtocolError("groups must be a list")
+    groups = {}
+    for raw in groups_data:
+        g = _object(raw, "group")
+        group = ParentGroup(
+            dn=text_field(g, "dn"),
+            sid=_optional_text(g, "sid"),
+            admin_count=g.get("admin_count") is True,
+            builtin=g.get("builtin") is True,
+            name=_optional_text(g, "name") or "",
+            parents=_texts(g.get("parents", []), "parents"),
+            readable=g.get("readable") is not False,
+        )
+        groups[group.dn] = group
+    return Ancestry(
+        parents={str(gid): _texts(dns, "parents") for gid, dns in parents.items()},
+        groups=groups,
     )
 
 

@@ -9,6 +9,7 @@ second to import, which a cold start or ``--help`` should not pay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from writeback.config import (
@@ -22,7 +23,7 @@ from writeback.config import (
 from writeback.errors import ConfigError
 
 if TYPE_CHECKING:
-    from writeback.adapters.directory import LdapDirectory
+    from writeback.adapters.directory import LdapDirectory, ObjectGuids
     from writeback.adapters.graph import GraphCloud
     from writeback.adapters.hybrid_connection import RelayEndpoint
     from writeback.adapters.local_queue import LocalQueue
@@ -39,11 +40,23 @@ LOCAL_LOCK_DURATION = 300.0
 # =========================================================================== the directory
 
 
-def build_directory(settings: Settings) -> LdapDirectory | RelayDirectory:
+def build_directory(
+    settings: Settings, guids: ObjectGuids | None = None
+) -> LdapDirectory | RelayDirectory:
     """AD as ``WRITEBACK_DIRECTORY`` says: over LDAP, or through the relay agent."""
     if settings.relay is not None:
         return build_relay_directory(settings.relay, settings.target_ou)
-    return build_ldap_directory(settings)
+    return build_ldap_directory(settings, guids)
+
+
+def directory_factory(settings: Settings) -> Callable[[], LdapDirectory | RelayDirectory]:
+    """New adapters for a multi-threaded host's threads, sharing one set of
+    objectGUID hints (each thread's own would miss whenever another thread
+    read the group last)."""
+    from writeback.adapters.directory import ObjectGuids
+
+    guids = ObjectGuids()
+    return lambda: build_directory(settings, guids)
 
 
 def build_thread_local_directory(settings: Settings) -> ThreadLocalDirectory:
@@ -51,7 +64,7 @@ def build_thread_local_directory(settings: Settings) -> ThreadLocalDirectory:
     thread, each opened on first use."""
     from writeback.adapters.thread_local import ThreadLocalDirectory
 
-    return ThreadLocalDirectory(lambda: build_directory(settings))
+    return ThreadLocalDirectory(directory_factory(settings))
 
 
 def build_relay_directory(relay: RelaySettings, target_ou: str) -> RelayDirectory:
@@ -71,7 +84,7 @@ def relay_endpoint(relay: RelaySettings) -> RelayEndpoint:
     return RelayEndpoint(namespace=relay.namespace, path=relay.path, ca_file=relay.ca_file)
 
 
-def build_ldap_directory(settings: Settings) -> LdapDirectory:
+def build_ldap_directory(settings: Settings, guids: ObjectGuids | None = None) -> LdapDirectory:
     from writeback.adapters.directory import LdapDirectory
 
     return LdapDirectory(
@@ -81,13 +94,36 @@ def build_ldap_directory(settings: Settings) -> LdapDirectory:
         target_ou=settings.target_ou,
         ca_file=settings.ldap_ca_file,
         chunk_size=settings.member_chunk,
+        guids=guids,
     )
 
 
 # =========================================================================== the cloud
 
 
+def require_extra(extra: str, *modules: str) -> None:
+    """Refuse with a clear message when an optional part of the install is missing.
+
+    The core install (``pip install writeback``) is what the on-premises agent
+    runs on; Graph, Service Bus and serve's metrics come with extras."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # its parent package is missing too
+            return True
+
+    missing = [name for name in modules if absent(name)]
+    if missing:
+        raise ConfigError(
+            f"this needs the {extra} extra, which is not installed ({', '.join(missing)} "
+            f"missing): pip install 'writeback[{extra}]'"
+        )
+
+
 def build_cloud(settings: Settings) -> GraphCloud:
+    require_extra("graph", "msgraph", "azure.identity")
     from writeback.adapters.graph import GraphCloud
 
     return GraphCloud(
@@ -162,6 +198,7 @@ def build_queue(pipeline: PipelineSettings) -> LocalQueue | ServiceBusQueue:
             lock_duration=LOCAL_LOCK_DURATION,
             max_delivery_count=pipeline.max_delivery_count,
         )
+    require_extra("functions", "azure.servicebus", "azure.identity")
     from writeback.adapters.servicebus import ServiceBusQueue
 
     client_options, admin_options = servicebus_options(pipeline)

@@ -139,10 +139,12 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from writeback.bootstrap import require_extra
     from writeback.config import Host, load_pipeline_settings
     from writeback.hosting.serve import Server, run_until_signalled
 
     settings = load_settings()
+    require_extra("serve", "prometheus_client")  # its /metrics
     pipeline = load_pipeline_settings(host=Host.SERVE)
     logging.getLogger("writeback").setLevel(logging.INFO)
     return run_until_signalled(Server.from_settings(settings, pipeline), out)

@@ -17,6 +17,13 @@ from enum import Enum, StrEnum
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from writeback.domain.guard import (
+    MEMBER_DENY_SETTING,
+    PROTECTED_GROUPS_SETTING,
+    GuardRules,
+    canonical_sid,
+    is_sid,
+)
 from writeback.domain.mapping import (
     DEFAULT_MEMBER_LIMIT,
     MAX_MEMBER_LIMIT,
@@ -134,6 +141,14 @@ class Settings:
     #: Set when ``directory`` is RELAY: the Send side of the Hybrid Connection.
     relay: RelaySettings | None = None
     credentials: Credentials = field(default_factory=Credentials)
+    #: The member guard's deny list and the nesting guard's extra protected groups
+    #: (SIDs; domain/guard.py). On the agent, its own.
+    member_deny: frozenset[str] = frozenset()
+    protected_groups: frozenset[str] = frozenset()
+
+    @property
+    def guard_rules(self) -> GuardRules:
+        return GuardRules(deny=self.member_deny, protected=self.protected_groups)
 
     def mapping(self, schema_attributes: frozenset[str] = frozenset()) -> MappingOptions:
         return MappingOptions(
@@ -175,6 +190,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         graph_url=env.get("WRITEBACK_GRAPH_URL") or PUBLIC_GRAPH_URL,
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
         credentials=load_credentials(env),
+        member_deny=_sids(MEMBER_DENY_SETTING, env.get(MEMBER_DENY_SETTING, "")),
+        protected_groups=_sids(PROTECTED_GROUPS_SETTING, env.get(PROTECTED_GROUPS_SETTING, "")),
     )
     _check_target_ou(settings.target_ou)
     _check_graph(settings.graph_url, settings.graph_auth)
@@ -240,6 +257,15 @@ def load_agent_settings(env: Mapping[str, str] | None = None) -> AgentSettings:
         delete_limit=reader.integer("WRITEBACK_AGENT_DELETE_LIMIT", 500, 0, 10_000_000),
         concurrency=reader.integer("WRITEBACK_AGENT_CONCURRENCY", 4, 1, 64),
     )
+
+
+def _sids(name: str, value: str) -> frozenset[str]:
+    """A list of SIDs (commas, semicolons or spaces between them), upper case."""
+    sids = frozenset(canonical_sid(s) for s in re.split(r"[,;\s]+", value) if s.strip())
+    bad = sorted(s for s in sids if not is_sid(s))
+    if bad:
+        raise ConfigError(f"{name}: {', '.join(bad)} is not a SID (S-1-5-21-...)")
+    return sids
 
 
 def _domains(value: str) -> frozenset[str]:
@@ -413,8 +439,11 @@ class PipelineSettings:
     #: Seconds between an event's read and its confirmation read; a group must stay
     #: gone this long before its object is deleted (Graph is eventually consistent).
     settle_seconds: int = 60
-    #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set.
+    #: Single-machine mode: the function-key-like ``?code=`` the webhook demands, if set
+    #: (required when listening off loopback).
     webhook_key: str | None = field(default=None, repr=False)
+    #: Single-machine mode: connections the webhook serves at once (one more: 503).
+    max_connections: int = 64
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
     servicebus_connection: str | None = field(default=None, repr=False)
     #: PEM file of the CA that issued the namespace's certificate (an emulator's own
@@ -476,15 +505,21 @@ def load_pipeline_settings(
         )
     listen_address = env.get("WRITEBACK_LISTEN_ADDRESS", "").strip() or "127.0.0.1"
     try:
-        ipaddress.ip_address(listen_address)
+        loopback = ipaddress.ip_address(listen_address).is_loopback
     except ValueError:
         raise ConfigError(
             f"WRITEBACK_LISTEN_ADDRESS={listen_address!r} is not an IP address"
         ) from None
+    if host is Host.SERVE and not loopback and webhook_key is None:
+        raise ConfigError(
+            f"WRITEBACK_WEBHOOK_KEY must be set when WRITEBACK_LISTEN_ADDRESS={listen_address} "
+            "is not a loopback address (anyone who can reach it could post to the webhook)"
+        )
     return PipelineSettings(
         client_states=states,
         queue=queue,
-        queue_path=env.get("WRITEBACK_QUEUE_PATH") or DEFAULT_QUEUE_PATH,
+        # Absolute, so the file a tool reads is the one serve writes whatever the cwd was.
+        queue_path=os.path.abspath(env.get("WRITEBACK_QUEUE_PATH") or DEFAULT_QUEUE_PATH),
         servicebus_namespace=namespace,
         servicebus_queue=env.get("WRITEBACK_SERVICEBUS_QUEUE") or "group-events",
         notification_url=env.get("WRITEBACK_NOTIFICATION_URL") or None,
@@ -504,6 +539,7 @@ def load_pipeline_settings(
         workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
         settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
+        max_connections=reader.integer("WRITEBACK_MAX_CONNECTIONS", 64, 1, 4096),
         servicebus_connection=connection,
         servicebus_ca_file=_existing_file(
             "WRITEBACK_SERVICEBUS_CA_FILE", env.get("WRITEBACK_SERVICEBUS_CA_FILE")

@@ -7,6 +7,12 @@ guess from a library's exception what to do next.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from writeback.domain.model import DirectoryGroup
+
 
 class WritebackError(Exception):
     """Base of every error writeback raises on purpose."""
@@ -46,6 +52,33 @@ class PolicyRefused(PermanentError):
 
 class DirectoryRefused(PermanentError):
     """The directory rejected a write for a reason retrying cannot fix."""
+
+
+class DuplicateAnchor(DirectoryRefused):
+    """More than one object under the target OU claims one group's anchor (a decoy, a
+    copy an admin made, or an object whose anchor differs from ours only in case).
+
+    None of them is written: which one is the group's is for a person to decide.
+    ``duplicates`` maps each such group id to the DNs claiming its anchor; ``found``
+    holds what the same read found for the other ids, so a caller reading many
+    groups at once can go on with them.
+    """
+
+    def __init__(
+        self,
+        duplicates: Mapping[str, tuple[str, ...]],
+        found: Mapping[str, DirectoryGroup] | None = None,
+        *,
+        message: str | None = None,
+    ) -> None:
+        text = message or "; ".join(
+            f"{len(dns)} {'object carries' if len(dns) == 1 else 'objects carry'} the anchor "
+            f"of group {gid}: {'; '.join(dns)}"
+            for gid, dns in duplicates.items()
+        )
+        super().__init__(text)
+        self.duplicates = dict(duplicates)
+        self.found = dict(found or {})
 
 
 class GraphRefused(PermanentError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.model import CloudGroup, CloudMember, DirectoryGroup, Operation
 from writeback.errors import WritebackError
 
@@ -200,11 +201,42 @@ class Directory(Protocol):
         """Every anchored object under the target OU, members included."""
         ...
 
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        """What the domain holds for each SID (keys in canonical spelling), in a few
+        searches for all of them; a SID that names no object is absent. For the
+        member guard (:mod:`writeback.domain.guard`)."""
+        ...
+
+    def group_ancestry(self) -> Ancestry:
+        """The groups the anchored groups under the target OU are in, directly and
+        through nesting, read upward (a search over the OU for those that are in
+        any group, then one per level of nesting). For the nesting guard."""
+        ...
+
     def apply(self, operation: Operation) -> int:
         """Carry out one planned operation; returns the LDAP requests it took."""
         ...
 
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        """:meth:`apply` for each, in order (pipelined where the adapter can); each
+        entry is that operation's requests or the error it alone ended with."""
+        ...
+
     def close(self) -> None: ...
+
+
+def apply_each(
+    apply: Callable[[Operation], int], operations: Sequence[Operation]
+) -> list[int | WritebackError]:
+    """``apply_all`` for an adapter that writes one operation at a time: in order,
+    each operation's own error kept as its entry, the others still tried."""
+    results: list[int | WritebackError] = []
+    for operation in operations:
+        try:
+            results.append(apply(operation))
+        except WritebackError as error:
+            results.append(error)
+    return results
 
 
 # =========================================================================== the queue
@@ -257,6 +289,10 @@ class Settlement(Protocol):
     """
 
     def complete(self, message: ReceivedMessage) -> None: ...
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Complete many at once (one commit for the embedded queue)."""
+        ...
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         """Unlock for redelivery, after ``delay`` seconds."""

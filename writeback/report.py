@@ -2,7 +2,10 @@
 
 ``plan --json`` prints one JSON object a line: operations carry ``op`` (add,
 modify, rename, delete), ``group_id``, ``dn`` and ``changes``; skips carry
-``op: "skip"`` with the reason, so nothing left out is silent.
+``op: "skip"`` with the reason, so nothing left out is silent: a member the
+member guard refused is a skip of its own with its SID in ``member``, and a
+skip a person must act on (a duplicated anchor, a frozen group) has
+``alert: true``.
 """
 
 from __future__ import annotations
@@ -47,13 +50,18 @@ def _modify_json(changes: Changes) -> dict[str, Any]:
 
 
 def skip_json(skip: Skip) -> dict[str, Any]:
-    return {
+    line: dict[str, Any] = {
         "op": "skip",
         "group_id": skip.group_id,
         "reason": skip.reason.value,
         "count": skip.count,
         "detail": skip.detail,
     }
+    if skip.member:
+        line["member"] = skip.member
+    if skip.alert:
+        line["alert"] = True
+    return line
 
 
 def plan_json_lines(plan: Plan) -> Iterator[str]:
@@ -96,6 +104,8 @@ def print_plan(plan: Plan, out: TextIO) -> None:
     for operation in plan.operations:
         print("  " + describe(operation), file=out)
     print_skips(plan.skips, out)
+    for alert in plan.alerts:
+        print(f"ALERT {alert.reason.value}: group {alert.group_id}: {alert.detail}", file=out)
     print(f"Plan: {_count_ops(plan.operations)}.", file=out)
     if plan.deletes_blocked:
         print(f"Deletes held back: {plan.deletes_blocked}", file=out)
@@ -127,10 +137,12 @@ def print_result(result: SyncResult, out: TextIO) -> None:
     groups_skipped = sum(1 for s in result.plan.skips if not s.reason.value.startswith("member"))
     if members_skipped or groups_skipped:
         print(
-            f"Skipped: {members_skipped} members not on-premises or not users; "
-            f"{groups_skipped} groups (see the plan for reasons).",
+            f"Skipped: {members_skipped} members (not on-premises, not users, or refused by "
+            f"the member guard); {groups_skipped} groups (see the plan for reasons).",
             file=out,
         )
+    for alert in result.plan.alerts:
+        print(f"ALERT {alert.reason.value}: group {alert.group_id}: {alert.detail}", file=out)
     for operation, error in result.failures:
         print(f"FAILED  {operation.kind} {operation.dn}: {error}", file=out)
     if result.plan.deletes_blocked:

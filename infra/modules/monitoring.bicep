@@ -43,5 +43,7 @@ resource publisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 }
 
 output connectionString string = insights.properties.ConnectionString
+@description('The component the metric alert on failed invocations watches.')
+output insightsId string = insights.id
 @description('Where every resource sends its diagnostic settings (resource logs and metrics).')
 output workspaceId string = workspace.id

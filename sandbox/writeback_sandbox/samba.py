@@ -578,6 +578,34 @@ class SambaDC:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the DC's processes (samba and every process it
+        forked, those that ended included), from /proc: for benchmarks, which measure
+        what a write costs the DC as well as the client."""
+        if self._process is None:
+            return 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        stats: dict[int, tuple[int, float]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # after the name: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
+            used = sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
+            stats[int(entry.name)] = (int(fields[1]), used)
+        root = self._process.pid
+        total = 0.0
+        for pid, (_, used) in stats.items():
+            ancestor = pid
+            while ancestor not in (0, 1, root) and ancestor in stats:
+                ancestor = stats[ancestor][0]
+            if ancestor == root:
+                total += used
+        return total
+
     def _kill_stale(self) -> None:
         """End a samba left running from this workdir by an earlier run of the harness."""
         pid_file = self.workdir / "run" / "samba.pid"

@@ -21,6 +21,7 @@ from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
 from tests.support.memory import Entry, MemoryForest
 from writeback.adapters.ldap_values import parse_extended_dn, sid_from_bytes
+from writeback.domain.guard import GuardRules, PrincipalKind, frozen_groups
 from writeback.domain.model import (
     Add,
     Changes,
@@ -32,7 +33,7 @@ from writeback.domain.model import (
     anchor_for,
 )
 from writeback.domain.naming import dn_for, dn_key, sam_account_name_for
-from writeback.errors import DirectoryRefused, PermanentError, PolicyRefused
+from writeback.errors import DirectoryRefused, DuplicateAnchor, PermanentError, PolicyRefused
 from writeback.ports import Directory
 
 if TYPE_CHECKING:
@@ -68,10 +69,22 @@ class DirectoryRig(Protocol):
 
     def admin_add_member(self, dn: str, member_dn: str) -> None: ...
 
+    def admin_remove_member(self, dn: str, member_dn: str) -> None: ...
+
     def admin_delete(self, dn: str) -> None: ...
 
     def read(self, dn: str) -> Entry | None:
         """The object at ``dn`` read independently of the adapter under test."""
+        ...
+
+    def well_known(self, name: str) -> str:
+        """The DN of one of the objects every domain holds (Administrator, Domain Admins...)."""
+        ...
+
+    def sid_of(self, dn: str) -> str: ...
+
+    def computer(self, name: str) -> str:
+        """The SID of a new computer object."""
         ...
 
 
@@ -121,8 +134,26 @@ class SambaRig:
     def admin_add_member(self, dn: str, member_dn: str) -> None:
         self._modify(lambda c: c.modify(dn, {"member": [(MODIFY_ADD, [member_dn])]}))
 
+    def admin_remove_member(self, dn: str, member_dn: str) -> None:
+        self._modify(lambda c: c.modify(dn, {"member": [(MODIFY_DELETE, [member_dn])]}))
+
     def admin_delete(self, dn: str) -> None:
         self._modify(lambda c: c.delete(dn))
+
+    def well_known(self, name: str) -> str:
+        container = "Builtin" if name in ("Administrators", "Backup Operators") else "Users"
+        return f"CN={name},CN={container},{self.dc.base_dn}"
+
+    def sid_of(self, dn: str) -> str:
+        entry = self.read(dn)
+        assert entry is not None and entry.object_sid is not None
+        return entry.object_sid
+
+    def computer(self, name: str) -> str:
+        dn = dn_for(name, self._people)
+        classes = ["top", "person", "organizationalPerson", "user", "computer"]
+        self._modify(lambda c: c.add(dn, classes, {"sAMAccountName": f"c{self._token}{name}$"}))
+        return self.sid_of(dn)
 
     def _modify(self, change: Callable[[Any], bool]) -> None:
         conn = self.dc.connection(raise_exceptions=False)
@@ -199,11 +230,23 @@ class MemoryRig:
     def admin_add_member(self, dn: str, member_dn: str) -> None:
         self.forest.admin_members(dn, add_dns=[member_dn])
 
+    def admin_remove_member(self, dn: str, member_dn: str) -> None:
+        self.forest.admin_members(dn, remove=[self.forest.sid_of(member_dn)])
+
     def admin_delete(self, dn: str) -> None:
         self.forest.admin_delete(dn)
 
     def read(self, dn: str) -> Entry | None:
         return self.forest.entry(dn)
+
+    def well_known(self, name: str) -> str:
+        return self.forest.well_known_dn(name)
+
+    def sid_of(self, dn: str) -> str:
+        return self.forest.sid_of(dn)
+
+    def computer(self, name: str) -> str:
+        return self.forest.admin_add_computer(name, self._people)
 
 
 @contextmanager
@@ -616,3 +659,99 @@ def test_a_sid_of_another_domain_is_taken_as_a_foreign_principal(rig: DirectoryR
     foreign = "S-1-5-21-1-2-3-4444"
     assert rig.directory.apply(Modify(gid, dn, Changes(add_members=refs([foreign])))) == 1
     assert found(rig, gid).member_sids == {foreign}
+
+
+# -- what the guards read ----------------------------------------------------------------
+
+
+def test_resolve_sids_says_what_each_sid_is_in_bulk(rig: DirectoryRig) -> None:
+    plain, protected = rig.users(2)
+    rig.admin_set(_user_dn(rig, protected), "adminCount", ["1"])
+    machine = rig.computer("Desk1")
+    gid, dn = added(rig, "Ours")
+    ours = rig.sid_of(dn)
+    theirs_dn = dn_for("Theirs", rig.outside)
+    rig.admin_group(theirs_dn)
+    theirs = rig.sid_of(theirs_dn)
+    administrator = rig.sid_of(rig.well_known("Administrator"))
+    missing = administrator.rsplit("-", 1)[0] + "-987654"
+    asked = [plain, protected.lower(), machine, ours, theirs, administrator, missing, "junk"]
+
+    found = rig.open().resolve_sids(asked)
+
+    assert set(found) == {plain, protected, machine, ours, theirs, administrator}
+    assert (found[plain].kind, found[plain].admin_count) == (PrincipalKind.USER, False)
+    assert (found[protected].kind, found[protected].admin_count) == (PrincipalKind.USER, True)
+    assert found[machine].kind is PrincipalKind.COMPUTER
+    assert (found[ours].kind, found[ours].group_id) == (PrincipalKind.GROUP, gid)
+    assert same_dn(found[ours].dn, dn)
+    assert (found[theirs].kind, found[theirs].group_id) == (PrincipalKind.GROUP, None)
+    assert found[administrator].admin_count
+    assert rig.directory.resolve_sids([]) == {}
+
+
+def _user_dn(rig: DirectoryRig, sid: str) -> str:
+    """The DN of a user the rig made, found by its SID."""
+    [principal] = rig.directory.resolve_sids([sid]).values()
+    return principal.dn
+
+
+def test_group_ancestry_reads_the_nesting_upward(rig: DirectoryRig) -> None:
+    nested, direct, alone = (added(rig, name) for name in ("Nested", "Direct", "Alone"))
+    middle, top, plain = (dn_for(n, rig.outside) for n in ("Middle", "Top", "Plain"))
+    for group in (middle, top, plain):
+        rig.admin_group(group)
+    rig.admin_set(top, "adminCount", ["1"])
+    rig.admin_add_member(middle, nested[1])
+    rig.admin_add_member(top, middle)
+    rig.admin_add_member(plain, direct[1])
+    rig.admin_add_member(direct[1], alone[1])  # one of ours in another of ours
+
+    ancestry = rig.open().group_ancestry()
+
+    def keys(dns: Sequence[str]) -> set[object]:
+        return {dn_key(dn) for dn in dns}
+
+    assert set(ancestry.parents) == {nested[0], direct[0], alone[0]}
+    assert keys(ancestry.parents[nested[0]]) == keys([middle])
+    assert keys(ancestry.parents[alone[0]]) == keys([direct[1]])
+    groups = {dn_key(dn): g for dn, g in ancestry.groups.items()}
+    assert keys([d for d in ancestry.groups]) == keys([middle, top, plain, direct[1]])
+    assert keys(groups[dn_key(middle)].parents) == keys([top])
+    assert groups[dn_key(top)].admin_count and not groups[dn_key(middle)].admin_count
+    assert groups[dn_key(top)].sid == rig.sid_of(top)
+    frozen = frozen_groups(ancestry, GuardRules())
+    assert set(frozen) == {nested[0]}
+    listed = GuardRules(protected=frozenset({rig.sid_of(plain)}))
+    assert set(frozen_groups(ancestry, listed)) == {nested[0], direct[0], alone[0]}
+
+
+def test_a_builtin_group_reads_as_one(rig: DirectoryRig) -> None:
+    gid, dn = added(rig, "Nested into Backup Operators")
+    operators = rig.well_known("Backup Operators")
+    rig.admin_add_member(operators, dn)
+    try:
+        ancestry = rig.open().group_ancestry()
+        [parent] = ancestry.parents[gid]
+        group = ancestry.groups[parent]
+        assert group.builtin and group.sid == "S-1-5-32-551"
+        assert "built-in" in frozen_groups(ancestry, GuardRules())[gid][0] or group.admin_count
+    finally:
+        rig.admin_remove_member(operators, dn)
+
+
+def test_an_anchor_in_another_case_is_not_ours_and_stands_in_the_way(rig: DirectoryRig) -> None:
+    gid, other = new_id(), new_id()
+    upper = dn_for("Upper", rig.target)
+    rig.admin_group(upper, "Group_" + gid.upper())
+    rig.admin_group(dn_for("Other", rig.target), anchor_for(other))
+    reader = rig.open()
+    with pytest.raises(DuplicateAnchor) as refused:
+        reader.find_groups([gid, other])
+    assert set(refused.value.duplicates) == {gid}
+    assert [dn_key(d) for d in refused.value.duplicates[gid]] == [dn_key(upper)]
+    assert set(refused.value.found) == {other}, "the others of the read go on"
+    assert [g.group_id for g in reader.iter_groups()] == [other]
+    with pytest.raises(PolicyRefused):  # never read as ours, so never written
+        reader.apply(Delete(gid, upper))
+    assert rig.read(upper) is not None

@@ -16,8 +16,9 @@ response, and the host then loads no function of the app), then
 ``functions_metadata_request`` (the metadata the host registers the functions
 from). It prints one JSON object: ``ok``, the error the worker would report,
 and per function its name and bindings (name, type, direction, data type, and
-the raw binding JSON the host reads). Exit status 0 when the app loads, 1 when
-the worker refuses it.
+the raw binding JSON the host reads), and the files ``function_app`` and
+``azure.functions`` were imported from. Exit status 0 when the
+app loads, 1 when the worker refuses it.
 
 The worker talks to the host over gRPC with message classes generated from the
 host's protobuf files, which are not published on PyPI. :class:`Protos` stands
@@ -150,6 +151,15 @@ def _function(metadata: Any) -> dict[str, Any]:
     }
 
 
+def _loaded_from(*names: str) -> dict[str, str | None]:
+    """Where the app's modules were imported from (None: not imported)."""
+    found: dict[str, str | None] = {}
+    for name in names:
+        module = sys.modules.get(name)
+        found[name] = getattr(module, "__file__", None) if module is not None else None
+    return found
+
+
 async def index(app_directory: str) -> dict[str, Any]:
     runtime = importlib.import_module("azure_functions_runtime")
     if app_directory not in sys.path:
@@ -184,6 +194,7 @@ async def index(app_directory: str) -> dict[str, Any]:
             result["error"] = "the metadata request failed"
             return result
         result["functions"] = [_function(m) for m in metadata.function_metadata_results or []]
+        result["loaded_from"] = _loaded_from("function_app", "azure.functions")
         return result
     finally:
         stop = getattr(runtime, "stop_threadpool_executor", None)

@@ -19,7 +19,7 @@ import pytest
 from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from ldap3.protocol.formatters.formatters import format_sid
 
-from writeback.adapters.directory import DuplicateAnchor, LdapDirectory
+from writeback.adapters.directory import DuplicateAnchor, LdapDirectory, ObjectGuids
 from writeback.adapters.ldap_clients import python_ldap_available
 from writeback.adapters.ldap_values import RESULT_NAMES
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES
@@ -431,6 +431,39 @@ def test_iter_groups_fills_the_guid_cache(
     assert {g.group_id for g in directory.iter_groups()} == set(ids)
     found, sent = searches(directory, lambda: directory.find_groups(ids))
     assert sent == 1 and set(found) == set(ids)
+
+
+def test_guid_hints_shared_between_instances_save_the_anchor_search(
+    samba_dc: SambaDC, make_ou: MakeOu, open_directory: OpenDirectory
+) -> None:
+    ou = make_ou(samba_dc)
+    ids = make_groups(samba_dc, ou, open_directory, 6, [])
+    hints = ObjectGuids()
+    first = open_directory(samba_dc, ou, guids=hints)
+    second = open_directory(samba_dc, ou, guids=hints)
+    found, sent = searches(first, lambda: first.find_groups(ids))
+    assert sent == 1 and len(hints) == len(ids)
+
+    # What one worker learnt, the other uses: one GUID search, no anchor scan.
+    again, sent = searches(second, lambda: second.find_groups(ids))
+    assert sent == 1 and again == found
+
+    # A hint is verified, never trusted: a deleted group is absent for both.
+    gone = ids[0]
+    assert first.apply(Delete(gone, found[gone].dn)) >= 1
+    assert hints.get(gone) is None
+    assert gone not in second.find_groups(ids)
+
+    # An on-prem edit that strips the anchor leaves a hint pointing at an object
+    # that is no longer ours: the GUID search finds it, the anchor check refuses
+    # it, the anchor search confirms it is absent.
+    stripped = ids[1]
+    with samba_dc.connection() as conn:
+        assert conn.modify(found[stripped].dn, {"adminDescription": [(MODIFY_REPLACE, ["theirs"])]})
+    assert hints.get(stripped) is not None
+    result, sent = searches(second, lambda: second.find_groups(ids[1:]))
+    assert sent == 2, "the GUID search, then the anchor search for the refused hint"
+    assert set(result) == set(ids[2:])
 
 
 def test_iter_groups_stopped_early_leaves_the_connection_usable(

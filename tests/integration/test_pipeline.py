@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +34,7 @@ from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.cli import EXIT_OK, main
 from writeback.domain.model import Operation
+from writeback.errors import WritebackError
 from writeback.hosting.serve import ServeConfig, Server
 from writeback.ports import Directory, EventQueue, OutgoingMessage
 from writeback.service.replay import ReplayFilter, replay
@@ -502,6 +503,11 @@ def test_an_unexpected_error_puts_the_event_back_and_it_applies_later(
             if failures:
                 raise failures.pop()
             return self.inner.apply(operation)
+
+        def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+            if failures:
+                raise failures.pop()
+            return self.inner.apply_all(operations)
 
     world = pipeline.world
     server = pipeline.start(wrap=Buggy)

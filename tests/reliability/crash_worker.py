@@ -29,9 +29,11 @@ from tests.support.worker import run_once
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud
 from writeback.adapters.local_queue import LocalQueue
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import DirectoryGroup, Operation
 from writeback.errors import WritebackError
+from writeback.ports import apply_each
 from writeback.service.handle_event import WorkerContext
 
 
@@ -59,10 +61,19 @@ class AfterWrite:
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self.inner.iter_groups()
 
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        return self.inner.resolve_sids(sids)
+
+    def group_ancestry(self) -> Ancestry:
+        return self.inner.group_ancestry()
+
     def apply(self, operation: Operation) -> int:
         requests = self.inner.apply(operation)
         self.after_write(operation)
         return requests
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return apply_each(self.apply, operations)
 
     def after_write(self, operation: Operation) -> None:
         """Nothing here; a fault in a subclass."""

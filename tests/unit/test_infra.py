@@ -249,3 +249,145 @@ def test_the_caller_key_is_secure_and_long() -> None:
     decorators, default = declaration.group(1), declaration.group(2)
     assert "@secure()" in decorators and "@minLength(32)" in decorators
     assert default.strip() == ""  # no default: an empty or short key is refused at deployment
+
+
+# -- issue 15: alerts and the workbook (infra/modules/alerts.bicep) ------------------
+
+#: Metric names as Azure Monitor documents them ("Supported metrics" reference pages:
+#: microsoft-servicebus-namespaces-metrics, microsoft-relay-namespaces-metrics,
+#: microsoft-insights-components-metrics), with the aggregations they offer.
+DOCUMENTED_METRICS = {
+    "microsoft.servicebus/namespaces": {
+        "ActiveMessages": {"Average", "Minimum", "Maximum"},
+        "DeadletteredMessages": {"Average", "Minimum", "Maximum"},
+        "ScheduledMessages": {"Average", "Minimum", "Maximum"},
+        "IncomingMessages": {"Total"},
+        "OutgoingMessages": {"Total"},
+        "CompleteMessage": {"Total"},
+        "AbandonMessage": {"Total"},
+    },
+    "microsoft.relay/namespaces": {"ActiveListeners": {"Total"}, "ActiveConnections": {"Total"}},
+    "microsoft.insights/components": {"requests/failed": {"Count"}, "requests/count": {"Count"}},
+}
+#: What the issue asks an operator to be told of.
+ALERTS = {
+    "dead-letters",
+    "backlog",
+    "backlog-age",
+    "function-failures",
+    "relay-no-listener",
+    "subscription-upkeep-failed",
+    "reconcile-failed",
+    "reconcile-stale",
+    "relay-agent-unreachable",
+}
+WORKBOOK_TILES = {
+    "Events per minute",
+    "Latency from notification to write, ms (p50, p99)",
+    "Outcomes by reason (messages)",
+    "Dead letters by reason",
+    "Members left out, by reason",
+    "Last reconciles",
+    "Dead-lettered messages in the queue (Service Bus)",
+}
+
+
+def alerts_module() -> str:
+    return module("alerts")
+
+
+def log_queries() -> dict[str, str]:
+    """Name -> text of every KQL query in the alerts module (its ''' strings)."""
+    text = alerts_module()
+    found = dict(re.findall(r"^var (\w+) = (?:replace\()?'''\n(.*?)'''", text, re.M | re.S))
+    assert found and all("AppTraces" in query for query in found.values()), found
+    return found
+
+
+def logged_fields() -> tuple[set[str], set[str]]:
+    """The ``extra=`` keys the product's code logs with, and every string constant in it."""
+    import ast
+
+    keys: set[str] = set()
+    constants: set[str] = set()
+    for path in (ROOT / "writeback").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                constants.add(node.value)
+            value = node.value if isinstance(node, ast.keyword) and node.arg == "extra" else None
+            if isinstance(value, ast.Dict):
+                keys.update(
+                    k.value
+                    for k in value.keys
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                )
+    return keys, constants
+
+
+def test_every_log_query_reads_fields_the_code_logs() -> None:
+    """In Application Insights the records' extra= fields are custom dimensions:
+    Properties in the workspace's AppTraces (customDimensions in the classic traces)."""
+    keys, constants = logged_fields()
+    errors = set(
+        re.findall(r"^class (\w+)\(", (ROOT / "writeback" / "errors.py").read_text(), re.M)
+    )
+    used: set[str] = set()
+    for name, query in log_queries().items():
+        fields = set(re.findall(r"Properties\.(\w+)", query))
+        assert fields, name
+        assert fields <= keys, f"{name} reads fields no code logs: {sorted(fields - keys)}"
+        used |= fields
+        compared = re.findall(r'Properties\.(\w+)\) (?:==|in) \(?("[^)]*")', query)
+        for field, values in compared:
+            for value in re.findall(r'"([^"]*)"', values):
+                assert value in constants or value in errors, f"{name}: {field} == {value!r}"
+    assert {"outcome", "reason", "reconcile_reason", "subscription_action", "latency_ms",
+            "notifications", "messages", "skipped", "error", "group_id"} <= used  # fmt: skip
+
+
+def test_every_metric_an_alert_or_the_workbook_uses_is_documented() -> None:
+    text = alerts_module()
+    pairs = re.findall(
+        r"namespace: '([^']+)'\n    metric: '([^']+)'\n    aggregation: '(\w+)'", text
+    )
+    pairs += re.findall(
+        r"metricNamespace: '([^']+)'\n\s+metricName: '([^']+)'\n\s+timeAggregation: '(\w+)'",
+        text,
+    )
+    assert len(pairs) == 5, pairs
+    for namespace, metric, aggregation in pairs:
+        offered = DOCUMENTED_METRICS[namespace.lower()].get(metric)
+        assert offered is not None, f"{namespace} has no metric {metric}"
+        assert aggregation in offered, f"{metric} offers {offered}, not {aggregation}"
+    workbook = re.findall(r"metric: '([\w./]+)--(\w+)'", text)
+    assert workbook
+    assert all(m in DOCUMENTED_METRICS[ns] for ns, m in workbook), workbook
+
+
+def test_the_alerts_cover_what_an_operator_must_know_and_reach_the_action_group() -> None:
+    text = alerts_module()
+    names = set(re.findall(r"^    name: '([\w-]+)'$", text, re.M))
+    names |= {
+        re.sub(r"^\$\{prefix\}-", "", n) for n in re.findall(r"name: '(\$\{prefix\}-[\w-]+)'", text)
+    }
+    assert names >= ALERTS, ALERTS - names
+    assert "emailAddress: alertEmail" in text and "useCommonAlertSchema: true" in text
+    assert text.count("actionGroupId: operators.id") == 2  # the metric alerts (loop, relay)
+    assert "actionGroups: [ operators.id ]" in text  # the log alerts (loop)
+    main = (INFRA / "main.bicep").read_text()
+    assert re.search(r"^param alertEmail string$", main, re.M)  # required: no silent deployment
+    assert "alertEmail: alertEmail" in main
+    assert "WRITEBACK_RECONCILE_INTERVAL: string(reconcileInterval)" in main
+    assert "reconcileInterval: reconcileInterval" in main
+    assert "var staleAfter = '${2 * reconcileInterval}s'" in text
+    assert "ago(STALE_AFTER)" in log_queries()["reconcileStaleQuery"]
+    assert "if (useRelay)" in text and "], useRelay ? [" in text  # relay alerts only with relay
+
+
+def test_the_workbook_has_the_pipelines_figures() -> None:
+    text = alerts_module()
+    titles = set(re.findall(r"title: '([^']+)'", text))
+    assert titles >= WORKBOOK_TILES, WORKBOOK_TILES - titles
+    assert "serializedData: string(workbookContent)" in text
+    assert "name: guid(" in text  # a workbook's name must be a GUID

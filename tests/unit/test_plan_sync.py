@@ -13,6 +13,7 @@ from typing import cast
 
 import pytest
 
+from writeback.domain.guard import Ancestry
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import CloudGroup, DirectoryGroup
 from writeback.errors import GraphUnavailable, LdapUnavailable
@@ -57,6 +58,12 @@ class Directory:
 
     def schema_attributes(self) -> frozenset[str]:
         return frozenset()
+
+    def resolve_sids(self, sids: object) -> dict[str, object]:
+        return {}
+
+    def group_ancestry(self) -> Ancestry:
+        return Ancestry()
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         self.thread = threading.current_thread()

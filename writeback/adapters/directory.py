@@ -93,13 +93,18 @@ requests outstanding on the connection (python-ldap; ldap3 sends one at a
 time): each operation keeps every check above, and its outcome (requests, or
 the error it alone ended with) is its own.
 
-Not thread-safe: use one instance per thread.
+Not thread-safe: use one instance per thread. The objectGUID hints can be
+shared by a process's instances (:class:`ObjectGuids`): every read verifies
+them, so a hint one thread learnt saves the others the anchor scan (with one
+cache per thread, an event's group was a miss whenever another worker had
+read it last: the scan cost the DC more than the write).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +136,17 @@ from writeback.adapters.ldap_values import (
     parse_range,
     read_dn,
     result_name,
+    sid_from_bytes,
     split_members,
+)
+from writeback.domain.guard import (
+    BUILTIN_GROUP_FLAG,
+    Ancestry,
+    ParentGroup,
+    Principal,
+    PrincipalKind,
+    canonical_sid,
+    is_sid,
 )
 from writeback.domain.mapping import EXCHANGE_ATTRIBUTES, MANAGED_ATTRIBUTES
 from writeback.domain.model import (
@@ -143,6 +158,7 @@ from writeback.domain.model import (
     Modify,
     Operation,
     Rename,
+    anchor_claims,
     anchor_for,
     group_id_from_anchor,
 )
@@ -150,6 +166,7 @@ from writeback.domain.naming import (
     DnKey,
     dn_key,
     escape_filter_value,
+    first_rdn,
     parent_of,
     single_cn_rdn,
     strictly_within,
@@ -157,6 +174,7 @@ from writeback.domain.naming import (
 from writeback.errors import (
     ConfigError,
     DirectoryRefused,
+    DuplicateAnchor,
     LdapUnavailable,
     PolicyRefused,
     WritebackError,
@@ -174,6 +192,13 @@ RANGE_WINDOW = 50_000
 #: GUIDs is some 30 KB, far below any DC's request limit).
 FILTER_BATCH = 500
 _ANCHORED = "(&(objectClass=group)(adminDescription=Group_*))"
+#: SIDs, or DNs, per search filter of the guards' reads.
+GUARD_BATCH = 200
+#: Levels of nesting :meth:`LdapDirectory.group_ancestry` follows upward (AD allows
+#: any depth; past this the groups not read yet count as unreadable: protected).
+MAX_NESTING = 32
+_PRINCIPAL_ATTRIBUTES = ("objectClass", "objectSid", "adminCount", "adminDescription")
+_PARENT_ATTRIBUTES = ("objectSid", "adminCount", "groupType", "sAMAccountName", "memberOf")
 
 _T = TypeVar("_T")
 
@@ -184,26 +209,6 @@ class LdapRefused(DirectoryRefused):
     def __init__(self, message: str, *, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-class DuplicateAnchor(DirectoryRefused):
-    """More than one object under the target OU carries one group's anchor.
-
-    ``duplicates`` maps each such group id to the DNs carrying its anchor;
-    ``found`` holds what the same read found for the other ids, so a caller
-    reading many groups at once can go on with them.
-    """
-
-    def __init__(
-        self, duplicates: dict[str, tuple[str, ...]], found: dict[str, DirectoryGroup]
-    ) -> None:
-        text = "; ".join(
-            f"{len(dns)} objects carry the anchor of group {gid}: {'; '.join(dns)}"
-            for gid, dns in duplicates.items()
-        )
-        super().__init__(text)
-        self.duplicates = duplicates
-        self.found = found
 
 
 @dataclass
@@ -246,6 +251,31 @@ class _Sent:
     removes: Sequence[str] = ()
 
 
+class ObjectGuids:
+    """group id → the objectGUID of the object a read last found carrying its
+    anchor: hints for :meth:`LdapDirectory.find_groups`, safe to share between
+    the adapters of one target OU in one process because each read checks the
+    anchor of what a hint found (a wrong hint costs one anchor search)."""
+
+    def __init__(self) -> None:
+        self._guids: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._guids)
+
+    def get(self, group_id: str) -> str | None:
+        return self._guids.get(group_id)
+
+    def put(self, group_id: str, guid: str) -> None:
+        with self._lock:
+            self._guids[group_id] = guid
+
+    def drop(self, group_id: str) -> None:
+        with self._lock:
+            self._guids.pop(group_id, None)
+
+
 class LdapDirectory:
     """AD (or Samba) under one target OU, as the service layer sees it."""
 
@@ -263,12 +293,14 @@ class LdapDirectory:
         range_window: int | None = RANGE_WINDOW,
         client: str | None = None,
         pipeline_window: int = 8,
+        guids: ObjectGuids | None = None,
     ) -> None:
         """``range_window``: read ``member`` in explicit slices of this many values
         (None: ask for all and let the DC choose, which Samba cannot do fast for
         very large groups; see the module's docstring). ``client``: 'python-ldap'
         or 'ldap3' (None: python-ldap when installed). ``pipeline_window``: writes
-        :meth:`apply_all` keeps outstanding at once."""
+        :meth:`apply_all` keeps outstanding at once. ``guids``: objectGUID hints
+        shared with this process's other instances for the same OU (else its own)."""
         scheme = url.partition("://")[0].lower()
         if scheme not in ("ldap", "ldaps") or "://" not in url:
             raise ConfigError(f"LDAP URL must start with ldaps:// or ldap:// (StartTLS): {url!r}")
@@ -305,9 +337,9 @@ class LdapDirectory:
         #: and the other way round.
         self._seen: dict[DnKey, str] = {}
         self._dns_of: dict[str, set[DnKey]] = {}
-        #: group id → the objectGUID of the object a read found carrying its anchor.
-        self._guids: dict[str, str] = {}
+        self._guids = ObjectGuids() if guids is None else guids
         self._ou_key = dn_key(target_ou)
+        self._domain_dn = _domain_of(target_ou)
         self._schema: frozenset[str] | None = None
 
     @property
@@ -374,7 +406,9 @@ class LdapDirectory:
         """The anchored objects of these ids (absent when there is none): one search
         for those whose objectGUID a read remembered, one more for the rest (see
         the module's docstring). Raises :class:`DuplicateAnchor` when an id's
-        anchor is on more than one object, with what was found for the others."""
+        anchor is on more than one object, or on an object only in another case
+        (not ours: it is never taken for the group), with what was found for the
+        others."""
         ids = list(dict.fromkeys(group_ids))
         if not ids:
             return {}
@@ -384,7 +418,7 @@ class LdapDirectory:
         for group_id in ids:
             self._forget(group_id)
             reads = found.get(group_id, [])
-            if len(reads) > 1:
+            if len(reads) > 1 or any(r.group.group_id != group_id for r in reads):
                 duplicates[group_id] = tuple(r.group.dn for r in reads)
             elif reads:
                 self._remember(*reads[0])
@@ -396,8 +430,14 @@ class LdapDirectory:
     def _find_many(self, ids: list[str], *, members: bool) -> dict[str, list[_Read]]:
         wanted = [*_GROUP_ATTRIBUTES, self._member_attribute(0)] if members else _GROUP_ATTRIBUTES
         found: dict[str, list[_Read]] = {}
-        by_guid = {self._guids[gid]: gid for gid in ids if gid in self._guids}
-        misses = [gid for gid in ids if gid not in self._guids]
+        by_guid: dict[str, str] = {}
+        misses: list[str] = []
+        for gid in ids:
+            guid = self._guids.get(gid)
+            if guid is None:
+                misses.append(gid)
+            else:
+                by_guid[guid] = gid
         cached = list(by_guid)
         for start in range(0, len(cached), FILTER_BATCH):
             ors = "".join(
@@ -423,7 +463,29 @@ class LdapDirectory:
                 got = self._parse(entry, members=members)
                 if got is not None and got.group.group_id in chunk:
                     found.setdefault(got.group.group_id, []).append(got)
+                elif got is None and (claim := self._claim(entry)) in chunk:
+                    found.setdefault(claim, []).append(_claimant(entry))
         return found
+
+    def _claim(self, entry: Entry) -> str | None:
+        """The group id an object below the OU claims with an anchor that is not
+        canonical (another case): AD's case-blind filter matched it, so it stands in
+        that group's way and is reported as a duplicate, never written."""
+        anchor = decode(entry.attributes.get("admindescription"))
+        _, key = read_dn(parse_extended_dn(entry.dn).dn)
+        ou = self._ou_key
+        if len(anchor) != 1 or len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:
+            return None
+        claimed = anchor_claims(anchor[0])
+        if claimed is not None:
+            log.warning(
+                "%s carries %r, not the canonical anchor of group %s: it is not ours and is "
+                "never written",
+                parse_extended_dn(entry.dn).dn,
+                anchor[0],
+                claimed,
+            )
+        return claimed
 
     def iter_groups(self) -> Generator[DirectoryGroup, None, None]:
         """Every anchored group, page by page. The next page is asked for before
@@ -454,7 +516,7 @@ class LdapDirectory:
             self._drop_dn(key)
         for group_id, count in counted.items():
             if count > 1:  # the anchor search, which sees both, decides next time
-                self._guids.pop(group_id, None)
+                self._guids.drop(group_id)
 
     def _send_page(self, cookie: bytes | None) -> object:
         attributes = [*_GROUP_ATTRIBUTES, self._member_attribute(0)]
@@ -538,19 +600,153 @@ class LdapDirectory:
         self._seen[key] = group.group_id
         self._dns_of.setdefault(group.group_id, set()).add(key)
         if guid is not None:
-            self._guids[group.group_id] = guid
+            self._guids.put(group.group_id, guid)
         return key
 
     def _forget(self, group_id: str) -> None:
         """Nothing known about ``group_id`` any more (a read is about to say)."""
         for key in self._dns_of.pop(group_id, ()):
             self._seen.pop(key, None)
-        self._guids.pop(group_id, None)
+        self._guids.drop(group_id)
 
     def _drop_dn(self, key: DnKey) -> None:
         group_id = self._seen.pop(key, None)
         if group_id is not None:
             self._dns_of.get(group_id, set()).discard(key)
+
+    # ------------------------------------------------------------- the guards' reads
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        """What the domain holds for each SID: searches from the domain's head
+        ORing up to ``GUARD_BATCH`` SIDs each (objectSid is indexed, and AD and
+        Samba take a SID's string form in a filter). Malformed SIDs are not asked."""
+        wanted = [s for s in dict.fromkeys(canonical_sid(sid) for sid in sids) if is_sid(s)]
+        if not wanted:
+            return {}
+        return self._read(lambda: self._resolve(wanted))
+
+    def _resolve(self, sids: list[str]) -> dict[str, Principal]:
+        found: dict[str, Principal] = {}
+        for start in range(0, len(sids), GUARD_BATCH):
+            # A validated SID is digits and dashes only: nothing to escape.
+            ors = "".join(f"(objectSid={sid})" for sid in sids[start : start + GUARD_BATCH])
+            entries = self._search(
+                self._domain_dn, f"(|{ors})", "subtree", _PRINCIPAL_ATTRIBUTES, extended=False
+            )
+            for entry in entries:
+                principal = self._principal(entry)
+                if principal is not None:
+                    found[principal.sid] = principal
+        return found
+
+    def _principal(self, entry: Entry) -> Principal | None:
+        raw = entry.attributes.get("objectsid") or []
+        try:
+            sid = canonical_sid(sid_from_bytes(raw[0])) if raw else None
+        except ValueError:
+            sid = None
+        if sid is None:
+            return None
+        dn, key = read_dn(entry.dn)
+        classes = {c.lower() for c in decode(entry.attributes.get("objectclass"))}
+        kind = (
+            PrincipalKind.COMPUTER
+            if "computer" in classes
+            else PrincipalKind.USER
+            if "user" in classes
+            else PrincipalKind.GROUP
+            if "group" in classes
+            else PrincipalKind.FOREIGN
+            if "foreignsecurityprincipal" in classes
+            else PrincipalKind.OTHER
+        )
+        anchor = decode(entry.attributes.get("admindescription"))
+        ou = self._ou_key
+        ours = (
+            kind is PrincipalKind.GROUP
+            and len(anchor) == 1
+            and len(key) > len(ou)
+            and key[len(key) - len(ou) :] == ou
+        )
+        return Principal(
+            sid=sid,
+            dn=dn,
+            kind=kind,
+            admin_count=decode(entry.attributes.get("admincount")) == ("1",),
+            group_id=group_id_from_anchor(anchor[0]) if ours else None,
+        )
+
+    def group_ancestry(self) -> Ancestry:
+        """Our groups that are in any group (one search over the OU: ``memberOf`` is
+        a back link every group has, so ``(memberOf=*)`` finds exactly those), then
+        the groups they are in, level by level, ``GUARD_BATCH`` DNs per search. A
+        group that cannot be found is reported unreadable (the guard takes it as
+        protected). Usually one search that finds nothing."""
+        return self._read(self._ancestry)
+
+    def _ancestry(self) -> Ancestry:
+        entries = self._search(
+            self._target_ou,
+            "(&(objectClass=group)(adminDescription=Group_*)(memberOf=*))",
+            "subtree",
+            ["adminDescription", "memberOf"],
+            extended=False,
+        )
+        parents: dict[str, tuple[str, ...]] = {}
+        ou = self._ou_key
+        for entry in entries:
+            anchor = decode(entry.attributes.get("admindescription"))
+            group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
+            _, key = read_dn(entry.dn)
+            if group_id is None or len(key) <= len(ou) or key[len(key) - len(ou) :] != ou:
+                continue
+            above = tuple(read_dn(dn)[0] for dn in decode(entry.attributes.get("memberof")))
+            parents[group_id] = (*parents.get(group_id, ()), *above)  # two objects: both count
+        groups: dict[DnKey, ParentGroup] = {}
+        frontier = list(dict.fromkeys(dn for dns in parents.values() for dn in dns))
+        for _ in range(MAX_NESTING):
+            frontier = [dn for dn in dict.fromkeys(frontier) if dn_key(dn) not in groups]
+            if not frontier:
+                break
+            read = self._parent_groups(frontier)
+            for dn in frontier:
+                groups[dn_key(dn)] = read.get(dn_key(dn), ParentGroup(dn, readable=False))
+            frontier = [dn for g in read.values() for dn in g.parents]
+        return Ancestry(parents=parents, groups={g.dn: g for g in groups.values()})
+
+    def _parent_groups(self, dns: list[str]) -> dict[DnKey, ParentGroup]:
+        found: dict[DnKey, ParentGroup] = {}
+        for start in range(0, len(dns), GUARD_BATCH):
+            ors = "".join(
+                f"(distinguishedName={escape_filter_value(dn)})"
+                for dn in dns[start : start + GUARD_BATCH]
+            )
+            entries = self._search(
+                self._domain_dn,
+                f"(&(objectClass=group)(|{ors}))",
+                "subtree",
+                _PARENT_ATTRIBUTES,
+                extended=False,
+            )
+            for entry in entries:
+                dn, key = read_dn(entry.dn)
+                raw = entry.attributes.get("objectsid") or []
+                try:
+                    sid = canonical_sid(sid_from_bytes(raw[0])) if raw else None
+                except ValueError:
+                    sid = None
+                group_type = decode(entry.attributes.get("grouptype"))
+                flags = int(group_type[0]) if group_type and _is_int(group_type[0]) else 0
+                names = decode(entry.attributes.get("samaccountname"))
+                found[key] = ParentGroup(
+                    dn=dn,
+                    sid=sid,
+                    admin_count=decode(entry.attributes.get("admincount")) == ("1",),
+                    builtin=bool(flags & BUILTIN_GROUP_FLAG),
+                    name=names[0] if names else "",
+                    parents=tuple(read_dn(p)[0] for p in decode(entry.attributes.get("memberof"))),
+                )
+        return found
 
     # ----------------------------------------------------------------- writes
 
@@ -736,7 +932,7 @@ class LdapDirectory:
                 raise
             log.info("delete of %s: object already gone", op.dn)
         self._drop_dn(dn_key(op.dn))
-        self._guids.pop(op.group_id, None)
+        self._guids.drop(op.group_id)
 
     def _check_scope(self, dn: str) -> None:
         if not strictly_within(dn, self._target_ou):
@@ -952,6 +1148,36 @@ class LdapDirectory:
         if isinstance(failure, ConnectionFailed):
             return LdapUnavailable(f"{doing}: {failure.detail}")
         return DirectoryRefused(f"{doing}: {failure.detail}")
+
+
+def _domain_of(dn: str) -> str:
+    """The domain's head of a DN: its trailing ``DC=`` RDNs."""
+    parts: list[str] = []
+    rest = dn
+    while rest.strip():
+        rdn = first_rdn(rest).strip()
+        parts.append(rdn)
+        rest = parent_of(rest)
+    tail: list[str] = []
+    for rdn in reversed(parts):
+        if rdn.partition("=")[0].strip().casefold() != "dc":
+            break
+        tail.insert(0, rdn)
+    return ",".join(tail) or dn
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _claimant(entry: Entry) -> _Read:
+    """An object claiming an anchor without being ours, as a read of it (for the
+    duplicate report only: it is never remembered, so never written)."""
+    ref = parse_extended_dn(entry.dn)
+    dn, key = read_dn(ref.dn)
+    anchor = decode(entry.attributes.get("admindescription"))
+    group = DirectoryGroup(dn=dn, group_id=anchor[0] if anchor else "", attributes={})
+    return _Read(group, None, key)
 
 
 def _member_slice(entry: Entry, low: int) -> tuple[list[bytes], int | None]:

@@ -46,6 +46,7 @@ import contextlib
 import hashlib
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -123,6 +124,10 @@ class _CopySettlement:
     def complete(self, message: ReceivedMessage) -> None:
         """Nothing to do: the host completes the batch when the function returns."""
         lock_of(message)
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        for message in messages:
+            lock_of(message)
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         count = message.delivery_count

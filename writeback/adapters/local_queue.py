@@ -25,17 +25,23 @@ rules as a Service Bus session queue:
 
 Times are wall-clock Unix seconds (they are shared between processes and survive a
 restart); ``clock`` can be replaced in tests.
+
+The file holds every pending event (group ids, when they were noticed) and the dead
+letters with their reasons, so it is private to the process's user: created mode
+0600 (SQLite gives its ``-wal`` and ``-shm`` files the mode of the database), an
+existing one narrowed to 0600, and opened by its absolute path, which is logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -51,6 +57,8 @@ from writeback.errors import (
     WritebackError,
 )
 from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
+
+log = logging.getLogger(__name__)
 
 MAX_DELIVERY_COUNT_EXCEEDED: Final = "MaxDeliveryCountExceeded"
 MAX_ID_LENGTH: Final = 128  # Service Bus limit for message and session ids
@@ -150,6 +158,17 @@ _signals: dict[str, _Signal] = {}
 _signals_lock = threading.Lock()
 
 
+def _private_file(path: str) -> None:
+    """Create ``path`` mode 0600 if it is not there, and narrow it to 0600 if it is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("queue file %s was readable by others; now mode 0600", path)
+    finally:
+        os.close(fd)
+
+
 def _signal_for(path: str) -> _Signal:
     with _signals_lock:
         return _signals.setdefault(path, _Signal())
@@ -186,22 +205,27 @@ class LocalQueue:
         self.duplicate_window = duplicate_window
         self.max_message_size = max_message_size
         self._poll_interval = poll_interval
+        self._durable_commits = durable_commits
         self._clock = clock
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # session id -> lock token, for release_session
         self._signal = _signal_for(self.path)
         try:
+            _private_file(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             with self._transaction():
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
         except sqlite3.Error as error:
             raise _map_sqlite_error(error, f"cannot open queue file {self.path}") from error
+        except OSError as error:
+            raise ConfigError(f"cannot open queue file {self.path}: {error}") from None
+        log.info("local queue at %s", self.path)
 
     def now(self) -> float:
         """The queue's clock (Unix seconds; tests move it)."""
@@ -214,7 +238,7 @@ class LocalQueue:
         if not messages:
             return
         rows = [self._validated(message) for message in messages]
-        with self._write() as now:
+        with self._write(durable=True) as now:
             self._db.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
             for message, properties in rows:
                 if self.duplicate_window > 0:
@@ -309,33 +333,35 @@ class LocalQueue:
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         first = self.receive_session(max_messages, wait)
-        if not first:
-            return []
-        batches = [first]
-        while len(batches) < max_sessions:
-            batch = self._claim(max_messages)
-            if not batch:
-                break
-            batches.append(batch)
-        return batches
+        if not first or max_sessions == 1:
+            return [first] if first else []
+        return [first, *self._claim_many(max_sessions - 1, max_messages)]
 
     def _claim(self, max_messages: int) -> list[ReceivedMessage]:
-        token = uuid.uuid4().hex
+        claimed = self._claim_many(1, max_messages)
+        return claimed[0] if claimed else []
+
+    def _claim_many(self, max_sessions: int, max_messages: int) -> list[list[ReceivedMessage]]:
+        """Lock up to ``max_sessions`` sessions with due messages in one transaction."""
+        batches: list[list[ReceivedMessage]] = []
         with self._write() as now:
             self._dead_letter_exhausted(now)
-            row = self._db.execute(_NEXT_SESSION, {"now": now}).fetchone()
-            if row is None:
-                return []
-            session_id: str = row[0]
-            self._db.execute(
-                "INSERT INTO session_locks (session_id, token, locked_until) VALUES (?, ?, ?)"
-                " ON CONFLICT (session_id) DO UPDATE"
-                " SET token = excluded.token, locked_until = excluded.locked_until",
-                (session_id, token, now + self.lock_duration),
-            )
-            rows = self._lock_messages(session_id, token, now, max_messages)
-            self._held[session_id] = token
-        return _received(session_id, token, rows)
+            while len(batches) < max_sessions:
+                row = self._db.execute(_NEXT_SESSION, {"now": now}).fetchone()
+                if row is None:
+                    break
+                session_id: str = row[0]
+                token = uuid.uuid4().hex
+                self._db.execute(
+                    "INSERT INTO session_locks (session_id, token, locked_until) VALUES (?, ?, ?)"
+                    " ON CONFLICT (session_id) DO UPDATE"
+                    " SET token = excluded.token, locked_until = excluded.locked_until",
+                    (session_id, token, now + self.lock_duration),
+                )
+                rows = self._lock_messages(session_id, token, now, max_messages)
+                self._held[session_id] = token
+                batches.append(_received(session_id, token, rows))
+        return batches
 
     def receive_from_session(
         self, session_id: str, max_messages: int, wait: float
@@ -417,6 +443,17 @@ class LocalQueue:
             self._check_lock(lock, now)
             self._db.execute("DELETE FROM messages WHERE seq = ?", (lock.seq,))
 
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Remove many received messages for good, in one transaction: all or none
+        (LockLost when any lock expired; the caller's messages then come back)."""
+        locks = [_lock_of(message) for message in messages]
+        if not locks:
+            return
+        with self._write() as now:
+            for lock in locks:
+                self._check_lock(lock, now)
+            self._db.executemany("DELETE FROM messages WHERE seq = ?", [(k.seq,) for k in locks])
+
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         """Give a message back for redelivery, after ``delay`` seconds if given.
 
@@ -465,7 +502,7 @@ class LocalQueue:
     ) -> None:
         """Write a copy of a message straight into the dead letters (the Functions
         host's settlement: the host itself completes the message it delivered)."""
-        with self._write() as now:
+        with self._write(durable=True) as now:
             self._db.execute(
                 "INSERT INTO dead_letters (message_id, session_id, body, properties,"
                 " enqueued_at, delivery_count, dead_lettered_at, reason, description)"
@@ -672,14 +709,25 @@ class LocalQueue:
         self._db.execute("COMMIT")
 
     @contextmanager
-    def _write(self) -> Iterator[float]:
-        """One write transaction, taken before reading so no other process interleaves."""
+    def _write(self, *, durable: bool = False) -> Iterator[float]:
+        """One write transaction, taken before reading so no other process interleaves.
+
+        ``durable``: the commit is on disk before it returns (fsync), for what a
+        crash must not lose: a message the webhook has acknowledged to Graph, a
+        copy that stands for one the host completes. Settling, claiming and
+        rescheduling commit without waiting for the disk: after a power loss they
+        are at worst undone, and the message comes back (the worker is idempotent).
+        A later durable commit makes every earlier one durable too (one WAL)."""
         with self._lock:
             try:
+                self._db.execute(f"PRAGMA synchronous={self._sync_mode(durable)}")
                 with self._transaction():
                     yield self._clock()
             except sqlite3.Error as error:
                 raise _map_sqlite_error(error, f"queue file {self.path}") from error
+
+    def _sync_mode(self, durable: bool) -> str:
+        return "FULL" if durable and self._durable_commits else "NORMAL"
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -27,18 +27,24 @@ from typing import Any, Protocol
 
 from writeback.agent_protocol import (
     API_PREFIX,
+    SID_PAGE,
     DirectoryChanged,
     ForgedReply,
     GroupPage,
     encode,
     error_from,
     operation_to_json,
+    parse_ancestry,
     parse_group_page,
+    parse_principal,
     sign,
     verify_reply,
 )
 from writeback.agent_protocol import decode as decode_body
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import DuplicateAnchor, WritebackError
+from writeback.ports import apply_each
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +120,22 @@ class RelayDirectory:
     def find_groups(
         self, group_ids: Sequence[str], *, members: bool = True
     ) -> dict[str, DirectoryGroup]:
-        """One agent call per group (the agent has no batched read yet)."""
+        """One agent call per group (the agent has no batched read yet). A group whose
+        anchor is duplicated does not fail the others: DuplicateAnchor names it,
+        with what was found for the rest."""
         read = self.find_group if members else self.find_group_attributes
         found: dict[str, DirectoryGroup] = {}
+        duplicates: dict[str, tuple[str, ...]] = {}
         for group_id in dict.fromkeys(group_ids):
-            group = read(group_id)
+            try:
+                group = read(group_id)
+            except DuplicateAnchor as duplicate:
+                duplicates.update(duplicate.duplicates or {group_id: ()})
+                continue
             if group is not None:
                 found[group_id] = group
+        if duplicates:
+            raise DuplicateAnchor(duplicates, found)
         return found
 
     def find_group_attributes(self, group_id: str) -> DirectoryGroup | None:
@@ -140,10 +155,28 @@ class RelayDirectory:
             if not after:
                 return
 
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        """The agent resolves them, ``SID_PAGE`` per call."""
+        wanted = list(dict.fromkeys(sids))
+        found: dict[str, Principal] = {}
+        for start in range(0, len(wanted), SID_PAGE):
+            reply = self._call("resolve_sids", {"sids": wanted[start : start + SID_PAGE]})
+            for item in reply.get("principals", []):
+                principal = parse_principal(item)
+                found[principal.sid] = principal
+        return found
+
+    def group_ancestry(self) -> Ancestry:
+        return parse_ancestry(self._call("group_ancestry", {}).get("ancestry"))
+
     def apply(self, operation: Operation) -> int:
         reply = self._call("apply", {"operation": operation_to_json(operation)})
         requests = reply.get("requests", 0)
         return requests if isinstance(requests, int) else 0
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        """One relay round trip per operation (the agent checks each on its own)."""
+        return apply_each(self.apply, operations)
 
     # ------------------------------------------------------------------ internals
 

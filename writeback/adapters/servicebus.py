@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import TracebackType
@@ -799,6 +799,10 @@ class ServiceBusQueue:
         with translated_errors("complete"):
             receiver.complete_message(raw)
         self._settled(message.session_id, raw)
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        for message in messages:
+            self.complete(message)
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         """Redeliver, after ``delay`` seconds if given; dead-letter at the maximum."""

@@ -12,7 +12,9 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from writeback.domain.guard import Ancestry, Principal
 from writeback.domain.model import DirectoryGroup, Operation
+from writeback.errors import WritebackError
 from writeback.ports import Directory
 
 
@@ -48,8 +50,17 @@ class ThreadLocalDirectory:
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         return self._mine().iter_groups()
 
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        return self._mine().resolve_sids(sids)
+
+    def group_ancestry(self) -> Ancestry:
+        return self._mine().group_ancestry()
+
     def apply(self, operation: Operation) -> int:
         return self._mine().apply(operation)
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return self._mine().apply_all(operations)
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+from writeback.domain.model import is_canonical_id
 from writeback.errors import PoisonEvent
 
 ENVELOPE_VERSION = 1
@@ -55,7 +56,8 @@ class GroupChanged:
 
     @classmethod
     def from_json(cls, body: bytes) -> GroupChanged:
-        """Parse a queue body; anything malformed is a poison event with the reason."""
+        """Parse a queue body; anything malformed is a poison event with the reason,
+        and so is a group id in any form but a lower-case GUID."""
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -67,6 +69,13 @@ class GroupChanged:
         group_id, notification_id = data.get("group_id"), data.get("notification_id")
         if not _valid_id(group_id) or not _valid_id(notification_id):
             raise PoisonEvent("group_id or notification_id missing or invalid")
+        if not is_canonical_id(str(group_id)):
+            # One id form everywhere: AD matches the anchor without case, the recycle
+            # bin and the planner with it, so "ABC..." would be one group to AD and a
+            # deleted one to the planner.
+            raise PoisonEvent(
+                f"group_id {str(group_id)[:60]!r} is not an object id (a lower-case GUID)"
+            )
         try:
             change = Change(str(data.get("change")))
             received_at = float(data["received_at"])

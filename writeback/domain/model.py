@@ -87,15 +87,34 @@ def is_object_id(text: str) -> bool:
     return OBJECT_ID.fullmatch(text) is not None
 
 
+def is_canonical_id(text: str) -> bool:
+    """An object id in the one form writeback uses at every boundary (queue bodies,
+    anchors, relay requests): a GUID in lower case, nothing around it. Graph writes
+    ids this way; AD compares adminDescription without case, Python with it, so an
+    id in another spelling would be one group to AD and another to the planner."""
+    return is_object_id(text) and text == text.lower()
+
+
 def group_id_from_anchor(anchor: str) -> str | None:
     """The group id an anchor names, or None when it is not ``Group_<objectId>``.
 
     An admin's own ``adminDescription=Group_Finance`` in the OU is not ours: only a
-    GUID after the prefix makes an object writeback's (or Entra Connect's).
+    GUID after the prefix makes an object writeback's (or Entra Connect's), and only
+    in lower case: ``Group_<GUID in capitals>`` is not ours either, so it is never
+    modified, deleted or taken for the group (see :func:`anchor_claims`).
     """
-    if anchor.startswith(ANCHOR_PREFIX) and is_object_id(anchor[len(ANCHOR_PREFIX) :]):
+    if anchor.startswith(ANCHOR_PREFIX) and is_canonical_id(anchor[len(ANCHOR_PREFIX) :]):
         return anchor[len(ANCHOR_PREFIX) :]
     return None
+
+
+def anchor_claims(anchor: str) -> str | None:
+    """The group id an anchor names in any case, lower-cased: what AD's case-blind
+    match on adminDescription takes it for. An object whose anchor claims a group
+    without being its canonical anchor stands in that group's way (a decoy): it is
+    reported, never written."""
+    rest = anchor[len(ANCHOR_PREFIX) :] if anchor[: len(ANCHOR_PREFIX)].lower() == "group_" else ""
+    return rest.lower() if is_object_id(rest) else None
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,19 @@ class SkipReason(StrEnum):
     DUPLICATE_ANCHOR = "duplicate-anchor"
     MEMBER_NOT_ON_PREM = "member-not-on-prem"
     MEMBER_NOT_A_USER = "member-not-a-user"
+    # The member guard (domain/guard.py): one skip per member, naming it.
+    MEMBER_DENIED = "member-denied"
+    MEMBER_PRIVILEGED = "member-privileged"
+    MEMBER_PROTECTED = "member-protected"
+    MEMBER_UNRESOLVED = "member-unresolved"
+    MEMBER_NOT_A_USER_OBJECT = "member-not-a-user-object"
+    # The nesting guard: a group of ours inside a protected group gets no member added.
+    GROUP_FROZEN = "group-frozen"
+
+
+#: Skips a person must look at (``plan`` and ``status`` show them as alerts): two
+#: objects claiming one anchor, and a group nested into a protected group.
+ALERT_REASONS = frozenset({SkipReason.DUPLICATE_ANCHOR, SkipReason.GROUP_FROZEN})
 
 
 @dataclass(frozen=True)
@@ -170,3 +202,9 @@ class Skip:
     reason: SkipReason
     detail: str = ""
     count: int = 1
+    #: The member's SID, for a skip of one member (the member guard's).
+    member: str = ""
+
+    @property
+    def alert(self) -> bool:
+        return self.reason in ALERT_REASONS

@@ -8,6 +8,8 @@ OU in its own settings, and listens on the Azure Relay Hybrid Connection
 * ``schema``: which optional attributes the group class has here;
 * ``find_group``: one group by anchor, its members paged by ``MEMBER_PAGE``;
 * ``list_groups``: the anchored groups of the OU, page by page, for reconcile;
+* ``resolve_sids`` and ``group_ancestry``: what the cloud side's member and
+  nesting guards need to know (:mod:`writeback.domain.guard`);
 * ``apply``: one planned operation.
 
 Before any LDAP call a request must carry a valid signature for this hybrid
@@ -16,11 +18,16 @@ state file, so neither a restart nor a second agent on the host takes a replay),
 and an operation must pass the agent's own policy (:mod:`writeback.domain.policy`:
 below the target OU, our anchor, managed attributes only, the agent's group type,
 derived names, accepted mail domains, members by SID, the delete limit, which is
-counted in the state file too). Then the agent checks the DN against its own
-reading of the object that carries the group's anchor, and refuses a Modify,
-Rename or Delete of anything else, so whatever the cloud side sends, only objects
-carrying our anchor in the OU are touched. Every answer is signed over the
-request's nonce, so nobody else can answer for the agent.
+counted in the state file too). Every member SID an operation adds goes through
+the agent's own member guard (its own deny list, its own reading of AD: no
+privileged principal, no ``adminCount=1`` user, nothing that is not a user but
+our own groups), and no member is added to a group the agent finds nested in a
+protected group (its own reading, kept ``GUARD_TTL`` seconds). Then the agent
+checks the DN against its own reading of the object that carries the group's
+anchor, and refuses a Modify, Rename or Delete of anything else, so whatever the
+cloud side sends, only objects carrying our anchor in the OU are touched. Every
+answer is signed over the request's nonce, so nobody else can answer for the
+agent.
 
 Requests are served by shards, one LDAP connection each (used by one request at
 a time), chosen by group id: the read the cloud side plans a write from and the
@@ -44,29 +51,39 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from writeback.agent_protocol import (
     API_PREFIX,
     MEMBER_PAGE,
+    SID_PAGE,
     DirectoryChanged,
     NonceStore,
     ProtocolError,
     SignatureCheck,
+    ancestry_to_json,
     decode,
     encode,
     error_body,
     group_page,
     member_digest,
     parse_operation,
+    principal_to_json,
     sign_reply,
     status_for,
     text_field,
     whole_field,
 )
-from writeback.domain.model import Add, Delete, DirectoryGroup, Operation
+from writeback.domain.guard import (
+    GuardRules,
+    frozen_groups,
+    is_sid,
+    member_refusals,
+    needs_lookup,
+)
+from writeback.domain.model import Add, Delete, DirectoryGroup, Modify, Operation, Rename
 from writeback.domain.naming import dn_key
 from writeback.domain.policy import (
     AgentPolicy,
@@ -95,6 +112,8 @@ _MAX_READINGS = 16
 _MAX_LISTINGS = 2
 #: Groups whose last reading each shard remembers for the writes that follow.
 _MAX_SEEN = 4096
+#: Seconds the agent trusts its reading of the nesting of our groups.
+GUARD_TTL = 30.0
 
 Reply = tuple[int, dict[str, str], bytes]
 _JSON = {"Content-Type": "application/json"}
@@ -208,18 +227,25 @@ class AgentService:
         shards: int = 4,
         clock: Callable[[], float] = time.time,
         member_page: int = MEMBER_PAGE,
+        guard: GuardRules | None = None,
     ) -> None:
         """``audience``: the hybrid connection requests must be signed for
         (:func:`~writeback.agent_protocol.audience`); ``state``: where nonces and
         deletes are kept (None: in this process only, for tests); ``member_page``:
-        member SIDs per response (smaller in tests, to page)."""
+        member SIDs per response (smaller in tests, to page); ``guard``: the
+        agent's own member and nesting guard settings (the guards always run; a
+        ``policy.member_guard`` given is used instead of the agent's own)."""
         if not caller_key:
             raise ConfigError("the agent needs a caller key (WRITEBACK_RELAY_CALLER_KEY)")
         if shards < 1:
             raise ConfigError("the agent needs at least one shard")
         self._key = caller_key
         self._audience = audience
+        self._guard_rules = guard or GuardRules()
+        if policy.member_guard is None:
+            policy = replace(policy, member_guard=self._guard_members)
         self._policy = policy
+        self._frozen: tuple[float, dict[str, tuple[str, ...]]] | None = None
         self._signatures = SignatureCheck(caller_key, audience, nonces=state)
         self._clock = clock
         self._member_page = member_page
@@ -233,6 +259,8 @@ class AgentService:
             "schema": self._schema,
             "find_group": self._find_group,
             "list_groups": self._list_groups,
+            "resolve_sids": self._resolve_sids,
+            "group_ancestry": self._group_ancestry,
             "apply": self._apply,
         }
 
@@ -337,6 +365,61 @@ class AgentService:
             "next": None if done or last is None else [last.group_id, last.dn],
         }
 
+    def _resolve_sids(self, payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
+        sids = payload.get("sids")
+        if (
+            not isinstance(sids, list)
+            or len(sids) > SID_PAGE
+            or not all(isinstance(s, str) and is_sid(s.upper()) for s in sids)
+        ):
+            raise ProtocolError(f"sids must be a list of at most {SID_PAGE} SIDs")
+        record.fields["sids"] = len(sids)
+        found = self._shard_of(None).run(lambda shard: shard.directory.resolve_sids(sids))
+        return {"principals": [principal_to_json(p) for p in found.values()]}
+
+    def _group_ancestry(self, _payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
+        ancestry = self._shard_of(None).run(lambda shard: shard.directory.group_ancestry())
+        record.fields["nested"] = len(ancestry.parents)
+        return {"ancestry": ancestry_to_json(ancestry)}
+
+    # -- the agent's own guards ---------------------------------------------------
+
+    def _guard_members(self, sids: Sequence[str]) -> None:
+        """The member guard on the agent's own reading of AD: PolicyRefused naming
+        every SID it refuses, and why (nothing of the write is sent)."""
+        lookups = needs_lookup(sids, self._guard_rules)
+        principals = (
+            self._shard_of(None).run(lambda shard: shard.directory.resolve_sids(lookups))
+            if lookups
+            else {}
+        )
+        refused = member_refusals(sids, principals, self._guard_rules)
+        if refused:
+            reasons = "; ".join(f"{reason.value}: {why}" for reason, why in refused.values())
+            raise PolicyRefused(
+                f"the agent's member guard refuses {len(refused)} members: {reasons}"
+            )
+
+    def _check_not_frozen(self, shard: _Shard, operation: Operation) -> None:
+        """No member is added to a group nested in a protected group (the agent's own
+        reading of the nesting, at most ``GUARD_TTL`` seconds old)."""
+        changes = operation.changes if isinstance(operation, Modify | Rename) else None
+        if changes is None or not changes.add_members:
+            return
+        now = self._clock()
+        with self._lock:
+            frozen = self._frozen
+        if frozen is None or now - frozen[0] >= GUARD_TTL:
+            frozen = (now, frozen_groups(shard.directory.group_ancestry(), self._guard_rules))
+            with self._lock:
+                self._frozen = frozen
+        nested_in = frozen[1].get(operation.group_id)
+        if nested_in is not None:
+            raise PolicyRefused(
+                f"group {operation.group_id} is nested in a protected group, so no member is "
+                f"added to it: {'; '.join(nested_in)}"
+            )
+
     def _apply(self, payload: dict[str, Any], record: _Audit) -> dict[str, Any]:
         operation = parse_operation(payload.get("operation"))
         record.fields.update(group_id=operation.group_id, operation=operation.kind, dn=operation.dn)
@@ -345,6 +428,7 @@ class AgentService:
         def write(shard: _Shard) -> dict[str, Any]:
             if not self._still_to_do(shard, operation, record):
                 return {"requests": 0}
+            self._check_not_frozen(shard, operation)
             try:
                 requests = shard.directory.apply(operation)
             finally:
@@ -488,6 +572,7 @@ def _position_after(listing: list[_Reading], cursor: tuple[str, Any]) -> int:
 def build_agent(settings: AgentSettings, state: AgentState | None = None) -> AgentService:
     """The agent's service: its policy from its own settings, one LDAP connection
     per shard (``WRITEBACK_AGENT_CONCURRENCY`` of them)."""
+    from writeback.adapters.directory import ObjectGuids
     from writeback.agent_protocol import audience
     from writeback.bootstrap import build_ldap_directory
 
@@ -499,13 +584,15 @@ def build_agent(settings: AgentSettings, state: AgentState | None = None) -> Age
         dn_format=directory.dn_format,
         mail_domains=settings.mail_domains,
     )
+    guids = ObjectGuids()  # the shards' adapters share what their reads learnt
     return AgentService(
-        lambda: build_ldap_directory(directory),
+        lambda: build_ldap_directory(directory, guids),
         policy,
         settings.relay.caller_key,
         audience=audience(settings.relay.namespace, settings.relay.path),
         state=state,
         shards=settings.concurrency,
+        guard=directory.guard_rules,
     )
 
 

@@ -12,7 +12,13 @@ module only binds it to one process with the embedded SQLite queue
   message in the same queue). When a webhook key is set, a request must carry
   it as ``?code=`` (as in the notification URL, the way a function key is
   carried) or in ``x-functions-key``; it is compared in constant time and
-  anything else gets 401;
+  anything else gets 401. Off loopback the key is required. Each request has
+  ``request_timeout`` seconds in all, from waiting for its first byte to its
+  answer being written (a client trickling a byte every few seconds is cut off
+  at the deadline, not kept forever by a timeout per read); at most
+  ``max_connections`` are served at once, and one more is answered 503 at once
+  and closed, so slow clients cannot hold every thread; the kernel queues up to
+  ``listen_backlog`` connections before they are accepted;
 * worker threads, each taking the next session from the queue and handing it
   to :meth:`~writeback.service.pipeline.Pipeline.handle`. ``pause()`` stops them
   from taking work: events wait in the queue until ``resume()``;
@@ -30,6 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import io
+import ipaddress
+import json
 import logging
 import math
 import os
@@ -60,14 +69,28 @@ from writeback.service.subscriptions import DEFAULT_LIFETIME, DEFAULT_RENEW_BEFO
 
 if TYPE_CHECKING:
     from writeback.config import PipelineSettings, Settings
+    from writeback.hosting.metrics import Exposition
 
 log = logging.getLogger("writeback.serve")
 
 NOTIFICATIONS_PATH = "/api/notifications"
 LIFECYCLE_PATH = "/api/lifecycle"
 HEALTH_PATH = "/api/health"
-#: Longest a request may take to arrive in full before the connection is dropped.
+#: Liveness for a process supervisor: 200 while every thread of the server runs.
+HEALTHZ_PATH = "/healthz"
+#: Prometheus exposition (writeback/hosting/metrics.py); behind the webhook key when set.
+METRICS_PATH = "/metrics"
+#: Longest a request may take in all, from waiting for its first byte to its answer
+#: being written; past it the connection is dropped.
 REQUEST_TIMEOUT = 10.0
+#: Connections served at once (WRITEBACK_MAX_CONNECTIONS); one more gets 503.
+MAX_CONNECTIONS = 64
+#: Connections the kernel queues before they are accepted (listen(2)'s backlog).
+LISTEN_BACKLOG = 128
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,10 @@ class ServeConfig:
     notification_url: str | None = None
     lifecycle_url: str | None = None
     webhook_key: str | None = field(default=None, repr=False)
+    #: The webhook's limits (see the module docstring).
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    listen_backlog: int = LISTEN_BACKLOG
     state_path: str | None = None
     paused: bool = False
     subscription_lifetime: timedelta = DEFAULT_LIFETIME
@@ -125,6 +152,7 @@ class ServeConfig:
             notification_url=pipeline.notification_url,
             lifecycle_url=pipeline.lifecycle_url,
             webhook_key=pipeline.webhook_key,
+            max_connections=pipeline.max_connections,
             state_path=pipeline.state_path,
             paused=pipeline.paused,
             settle=float(pipeline.settle_seconds),
@@ -228,19 +256,128 @@ class _CountingSender:
 
 
 class _HttpServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them: one more is
+    answered 503 from the accepting thread, without a thread of its own."""
+
     daemon_threads = True
     block_on_close = False
     owner: Server
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        backlog: int = LISTEN_BACKLOG,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        if max_connections < 1 or backlog < 1 or request_timeout <= 0:
+            raise ConfigError("the webhook needs max_connections, a backlog and a timeout > 0")
+        self.request_queue_size = backlog  # read by listen() in the base class's __init__
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.connections = 0
+        #: Connections answered 503 because every slot was taken.
+        self.refused = 0
+        self._slots = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._slots:
+            busy = self.connections >= self.max_connections
+            if busy:
+                self.refused += 1
+            else:
+                self.connections += 1
+        if busy:
+            _answer_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._slots:
+            self.connections -= 1
 
 
 class _IPv6HttpServer(_HttpServer):
     address_family = socket.AF_INET6
 
 
+def _answer_busy(request: socket.socket) -> None:
+    """503 and close, without waiting on the client (the accepting thread sends it)."""
+    with contextlib.suppress(OSError):
+        request.setblocking(False)
+        request.send(_BUSY)
+
+
+class _DeadlineSocketIO(io.RawIOBase):
+    """The connection as the handler reads and writes it: every read and write waits
+    at most until the request's deadline (``handler.deadline``), whatever the
+    per-call timeout would allow, so a request cannot be stretched by trickling."""
+
+    def __init__(self, connection: socket.socket, handler: _Handler) -> None:
+        super().__init__()
+        self._connection = connection
+        self._handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def _wait(self) -> None:
+        left = self._handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline has passed")
+        self._connection.settimeout(min(left, self._handler.timeout or left))
+
+    def readinto(self, buffer: Any) -> int:
+        self._wait()
+        return self._connection.recv_into(buffer)
+
+    def write(self, data: Any) -> int:
+        self._wait()
+        self._connection.sendall(data)
+        return len(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = REQUEST_TIMEOUT
     server: _HttpServer
+    #: When the request being read must be answered (time.monotonic()).
+    deadline = 0.0
+
+    def setup(self) -> None:
+        self.deadline = time.monotonic() + self.server.request_timeout
+        super().setup()
+        self.rfile.close()  # the plain reader's reference to the socket goes with it
+        self.wfile.close()
+        raw = _DeadlineSocketIO(self.connection, self)
+        self.rfile = io.BufferedReader(raw)
+        self.wfile = raw  # type: ignore[assignment]  # unbuffered, as the base class's is
+
+    def handle_one_request(self) -> None:
+        """Each request on a kept-alive connection gets a deadline of its own; waiting
+        for the next one counts, so an idle connection is closed at the deadline."""
+        self.deadline = time.monotonic() + self.server.request_timeout
+        try:
+            super().handle_one_request()
+        except TimeoutError:  # a body still arriving at the deadline: no answer, closed
+            log.debug("http: request deadline passed, connection closed")
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
@@ -337,11 +474,12 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._notification_url: str | None = None
         self._lifecycle_url: str | None = None
+        self._metrics: Exposition | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, pipeline: PipelineSettings) -> Server:
         """Everything from the environment's settings, adapters owned by the server."""
-        from writeback.bootstrap import build_cloud, build_directory, build_queue
+        from writeback.bootstrap import build_cloud, build_queue, directory_factory
         from writeback.service.reconcile import SyncPolicy
 
         queue = build_queue(pipeline)
@@ -353,7 +491,7 @@ class Server:
         return cls(
             queue=queue,
             cloud=cloud,
-            directory_factory=lambda: build_directory(settings),
+            directory_factory=directory_factory(settings),
             options=settings.mapping(),
             client_states=pipeline.client_states,
             policy=SyncPolicy.from_settings(settings),
@@ -435,7 +573,12 @@ class Server:
         if self._http is not None:
             return self
         server_class = _IPv6HttpServer if ":" in self.config.address else _HttpServer
-        http = server_class((self.config.address, self.config.port), _Handler)
+        http = server_class(
+            (self.config.address, self.config.port),
+            max_connections=self.config.max_connections,
+            backlog=self.config.listen_backlog,
+            request_timeout=self.config.request_timeout,
+        )
         http.owner = self
         self._http = http
         try:
@@ -443,6 +586,11 @@ class Server:
                 NOTIFICATIONS_PATH
             )
             self._lifecycle_url = self.config.lifecycle_url or self._derived(LIFECYCLE_PATH)
+            if not self.config.webhook_key and not _is_loopback(self.config.address):
+                raise ConfigError(
+                    f"WRITEBACK_WEBHOOK_KEY must be set to listen on {self.config.address}, "
+                    "which is not a loopback address"
+                )
         except BaseException:
             self._http = None
             http.server_close()
@@ -573,6 +721,8 @@ class Server:
     def _serve_http(self, request: BaseHTTPRequestHandler) -> None:
         try:
             status, content_type, payload = self._answer(request)
+        except TimeoutError:
+            raise  # the request's deadline: the handler closes the connection unanswered
         except Exception:
             log.exception("webhook request failed")
             status, content_type, payload = 500, "text/plain", b""
@@ -587,8 +737,8 @@ class Server:
         parts = urlsplit(request.path)
         path = parts.path.rstrip("/")
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        if path == HEALTH_PATH and request.command == "GET":
-            return 200, "text/plain", b"ok"
+        if request.command == "GET" and path in (HEALTH_PATH, HEALTHZ_PATH, METRICS_PATH):
+            return self._answer_probe(request, path, query)
         if path not in (NOTIFICATIONS_PATH, LIFECYCLE_PATH):
             return 404, "text/plain", b""
         if not self._key_ok(query.get("code") or request.headers.get("x-functions-key")):
@@ -614,6 +764,43 @@ class Server:
             on_lifecycle=enqueue_lifecycle(self._webhook_queue),
         )
         return response.status, response.content_type, response.body
+
+    def _answer_probe(
+        self, request: BaseHTTPRequestHandler, path: str, query: dict[str, str]
+    ) -> tuple[int, str, bytes]:
+        """``/api/health`` (plain "ok"), ``/healthz`` (liveness, JSON) and ``/metrics``."""
+        if path == HEALTH_PATH:
+            return 200, "text/plain", b"ok"
+        if path == HEALTHZ_PATH:
+            healthy, report = self.health()
+            return (200 if healthy else 503), "application/json", json.dumps(report).encode()
+        given = query.get("code") or request.headers.get("x-functions-key")
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        if not self._key_ok(given or (token if scheme.lower() == "bearer" else None)):
+            return 401, "text/plain", b""
+        exposition = self._exposition()
+        return 200, exposition.content_type, exposition.render()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the server is alive (every thread running, not stopping), and why not."""
+        down = [thread.name for thread in self._threads if not thread.is_alive()]
+        healthy = bool(self._threads) and not down and not self._stopping.is_set()
+        report = {
+            "status": "ok" if healthy else "failing",
+            "threads_down": down,
+            "stopping": self._stopping.is_set(),
+            "ready": self._ready.is_set(),
+            "paused": self.paused,
+        }
+        return healthy, report
+
+    def _exposition(self) -> Exposition:
+        with self._lock:
+            if self._metrics is None:
+                from writeback.hosting.metrics import Exposition
+
+                self._metrics = Exposition(self)
+            return self._metrics
 
     def _key_ok(self, given: str | None) -> bool:
         key = self.config.webhook_key
@@ -799,6 +986,13 @@ def run_until_signalled(server: Server, out: TextIO) -> int:
         file=out,
     )
     return 0
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
 
 
 def _without_query(url: str) -> str:

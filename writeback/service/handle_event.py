@@ -56,11 +56,12 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from writeback.config import SoftDeletePolicy
 from writeback.domain.events import Change, GroupChanged
+from writeback.domain.guard import GuardView, guard_desired
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
     Changes,
@@ -77,6 +78,7 @@ from writeback.domain.planner import plan_group, sid_ref
 from writeback.domain.policy import DeleteBudget
 from writeback.errors import (
     ConfigError,
+    DuplicateAnchor,
     PermanentError,
     PoisonEvent,
     TransientError,
@@ -94,6 +96,7 @@ from writeback.ports import (
     Settlement,
     StoredLink,
 )
+from writeback.service.guarding import GuardReads, member_sids_to_check
 
 log = logging.getLogger("writeback.worker")
 
@@ -151,6 +154,8 @@ class WorkerContext:
     #: Seconds between a read and its confirmation (module docstring).
     settle: float = DEFAULT_SETTLE
     clock: Callable[[], float] = time.time
+    #: The member and nesting guards' reads (their rules, and answers kept briefly).
+    guard: GuardReads = field(default_factory=GuardReads)
 
 
 #: The window the worker counts its deletes over.
@@ -179,6 +184,12 @@ class EventOutcome:
     confirmation: bool = False
     pending_delete: bool = False
 
+    @property
+    def reason(self) -> str | None:
+        """Why it was settled so, in one word: the dead-letter reason, the transient
+        error's type, why parked (``error`` without its detail); None when completed."""
+        return self.error.split(":", 1)[0].strip() if self.error else None
+
 
 # =========================================================================== converging
 
@@ -205,9 +216,27 @@ class Converged:
     confirm: bool = False
     #: Set when the group is gone but not yet confirmed gone: carried by the confirmation.
     gone_since: float | None = None
+    #: The confirmation was sent.
+    scheduled: bool = False
 
 
 Result = Converged | WritebackError
+
+
+@dataclass
+class _Planned:
+    """A group's one operation, planned, not yet written: every group of a step is
+    written in one ``apply_all`` (pipelined on the LDAP connection), then each
+    planned write is finished with what its own write came to."""
+
+    operation: Operation | None
+    #: Called with the LDAP requests the write took, once it succeeded.
+    finish: Callable[[int], Converged]
+    #: A delete taken from the event budget: given back if the write fails.
+    budgeted: bool = False
+
+
+Plan = _Planned | Result
 
 
 def converge(group_id: str, ctx: WorkerContext) -> tuple[Operation | None, int, list[Skip]]:
@@ -248,31 +277,96 @@ def _step(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
     if not ctx.enabled:
         return {w.group_id: Converged() for w in works}
     results: dict[str, Result] = {}
+    plans: dict[str, Plan] = {}
     deltas, full = _read_deltas(works, ctx, results)
     by_id = {w.group_id: w for w in works}
     if deltas:
-        try:
-            current = ctx.directory.find_groups(list(deltas), members=False)
-        except WritebackError as error:
-            current = {}
-            for group_id in deltas:
-                results[group_id] = error
-            deltas = {}
+        current, errors = _find(list(deltas), ctx, members=False)
+        results.update(errors)
+        deltas = {gid: read for gid, read in deltas.items() if gid not in errors}
+        for group_id in [gid for gid in deltas if gid not in current]:
+            full.append(replace(by_id[group_id], full=True))  # AD object missing
+            del deltas[group_id]
+        adds = [replace(read.group, members=read.added) for read in deltas.values()]
+        guard = _guard(adds, current, ctx)
         for group_id, read in deltas.items():
-            found = current.get(group_id)
-            if found is None:
-                full.append(replace(by_id[group_id], full=True))  # AD object missing
-            else:
-                results[group_id] = _apply_deltas(group_id, read, found, by_id[group_id], ctx)
+            plans[group_id] = (
+                guard
+                if isinstance(guard, WritebackError)
+                else _plan_deltas(
+                    group_id, read, current[group_id], by_id[group_id], ctx, guard=guard
+                )
+            )
     if full:
-        results.update(_converge_in_full(full, ctx))
+        plans.update(_plan_in_full(full, ctx))
+    results.update(_write(plans, ctx))
+    return results
+
+
+def _find(
+    ids: list[str], ctx: WorkerContext, *, members: bool
+) -> tuple[dict[str, DirectoryGroup], dict[str, WritebackError]]:
+    """The AD objects of ``ids``, and the errors of those that could not be had. A
+    group whose anchor is duplicated gets its own error (a person must look), and
+    the others go on; any other failure is every group's."""
+    try:
+        return ctx.directory.find_groups(ids, members=members), {}
+    except DuplicateAnchor as duplicate:
+        errors: dict[str, WritebackError] = {}
+        for group_id, dns in duplicate.duplicates.items():
+            errors[group_id] = DuplicateAnchor({group_id: dns})
+            log.warning(
+                "group %s: %s; not written",
+                group_id,
+                errors[group_id],
+                extra={"group_id": group_id, "outcome": "duplicate-anchor"},
+            )
+        return {gid: g for gid, g in duplicate.found.items() if gid in ids}, errors
+    except WritebackError as error:
+        return {}, dict.fromkeys(ids, error)
+
+
+def _guard(
+    groups: Sequence[CloudGroup], current: Mapping[str, DirectoryGroup], ctx: WorkerContext
+) -> GuardView | WritebackError:
+    """The guards' reads for the member SIDs ``groups`` would add (one bulk read,
+    cached briefly), or the error that stopped them (every such group's)."""
+    sids = member_sids_to_check(groups, current, ctx.options, ctx.guard.rules)
+    try:
+        return ctx.guard.view(ctx.directory, sids)
+    except WritebackError as error:
+        return error
+
+
+def _write(plans: dict[str, Plan], ctx: WorkerContext) -> dict[str, Result]:
+    """Write every planned operation of the step in one ``apply_all`` and finish each
+    with its own outcome; a failed delete gives its budget back (the in-process
+    retry must not count it twice)."""
+    results: dict[str, Result] = {}
+    writes = [(gid, plan) for gid, plan in plans.items() if isinstance(plan, _Planned)]
+    operations = [plan.operation for _, plan in writes if plan.operation is not None]
+    outcomes = iter(ctx.directory.apply_all(operations) if operations else [])
+    for gid, plan in plans.items():
+        if not isinstance(plan, _Planned):
+            results[gid] = plan
+            continue
+        outcome = next(outcomes) if plan.operation is not None else 0
+        if isinstance(outcome, WritebackError):
+            if plan.budgeted and ctx.deletes is not None:
+                ctx.deletes.give_back()
+            results[gid] = outcome
+            continue
+        try:
+            results[gid] = plan.finish(outcome)
+        except WritebackError as error:
+            results[gid] = error
     return results
 
 
 # --------------------------------------------------------------------------- full reads
 
 
-def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Result]:
+def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
     """Read the groups whole from both sides. A group that may be large gets a fresh
     delta link, taken before the reads (a change racing them shows up again in the
     next delta, where writing it once more is harmless; a link taken after could
@@ -284,24 +378,35 @@ def _converge_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Re
             stored = ctx.links.get(gid)
             if stored is None or stored.member_count >= DELTA_MIN_MEMBERS:
                 wants_link.append(gid)
-    results: dict[str, Result] = {}
+    results: dict[str, Plan] = {}
     try:
         answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
         groups = ctx.cloud.get_groups(ids)
-        current = ctx.directory.find_groups(ids, members=True)
     except WritebackError as error:
         return {gid: error for gid in ids}
+    current, errors = _find(ids, ctx, members=True)
+    results.update(errors)
+    if len(results) == len(ids):
+        return results
+    cloud_groups = [g for g in groups.values() if isinstance(g, CloudGroup)]
+    guard = _guard(cloud_groups, current, ctx)
     # A group whose link could not be had is read all the same; it gets one next time.
     links = {gid: link for gid, link in answers.items() if isinstance(link, str)}
     for work in works:
         gid = work.group_id
         read = groups.get(gid)
+        if gid in results:
+            continue
         if read is None:
             results[gid] = TransientError(f"group {gid}: Graph gave no answer for it")
         elif isinstance(read, WritebackError):
             results[gid] = read
+        elif isinstance(guard, WritebackError):
+            results[gid] = guard
         else:
-            results[gid] = _settle_one(work, read, current.get(gid), links.get(gid), ctx)
+            results[gid] = _settle_one(
+                work, read, current.get(gid), links.get(gid), ctx, guard=guard
+            )
     return results
 
 
@@ -311,23 +416,26 @@ def _settle_one(
     current: DirectoryGroup | None,
     link: str | None,
     ctx: WorkerContext,
-) -> Result:
+    *,
+    guard: GuardView,
+) -> Plan:
     try:
         if isinstance(read, GroupGone):
             return _gone(work, read, current, ctx)
         if not read.is_unified:
             return Converged()  # not (or no longer) ours to write
-        desired = desired_group(_within_limit(read, ctx), ctx.options)
-        operation = plan_group(desired, current, ctx.options.target_ou)
-        requests = _apply(operation, ctx)
-        if ctx.links is not None:
+        desired = guard_desired(
+            desired_group(_within_limit(read, ctx), ctx.options), current, guard
+        )
+    except WritebackError as error:
+        return error
+    operation = plan_group(desired, current, ctx.options.target_ou)
+    users = _user_count(read)
+
+    def finish(requests: int) -> Converged:
+        if ctx.links is not None:  # only once the write is made
             _keep_link(
-                work,
-                ctx.links,
-                link=link,
-                users=_user_count(read),
-                operation=operation,
-                now=ctx.clock(),
+                work, ctx.links, link=link, users=users, operation=operation, now=ctx.clock()
             )
         return Converged(
             operation,
@@ -335,8 +443,8 @@ def _settle_one(
             list(desired.skips),
             confirm=not work.confirming or operation is not None,
         )
-    except WritebackError as error:
-        return error
+
+    return _Planned(operation, finish)
 
 
 def _keep_link(
@@ -368,9 +476,7 @@ def _keep_link(
         links.put(work.group_id, StoredLink(link or "", users, now))
 
 
-def _gone(
-    work: Work, read: GroupGone, current: DirectoryGroup | None, ctx: WorkerContext
-) -> Result:
+def _gone(work: Work, read: GroupGone, current: DirectoryGroup | None, ctx: WorkerContext) -> Plan:
     """Graph answered 404. Keep a soft-deleted group's object (policy), and delete an
     object only once the group was seen gone at least ``settle`` seconds apart."""
     if ctx.links is not None:
@@ -385,14 +491,10 @@ def _gone(
     if first is None or now - first < ctx.settle:
         return Converged(confirm=True, gone_since=first if first is not None else now)
     operation = plan_group(None, current, ctx.options.target_ou)
-    if operation is None or ctx.deletes is None:
-        return Converged(operation, _apply(operation, ctx))
-    ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
-    try:
-        return Converged(operation, _apply(operation, ctx))
-    except Exception:
-        ctx.deletes.give_back()  # not made: the in-process retry must not count it twice
-        raise
+    budgeted = operation is not None and ctx.deletes is not None
+    if budgeted and ctx.deletes is not None:
+        ctx.deletes.take()  # past the cap: PolicyRefused, dead-lettered with the reason
+    return _Planned(operation, lambda requests: Converged(operation, requests), budgeted)
 
 
 # --------------------------------------------------------------------------- member deltas
@@ -503,34 +605,42 @@ def _usable(
     )
 
 
-def _apply_deltas(
-    gid: str, read: _Deltas, current: DirectoryGroup, work: Work, ctx: WorkerContext
-) -> Result:
+def _plan_deltas(
+    gid: str,
+    read: _Deltas,
+    current: DirectoryGroup,
+    work: Work,
+    ctx: WorkerContext,
+    *,
+    guard: GuardView,
+) -> Plan:
     try:
-        desired = desired_group(replace(read.group, members=read.added), ctx.options)
-        planned = plan_group(
-            replace(desired, member_sids=frozenset()), current, ctx.options.target_ou
-        )
-        add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
-        remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
-        operation: Operation | None
-        if isinstance(planned, Rename):
-            changes = replace(planned.changes, add_members=add, remove_members=remove)
-            operation = replace(planned, changes=changes)
-        elif isinstance(planned, Modify) or add or remove:
-            base = planned.changes if isinstance(planned, Modify) else Changes()
-            changes = replace(base, add_members=add, remove_members=remove)
-            operation = Modify(gid, current.dn, changes) if changes else None
-        else:
-            operation = planned
-        requests = _apply(operation, ctx)
+        added = desired_group(replace(read.group, members=read.added), ctx.options)
+        desired = guard_desired(added, current, guard)  # current without members: adds only
+    except WritebackError as error:
+        return error
+    planned = plan_group(replace(desired, member_sids=frozenset()), current, ctx.options.target_ou)
+    add = tuple(sid_ref(sid) for sid in sorted(desired.member_sids))
+    remove = tuple(sid_ref(sid) for sid in sorted(read.removed_sids - desired.member_sids))
+    operation: Operation | None
+    if isinstance(planned, Rename):
+        changes = replace(planned.changes, add_members=add, remove_members=remove)
+        operation = replace(planned, changes=changes)
+    elif isinstance(planned, Modify) or add or remove:
+        base = planned.changes if isinstance(planned, Modify) else Changes()
+        changes = replace(base, add_members=add, remove_members=remove)
+        operation = Modify(gid, current.dn, changes) if changes else None
+    else:
+        operation = planned
+
+    def finish(requests: int) -> Converged:
         if ctx.links is not None:  # a delta round's own next link: trusted
             ctx.links.put(
                 gid, StoredLink(read.delta_link, read.member_count, ctx.clock(), trusted=True)
             )
         return Converged(operation, requests, list(desired.skips), confirm=not work.confirming)
-    except WritebackError as error:
-        return error
+
+    return _Planned(operation, finish)
 
 
 def _user_count(group: CloudGroup) -> int:
@@ -542,10 +652,6 @@ def _within_limit(group: CloudGroup, ctx: WorkerContext) -> CloudGroup:
     if skip is not None:
         raise OverMemberLimit(f"group {group.id}: {skip.detail}")
     return group
-
-
-def _apply(operation: Operation | None, ctx: WorkerContext) -> int:
-    return ctx.directory.apply(operation) if operation is not None else 0
 
 
 # =========================================================================== sessions
@@ -569,16 +675,55 @@ def process_sessions(
         if events:
             works.append(_work_for(events))
     results = converge_groups(works, ctx) if works else {}
+    _schedule_confirmations(parsed, results, ctx)
     outcomes = []
+    completed: list[ReceivedMessage] = []
     for batch, (events, valid) in zip(sessions, parsed, strict=True):
         session = batch[0].session_id
         if not events:
-            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="poison"))
+            outcomes.append(EventOutcome(session, len(batch), "dead-lettered", error="PoisonEvent"))
             continue
         outcome = _settle(queue, valid, events, results[session], ctx)
-        _log(outcome)
+        if outcome.settlement == "completed":
+            completed.extend(valid)
         outcomes.append(outcome)
+    if completed:
+        queue.complete_all(completed)  # one step, one settle call (one commit locally)
+    for outcome in outcomes:
+        _log(outcome)
     return outcomes
+
+
+def _schedule_confirmations(
+    parsed: Sequence[tuple[list[GroupChanged], list[ReceivedMessage]]],
+    results: dict[str, Result],
+    ctx: WorkerContext,
+) -> None:
+    """Send every confirmation the step's results ask for in one call, before any of
+    their messages is completed (a crash in between costs a duplicate, never a
+    loss); if that send fails, those groups take the send's error, so they are all
+    tried again."""
+    if ctx.sender is None:
+        return
+    wanted = [
+        (session, result)
+        for events, _ in parsed
+        if events
+        and isinstance(result := results[(session := events[0].group_id)], Converged)
+        and result.confirm
+    ]
+    if not wanted:
+        return
+    now = ctx.clock()
+    messages = [confirmation(gid, now, ctx.settle, result.gone_since) for gid, result in wanted]
+    try:
+        ctx.sender.send(messages)
+    except WritebackError as error:
+        for gid, _ in wanted:
+            results[gid] = error
+        return
+    for _, result in wanted:
+        result.scheduled = True
 
 
 def _work_for(events: Sequence[GroupChanged]) -> Work:
@@ -601,8 +746,9 @@ def _settle(
     session = valid[0].session_id
     notifications = [e for e in events if e.change is not Change.CONFIRM]
     outcome = EventOutcome(session, len(valid), "completed", notifications=len(notifications))
-    if isinstance(result, Converged):
-        result = _schedule_confirmation(session, result, outcome, ctx)
+    if isinstance(result, Converged) and result.scheduled:
+        outcome.confirmation = True
+        outcome.pending_delete = result.gone_since is not None
     if isinstance(result, ConfigError):
         for message in valid:
             queue.park(message, delay=CONFIG_RETRY_DELAY)
@@ -622,31 +768,13 @@ def _settle(
         for message in valid:
             queue.abandon(message, delay=delay)
         outcome.settlement, outcome.error = "abandoned", f"{type(result).__name__}: {result}"
-    else:
-        for message in valid:
-            queue.complete(message)
+    else:  # completed by the caller, with the step's other completions
         outcome.operation, outcome.ldap_requests = result.operation, result.requests
         if notifications or result.operation is not None:
             outcome.skips = result.skips  # a confirmation that wrote nothing skipped nothing new
         if notifications:
             outcome.latency = ctx.clock() - min(e.received_at for e in notifications)
     return outcome
-
-
-def _schedule_confirmation(
-    session: str, result: Converged, outcome: EventOutcome, ctx: WorkerContext
-) -> Result:
-    """Send the confirmation the result asks for (before the messages are completed);
-    a failure to send becomes the group's error, so it is all tried again."""
-    if not result.confirm or ctx.sender is None:
-        return result
-    try:
-        ctx.sender.send([confirmation(session, ctx.clock(), ctx.settle, result.gone_since)])
-    except WritebackError as error:
-        return error
-    outcome.confirmation = True
-    outcome.pending_delete = result.gone_since is not None
-    return result
 
 
 def confirmation(
@@ -728,9 +856,36 @@ def _log(outcome: EventOutcome) -> None:
             "group_id": outcome.group_id,
             "operation": op,
             "outcome": outcome.settlement,
+            "reason": outcome.reason,
+            "messages": outcome.messages,
+            "notifications": outcome.notifications,
             "latency_ms": None if outcome.latency is None else round(outcome.latency * 1000, 1),
+            "skipped": skip_summary(outcome.skips),
         },
     )
+    for skip in outcome.skips:
+        if skip.member or skip.alert:  # the guards' decisions, one line each
+            log.warning(
+                "group %s: %s%s: %s",
+                outcome.group_id,
+                skip.reason.value,
+                f" x{skip.count}" if skip.count != 1 else "",
+                skip.detail,
+                extra={
+                    "group_id": outcome.group_id,
+                    "skip_reason": skip.reason.value,
+                    "member": skip.member or None,
+                },
+            )
+
+
+def skip_summary(skips: Iterable[Skip]) -> str | None:
+    """``reason=count`` pairs of what a write left out (``member-not-on-prem=3``), one
+    text field (Application Insights keeps custom dimensions as strings); None for none."""
+    counted: dict[str, int] = {}
+    for skip in skips:
+        counted[str(skip.reason)] = counted.get(str(skip.reason), 0) + skip.count
+    return ",".join(f"{reason}={n}" for reason, n in sorted(counted.items())) or None
 
 
 def group_ids(outcomes: Iterable[EventOutcome]) -> list[str]:

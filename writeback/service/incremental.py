@@ -45,8 +45,9 @@ from writeback.config import SoftDeletePolicy
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Delete, Skip, SkipReason
 from writeback.domain.times import iso
-from writeback.errors import DeltaExpired, TransientError, WritebackError
+from writeback.errors import DeltaExpired, DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSource, Directory, GroupChanges, StateStore
+from writeback.service.guarding import GuardReads, member_sids_to_check
 from writeback.service.reconcile import (
     Plan,
     Progress,
@@ -54,8 +55,9 @@ from writeback.service.reconcile import (
     SyncResult,
     add_deletes,
     apply_plan,
-    build_plan,
+    check_adds,
     plan_cloud_group,
+    plan_from,
     threshold_reason,
 )
 
@@ -163,7 +165,7 @@ def _full(
     progress: Progress | None,
 ) -> IncrementalResult:
     snapshot = cloud.snapshot()
-    plan = build_plan(snapshot, directory.iter_groups(), options, policy)
+    plan = plan_from(snapshot, list(directory.iter_groups()), directory, options, policy)
     result = apply_plan(plan, directory, progress=progress)
     link = snapshot.groups_delta_link if not result.failures else None
     log.info("reconcile: full sync (%s)", reason or "asked for")
@@ -187,6 +189,7 @@ def _incremental(
     soft_deleted = _SoftDeleted(cloud, changes.soft_deleted)
     group_ids = sorted({*changes.changed, *changes.soft_deleted, *changes.hard_deleted})
     deletes: list[Delete] = []
+    guard = GuardReads(policy.guard, ttl=float("inf"))  # read once for the run
     for group_id in group_ids:
         try:
             _plan_one(
@@ -199,12 +202,17 @@ def _incremental(
                 soft_deleted=soft_deleted,
                 plan=plan,
                 deletes=deletes,
+                guard=guard,
             )
         except TransientError:
             raise  # the run fails as a whole; the link is not advanced
         except WritebackError as error:
             log.warning("reconcile: group %s not planned: %s", group_id, error)
             errors.append((group_id, f"{type(error).__name__}: {error}"))
+            if isinstance(error, DuplicateAnchor):  # an alert in the plan, as a full sync has
+                for gid, dns in (error.duplicates or {group_id: ()}).items():
+                    plan.skips.append(Skip(gid, SkipReason.DUPLICATE_ANCHOR, "; ".join(dns)))
+    check_adds(plan, directory)
     add_deletes(deletes, plan, policy, threshold_reason(deletes, policy))
     unguarded = deletes and plan.deletes_blocked is None and not policy.allow_deletes
     if unguarded and _would_empty(deletes, directory):
@@ -259,6 +267,7 @@ def _plan_one(
     soft_deleted: _SoftDeleted,
     plan: Plan,
     deletes: list[Delete],
+    guard: GuardReads,
 ) -> None:
     removed = group_id in changes.soft_deleted or group_id in changes.hard_deleted
     group = None if removed else cloud.get_group(group_id)
@@ -279,7 +288,9 @@ def _plan_one(
     if not group.is_unified:
         return
     plan.groups_in_cloud += 1
-    plan_cloud_group(plan, group, current, options)
+    found = {group_id: current} if current is not None else {}
+    view = guard.view(directory, member_sids_to_check([group], found, options, policy.guard))
+    plan_cloud_group(plan, group, current, options, view)
 
 
 def _would_empty(deletes: list[Delete], directory: Directory) -> bool:

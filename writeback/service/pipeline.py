@@ -51,6 +51,7 @@ from typing import Any
 
 from writeback.domain.events import CONTROL_SESSION, Change, ControlRequest, GroupChanged
 from writeback.domain.mapping import MappingOptions
+from writeback.domain.model import Skip
 from writeback.domain.times import iso, parse_iso
 from writeback.errors import ConfigError, PermanentError, PoisonEvent, TransientError
 from writeback.ports import (
@@ -64,6 +65,7 @@ from writeback.ports import (
     StateStore,
     Subscription,
 )
+from writeback.service.guarding import GuardReads
 from writeback.service.handle_event import (
     CONFIG_RETRY_DELAY,
     DEFAULT_SETTLE,
@@ -163,6 +165,11 @@ class PipelineStats:
     lifecycle_events: int = 0
     #: Seconds from the webhook accepting a notification to its write completing.
     latencies: tuple[float, ...] = ()
+    #: Messages by (settlement, reason): the dead-letter reason, the transient error
+    #: a batch was put back for, why it was parked; "" for completed ones.
+    settled: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Members (and groups) left out of the event writes, by skip reason.
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class SettlementFailed(TransientError):
@@ -205,6 +212,8 @@ class Pipeline:
         self._read_at: dict[str, float] = {}
         self._stats = PipelineStats()
         self._operations: Counter[str] = Counter()
+        self._settled: Counter[tuple[str, str]] = Counter()
+        self._skipped: Counter[str] = Counter()
         self._latencies: list[float] = []
         self._delta = DeltaState.load(state)
         self.last_reconcile: SyncResult | None = None
@@ -326,7 +335,17 @@ class Pipeline:
                 for batch in batches
             ]
         except TransientError as error:
-            log.warning("worker not ready: %s: %s", type(error).__name__, error)
+            log.warning(
+                "worker not ready: %s: %s",
+                type(error).__name__,
+                error,
+                extra={
+                    "operation": "none",
+                    "outcome": "abandoned",
+                    "reason": type(error).__name__,
+                    "messages": sum(len(batch) for batch in batches),
+                },
+            )
             outcomes = []
             for batch in batches:
                 for message in batch:
@@ -413,6 +432,7 @@ class Pipeline:
             sender=self._sender,
             settle=config.settle,
             clock=lambda: self.clock().timestamp(),
+            guard=GuardReads(config.policy.guard),
         )
         with self._lock:
             self._context = self._context or context
@@ -449,13 +469,20 @@ class Pipeline:
             )
             if outcome.operation is not None and done:
                 self._operations[outcome.operation.kind] += 1
+            self._settled[(outcome.settlement, outcome.reason or "")] += len(batch)
+            for skip in outcome.skips:
+                self._skipped[str(skip.reason)] += skip.count
             self._latencies.extend(latencies)
 
     @property
     def stats(self) -> PipelineStats:
         with self._lock:
             return replace(
-                self._stats, operations=dict(self._operations), latencies=tuple(self._latencies)
+                self._stats,
+                operations=dict(self._operations),
+                latencies=tuple(self._latencies),
+                settled=dict(self._settled),
+                skipped_by_reason=dict(self._skipped),
             )
 
     # ================================================================= control messages
@@ -547,7 +574,11 @@ class Pipeline:
                 "subscription upkeep failed: %s: %s",
                 type(error).__name__,
                 error,
-                extra={"subscription_action": "failed", "outcome": "failed"},
+                extra={
+                    "subscription_action": "failed",
+                    "outcome": "failed",
+                    "error": type(error).__name__,
+                },
             )
             self._record_subscription(None, "failed", error=f"{type(error).__name__}: {error}")
             raise
@@ -691,7 +722,11 @@ class Pipeline:
                 log.error(
                     "reconcile failed: %s",
                     message,
-                    extra={"reconcile_reason": reason, "outcome": "failed"},
+                    extra={
+                        "reconcile_reason": reason,
+                        "outcome": "failed",
+                        "error": type(error).__name__,
+                    },
                 )
                 self.last_reconcile_error = message
                 with self._lock:
@@ -722,10 +757,20 @@ class Pipeline:
                 "failures": len(result.failures),
                 "skips": len(plan.skips),
                 "deletes_blocked": plan.deletes_blocked,
+                "alerts": alerts_record(plan.alerts),
+                "alert_count": len(plan.alerts),
                 "error": None,
             },
             answered,
         )
+        for alert in plan.alerts:
+            log.warning(
+                "reconcile: group %s: %s: %s",
+                alert.group_id,
+                alert.reason.value,
+                alert.detail,
+                extra={"group_id": alert.group_id, "skip_reason": alert.reason.value},
+            )
         log.info(
             "reconcile done (%s): %s, %d LDAP requests, %d failures in %.2f s",
             reason,
@@ -839,6 +884,17 @@ class _Tracked:
     def complete(self, message: ReceivedMessage) -> None:
         self._settle(message, self._settlement.complete)
 
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        if not messages:
+            return
+        try:
+            self._settlement.complete_all(messages)
+        except Exception as error:
+            raise SettlementFailed(
+                f"settling {len(messages)} messages failed: {type(error).__name__}: {error}"
+            ) from error
+        self._settled.update(id(m) for m in messages)
+
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
         self._settle(message, lambda m: self._settlement.abandon(m, delay=delay))
 
@@ -847,6 +903,18 @@ class _Tracked:
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         self._settle(message, self._settlement.dead_letter, reason, description)
+
+
+#: Alerts kept in the state file for ``status`` (the rest are counted).
+MAX_RECORDED_ALERTS = 50
+
+
+def alerts_record(alerts: Sequence[Skip]) -> list[dict[str, Any]]:
+    """The reconcile's alerts (duplicated anchors, frozen groups) as ``status`` shows them."""
+    return [
+        {"group_id": a.group_id, "reason": a.reason.value, "detail": a.detail[:500]}
+        for a in alerts[:MAX_RECORDED_ALERTS]
+    ]
 
 
 def _control_requests(
@@ -877,7 +945,13 @@ def _log_covered(session: str, messages: int) -> None:
         "group %s: completed after %d messages, covered by a later read",
         session,
         messages,
-        extra={"group_id": session, "operation": "none", "outcome": "completed"},
+        extra={
+            "group_id": session,
+            "operation": "none",
+            "outcome": "completed",
+            "messages": messages,
+            "notifications": messages,
+        },
     )
 
 

@@ -21,8 +21,10 @@ from tenacity import (
 )
 
 from writeback.config import Settings, SoftDeletePolicy
+from writeback.domain.guard import GuardRules, GuardView, guard_desired
 from writeback.domain.mapping import MappingOptions, desired_group, over_member_limit
 from writeback.domain.model import (
+    Add,
     CloudGroup,
     Delete,
     DirectoryGroup,
@@ -31,8 +33,9 @@ from writeback.domain.model import (
     SkipReason,
 )
 from writeback.domain.planner import plan_group
-from writeback.errors import TransientError, WritebackError
+from writeback.errors import DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSnapshot, CloudSource, Directory
+from writeback.service.guarding import member_sids_to_check, read_view
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class SyncPolicy:
     delete_threshold: int = 500
     allow_deletes: bool = False
     soft_delete: SoftDeletePolicy = SoftDeletePolicy.KEEP
+    #: The member and nesting guards' settings (domain/guard.py).
+    guard: GuardRules = field(default_factory=GuardRules)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_deletes: bool = False) -> SyncPolicy:
@@ -51,6 +56,7 @@ class SyncPolicy:
             delete_threshold=settings.delete_threshold,
             allow_deletes=allow_deletes,
             soft_delete=settings.soft_delete,
+            guard=settings.guard_rules,
         )
 
 
@@ -69,13 +75,22 @@ class Plan:
     def deletes(self) -> list[Delete]:
         return [op for op in self.operations if isinstance(op, Delete)]
 
+    @property
+    def alerts(self) -> list[Skip]:
+        """What a person must look at: duplicated anchors, frozen groups."""
+        return [skip for skip in self.skips if skip.alert]
+
 
 def build_plan(
     snapshot: CloudSnapshot,
     current: Iterable[DirectoryGroup],
     options: MappingOptions,
     policy: SyncPolicy,
+    guard: GuardView | None = None,
 ) -> Plan:
+    """The whole plan. ``guard``: what the directory said for the member and nesting
+    guards (:func:`guard_view`); without it no member resolves, so none is written."""
+    guard = guard if guard is not None else GuardView(rules=policy.guard)
     plan = Plan()
     by_id, duplicated = _index(current, plan)
     plan.groups_in_directory = len(by_id)
@@ -84,26 +99,86 @@ def build_plan(
     for group in sorted(cloud, key=lambda g: g.id):
         if group.id in duplicated:
             continue
-        plan_cloud_group(plan, group, by_id.pop(group.id, None), options)
+        plan_cloud_group(plan, group, by_id.pop(group.id, None), options, guard)
     deletes = _orphan_deletes(by_id.values(), snapshot.soft_deleted, policy, plan)
     _guard_deletes(deletes, plan, policy)
     return plan
 
 
 def plan_cloud_group(
-    plan: Plan, group: CloudGroup, current: DirectoryGroup | None, options: MappingOptions
+    plan: Plan,
+    group: CloudGroup,
+    current: DirectoryGroup | None,
+    options: MappingOptions,
+    guard: GuardView,
 ) -> None:
     """Add one cloud group to the plan: skipped over the member limit (never truncated),
-    else at most one operation, with its skipped members reported."""
+    else at most one operation, with its skipped members reported (the guards' too)."""
     limit_skip = over_member_limit(group, options.member_limit)
     if limit_skip is not None:
         plan.skips.append(limit_skip)
         return
-    desired = desired_group(group, options)
+    desired = guard_desired(desired_group(group, options), current, guard)
     plan.skips.extend(desired.skips)
     operation = plan_group(desired, current, options.target_ou)
     if operation is not None:
         plan.operations.append(operation)
+
+
+def guard_view(
+    groups: Iterable[CloudGroup],
+    current: Iterable[DirectoryGroup],
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+) -> GuardView:
+    """The guards' reads for planning ``groups``: the member SIDs the mapping would add,
+    resolved in bulk, and the nesting of our groups (one read each)."""
+    by_id = {group.group_id: group for group in current}
+    sids = member_sids_to_check(groups, by_id, options, policy.guard)
+    return read_view(directory, sids, policy.guard)
+
+
+def plan_from(
+    snapshot: CloudSnapshot,
+    current: Iterable[DirectoryGroup],
+    directory: Directory,
+    options: MappingOptions,
+    policy: SyncPolicy,
+) -> Plan:
+    """:func:`build_plan` with the guards' reads, and the adds checked (:func:`check_adds`)."""
+    current = list(current)
+    guard = guard_view(snapshot.groups, current, directory, options, policy)
+    plan = build_plan(snapshot, current, options, policy, guard)
+    check_adds(plan, directory)
+    return plan
+
+
+def check_adds(plan: Plan, directory: Directory) -> None:
+    """Look once more, in one read, for an object carrying each planned add's anchor:
+    one an admin made since, or one whose anchor differs from ours only in case (not
+    ours, so the full read did not list it). Either way adding would make a twin:
+    the add is dropped, and a claim that is not ours becomes a duplicate-anchor alert."""
+    adds = [op.group_id for op in plan.operations if isinstance(op, Add)]
+    if not adds:
+        return
+    try:
+        there = set(directory.find_groups(adds, members=False))
+        claimed: dict[str, tuple[str, ...]] = {}
+    except DuplicateAnchor as duplicate:
+        there, claimed = set(duplicate.found), duplicate.duplicates
+    if not there and not claimed:
+        return
+    for group_id in sorted(there):
+        log.info("group %s: an object carrying its anchor appeared; not added", group_id)
+    plan.operations = [
+        op
+        for op in plan.operations
+        if not (isinstance(op, Add) and (op.group_id in there or op.group_id in claimed))
+    ]
+    plan.skips.extend(
+        Skip(gid, SkipReason.DUPLICATE_ANCHOR, "; ".join(dns)) for gid, dns in claimed.items()
+    )
 
 
 def _index(
@@ -254,4 +329,4 @@ def plan_sync(
         cloud_read = pool.submit(cloud.snapshot)
         current = list(directory.iter_groups())
         snapshot = cloud_read.result()
-    return build_plan(snapshot, current, options, policy)
+    return plan_from(snapshot, current, directory, options, policy)

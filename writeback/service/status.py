@@ -108,6 +108,7 @@ def format_status(status: Status, now: datetime | None = None) -> list[str]:
     state = status.state
     lines.append(_subscription_line(state.get("subscription"), now))
     lines.append(_reconcile_line(state.get("last_reconcile"), now))
+    lines.extend(alert_lines(state))
     if "paused" in state:
         paused = bool(state["paused"])
         lines.append("writes: PAUSED (events wait in the queue)" if paused else "writes: on")
@@ -154,6 +155,27 @@ def _reconcile_line(record: object, now: datetime) -> str:
     if record.get("deletes_blocked"):
         line += f"; deletes held back: {record['deletes_blocked']}"
     return line
+
+
+def alert_lines(state: Mapping[str, Any]) -> list[str]:
+    """The last reconcile's alerts: groups with a duplicated anchor (none of their
+    objects is written) and frozen groups (nested in a protected group: no member
+    is added). Each is for a person to fix in AD."""
+    record = state.get("last_reconcile")
+    if not isinstance(record, dict):
+        return []
+    alerts = [a for a in record.get("alerts") or [] if isinstance(a, dict)]
+    total = record.get("alert_count", len(alerts))
+    if not alerts:
+        return []
+    lines = [f"ALERTS: {total} (as of the last reconcile)"]
+    for alert in alerts:
+        lines.append(
+            f"  {alert.get('reason')}: group {alert.get('group_id')}: {alert.get('detail')}"
+        )
+    if isinstance(total, int) and total > len(alerts):
+        lines.append(f"  ... and {total - len(alerts)} more (python -m writeback plan)")
+    return lines
 
 
 def _span(delta: timedelta) -> str:

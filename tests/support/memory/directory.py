@@ -6,9 +6,15 @@
 means the same as one on Samba:
 
 * reads see only group objects under the target OU whose ``adminDescription``
-  is exactly one value ``Group_<objectId>``; two objects with one anchor make
-  :meth:`~MemoryDirectory.find_group` raise ``DirectoryRefused`` naming both;
-  ``find_groups(..., members=False)`` leaves the member sets empty;
+  is exactly one value ``Group_<objectId>``, the id in lower case; two objects
+  with one anchor, or an object whose anchor differs from ours only in case,
+  make :meth:`~MemoryDirectory.find_groups` raise ``DuplicateAnchor`` naming
+  them (with what it found for the other ids); ``find_groups(...,
+  members=False)`` leaves the member sets empty;
+* the guards' reads: :meth:`~MemoryDirectory.resolve_sids` answers what the
+  forest holds for each SID (its kind, ``adminCount``, whether it is one of our
+  groups), :meth:`~MemoryDirectory.group_ancestry` the groups our groups are in,
+  level by level, as the LDAP adapter reads them through ``memberOf``;
 * the scope guard: an Add must be strictly below the target OU, carry
   ``adminDescription`` equal to its group's anchor, be a group and keep its
   members out of the attributes; Modify, Rename and Delete go only to a DN
@@ -58,6 +64,15 @@ from typing import TypeVar
 
 from tests.support.memory.faults import Faults
 from writeback.adapters.ldap_values import CANONICAL_NAMES, parse_extended_dn
+from writeback.domain.guard import (
+    BUILTIN_GROUP_FLAG,
+    Ancestry,
+    ParentGroup,
+    Principal,
+    PrincipalKind,
+    canonical_sid,
+    is_sid,
+)
 from writeback.domain.mapping import BASE_ATTRIBUTES, EXCHANGE_ATTRIBUTES
 from writeback.domain.model import (
     Add,
@@ -68,6 +83,7 @@ from writeback.domain.model import (
     Modify,
     Operation,
     Rename,
+    anchor_claims,
     anchor_for,
     group_id_from_anchor,
 )
@@ -80,7 +96,8 @@ from writeback.domain.naming import (
     single_cn_rdn,
     strictly_within,
 )
-from writeback.errors import DirectoryRefused, PolicyRefused
+from writeback.errors import DirectoryRefused, DuplicateAnchor, PolicyRefused, WritebackError
+from writeback.ports import apply_each
 
 #: The attributes every forest's group class has (lower case), besides the Exchange ones.
 _BASE_SCHEMA = frozenset(
@@ -88,6 +105,21 @@ _BASE_SCHEMA = frozenset(
 )
 _EXCHANGE = frozenset(n.lower() for n in EXCHANGE_ATTRIBUTES)
 _T = TypeVar("_T")
+#: groupType of a global and of a built-in security group, as AD stores them.
+_GLOBAL_SECURITY = str(0x2 - 0x80000000)
+_BUILTIN_SECURITY = str(0x5 - 0x80000000)
+#: What every domain holds from its creation (name, container, RID or SID, kind,
+#: adminCount): the principals the guards must recognise.
+_WELL_KNOWN = (
+    ("Administrator", "Users", 500, "user", True),
+    ("krbtgt", "Users", 502, "user", True),
+    ("Domain Admins", "Users", 512, "group", True),
+    ("Domain Users", "Users", 513, "group", False),
+    ("Enterprise Admins", "Users", 519, "group", True),
+    ("Administrators", "Builtin", "S-1-5-32-544", "builtin", True),
+    ("Backup Operators", "Builtin", "S-1-5-32-551", "builtin", True),
+    ("Remote Desktop Users", "Builtin", "S-1-5-32-555", "builtin", False),
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,50 @@ class MemoryForest:
         self._containers: dict[DnKey, str] = {dn_key(base_dn): base_dn}
         self._objects: dict[DnKey, _Object] = {}
         self._rids = itertools.count(1100)
+        for container in ("Users", "Builtin"):
+            dn = f"CN={container},{base_dn}"
+            self._containers[dn_key(dn)] = dn
+        for name, container, rid, kind, protected in _WELL_KNOWN:
+            self._put(self._well_known(name, container, rid, kind, protected=protected))
+
+    def _well_known(
+        self, name: str, container: str, rid: int | str, kind: str, *, protected: bool
+    ) -> _Object:
+        sid = rid if isinstance(rid, str) else f"{self.domain_sid}-{rid}"
+        dn = f"CN={escape_dn_value(name)},CN={container},{self.base_dn}"
+        values: dict[str, tuple[str, ...]] = {"samaccountname": (name,)}
+        if kind == "user":
+            values["objectclass"] = ("top", "person", "organizationalPerson", "user")
+        else:
+            values["objectclass"] = ("top", "group")
+            values["grouptype"] = (_BUILTIN_SECURITY if kind == "builtin" else _GLOBAL_SECURITY,)
+        if protected:
+            values["admincount"] = ("1",)
+        return _Object(dn, values, sid)
+
+    def well_known_dn(self, name: str) -> str:
+        """The DN of one of the well-known objects every domain holds (``_WELL_KNOWN``)."""
+        for known, container, *_ in _WELL_KNOWN:
+            if known == name:
+                return f"CN={escape_dn_value(known)},CN={container},{self.base_dn}"
+        raise KeyError(name)
+
+    def sid_of(self, dn: str) -> str:
+        with self.lock:
+            sid = self._object(dn).object_sid
+            assert sid is not None, f"{dn} has no SID"
+            return sid
+
+    def admin_add_computer(self, name: str, parent: str | None = None) -> str:
+        """A computer object (a user too, by its classes); returns its SID."""
+        with self.lock:
+            parent = parent or self.base_dn
+            self._require_container(parent)
+            dn = f"CN={escape_dn_value(name)},{parent}"
+            sid = self._new_sid()
+            classes = ("top", "person", "organizationalPerson", "user", "computer")
+            self._put(_Object(dn, {"objectclass": classes, "samaccountname": (name + "$",)}, sid))
+            return sid
 
     # ------------------------------------------------------------------ the admin's hand
 
@@ -213,7 +289,12 @@ class MemoryForest:
             obj = self._object(dn)
             obj.member_sids |= set(add)
             obj.member_sids -= set(remove)
-            obj.other_members |= {dn_key(d) for d in add_dns}
+            for member_dn in add_dns:  # an object with a SID is read back by its SID, as in AD
+                member = self._objects.get(dn_key(member_dn))
+                if member is not None and member.object_sid:
+                    obj.member_sids.add(member.object_sid)
+                else:
+                    obj.other_members.add(dn_key(member_dn))
 
     def admin_move(self, dn: str, new_dn: str) -> None:
         """Rename or move an object by hand (anywhere the parent exists)."""
@@ -337,18 +418,115 @@ class MemoryDirectory:
 
     def find_group(self, group_id: str) -> DirectoryGroup | None:
         self._enter("find_group")
-        return self._find_and_remember(group_id, members=True)
+        try:
+            return self._find_and_remember(group_id, members=True)
+        except _Duplicate as duplicate:
+            raise DuplicateAnchor({duplicate.group_id: duplicate.dns}) from None
 
     def find_groups(
         self, group_ids: Sequence[str], *, members: bool = True
     ) -> dict[str, DirectoryGroup]:
         self._enter("find_groups")
         found: dict[str, DirectoryGroup] = {}
+        duplicates: dict[str, tuple[str, ...]] = {}
         for group_id in dict.fromkeys(group_ids):
-            group = self._find_and_remember(group_id, members=members)
+            try:
+                group = self._find_and_remember(group_id, members=members)
+            except _Duplicate as duplicate:
+                duplicates[group_id] = duplicate.dns
+                continue
             if group is not None:
                 found[group_id] = group
+        if duplicates:
+            raise DuplicateAnchor(duplicates, found)
         return found
+
+    # ------------------------------------------------------------------ the guards' reads
+
+    def resolve_sids(self, sids: Sequence[str]) -> dict[str, Principal]:
+        self._enter("resolve_sids")
+        wanted = [s for s in dict.fromkeys(canonical_sid(sid) for sid in sids) if is_sid(s)]
+        self.requests += math.ceil(len(wanted) / _GUARD_BATCH)
+        found: dict[str, Principal] = {}
+        with self.forest.lock:
+            by_sid = {
+                canonical_sid(o.object_sid): o
+                for o in self.forest._objects.values()
+                if o.object_sid
+            }
+            for sid in wanted:
+                obj = by_sid.get(sid)
+                if obj is not None:
+                    found[sid] = self._principal(sid, obj)
+        return found
+
+    def _principal(self, sid: str, obj: _Object) -> Principal:
+        classes = obj.classes
+        kind = (
+            PrincipalKind.COMPUTER
+            if "computer" in classes
+            else PrincipalKind.USER
+            if "user" in classes
+            else PrincipalKind.GROUP
+            if "group" in classes
+            else PrincipalKind.OTHER
+        )
+        ours = kind is PrincipalKind.GROUP and strictly_within(obj.dn, self.target_ou)
+        anchor = obj.attributes.get("admindescription", ())
+        return Principal(
+            sid=sid,
+            dn=canonical_dn(obj.dn),
+            kind=kind,
+            admin_count=obj.attributes.get("admincount") == ("1",),
+            group_id=group_id_from_anchor(anchor[0]) if ours and len(anchor) == 1 else None,
+        )
+
+    def group_ancestry(self) -> Ancestry:
+        self._enter("group_ancestry")
+        self.requests += 1  # the search over the OU for our groups in any group
+        with self.forest.lock:
+            objects = list(self.forest._objects.values())
+            parents_of = {
+                dn_key(o.dn): tuple(
+                    canonical_dn(g.dn)
+                    for g in objects
+                    if "group" in g.classes and o.object_sid in g.member_sids
+                )
+                for o in objects
+                if "group" in o.classes
+            }
+            parents: dict[str, tuple[str, ...]] = {}
+            for obj in self.forest._groups_under(self.target_ou):
+                anchor = obj.attributes.get("admindescription", ())
+                group_id = group_id_from_anchor(anchor[0]) if len(anchor) == 1 else None
+                above = parents_of.get(dn_key(obj.dn), ())
+                if group_id is not None and above:
+                    parents[group_id] = (*parents.get(group_id, ()), *above)
+            groups: dict[DnKey, ParentGroup] = {}
+            frontier = [dn for dns in parents.values() for dn in dns]
+            while frontier:
+                frontier = [dn for dn in dict.fromkeys(frontier) if dn_key(dn) not in groups]
+                if not frontier:
+                    break
+                self.requests += math.ceil(len(frontier) / _GUARD_BATCH)
+                for dn in frontier:
+                    groups[dn_key(dn)] = self._parent(dn, parents_of)
+                frontier = [p for dn in frontier for p in groups[dn_key(dn)].parents]
+        return Ancestry(parents=parents, groups={g.dn: g for g in groups.values()})
+
+    def _parent(self, dn: str, parents_of: dict[DnKey, tuple[str, ...]]) -> ParentGroup:
+        obj = self.forest._objects.get(dn_key(dn))
+        if obj is None:
+            return ParentGroup(dn, readable=False)
+        group_type = obj.attributes.get("grouptype", ("0",))[0]
+        return ParentGroup(
+            dn=canonical_dn(obj.dn),
+            sid=obj.object_sid,
+            admin_count=obj.attributes.get("admincount") == ("1",),
+            builtin=bool(int(group_type) & BUILTIN_GROUP_FLAG),
+            name=obj.attributes.get("samaccountname", ("",))[0],
+            parents=parents_of.get(dn_key(obj.dn), ()),
+        )
 
     def iter_groups(self) -> Iterator[DirectoryGroup]:
         self._enter("iter_groups")
@@ -374,11 +552,15 @@ class MemoryDirectory:
                 if anchor in (v.casefold() for v in o.attributes.get("admindescription", ()))
             ]
             groups = [g for g in (self._group(o, members=members) for o in candidates) if g]
-        if len(groups) > 1:
-            dns = "; ".join(g.dn for g in groups)
-            raise DirectoryRefused(
-                f"{len(groups)} objects carry the anchor of group {group_id}: {dns}"
-            )
+            claims = [
+                canonical_dn(o.dn)
+                for o in candidates
+                if self._group(o, members=False) is None
+                and len(o.attributes.get("admindescription", ())) == 1
+                and anchor_claims(o.attributes["admindescription"][0]) == group_id
+            ]
+        if len(groups) > 1 or claims:
+            raise _Duplicate(group_id, (*(g.dn for g in groups), *claims))
         for key in [k for k, gid in self._seen.items() if gid == group_id]:
             del self._seen[key]
         if groups:
@@ -415,6 +597,9 @@ class MemoryDirectory:
         return key
 
     # ------------------------------------------------------------------ writes
+
+    def apply_all(self, operations: Sequence[Operation]) -> list[int | WritebackError]:
+        return apply_each(self.apply, operations)
 
     def apply(self, operation: Operation) -> int:
         self._enter("apply")
@@ -641,6 +826,19 @@ class MemoryDirectory:
     def _enter(self, method: str) -> None:
         self.calls[method] += 1
         self.faults.before(method)
+
+
+#: SIDs, or DNs, per search of the guards' reads (the LDAP adapter's GUARD_BATCH).
+_GUARD_BATCH = 200
+
+
+class _Duplicate(Exception):
+    """Inside the directory: one id's anchor is claimed by more than one object."""
+
+    def __init__(self, group_id: str, dns: tuple[str, ...]) -> None:
+        super().__init__(group_id)
+        self.group_id = group_id
+        self.dns = dns
 
 
 def _split(values: Iterable[str]) -> tuple[set[str], set[DnKey]]:

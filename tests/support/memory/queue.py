@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tests.support.memory.faults import Faults
@@ -296,6 +296,16 @@ class MemoryQueue:
             held, now = self._check(message)
             self._record("complete", held, now)
             del self._broker.messages[held.seq]
+        self.faults.after("complete")
+
+    def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
+        """All or none, like the embedded queue's one transaction."""
+        self.faults.before("complete")
+        with self._broker.condition:
+            checked = [self._check(message) for message in messages]
+            for held, now in checked:
+                self._record("complete", held, now)
+                del self._broker.messages[held.seq]
         self.faults.after("complete")
 
     def abandon(self, message: ReceivedMessage, *, delay: float = 0.0) -> None:
