@@ -116,6 +116,8 @@ _RECEIVE_WAIT: Final = 2.0
 _LOCK_MARGIN: Final = 0.25
 #: After a session was accepted, the other accepting threads join in this long.
 _BURST_WINDOW: Final = 2.0
+#: How soon after ``depth()`` a ``scheduled_count()`` reads the same snapshot.
+_SAME_COUNT: Final = 0.5
 _MAX_BATCH: Final = 100  # messages per send, the Service Bus per-transaction limit
 _MAX_DEAD_LETTER_TEXT: Final = 4096
 
@@ -620,6 +622,8 @@ class ServiceBusQueue:
         self._send_lock = threading.Lock()
         self._receivers: dict[str, ServiceBusReceiver] = {}
         self._receivers_lock = threading.Lock()
+        #: The runtime properties ``depth()`` read last, for ``scheduled_count()``.
+        self._counted: tuple[float, Any] = (-math.inf, None)
 
     @classmethod
     def from_namespace(
@@ -1047,11 +1051,21 @@ class ServiceBusQueue:
 
     def depth(self) -> int:
         """Active messages, from the administration API (needs Manage rights)."""
-        return self._runtime_properties().active_message_count or 0
+        properties = self._runtime_properties()
+        self._counted = (time.monotonic(), properties)
+        return properties.active_message_count or 0
 
     def scheduled_count(self) -> int:
-        """Messages scheduled for later (delayed retries), from the administration API."""
-        return self._runtime_properties().scheduled_message_count or 0
+        """Messages scheduled for later (delayed retries), from the administration API.
+
+        Right after ``depth()`` (as "is the queue empty?" asks them), from the same
+        read: from two, a scheduled message that came due in between is in neither.
+        """
+        counted_at, properties = self._counted
+        if properties is None or time.monotonic() - counted_at > _SAME_COUNT:
+            properties = self._runtime_properties()
+        self._counted = (-math.inf, None)
+        return properties.scheduled_message_count or 0
 
     def dead_letter_count_by_reason(self) -> dict[str, int]:
         """Every dead letter counted by reason, peeked page by page (needs Listen only)."""
