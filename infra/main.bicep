@@ -86,7 +86,7 @@ param softDelete string = 'keep'
 @allowed([ 'true', 'false' ])
 param enabled string = 'true'
 
-@description('true stops writes to AD while events wait in the queue.')
+@description('true pauses: the host stops the worker trigger\'s listener (AzureWebJobs.worker.Disabled), so events wait in the queue untouched, and WRITEBACK_PAUSED holds the reconcile and parks anything delivered anyway.')
 @allowed([ 'true', 'false' ])
 param paused string = 'false'
 
@@ -258,6 +258,8 @@ var appSettings = {
   WRITEBACK_SERVICEBUS_NAMESPACE: serviceBus.outputs.fullyQualifiedNamespace
   WRITEBACK_SERVICEBUS_QUEUE: serviceBus.outputs.queueName
   WRITEBACK_SERVICEBUS_CONNECTION: ''
+  WRITEBACK_SERVICEBUS_ENDPOINT: ''
+  WRITEBACK_SERVICEBUS_CA_FILE: ''
   WRITEBACK_QUEUE: 'servicebus'
   WRITEBACK_QUEUE_PATH: ''
   WRITEBACK_MAX_DELIVERY_COUNT: '100'
@@ -270,6 +272,9 @@ var appSettings = {
   WRITEBACK_FULL_SYNC_EVERY: '48'
   WRITEBACK_STATE_PATH: '/home/data/writeback/state.json'
   WRITEBACK_PAUSED: paused
+  // The host's own switch: while true the Service Bus trigger's listener is not
+  // started, so nothing is received, rescheduled or counted (the worker is `worker`).
+  'AzureWebJobs.worker.Disabled': paused
 
   WRITEBACK_CLIENT_STATE: '${kv}client-state)'
   WRITEBACK_CLIENT_STATE_PREVIOUS: ''

@@ -216,18 +216,39 @@ def build_queue(pipeline: PipelineSettings) -> LocalQueue | ServiceBusQueue:
     require_extra("functions", "azure.servicebus", "azure.identity")
     from writeback.adapters.servicebus import ServiceBusQueue
 
+    client_options, admin_options = servicebus_options(pipeline)
     if pipeline.servicebus_connection:
         return ServiceBusQueue.from_connection_string(
             pipeline.servicebus_connection,
             pipeline.servicebus_queue,
             max_delivery_count=pipeline.max_delivery_count,
+            client_options=client_options,
+            admin_options=admin_options,
         )
     return ServiceBusQueue.from_namespace(
         _namespace(pipeline),
         pipeline.servicebus_queue,
         sync_credential(pipeline.graph_auth, pipeline.credentials),
         max_delivery_count=pipeline.max_delivery_count,
+        client_options=client_options,
+        admin_options=admin_options,
     )
+
+
+def servicebus_options(pipeline: PipelineSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments for the AMQP clients and the administration client:
+    WRITEBACK_SERVICEBUS_ENDPOINT and WRITEBACK_SERVICEBUS_CA_FILE, as the SDK takes them."""
+    client: dict[str, Any] = {}
+    admin: dict[str, Any] = {}
+    if pipeline.servicebus_endpoint:
+        from azure.servicebus import TransportType
+
+        client["custom_endpoint_address"] = pipeline.servicebus_endpoint
+        # Named, or the SDK takes a custom endpoint for AMQP over WebSockets.
+        client["transport_type"] = TransportType.Amqp
+    if pipeline.servicebus_ca_file:
+        client["connection_verify"] = admin["connection_verify"] = pipeline.servicebus_ca_file
+    return client, admin
 
 
 def servicebus_client(pipeline: PipelineSettings) -> Any:
@@ -236,12 +257,17 @@ def servicebus_client(pipeline: PipelineSettings) -> Any:
 
     from writeback.adapters.servicebus import translated_errors
 
-    if pipeline.servicebus_connection:
-        with translated_errors("connect"):
-            return ServiceBusClient.from_connection_string(pipeline.servicebus_connection)
-    return ServiceBusClient(
-        _namespace(pipeline), sync_credential(pipeline.graph_auth, pipeline.credentials)
-    )
+    client_options, _ = servicebus_options(pipeline)
+    with translated_errors("connect"):
+        if pipeline.servicebus_connection:
+            return ServiceBusClient.from_connection_string(
+                pipeline.servicebus_connection, **client_options
+            )
+        return ServiceBusClient(
+            _namespace(pipeline),
+            sync_credential(pipeline.graph_auth, pipeline.credentials),
+            **client_options,
+        )
 
 
 def _namespace(pipeline: PipelineSettings) -> str:

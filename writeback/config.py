@@ -403,6 +403,23 @@ def _existing_file(name: str, path: str | None) -> str | None:
     return path
 
 
+def _servicebus_endpoint(value: str | None) -> str | None:
+    """``sb://host[:port]``, the form the SDK's ``custom_endpoint_address`` takes."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme.lower() != "sb" or not parts.hostname or port == -1 or parts.path.strip("/"):
+        raise ConfigError(
+            f"WRITEBACK_SERVICEBUS_ENDPOINT={value!r} must be sb://host or sb://host:port"
+        )
+    return value.rstrip("/")
+
+
 def _check_target_ou(dn: str) -> None:
     """An OU of the domain's own, never a default container (domain/target.py says why)."""
     from writeback.domain.target import TargetRefused, check_target_ou
@@ -498,6 +515,13 @@ class PipelineSettings:
     max_connections: int = 64
     #: Connection string for Service Bus (the emulator, local tools) instead of a namespace.
     servicebus_connection: str | None = field(default=None, repr=False)
+    #: PEM file of the CA that issued the namespace's certificate (an emulator's own
+    #: CA); certificates are always validated, against the system store by default.
+    servicebus_ca_file: str | None = None
+    #: ``sb://host:port`` the AMQP connection goes to instead of the namespace's
+    #: host (an emulator's AMQP port, an application gateway); the administration
+    #: API keeps the namespace's endpoint.
+    servicebus_endpoint: str | None = None
     #: How Service Bus is reached when no connection string is set.
     graph_auth: GraphAuth = GraphAuth.MANAGED_IDENTITY
     credentials: Credentials = field(default_factory=Credentials)
@@ -586,6 +610,10 @@ def load_pipeline_settings(
         webhook_key=webhook_key,
         max_connections=reader.integer("WRITEBACK_MAX_CONNECTIONS", 64, 1, 4096),
         servicebus_connection=connection,
+        servicebus_ca_file=_existing_file(
+            "WRITEBACK_SERVICEBUS_CA_FILE", env.get("WRITEBACK_SERVICEBUS_CA_FILE")
+        ),
+        servicebus_endpoint=_servicebus_endpoint(env.get("WRITEBACK_SERVICEBUS_ENDPOINT")),
         graph_auth=reader.choice("WRITEBACK_GRAPH_AUTH", GraphAuth, GraphAuth.MANAGED_IDENTITY),
         credentials=load_credentials(env),
     )

@@ -13,11 +13,15 @@ stand-in, AD a real Samba DC, and AD is read back over an independent admin
 connection.
 
 The Service Bus settlement (rescheduled copies, the dead-letter hand-off) is
-driven at the end against an in-memory broker with the SDK's own message types.
+driven at the end through the real SDK against the Service Bus emulator, on
+messages a session receiver took from it as the extension's do, decoded from the
+broker's data; and the app runs end to end on the emulator too, under the
+extension's loop over Service Bus (``test_over_service_bus_...``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -26,32 +30,72 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 import pytest
-from azure.functions.servicebus import ServiceBusMessage as DeliveredMessage
 from azure.functions.timer import TimerRequest
+from azure.servicebus import (
+    NEXT_AVAILABLE_SESSION,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiver,
+)
+from azure.servicebus.exceptions import OperationTimeoutError
 
-from tests.support.functions_host import FunctionsHost, app_functions
+from tests.support import functions_wire as wire
+from tests.support.functions_host import (
+    FunctionsHost,
+    HostStats,
+    Invocation,
+    ServiceBusTrigger,
+    app_functions,
+)
 from tests.support.relay import PATH as RELAY_PATH
 from tests.support.relay import SEND as RELAY_SEND
 from tests.support.relay import relay_rig
+from tests.support.servicebus import queue_name, sb
 from tests.support.settings import agent_only_settings, settings_read_by_the_code
 from tests.support.world import World, make_world
 from writeback import logging_setup
-from writeback.adapters.functions_settlement import ServiceBusSettlement
-from writeback.domain.events import CONTROL_SESSION, HANDOFF_MARK, ControlRequest
+from writeback.adapters import functions_settlement
+from writeback.adapters.functions_settlement import (
+    MIN_RESCHEDULE,
+    ServiceBusSettlement,
+    TriggeredLock,
+)
+from writeback.adapters.servicebus import (
+    ORIGINAL_MESSAGE_ID,
+    PRIOR_DELIVERIES,
+    derived_message_id,
+)
+from writeback.cli import EXIT_OK, main
+from writeback.domain.events import (
+    CONTROL_SESSION,
+    HANDOFF_MARK,
+    HANDOFF_SESSION_PROPERTY,
+    ControlRequest,
+)
 from writeback.errors import TransientError
 from writeback.hosting import functions
 from writeback.logging_setup import JsonFormatter
 from writeback.ports import OutgoingMessage, ReceivedMessage
 from writeback.service.pipeline import PAUSE_DELAY
+from writeback.service.replay import ReplayFilter, replay
 from writeback_sandbox.samba import SambaDC
+from writeback_sandbox.servicebus_emulator import (
+    APP_RULE,
+    MessageState,
+    QueueSettings,
+    ServiceBusEmulator,
+    Stored,
+)
+
+__all__ = ["queue_name", "sb"]  # fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "function-app-client-state-0123456789"
@@ -73,15 +117,18 @@ def entry(name: str) -> Callable[..., Any]:
 
 
 class Host:
-    """The Functions host's part for the Service Bus trigger, on the app's local queue:
-    the extension's loop (tests/support/functions_host.py, the app's own binding and
+    """The Functions host's part for the Service Bus trigger, on the app's local queue
+    (or on a queue of the Service Bus emulator, received through the real SDK): the
+    extension's loop (tests/support/functions_host.py, the app's own binding and
     host.json) calling the app's ``worker`` with the messages decoded as the worker
     decodes them (tests/support/functions_wire.py). ``deliver`` is one invocation."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, queue: Path | ServiceBusTrigger, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.delivered: list[list[func.ServiceBusMessage]] = []
         self._host = FunctionsHost.for_app(
-            path,
+            queue,
             function=self._worker,
             lock_duration=120,
             max_delivery_count=100,
@@ -103,11 +150,19 @@ class Host:
             return None
         return self.delivered[-1]
 
-    def drain(self, *, limit: int = 20) -> int:
+    def drain(self, *, limit: int = 20, wait: float = 0.2) -> int:
         runs = 0
-        while runs < limit and self.deliver(wait=0.2) is not None:
+        while runs < limit and self.deliver(wait=wait) is not None:
             runs += 1
         return runs
+
+    @property
+    def invocations(self) -> list[Invocation]:
+        return self._host.invocations
+
+    @property
+    def stats(self) -> HostStats:
+        return self._host.stats
 
 
 def http(
@@ -566,6 +621,119 @@ def test_pause_switch_keeps_events_and_writes_nothing(
     assert host.queue.depth() == 0
 
 
+# --------------------------------------------------------------------------- on Service Bus
+
+
+class ShiftedClock:
+    """The emulator's clock, which a test moves forward (scheduled copies fall due,
+    locks lapse) instead of waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@dataclass
+class OnServiceBus:
+    sb: ServiceBusEmulator
+    queue_name: str
+    clock: ShiftedClock
+    host: Host
+
+
+@pytest.fixture
+def on_servicebus(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[OnServiceBus]:
+    """The app with WRITEBACK_QUEUE=servicebus on an emulator of its own (the queue as
+    the Bicep makes it: sessions, 5-minute locks, duplicate detection, 120 deliveries),
+    reached with the app's rule (Send and Listen) through the settings only; the
+    extension's loop receives from it with the SDK."""
+    clock = ShiftedClock()
+    settings = QueueSettings(lock_duration=300, max_delivery_count=120)
+    with ServiceBusEmulator({"group-events": settings}, clock=clock) as emulator:
+        env = {
+            "WRITEBACK_QUEUE": "servicebus",
+            "WRITEBACK_SERVICEBUS_CONNECTION": emulator.connection_string_for(APP_RULE),
+            "WRITEBACK_SERVICEBUS_QUEUE": "group-events",
+            "WRITEBACK_SERVICEBUS_ENDPOINT": f"sb://{emulator.host}:{emulator.amqp_port}",
+            "WRITEBACK_SERVICEBUS_CA_FILE": emulator.ca_file,
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("WRITEBACK_QUEUE_PATH")
+        functions.reset()
+        host = Host(ServiceBusTrigger(emulator, "group-events"), clock=clock)
+        try:
+            yield OnServiceBus(emulator, "group-events", clock, host)
+        finally:
+            host.close()
+            functions.reset()
+
+
+def test_over_service_bus_events_retries_hand_off_dead_letters_and_replay(
+    world: World, on_servicebus: OnServiceBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Webhook → the emulator's queue → the app's worker under the extension's loop
+    (SDK session receivers) → AD; a DC outage reschedules a copy; a poison body goes
+    to the dead-letter sub-queue by the hand-off; ``replay`` brings it back into the
+    group's own session, where the worker refuses it again."""
+    sb, name, host = on_servicebus.sb, on_servicebus.queue_name, on_servicebus.host
+    gid = world.add_group(1, "On the bus", ["user0", "user1"])
+    assert http("notifications", notification(gid)).status_code == 202
+    assert http("notifications", notification(gid)).status_code == 202  # Graph's retry
+    assert sb.counts(name)["active"] == 1  # dropped as a duplicate by the broker
+
+    [message] = host.deliver(wait=5) or []
+    assert (message.session_id, message.delivery_count) == (gid, 1)
+    entry_ = world.ad_entry(gid)
+    assert entry_ is not None
+    assert entry_["member_sids"] == {world.sid_of("user0"), world.sid_of("user1")}
+    # Completed by the host; the confirmation read waits, scheduled in the session.
+    assert host.invocations[-1].settlement == "completed"
+    assert (sb.counts(name)["active"], sb.counts(name)["scheduled"]) == (0, 1)
+
+    # The DC is down: the event is rescheduled as a copy, not lost, not dead-lettered.
+    dc_url = os.environ["WRITEBACK_LDAP_URL"]
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", "ldaps://127.0.0.1:9")  # nothing listens
+    world.tenant.update_group(gid, display_name="Renamed on the bus")
+    assert http("notifications", notification(gid, seq=2)).status_code == 202
+    assert host.deliver(wait=5) is not None
+    assert host.invocations[-1].settlement == "completed"  # the copy carries the event
+    copies = [m for m in sb.messages(name) if PRIOR_DELIVERIES in properties_of(m)]
+    assert [(c.session_id, c.state, properties_of(c)[PRIOR_DELIVERIES]) for c in copies] == [
+        (gid, MessageState.SCHEDULED, "1")
+    ]
+    assert sb.counts(name)["dead_lettered"] == 0
+    monkeypatch.setenv("WRITEBACK_LDAP_URL", dc_url)
+    on_servicebus.clock.offset += 600  # the copy (and the confirmation) fall due
+    assert host.drain(wait=3) >= 1
+    assert 2 in [count for i in host.invocations for count in i.delivery_counts]
+    entry_ = world.ad_entry(gid)
+    assert entry_ is not None and entry_["displayname"] == ["Renamed on the bus"]
+
+    # A poison body: dead-lettered from a hand-off session, listed as the group's.
+    host.queue.send([OutgoingMessage(b"\x00 not an envelope", "poison-1", gid)])
+    assert host.drain(wait=3) >= 1
+    [letter] = host.queue.dead_letters()
+    assert (letter.message_id, letter.session_id, letter.reason) == ("poison-1", gid, "PoisonEvent")
+    [stored] = sb.messages(f"{name}/$DeadLetterQueue")
+    assert stored.session_id is not None and stored.session_id.startswith(gid + HANDOFF_MARK)
+
+    # replay, as the command: back into the group's own session, and refused again.
+    out = io.StringIO()
+    assert main(["replay", "--reason", "PoisonEvent"], out=out) == EXIT_OK
+    assert f"moved: message poison-1 group {gid} reason PoisonEvent" in out.getvalue()
+    [back] = [m for m in sb.messages(name) if m.state is MessageState.ACTIVE]
+    assert back.session_id == gid
+    assert sb.counts(name)["dead_lettered"] == 0
+    assert host.drain(wait=3) >= 1
+    assert [d.message_id for d in host.queue.dead_letters()] == ["poison-1"]
+    assert sb.counts(name)["active"] == 0
+    stats = host.stats
+    assert (stats.overlaps, stats.lock_losses, stats.settle_failures) == (0, 0, 0)
+
+
 # --------------------------------------------------------------------------- timers
 
 
@@ -744,164 +912,254 @@ def test_configure_logging_writes_json_lines_outside_the_host(
 
 
 # --------------------------------------------------------------------------- Service Bus settlement
+#
+# ServiceBusSettlement through the real SDK against the emulator: the message is sent
+# and taken by a session receiver as the extension's receivers take it (next
+# available session, peek-lock, no prefetch), the function's argument is decoded by
+# azure.functions from the broker's own data (lock token, sequence number, delivery
+# count, application properties), and the "host" completes the original when the
+# function returns, as autoCompleteMessages does.
 
 
-class Broker:
-    """An in-memory stand-in for the few client calls ServiceBusSettlement makes."""
+@dataclass
+class Delivered:
+    """One message the host holds: what the function got, and the host's receiver."""
 
-    def __init__(self) -> None:
-        self.scheduled: list[tuple[Any, datetime]] = []
-        self.sessions: dict[str, list[Any]] = {}
-        self.locked: set[str] = set()
-        self.dead_letters: list[tuple[Any, str, str]] = []
-        self.sent_before_lock: list[str] = []
+    trigger: func.ServiceBusMessage
+    message: ReceivedMessage
+    raw: ServiceBusReceivedMessage
+    receiver: ServiceBusReceiver
 
-    def get_queue_sender(self, queue_name: str) -> Any:
-        broker = self
-
-        class Sender:
-            def schedule_messages(self, message: Any, when: datetime) -> list[int]:
-                broker.scheduled.append((message, when))
-                return [len(broker.scheduled)]
-
-            def send_messages(self, message: Any) -> None:
-                if message.session_id not in broker.locked:
-                    broker.sent_before_lock.append(message.session_id)
-                broker.sessions.setdefault(message.session_id, []).append(message)
-
-            def close(self) -> None:
-                pass
-
-        return Sender()
-
-    def get_queue_receiver(self, queue_name: str, *, session_id: str, **options: Any) -> Any:
-        broker = self
-
-        class Receiver:
-            def __enter__(self) -> Any:
-                broker.locked.add(session_id)
-                return self
-
-            def __exit__(self, *exc: object) -> None:
-                broker.locked.discard(session_id)
-
-            def receive_messages(self, max_message_count: int, max_wait_time: float) -> list[Any]:
-                waiting = broker.sessions.get(session_id, [])
-                taken, broker.sessions[session_id] = (
-                    waiting[:max_message_count],
-                    waiting[max_message_count:],
-                )
-                return taken
-
-            def dead_letter_message(
-                self, message: Any, *, reason: str, error_description: str
-            ) -> None:
-                broker.dead_letters.append((message, reason, error_description))
-
-        return Receiver()
+    def complete(self) -> None:
+        """The host's auto-completion once the function returned."""
+        self.receiver.complete_message(self.raw)
 
 
-def triggered(
+@contextlib.contextmanager
+def host_delivery(
+    sb: ServiceBusEmulator,
+    queue: str,
     *,
     body: bytes = b"{}",
     session_id: str = "g-1",
-    delivery_count: int = 1,
-    properties: dict[str, Any] | None = None,
     message_id: str = "m-1",
-) -> ReceivedMessage:
-    return functions.from_trigger(
-        DeliveredMessage(
-            body=body,
-            message_id=message_id,
-            session_id=session_id,
-            delivery_count=delivery_count,
-            lock_token=str(uuid.uuid4()),
-            sequence_number=11,
-            enqueued_time_utc=datetime.now(UTC),
-            application_properties=properties or {},
-            user_properties={},
-        )
+    properties: dict[str, str] | None = None,
+    deliveries: int = 1,
+) -> Iterator[Delivered]:
+    """Send one message and hold its ``deliveries``-th delivery (the earlier ones
+    abandoned on the broker, which counts them)."""
+    with sb.client() as client:
+        with client.get_queue_sender(queue) as sender:
+            sender.send_messages(
+                ServiceBusMessage(
+                    body,
+                    message_id=message_id,
+                    session_id=session_id,
+                    application_properties={k: v for k, v in (properties or {}).items()},
+                )
+            )
+        with client.get_queue_receiver(
+            queue, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=10, prefetch_count=0
+        ) as receiver:
+            for delivery in range(1, deliveries + 1):
+                [raw] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+                if delivery < deliveries:
+                    receiver.abandon_message(raw)
+            [trigger] = wire.decode([wire.received_broker_message(raw)], "one")
+            yield Delivered(trigger, functions.from_trigger(trigger), raw, receiver)
+
+
+@contextlib.contextmanager
+def app_settlement(
+    sb: ServiceBusEmulator, queue: str, max_delivery_count: int = 5, **options: Any
+) -> Iterator[ServiceBusSettlement]:
+    """The settlement as the app builds it: its own client, with the app's rights."""
+    settlement = ServiceBusSettlement(
+        sb.client(APP_RULE, retry_total=3), queue, max_delivery_count=max_delivery_count, **options
     )
+    try:
+        yield settlement
+    finally:
+        settlement.close()
 
 
-def settlement(broker: Broker, max_delivery_count: int = 5) -> ServiceBusSettlement:
-    return ServiceBusSettlement(
-        cast(Any, broker), "group-events", max_delivery_count=max_delivery_count
-    )
+def receive_in_session(sb: ServiceBusEmulator, queue: str, session: str) -> func.ServiceBusMessage:
+    """The next message of ``session`` as the function would get it (then completed)."""
+    with (
+        sb.client() as client,
+        client.get_queue_receiver(
+            queue, session_id=session, max_wait_time=10, prefetch_count=0
+        ) as receiver,
+    ):
+        [raw] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+        [trigger] = wire.decode([wire.received_broker_message(raw)], "one")
+        receiver.complete_message(raw)
+        return trigger
 
 
-def as_trigger_message(sent: Any, delivery_count: int = 1) -> func.ServiceBusMessage:
-    """What the host would hand the function for a message we sent or scheduled."""
-    return DeliveredMessage(
-        body=b"".join(sent.body),
-        message_id=sent.message_id,
-        session_id=sent.session_id,
-        delivery_count=delivery_count,
-        application_properties=dict(sent.application_properties or {}),
-        user_properties={},
-    )
+def properties_of(stored: Stored) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (stored.payload.properties or {}).items()}
 
 
-def test_abandon_schedules_a_copy_that_carries_the_count_and_the_original_id() -> None:
-    broker = Broker()
-    message = triggered(delivery_count=2, properties={"trace": "t-1"})
-    before = datetime.now(UTC)
-    settlement(broker).abandon(message, delay=30)
-    [(copy, when)] = broker.scheduled
-    assert copy.session_id == "g-1"
+def test_abandon_schedules_a_copy_that_carries_the_count_and_the_original_id(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    with (
+        app_settlement(sb, queue_name) as settlement,
+        host_delivery(sb, queue_name, deliveries=2, properties={"trace": "t-1"}) as held,
+    ):
+        assert held.message.delivery_count == 2  # the broker's count, as the host gives it
+        before = time.time()
+        settlement.abandon(held.message, delay=30)
+        held.complete()
+    [copy] = sb.messages(queue_name)
+    assert (copy.state, copy.session_id) == (MessageState.SCHEDULED, "g-1")
     assert copy.message_id != "m-1"  # not dropped by duplicate detection
-    assert before + timedelta(seconds=29) <= when <= datetime.now(UTC) + timedelta(seconds=31)
-    again = functions.from_trigger(as_trigger_message(copy))
+    assert copy.scheduled_for is not None
+    assert before + 29 <= copy.scheduled_for <= time.time() + 31
+    assert properties_of(copy) == {
+        "trace": "t-1",
+        ORIGINAL_MESSAGE_ID: "m-1",
+        PRIOR_DELIVERIES: "2",
+    }
+
+
+def test_a_rescheduled_copy_comes_back_in_the_session_with_the_count_going_on(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    with (
+        app_settlement(sb, queue_name) as settlement,
+        host_delivery(sb, queue_name, deliveries=2, properties={"trace": "t-1"}) as held,
+    ):
+        settlement.abandon(held.message, delay=MIN_RESCHEDULE)
+        held.complete()
+    again = functions.from_trigger(receive_in_session(sb, queue_name, "g-1"))
     assert (again.message_id, again.session_id, again.delivery_count) == ("m-1", "g-1", 3)
-    assert again.lock is not None and "trace" in cast(Any, again.lock).properties
+    assert isinstance(again.lock, TriggeredLock) and again.lock.properties["trace"] == "t-1"
+    assert sb.counts(queue_name) == {
+        "active": 0,
+        "scheduled": 0,
+        "deferred": 0,
+        "dead_lettered": 0,
+    }
 
 
-def test_pause_reschedules_without_counting_a_delivery() -> None:
-    broker = Broker()
-    message = triggered(delivery_count=3)
-    settlement(broker).park(message, delay=PAUSE_DELAY)
-    [(copy, _)] = broker.scheduled
-    assert functions.from_trigger(as_trigger_message(copy)).delivery_count == 3
+def test_pause_reschedules_without_counting_a_delivery(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    with (
+        app_settlement(sb, queue_name) as settlement,
+        host_delivery(sb, queue_name, deliveries=3) as held,
+    ):
+        settlement.park(held.message, delay=MIN_RESCHEDULE)
+        held.complete()
+    back = functions.from_trigger(receive_in_session(sb, queue_name, "g-1"))
+    assert back.delivery_count == 3  # the parked delivery was not the event's fault
 
 
-def test_at_the_delivery_limit_abandon_dead_letters_with_the_reason() -> None:
-    broker = Broker()
-    settlement(broker, max_delivery_count=5).abandon(triggered(delivery_count=5), delay=10)
-    assert broker.scheduled == []
-    [(_, reason, description)] = broker.dead_letters
-    assert reason == "MaxDeliveryCountExceeded" and "5 delivery attempts" in description
+def test_at_the_delivery_limit_abandon_dead_letters_with_the_reason(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    """A rescheduled copy that already carries four deliveries: its first is the fifth."""
+    with (
+        app_settlement(sb, queue_name, max_delivery_count=5) as settlement,
+        host_delivery(sb, queue_name, properties={PRIOR_DELIVERIES: "4"}) as held,
+    ):
+        assert held.message.delivery_count == 5
+        settlement.abandon(held.message, delay=10)
+        held.complete()
+    counts = sb.counts(queue_name)
+    assert (counts["active"], counts["scheduled"], counts["dead_lettered"]) == (0, 0, 1)
+    [letter] = sb.messages(f"{queue_name}/$DeadLetterQueue")
+    assert letter.dead_letter_reason == "MaxDeliveryCountExceeded"
+    assert "5 delivery attempts" in (letter.dead_letter_description or "")
 
 
-def test_dead_letter_hands_a_copy_to_a_session_it_locked_first() -> None:
-    broker = Broker()
+def test_dead_letter_hands_a_copy_to_a_session_it_locked_first(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    """A receiver of the host's waits for the next available session throughout: it
+    never gets the hand-off copy, because the settlement locked that session before
+    sending into it. Replayed, the letter goes back to the group's own session."""
     gid = str(uuid.uuid4())
-    message = triggered(session_id=gid, delivery_count=2, message_id="gc-abc")
-    settlement(broker).dead_letter(message, "OverMemberLimit", "group has 60001 members")
-    [(letter, reason, description)] = broker.dead_letters
-    assert (reason, description) == ("OverMemberLimit", "group has 60001 members")
-    assert letter.session_id.startswith(gid + HANDOFF_MARK)
-    assert broker.sent_before_lock == []  # the host could never have taken it
-    # Replayed from the dead letters, it comes back in the hand-off session: the
-    # worker sees the group's session and the original id again.
-    back = functions.from_trigger(as_trigger_message(letter))
-    assert (back.session_id, back.message_id, back.delivery_count) == (gid, "gc-abc", 2)
+    with (
+        app_settlement(sb, queue_name) as settlement,
+        host_delivery(sb, queue_name, session_id=gid, deliveries=2, message_id="gc-abc") as held,
+    ):
+        grabbed: list[object] = []
+        with sb.client() as client:
+            other = client.get_queue_receiver(
+                queue_name, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=4, prefetch_count=0
+            )
+            waiting = threading.Thread(
+                target=lambda: grabbed.extend(
+                    _receive_or_nothing(other, max_message_count=1, max_wait_time=4)
+                )
+            )
+            waiting.start()
+            wait_for(lambda: sb.pending_accepts() == 1)  # its attach waits for a session
+            settlement.dead_letter(held.message, "OverMemberLimit", "group has 60001 members")
+            held.complete()
+            waiting.join(20)
+            other.close()
+        assert grabbed == []
+    [letter] = sb.messages(f"{queue_name}/$DeadLetterQueue")
+    assert (letter.dead_letter_reason, letter.dead_letter_description) == (
+        "OverMemberLimit",
+        "group has 60001 members",
+    )
+    assert letter.session_id is not None and letter.session_id.startswith(gid + HANDOFF_MARK)
+    assert properties_of(letter)[HANDOFF_SESSION_PROPERTY] == gid
+    assert sb.counts(queue_name)["active"] == 0
+    with sb.queue_adapter(queue_name, dead_letter_wait=0.5) as queue:
+        report = replay(queue, ReplayFilter(reason="OverMemberLimit"))
+    assert (report.moved, report.failed) == (1, 0)
+    back = functions.from_trigger(receive_in_session(sb, queue_name, gid))
+    assert (back.session_id, back.message_id, back.delivery_count) == (gid, "gc-abc", 1)
+    assert isinstance(back.lock, TriggeredLock) and back.lock.session_id == gid
 
 
-def test_a_hand_off_that_never_arrives_raises_so_the_host_abandons() -> None:
-    broker = Broker()
-    original = broker.get_queue_receiver
-
-    def receiver_losing_messages(queue_name: str, *, session_id: str, **options: Any) -> Any:
-        receiver = original(queue_name, session_id=session_id, **options)
-        receiver.receive_messages = lambda **kw: []
-        return receiver
-
-    broker.get_queue_receiver = receiver_losing_messages  # type: ignore[method-assign]
-    with pytest.raises(TransientError):
-        settlement(broker).dead_letter(triggered(), "PoisonEvent", "bad")
+def _receive_or_nothing(receiver: ServiceBusReceiver, **options: Any) -> list[object]:
+    try:
+        return list(receiver.receive_messages(**options))
+    except OperationTimeoutError:
+        return []  # no session was free within the wait
 
 
-def test_complete_leaves_the_message_to_the_host() -> None:
-    broker = Broker()
-    settlement(broker).complete(triggered())
-    assert broker.scheduled == [] and broker.dead_letters == [] and broker.sessions == {}
+def test_a_hand_off_that_never_arrives_raises_so_the_host_abandons(
+    sb: ServiceBusEmulator, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Duplicate detection drops a copy whose id the queue has seen in its window, and
+    says nothing: here the hand-off's id was sent before."""
+    session = f"g-1{HANDOFF_MARK}00000000abcd"  # its random part fixed
+    monkeypatch.setattr(functions_settlement, "handoff_session_id", lambda group: session)
+    earlier = derived_message_id("m-1", "x" + session.rsplit(HANDOFF_MARK, 1)[1])
+    with (
+        app_settlement(sb, queue_name, handoff_wait=1.0) as settlement,
+        host_delivery(sb, queue_name) as held,
+    ):
+        with sb.client() as client, client.get_queue_sender(queue_name) as sender:
+            sender.send_messages(ServiceBusMessage(b"{}", message_id=earlier, session_id="x"))
+        with pytest.raises(TransientError, match="did not arrive"):
+            settlement.dead_letter(held.message, "PoisonEvent", "bad")
+        held.receiver.abandon_message(held.raw)  # the invocation failed: the host abandons
+    assert sb.counts(queue_name)["dead_lettered"] == 0
+    with sb.lock:
+        [original] = [m for m in sb.queue(queue_name).iter_messages() if m.session_id == "g-1"]
+        assert (original.message_id, original.deliveries) == ("m-1", 1)  # delivered again
+
+
+def test_complete_leaves_the_message_to_the_host(sb: ServiceBusEmulator, queue_name: str) -> None:
+    with (
+        app_settlement(sb, queue_name) as settlement,
+        host_delivery(sb, queue_name) as held,
+    ):
+        settlement.complete(held.message)
+        assert sb.counts(queue_name) == {
+            "active": 1,  # still locked by the host's receiver
+            "scheduled": 0,
+            "deferred": 0,
+            "dead_lettered": 0,
+        }
+        held.complete()
+    assert sb.counts(queue_name)["active"] == 0

@@ -1,5 +1,6 @@
 """The single-machine pipeline end to end: Graph stand-in → real HTTP webhook →
-LocalQueue → worker threads → real Samba DC, all inside one ``Server``.
+LocalQueue → worker threads → real Samba DC, all inside one ``Server``; and the same
+with the queue on Service Bus (``[servicebus]``: the emulator, through the real SDK).
 
 Directory state is read back over an independent admin connection; that an
 event made no write is shown by the object's ``uSNChanged``, which the DC bumps
@@ -28,15 +29,19 @@ import pytest
 from ldap3 import BASE, MODIFY_REPLACE
 
 from tests.support.relay import PATH, RelayRig, relay_rig
+from tests.support.servicebus import new_queue, sb
 from tests.support.world import World, make_world
 from writeback.adapters.local_queue import LocalQueue
 from writeback.cli import EXIT_OK, main
 from writeback.domain.model import Operation
 from writeback.errors import WritebackError
 from writeback.hosting.serve import ServeConfig, Server
-from writeback.ports import Directory, OutgoingMessage
+from writeback.ports import Directory, EventQueue, OutgoingMessage
 from writeback.service.replay import ReplayFilter, replay
 from writeback_sandbox.samba import SambaDC
+from writeback_sandbox.servicebus_emulator import ServiceBusEmulator
+
+__all__ = ["sb"]  # fixture
 
 SECRET = "pipeline-client-state-for-tests"
 KEY = "function-key-for-tests-0123456789"
@@ -65,17 +70,46 @@ FAST = ServeConfig(
 
 
 class Pipeline:
-    """A started Server over a LocalQueue in ``tmp``; closes everything it made.
+    """A started Server over a LocalQueue in ``tmp``, or with ``servicebus`` over a queue
+    of the Service Bus emulator through the product's ServiceBusQueue (the real SDK
+    over AMQP: what ``WRITEBACK_QUEUE=servicebus`` builds); closes everything it made.
 
     With a ``relay`` rig the workers reach AD as ``WRITEBACK_DIRECTORY=relay`` does:
     through the Relay stand-in to an agent that holds the LDAP connection.
     """
 
-    def __init__(self, world: World, tmp: Path, relay: RelayRig | None = None) -> None:
+    def __init__(
+        self,
+        world: World,
+        tmp: Path,
+        relay: RelayRig | None = None,
+        servicebus: ServiceBusEmulator | None = None,
+    ) -> None:
         self.world = world
         self.tmp = tmp
         self.relay = relay
+        self.servicebus = servicebus
         self.servers: list[Server] = []
+        self.queue_name = ""
+        if servicebus is not None:
+            # As the Bicep makes it, the lock shorter (a worker that dies gives it back
+            # sooner), the broker's own count above the app's.
+            self.queue_name = new_queue(servicebus, lock_duration=30.0, max_delivery_count=120)
+
+    def queue_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The settings the command-line tools read to find this pipeline's queue."""
+        monkeypatch.setenv("WRITEBACK_STATE_PATH", str(self.state_path))
+        for name in ("WRITEBACK_QUEUE", "WRITEBACK_SERVICEBUS_NAMESPACE"):
+            monkeypatch.delenv(name, raising=False)
+        sb = self.servicebus
+        if sb is None:
+            monkeypatch.setenv("WRITEBACK_QUEUE_PATH", str(self.queue_path))
+            monkeypatch.delenv("WRITEBACK_SERVICEBUS_CONNECTION", raising=False)
+            return
+        monkeypatch.setenv("WRITEBACK_SERVICEBUS_CONNECTION", sb.connection_string)
+        monkeypatch.setenv("WRITEBACK_SERVICEBUS_QUEUE", self.queue_name)
+        monkeypatch.setenv("WRITEBACK_SERVICEBUS_ENDPOINT", f"sb://{sb.host}:{sb.amqp_port}")
+        monkeypatch.setenv("WRITEBACK_SERVICEBUS_CA_FILE", sb.ca_file)
 
     @property
     def queue_path(self) -> Path:
@@ -93,7 +127,11 @@ class Pipeline:
         **config: Any,
     ) -> Server:
         world = self.world
-        queue = LocalQueue(self.queue_path, lock_duration=30, max_delivery_count=50)
+        queue: EventQueue
+        if self.servicebus is not None:
+            queue = self.servicebus.queue_adapter(self.queue_name, max_delivery_count=50)
+        else:
+            queue = LocalQueue(self.queue_path, lock_duration=30, max_delivery_count=50)
         options = world.options
         if member_limit is not None:
             options = replace(options, member_limit=member_limit)
@@ -126,18 +164,28 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def _pipeline(world: World, tmp: Path, *, through_relay: bool) -> Iterator[Pipeline]:
+def _pipeline(
+    world: World,
+    tmp: Path,
+    *,
+    through_relay: bool,
+    servicebus: ServiceBusEmulator | None = None,
+) -> Iterator[Pipeline]:
     with contextlib.ExitStack() as stack:
         rig = stack.enter_context(relay_rig()) if through_relay else None
-        p = Pipeline(world, tmp, rig)
+        p = Pipeline(world, tmp, rig, servicebus)
         stack.callback(p.close)
         yield p
 
 
-@pytest.fixture(params=["ldap", "relay"])
+@pytest.fixture(params=["ldap", "relay", "servicebus"])
 def pipeline(world: World, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pipeline]:
-    """The pipeline with each WRITEBACK_DIRECTORY: direct LDAP, and through the relay."""
-    with _pipeline(world, tmp_path, through_relay=request.param == "relay") as p:
+    """The pipeline with each WRITEBACK_DIRECTORY (direct LDAP, through the relay) on
+    the local queue, and direct LDAP with the queue on Service Bus (the emulator)."""
+    servicebus = request.getfixturevalue("sb") if request.param == "servicebus" else None
+    with _pipeline(
+        world, tmp_path, through_relay=request.param == "relay", servicebus=servicebus
+    ) as p:
         yield p
 
 
@@ -360,10 +408,7 @@ def test_an_over_limit_group_is_dead_lettered_then_replayed_after_raising_the_li
     assert (letter.session_id, letter.reason) == (gid, "OverMemberLimit")
     assert world.ad_entry(gid) is None
 
-    monkeypatch.setenv("WRITEBACK_QUEUE_PATH", str(pipeline.queue_path))
-    monkeypatch.setenv("WRITEBACK_STATE_PATH", str(pipeline.state_path))
-    monkeypatch.delenv("WRITEBACK_QUEUE", raising=False)
-    monkeypatch.delenv("WRITEBACK_SERVICEBUS_NAMESPACE", raising=False)
+    pipeline.queue_settings(monkeypatch)
     out = io.StringIO()
     assert main(["status"], out=out) == EXIT_OK
     assert "dead letters: 1 (OverMemberLimit 1)" in out.getvalue()

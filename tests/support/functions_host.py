@@ -99,12 +99,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from tests.support import functions_wire as wire
 from writeback.adapters.local_queue import LocalQueue
 from writeback.errors import LockLost
 from writeback.ports import ReceivedMessage
+
+if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusClient, ServiceBusReceiver
+
+    from writeback.adapters.servicebus import ServiceBusQueue
+    from writeback_sandbox.servicebus_emulator import ServiceBusEmulator
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 HOST_JSON: Final = ROOT / "host.json"
@@ -296,7 +302,7 @@ class FunctionsHost:
     def __init__(
         self,
         function: Callable[[Any], object],
-        queue_path: str | Path,
+        queue_path: str | Path | ServiceBusTrigger,
         *,
         options: TriggerOptions,
         lock_duration: float = QUEUE_LOCK_DURATION,
@@ -318,9 +324,15 @@ class FunctionsHost:
             "clock": clock,
             "durable_commits": durable_commits,
         }
-        self.path = Path(queue_path)
-        #: For the test: sending, depth, dead letters (a connection of its own).
-        self.queue = LocalQueue(self.path, **self._queue_options)
+        self.servicebus = queue_path if isinstance(queue_path, ServiceBusTrigger) else None
+        self.path = Path("") if self.servicebus is not None else Path(cast(str, queue_path))
+        #: For the test: sending, depth, dead letters (a connection of its own): the
+        #: LocalQueue, or over Service Bus the product's ServiceBusQueue adapter.
+        self.queue: Any = (
+            self.servicebus.test_queue()
+            if self.servicebus is not None
+            else LocalQueue(self.path, **self._queue_options)
+        )
         self.invocations: list[Invocation] = []
         self._stats = HostStats()
         self._lock = threading.Lock()
@@ -340,7 +352,7 @@ class FunctionsHost:
     @classmethod
     def for_app(
         cls,
-        queue_path: str | Path,
+        queue_path: str | Path | ServiceBusTrigger,
         *,
         function_name: str = "worker",
         host_json: Path = HOST_JSON,
@@ -499,7 +511,11 @@ class _Slot:
         self.host = host
         self.instance = instance
         self.index = index
-        self.queue = LocalQueue(host.path, **host._queue_options)
+        self.queue: Any = (
+            host.servicebus.slot_queue()
+            if host.servicebus is not None
+            else LocalQueue(host.path, **host._queue_options)
+        )
         self.session: str | None = None
         self.many = host.options.cardinality == "many"
 
@@ -704,3 +720,172 @@ class _Renewer:
                 return False
             del self._entries[id(entry.slot)]
             return True
+
+
+# --------------------------------------------------------------------------- over Service Bus
+
+
+@dataclass(frozen=True)
+class ServiceBusTrigger:
+    """The loop over a queue of the Service Bus emulator instead of the queue file:
+    each concurrency slot is one session receiver of the real SDK, with a client
+    (an AMQP connection) of its own, as each of the extension's receivers has.
+
+    ``rule`` is the host's connection (the app's Send and Listen rule, like its role
+    assignments); the test's own :attr:`FunctionsHost.queue` is the product's
+    :class:`~writeback.adapters.servicebus.ServiceBusQueue` with Manage rights, for
+    sending, the depth and the dead letters.
+    """
+
+    emulator: ServiceBusEmulator
+    queue_name: str
+    rule: str = "writeback-app"
+
+    def slot_queue(self) -> ServiceBusSlotQueue:
+        return ServiceBusSlotQueue(
+            self.emulator.client(self.rule), self.queue_name, clock=self.emulator.broker.clock
+        )
+
+    def test_queue(self) -> ServiceBusQueue:
+        from writeback_sandbox.servicebus_emulator import ROOT_RULE
+
+        return self.emulator.queue_adapter(self.queue_name, ROOT_RULE)
+
+
+class ServiceBusSlotQueue:
+    """One receiver of the extension over the SDK, with the LocalQueue calls the loop
+    makes: accept the next session with a message (``AcceptNextSessionAsync``),
+    receive from it, settle on its link, renew and read its session lock.
+
+    Where it differs from the extension's .NET receiver: accepting costs the Python
+    SDK a new connection and link (about 0.6 s on loopback, mostly its own 50 ms
+    sleeps while the link opens), which comes out of the accept's wait, so an
+    accept waits at least ``MIN_ACCEPT``; a closed session receiver is closed on a
+    thread of its own (the SDK's close waits up to a second for its keep-alive
+    thread), as the extension does not wait for a close either.
+    """
+
+    MIN_ACCEPT: Final = 2.0
+
+    def __init__(
+        self, client: ServiceBusClient, queue_name: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._client = client
+        self._queue_name = queue_name
+        self._clock = clock  # the broker's: lock times are its
+        self._receiver: ServiceBusReceiver | None = None
+        self._session: str | None = None
+        self._closing: list[threading.Thread] = []
+
+    def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
+        from azure.servicebus import NEXT_AVAILABLE_SESSION
+        from azure.servicebus.exceptions import OperationTimeoutError
+
+        from writeback.adapters.servicebus import translated_errors
+
+        if self._receiver is not None:
+            raise RuntimeError("a session is held already")
+        budget = max(wait, self.MIN_ACCEPT)
+        receiver = self._client.get_queue_receiver(
+            self._queue_name,
+            session_id=NEXT_AVAILABLE_SESSION,
+            max_wait_time=budget,
+            prefetch_count=0,
+        )
+        try:
+            with translated_errors("accept session"):
+                try:
+                    raw = receiver.receive_messages(
+                        max_message_count=max_messages, max_wait_time=budget
+                    )
+                except OperationTimeoutError:
+                    raw = []  # no session with a message within the wait
+        except BaseException:
+            self._close_later(receiver)
+            raise
+        if not raw:
+            self._close_later(receiver)
+            return []
+        self._receiver, self._session = receiver, receiver.session.session_id
+        return [self._ours(m) for m in raw]
+
+    def receive_from_session(
+        self, session_id: str, max_messages: int, wait: float
+    ) -> list[ReceivedMessage]:
+        from writeback.adapters.servicebus import translated_errors
+
+        receiver = self._held(session_id)
+        with translated_errors("receive"):
+            raw = receiver.receive_messages(
+                max_message_count=max_messages, max_wait_time=max(wait, 0.05)
+            )
+        return [self._ours(m) for m in raw]
+
+    def complete(self, message: ReceivedMessage) -> None:
+        from writeback.adapters.servicebus import translated_errors
+
+        with translated_errors("complete"):
+            self._held(message.session_id).complete_message(self._raw(message))
+
+    def abandon(self, message: ReceivedMessage) -> None:
+        from writeback.adapters.servicebus import translated_errors
+
+        with translated_errors("abandon"):
+            self._held(message.session_id).abandon_message(self._raw(message))
+
+    def session_lock_expiry(self, session_id: str) -> float | None:
+        """When the held session's lock lapses (Unix seconds); None when it is gone."""
+        if self._receiver is None or self._session != session_id:
+            return None
+        session = self._receiver.session
+        until = session.locked_until_utc
+        if until is None or session.auto_renew_error is not None:
+            return None
+        expiry = until.timestamp()
+        return expiry if expiry > self._clock() else None
+
+    def renew_session_lock(self, session_id: str) -> float:
+        from writeback.adapters.servicebus import translated_errors
+
+        with translated_errors("renew session lock"):
+            return self._held(session_id).session.renew_lock().timestamp()
+
+    def release_session(self, session_id: str) -> None:
+        if self._receiver is not None and self._session == session_id:
+            receiver, self._receiver, self._session = self._receiver, None, None
+            self._close_later(receiver)
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._close_later(self._receiver)
+            self._receiver = self._session = None
+        for thread in self._closing:
+            thread.join(10)
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _held(self, session_id: str) -> ServiceBusReceiver:
+        if self._receiver is None or self._session != session_id:
+            raise LockLost(f"session {session_id} is not held by this receiver")
+        return self._receiver
+
+    @staticmethod
+    def _raw(message: ReceivedMessage) -> Any:
+        return message.lock
+
+    @staticmethod
+    def _ours(raw: Any) -> ReceivedMessage:
+        from writeback.adapters.servicebus import from_servicebus_message
+
+        return from_servicebus_message(raw)
+
+    def _close_later(self, receiver: ServiceBusReceiver) -> None:
+        def close() -> None:
+            with contextlib.suppress(Exception):
+                receiver.close()
+
+        thread = threading.Thread(target=close, name="sb-receiver-close", daemon=True)
+        self._closing = [t for t in self._closing if t.is_alive()] + [thread]
+        thread.start()

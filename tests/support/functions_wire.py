@@ -61,6 +61,10 @@ Two consequences a test can rely on, because Azure does the same: the decoded
 and the converter's local-time format matches it); and lock tokens, sequence
 numbers and delivery counts are the queue's own (``LocalLock``), so the app's
 local settlement finds the message again.
+
+Messages the real SDK received from a broker (the Service Bus emulator) go the
+same way (:func:`received_broker_message`): their lock tokens, sequence numbers,
+delivery counts, times and application properties are the broker's.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import azure.functions as func
 from azure.functions import meta
@@ -78,6 +82,9 @@ from azure.functions.servicebus import ServiceBusMessageInConverter
 
 from writeback.adapters.local_queue import LocalLock
 from writeback.ports import ReceivedMessage
+
+if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusReceivedMessage
 
 #: The queue's DefaultMessageTimeToLive (infra/modules/servicebus.bicep: P14D).
 QUEUE_TIME_TO_LIVE: Final = timedelta(days=14)
@@ -121,10 +128,16 @@ class BrokerMessage:
 def broker_message(
     message: ReceivedMessage, *, time_to_live: timedelta = QUEUE_TIME_TO_LIVE
 ) -> BrokerMessage:
-    """What Service Bus would hand the extension for a message of our local queue."""
+    """What Service Bus hands the extension: for a message the SDK received (``lock``
+    is its ``ServiceBusReceivedMessage``) the broker's own properties, for one of our
+    local queue what Service Bus would give it."""
+    from azure.servicebus import ServiceBusReceivedMessage
+
     lock = message.lock
+    if isinstance(lock, ServiceBusReceivedMessage):
+        return received_broker_message(lock)
     if not isinstance(lock, LocalLock):
-        raise TypeError("functions_wire takes messages received from a LocalQueue")
+        raise TypeError("functions_wire takes messages received from a LocalQueue or the SDK")
     enqueued = _EPOCH + timedelta(milliseconds=round(message.enqueued_at * 1000))
     return BrokerMessage(
         body=message.body,
@@ -136,6 +149,44 @@ def broker_message(
         enqueued_time=enqueued,
         expires_at=enqueued + time_to_live,
         application_properties=dict(lock.properties),
+    )
+
+
+def received_broker_message(message: ServiceBusReceivedMessage) -> BrokerMessage:
+    """A message the Python SDK received from a broker (the emulator), as the .NET
+    SDK the extension runs on presents it: ``DeliveryCount`` is the AMQP header's
+    delivery-count plus one (the Python SDK gives the header's), application
+    property names and text values are strings, times are the broker's."""
+    if message.sequence_number is None or message.lock_token is None:
+        raise TypeError("a received message in peek-lock mode has a sequence number and a lock")
+    if message.enqueued_time_utc is None:
+        raise TypeError("a received message has an enqueued time")
+
+    def text(value: object) -> object:
+        return value.decode("utf-8") if isinstance(value, bytes) else value
+
+    body = message.body
+    enqueued = message.enqueued_time_utc
+    return BrokerMessage(
+        body=body if isinstance(body, bytes) else b"".join(body),
+        message_id=message.message_id or "",
+        session_id=message.session_id,
+        delivery_count=(message.delivery_count or 0) + 1,
+        sequence_number=message.sequence_number,
+        lock_token=str(message.lock_token),
+        enqueued_time=enqueued,
+        expires_at=message.expires_at_utc or enqueued + QUEUE_TIME_TO_LIVE,
+        application_properties={
+            str(text(k)): text(v) for k, v in (message.application_properties or {}).items()
+        },
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        subject=message.subject,
+        reply_to=message.reply_to,
+        to=message.to,
+        reply_to_session_id=message.reply_to_session_id,
+        partition_key=message.partition_key,
+        dead_letter_source=message.dead_letter_source,
     )
 
 

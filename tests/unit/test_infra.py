@@ -109,6 +109,27 @@ def test_the_identity_gets_exactly_the_roles_it_needs() -> None:
     assert names == ["account", "insights", "queue", "queue", "queue", "queue", "queue", "vault"]
 
 
+def test_pausing_stops_the_workers_listener_through_the_hosts_own_switch() -> None:
+    """``paused`` sets the host's AzureWebJobs.<function>.Disabled for the trigger (the
+    listener is not started: nothing is received or rescheduled) and WRITEBACK_PAUSED
+    (the reconcile held, anything delivered anyway parked)."""
+    from tests.support.functions_host import app_function
+
+    main = (INFRA / "main.bicep").read_text()
+    _, trigger = app_function("worker")
+    assert trigger["type"] == "serviceBusTrigger"  # the function the switch names
+    assert re.search(r"^  'AzureWebJobs\.worker\.Disabled': paused$", main, re.MULTILINE)
+    assert app_settings()["WRITEBACK_PAUSED"] == "paused"
+    assert re.search(r"^param paused string = 'false'$", main, re.MULTILINE)
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert parameters["paused"]["value"] == "true"  # a first deployment starts paused
+    readme = (INFRA / "README.md").read_text()
+    pausing = readme.split("## Pausing", 1)[1].split("\n## ", 1)[0]
+    assert "AzureWebJobs.worker.Disabled" in pausing and "WRITEBACK_PAUSED" in pausing
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())
+    assert sample["Values"]["AzureWebJobs.worker.Disabled"] == "false"
+
+
 def test_the_queue_has_sessions_duplicate_detection_and_dead_lettering() -> None:
     queue = (INFRA / "modules" / "servicebus.bicep").read_text()
     for needed in (

@@ -4,13 +4,19 @@ against the emulator (TLS, SAS rules with and without Manage)."""
 from __future__ import annotations
 
 import time
-import uuid
 
-from azure.servicebus import ServiceBusClient, ServiceBusMessage
-
-from tests.support.servicebus import adapter, new_queue, queue_name, sb, sdk_client
-from writeback.adapters.servicebus import HANDOFF_SESSION_PROPERTY, ORIGINAL_MESSAGE_ID
-from writeback.domain.events import HANDOFF_MARK
+from tests.support.servicebus import (
+    adapter,
+    dead_letter_directly,
+    hand_off_dead_letter,
+    new_queue,
+    queue_name,
+    sb,
+    sdk_client,
+)
+from writeback.adapters.servicebus import ORIGINAL_MESSAGE_ID
+from writeback.domain.events import HANDOFF_SESSION_PROPERTY
+from writeback.ports import DeadLetter
 from writeback.service.replay import ReplayFilter, format_report, replay
 from writeback.service.status import collect_status, format_status
 from writeback_sandbox.servicebus_emulator import APP_RULE, ServiceBusEmulator
@@ -21,55 +27,11 @@ GROUP = "3a5c3221-c465-48c0-95b8-e9305786a271"
 OTHER = "0b9c2f4e-0000-4000-8000-00000000000b"
 
 
-def dead_letter_directly(
-    client: ServiceBusClient, queue: str, items: list[tuple[str, str]], reason: str
-) -> None:
-    """Send (message id, session) pairs and dead-letter each, as a worker would."""
-    with client.get_queue_sender(queue) as sender:
-        for start in range(0, len(items), 100):
-            sender.send_messages(
-                [
-                    ServiceBusMessage(b'{"v":1}', message_id=m, session_id=s)
-                    for m, s in items[start : start + 100]
-                ]
-            )
-    for session in sorted({s for _, s in items}):
-        with client.get_queue_receiver(queue, session_id=session, max_wait_time=1) as receiver:
-            while batch := receiver.receive_messages(max_message_count=200, max_wait_time=0.5):
-                for message in batch:
-                    receiver.dead_letter_message(
-                        message, reason=reason, error_description=f"{reason} here"
-                    )
-
-
-def hand_off_dead_letter(client: ServiceBusClient, queue: str, message_id: str) -> str:
-    """Dead-letter the way the Functions host does: lock a fresh hand-off session,
-    send a copy into it (the group's session in an application property), take it
-    there and dead-letter it."""
-    session = f"{GROUP}{HANDOFF_MARK}{uuid.uuid4().hex[:12]}"
-    with client.get_queue_receiver(queue, session_id=session, max_wait_time=2) as receiver:
-        with client.get_queue_sender(queue) as sender:
-            sender.send_messages(
-                ServiceBusMessage(
-                    b'{"v":1}',
-                    message_id=f"{message_id}#x{session.rsplit(HANDOFF_MARK, 1)[1]}",
-                    session_id=session,
-                    application_properties={
-                        HANDOFF_SESSION_PROPERTY: GROUP,
-                        ORIGINAL_MESSAGE_ID: message_id,
-                    },
-                )
-            )
-        [copy] = receiver.receive_messages(max_message_count=1, max_wait_time=2)
-        receiver.dead_letter_message(copy, reason="PolicyRefused", error_description="not ours")
-    return session
-
-
 def test_a_replayed_hand_off_dead_letter_lands_in_the_groups_own_session(
     sb: ServiceBusEmulator, queue_name: str
 ) -> None:
     with sdk_client(sb) as client:
-        hand_off_dead_letter(client, queue_name, "n-1")
+        hand_off_dead_letter(client, queue_name, GROUP, "n-1")
     with adapter(sb, queue_name) as queue:
         report = replay(queue, ReplayFilter(group=GROUP))
         assert (report.moved, report.failed) == (1, 0)
@@ -94,7 +56,7 @@ def test_a_hand_off_dead_letter_is_listed_as_its_groups(
     sb: ServiceBusEmulator, queue_name: str
 ) -> None:
     with sdk_client(sb) as client:
-        session = hand_off_dead_letter(client, queue_name, "n-1")
+        session = hand_off_dead_letter(client, queue_name, GROUP, "n-1")
     with adapter(sb, queue_name) as queue:
         [listed] = queue.dead_letters()
     assert (listed.message_id, listed.session_id, listed.reason) == ("n-1", GROUP, "PolicyRefused")
@@ -117,6 +79,40 @@ def test_2500_dead_letters_replay_completely_in_one_pass(sb: ServiceBusEmulator)
     with sb.lock:
         sessions = {m.session_id for m in sb.queue(name).iter_messages()}
     assert sessions == {f"g{i}" for i in range(10)}
+
+
+def test_a_letter_refused_again_during_the_pass_is_not_moved_in_a_circle(
+    sb: ServiceBusEmulator, queue_name: str
+) -> None:
+    """A worker dead-letters the replayed copy of a poison event while the pass still
+    reads the dead-letter queue: the pass passes over it rather than moving it back
+    again (and again, for as long as the worker keeps refusing it)."""
+    consulted: list[str] = []
+    with sdk_client(sb) as client:
+        dead_letter_directly(client, queue_name, [("n-1", GROUP), ("n-2", OTHER)], "PoisonEvent")
+
+        def choose(letter: DeadLetter) -> bool:
+            consulted.append(letter.message_id)
+            if letter.message_id == "n-2":  # meanwhile a worker refuses n-1's copy
+                with client.get_queue_receiver(
+                    queue_name, session_id=GROUP, max_wait_time=2
+                ) as receiver:
+                    [copy] = receiver.receive_messages(max_message_count=1, max_wait_time=2)
+                    receiver.dead_letter_message(
+                        copy, reason="PoisonEvent", error_description="still not JSON"
+                    )
+                return False
+            return True
+
+        with adapter(sb, queue_name, dead_letter_wait=1.0) as queue:
+            seen = [
+                (letter.message_id, chosen)
+                for letter, chosen, _ in queue.replay_dead_letters(choose)
+            ]
+            assert seen == [("n-1", True), ("n-2", False), ("n-1", False)]
+            assert consulted == ["n-1", "n-2"]
+            assert sorted(d.message_id for d in queue.dead_letters()) == ["n-1", "n-2"]
+    assert sb.counts(queue_name)["active"] == 0
 
 
 def test_filters_dry_run_and_max_leave_the_rest_in_place(

@@ -51,7 +51,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from writeback.domain.events import HANDOFF_MARK
+from writeback.adapters.servicebus import ORIGINAL_MESSAGE_ID, PRIOR_DELIVERIES
+from writeback.domain.events import HANDOFF_MARK, HANDOFF_SESSION_PROPERTY
 from writeback.errors import PermanentError, QueueUnavailable
 from writeback.ports import OutgoingMessage, ReceivedMessage
 
@@ -60,10 +61,6 @@ if TYPE_CHECKING:
 
     from writeback.adapters.local_queue import LocalQueue
 
-#: Application property: the group session of a message sent to a hand-off session.
-SESSION_PROPERTY: Final = "writeback-session-id"
-PRIOR_DELIVERIES: Final = "writeback-prior-deliveries"
-ORIGINAL_MESSAGE_ID: Final = "writeback-message-id"
 #: Shortest wait of a rescheduled copy (Service Bus schedules to the second).
 MIN_RESCHEDULE: Final = 1.0
 #: How long the hand-off waits for its own copy to arrive in the locked session.
@@ -71,7 +68,9 @@ HANDOFF_WAIT: Final = 5.0
 MAX_DELIVERY_COUNT_EXCEEDED: Final = "MaxDeliveryCountExceeded"
 _MAX_ID: Final = 128
 _MAX_DEAD_LETTER_TEXT: Final = 4096
-_OWN_PROPERTIES: Final = frozenset({PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID, SESSION_PROPERTY})
+_OWN_PROPERTIES: Final = frozenset(
+    {PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID, HANDOFF_SESSION_PROPERTY}
+)
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ class ServiceBusSettlement(_CopySettlement):
             tag="x" + session.rsplit(HANDOFF_MARK, 1)[1],
             session_id=session,
             prior=message.delivery_count - 1,
-            extra={SESSION_PROPERTY: message.session_id},
+            extra={HANDOFF_SESSION_PROPERTY: message.session_id},
         )
         outgoing = to_servicebus_message(copy)
         with translated_errors("dead-letter"):

@@ -44,16 +44,19 @@ import datetime
 import hashlib
 import itertools
 import logging
+import math
 import threading
+import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from writeback.adapters.local_queue import MAX_DELIVERY_COUNT_EXCEEDED, MAX_ID_LENGTH
-from writeback.domain.events import HANDOFF_MARK, group_of_session
+from writeback.domain.events import HANDOFF_SESSION_PROPERTY, group_session
 from writeback.errors import (
     DeadLetterNotFound,
     LockLost,
@@ -76,7 +79,6 @@ if TYPE_CHECKING:
     from azure.servicebus.management import ServiceBusAdministrationClient
 
 __all__ = [
-    "HANDOFF_SESSION_PROPERTY",
     "ORIGINAL_MESSAGE_ID",
     "PRIOR_DELIVERIES",
     "DeadLetterNotFound",
@@ -98,15 +100,24 @@ _log = logging.getLogger(__name__)
 PRIOR_DELIVERIES: Final = "writeback-prior-deliveries"
 #: Application property: the message id it had before it was re-sent under a new one.
 ORIGINAL_MESSAGE_ID: Final = "writeback-message-id"
-#: Application property: the group session of a copy sent to a hand-off session
-#: (``<group>#dl-<random>``) by the Functions host to be dead-lettered there.
-HANDOFF_SESSION_PROPERTY: Final = "writeback-session-id"
 _OWN_PROPERTIES: Final = frozenset(
     {PRIOR_DELIVERIES, ORIGINAL_MESSAGE_ID, HANDOFF_SESSION_PROPERTY}
 )
 _BROKER_PROPERTIES: Final = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
-#: After the first session of a claim, how long to wait for each further one.
-_NEXT_SESSION_WAIT: Final = 0.1
+#: Session receivers accepting sessions ahead of the callers (:class:`_Acceptors`).
+CONCURRENT_ACCEPTS: Final = 8
+#: How long one accept waits on the broker for a session with a message.
+ACCEPT_WAIT: Final = 10.0
+#: How long an accepted session waits for a caller before it is given back.
+READY_FOR: Final = 1.0
+#: How long the messages of an accepted session may take to come down its link.
+_RECEIVE_WAIT: Final = 2.0
+#: A session whose lock lapses sooner than this is not handed out.
+_LOCK_MARGIN: Final = 0.25
+#: After a session was accepted, the other accepting threads join in this long.
+_BURST_WINDOW: Final = 2.0
+#: How soon after ``depth()`` a ``scheduled_count()`` reads the same snapshot.
+_SAME_COUNT: Final = 0.5
 _MAX_BATCH: Final = 100  # messages per send, the Service Bus per-transaction limit
 _MAX_DEAD_LETTER_TEXT: Final = 4096
 
@@ -177,17 +188,6 @@ def dead_letter_from_servicebus_message(message: ServiceBusReceivedMessage) -> D
         delivery_count=_deliveries(message, properties),
         enqueued_at=enqueued_at,
     )
-
-
-def group_session(session_id: str, properties: dict[str, str]) -> str:
-    """The group's session of a message: its own, or for a copy in a hand-off session
-    the one it names (else the group id the hand-off session starts with)."""
-    if HANDOFF_MARK not in session_id:
-        return session_id
-    named = properties.get(HANDOFF_SESSION_PROPERTY, "")
-    if named and 0 < len(named) <= MAX_ID_LENGTH and HANDOFF_MARK not in named:
-        return named
-    return group_of_session(session_id)
 
 
 def derived_message_id(message_id: str, tag: str) -> str:
@@ -323,19 +323,268 @@ def translated_errors(action: str) -> Iterator[None]:
         raise mapped from error
 
 
+# -- accepting sessions ------------------------------------------------------------
+
+
+class _Closer:
+    """Closes SDK handlers on threads of their own: a receiver's close waits up to a
+    second for its keep-alive thread (which sleeps in 1 s steps), which no caller
+    should wait for; its detach, which gives the session back, goes out first."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def close(self, handler: Any) -> None:
+        thread = threading.Thread(
+            target=ServiceBusQueue._close_quietly,
+            args=(handler,),
+            name="servicebus-close",
+            daemon=True,
+        )
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            thread.start()
+            self._threads.append(thread)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Acceptors:
+    """Session receivers that accept the next available session ahead of the callers.
+
+    Accepting a session costs the SDK a connection, a token put and a link attach:
+    about 0.5 s on loopback, most of it the SDK's own 50 ms sleeps between frames
+    while the link opens (``ServiceBusReceiver._open``), and a receive's wait budget
+    is the accept's too, so a short wait never accepts anything. So accepts run on
+    threads of their own while a caller waits (or did within ``ready_for``), each
+    parked on the broker (up to ``accept_wait``) until a session has a message
+    ready: one thread on an idle queue, all ``count`` while sessions are being
+    accepted (for ``_BURST_WINDOW`` after each). Accepting asks for no message
+    (``receive_messages(max_message_count=None)``: the link opens with no credit),
+    so a session nobody takes (within ``ready_for``, or accepted once nobody asks)
+    is given back with nothing delivered and nothing counted. An accept that fails
+    other than by its wait (the namespace unreachable, a right missing) is what the
+    callers get, until one succeeds.
+    """
+
+    def __init__(
+        self,
+        open_receiver: Callable[[float], ServiceBusReceiver],
+        closer: _Closer,
+        *,
+        count: int,
+        accept_wait: float,
+        ready_for: float,
+    ) -> None:
+        if count < 1:
+            raise ValueError("at least one session receiver must accept")
+        self._open = open_receiver
+        self._closer = closer
+        self._count = count
+        self._accept_wait = accept_wait
+        self._ready_for = ready_for
+        self._condition = threading.Condition()
+        #: (accepted or given back at, receiver, given back)
+        self._ready: deque[tuple[float, ServiceBusReceiver, bool]] = deque()
+        self._waiting = 0
+        self._wanted_until = 0.0
+        self._threads: list[threading.Thread] = []
+        self._sweeper: threading.Thread | None = None
+        self._closed = False
+        self._error: WritebackError | None = None
+        #: Threads inside an accept (the SDK's open, which must not be closed under it).
+        self._accepting = 0
+        self._last_accepted = -math.inf
+
+    @property
+    def accepting(self) -> bool:
+        with self._condition:
+            return self._accepting > 0
+
+    def take(self, most: int, wait: float) -> list[tuple[ServiceBusReceiver, bool]]:
+        """Up to ``most`` accepted sessions' receivers, waiting up to ``wait`` for one;
+        each with whether it was given back (a session whose messages may be gone)
+        rather than accepted with a message ready."""
+        deadline = time.monotonic() + max(wait, 0.0)
+        with self._condition:
+            if self._closed:
+                raise QueueUnavailable("the Service Bus queue was closed")
+            self._start()
+            self._waiting += 1
+            self._condition.notify_all()
+            try:
+                while True:
+                    self._drop_stale()
+                    if self._ready:
+                        break
+                    if self._error is not None:
+                        raise self._error
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._closed:
+                        return []
+                    self._condition.wait(remaining)
+                taken: list[tuple[ServiceBusReceiver, bool]] = []
+                while self._ready and len(taken) < most:
+                    _, receiver, given_back = self._ready.popleft()
+                    taken.append((receiver, given_back))
+                return taken
+            finally:
+                self._waiting -= 1
+                self._wanted_until = time.monotonic() + self._ready_for
+                self._condition.notify_all()
+
+    def give_back(self, receiver: ServiceBusReceiver) -> None:
+        """A session still accepted, for the next caller."""
+        with self._condition:
+            if self._closed:
+                self._closer.close(receiver)
+                return
+            self._ready.appendleft((time.monotonic(), receiver, True))
+            self._condition.notify_all()
+
+    def close(self) -> None:
+        """Stop accepting; accepted sessions are given back. A thread parked in an
+        accept ends when the accept does (within ``accept_wait``), closing its own
+        receiver: the SDK cannot close a receiver while it opens."""
+        with self._condition:
+            self._closed = True
+            ready, self._ready = list(self._ready), deque()
+            self._condition.notify_all()
+        for _, receiver, _ in ready:
+            self._closer.close(receiver)
+
+    # -- the accepting threads (all under the condition's lock unless said) ---------
+
+    def _start(self) -> None:
+        if self._sweeper is None or not self._sweeper.is_alive():
+            self._sweeper = threading.Thread(
+                target=self._sweep, name="servicebus-accept-sweep", daemon=True
+            )
+            self._sweeper.start()
+        for index in range(self._count):
+            thread = self._threads[index] if index < len(self._threads) else None
+            if thread is not None and thread.is_alive():
+                continue
+            thread = threading.Thread(
+                target=self._run, args=(index,), name=f"servicebus-accept-{index}", daemon=True
+            )
+            if index < len(self._threads):
+                self._threads[index] = thread
+            else:
+                self._threads.append(thread)
+            thread.start()
+
+    def _sweep(self) -> None:
+        """Give back, in time, accepted sessions nobody takes (the accepting threads
+        may all be parked in accepts)."""
+        with self._condition:
+            while not self._closed:
+                self._drop_stale()
+                self._condition.wait(self._ready_for / 4)
+
+    def _asked(self) -> bool:
+        return self._waiting > 0 or time.monotonic() < self._wanted_until
+
+    def _should_accept(self, index: int) -> bool:
+        """The first thread accepts while callers ask; the others join in while
+        sessions are being accepted (a burst), so an idle queue keeps one parked."""
+        if not self._asked() or len(self._ready) >= self._count:
+            return False
+        return index == 0 or time.monotonic() - self._last_accepted < _BURST_WINDOW
+
+    def _drop_stale(self) -> None:
+        """Give back sessions nobody took in time, or whose lock is about to lapse."""
+        now = time.monotonic()
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=_LOCK_MARGIN)
+        kept: deque[tuple[float, ServiceBusReceiver, bool]] = deque()
+        for item in self._ready:
+            accepted_at, receiver, _ = item
+            until = receiver.session.locked_until_utc
+            if now - accepted_at > self._ready_for or until is None or until <= soon:
+                self._closer.close(receiver)
+            else:
+                kept.append(item)
+        self._ready = kept
+
+    def _run(self, index: int) -> None:
+        from azure.servicebus.exceptions import OperationTimeoutError
+
+        backoff = 1.0
+        while True:
+            with self._condition:
+                while not self._closed and not self._should_accept(index):
+                    self._drop_stale()
+                    self._condition.wait(self._ready_for)
+                if self._closed:
+                    return
+                self._accepting += 1
+            receiver: ServiceBusReceiver | None = None
+            try:
+                receiver = self._open(self._accept_wait)
+                # No message asked for: the link opens with no credit, so accepting
+                # delivers nothing (and locks no message) until a caller receives.
+                receiver.receive_messages(max_message_count=None, max_wait_time=self._accept_wait)
+            except OperationTimeoutError:
+                if receiver is not None:
+                    self._closer.close(receiver)  # no session had a message: healthy, idle
+                with self._condition:
+                    self._accepting -= 1
+                    self._error = None
+                continue
+            except Exception as error:
+                if receiver is not None:
+                    self._closer.close(receiver)
+                mapped = map_servicebus_error(error, "accept a session")
+                with self._condition:
+                    self._accepting -= 1
+                    if self._closed:
+                        return
+                    self._error = mapped or QueueUnavailable(
+                        f"Service Bus accept a session failed: {type(error).__name__}: {error}"
+                    )
+                    self._condition.notify_all()
+                    self._condition.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            with self._condition:
+                self._accepting -= 1
+                self._error = None
+                self._last_accepted = time.monotonic()
+                if self._closed or not self._asked():
+                    # Nobody asks any more (paused, stopped): give the session back at
+                    # once, nothing delivered, for another receiver to take.
+                    self._closer.close(receiver)
+                    if self._closed:
+                        return
+                    continue
+                self._ready.append((time.monotonic(), receiver, False))
+                self._condition.notify_all()
+
+
 # -- the adapter -------------------------------------------------------------------
 
 
 class ServiceBusQueue:
     """A Service Bus session queue as an ``EventQueue``.
 
-    Each ``receive_session`` opens a session receiver that stays open (holding the
-    session lock) until ``release_session``; settle messages before releasing.
-    Session receivers come from ``receive_client``, which the factories build with
-    ``retry_total=0``: the SDK retries a session wait ``retry_total`` more times, so
-    that is what makes ``wait`` the real bound, and settling on a broken session link
-    cannot succeed by retrying anyway (the lock went with the link). The worker's
-    own backoff does the retrying.
+    Sessions are accepted ahead of the callers by ``concurrent_accepts`` session
+    receivers of their own (:class:`_Acceptors`: accepting costs the SDK most of a
+    second, which no caller should wait for one session after another); a session
+    ``receive_session``/``receive_sessions`` hands out stays locked by its receiver
+    until ``release_session``; settle messages before releasing. A session whose
+    batch was full is kept accepted for the next caller (it may have more), the
+    others are closed in the background. Session receivers come from
+    ``receive_client``, which the factories build with ``retry_total=0``: the SDK
+    would retry a session wait ``retry_total`` more times, and settling on a broken
+    session link cannot succeed by retrying anyway (the lock went with the link).
+    The worker's own backoff does the retrying.
     """
 
     def __init__(
@@ -347,9 +596,23 @@ class ServiceBusQueue:
         admin: ServiceBusAdministrationClient | None = None,
         max_delivery_count: int = 10,
         dead_letter_wait: float = 2.0,
+        concurrent_accepts: int = CONCURRENT_ACCEPTS,
+        accept_wait: float = ACCEPT_WAIT,
+        ready_for: float = READY_FOR,
     ) -> None:
         self._client = client
         self._receive_client = receive_client or client
+        self._closer = _Closer()
+        self._acceptors = _Acceptors(
+            self._open_session_receiver,
+            self._closer,
+            count=concurrent_accepts,
+            accept_wait=accept_wait,
+            ready_for=ready_for,
+        )
+        #: Sessions handed out whose batch was full, with the lock tokens of that batch
+        #: not yet settled: kept for the next caller once all are settled.
+        self._full: dict[str, set[str]] = {}
         self._admin = admin
         self.queue_name = queue_name
         self.max_delivery_count = max_delivery_count
@@ -359,6 +622,8 @@ class ServiceBusQueue:
         self._send_lock = threading.Lock()
         self._receivers: dict[str, ServiceBusReceiver] = {}
         self._receivers_lock = threading.Lock()
+        #: The runtime properties ``depth()`` read last, for ``scheduled_count()``.
+        self._counted: tuple[float, Any] = (-math.inf, None)
 
     @classmethod
     def from_namespace(
@@ -368,16 +633,24 @@ class ServiceBusQueue:
         credential: TokenCredential,
         *,
         retry_total: int = 3,
+        client_options: dict[str, Any] | None = None,
+        admin_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> ServiceBusQueue:
-        """For Azure: ``<name>.servicebus.windows.net`` and a managed identity credential."""
+        """For Azure: ``<name>.servicebus.windows.net`` and a managed identity credential
+        (``client_options``/``admin_options`` as for :meth:`from_connection_string`)."""
         from azure.servicebus import ServiceBusClient
         from azure.servicebus.management import ServiceBusAdministrationClient
 
-        client = ServiceBusClient(fully_qualified_namespace, credential, retry_total=retry_total)
-        receive_client = ServiceBusClient(fully_qualified_namespace, credential, retry_total=0)
+        amqp = dict(client_options or {})
+        client = ServiceBusClient(
+            fully_qualified_namespace, credential, retry_total=retry_total, **amqp
+        )
+        receive_client = ServiceBusClient(
+            fully_qualified_namespace, credential, retry_total=0, **amqp
+        )
         admin = ServiceBusAdministrationClient(
-            fully_qualified_namespace, credential, retry_total=retry_total
+            fully_qualified_namespace, credential, retry_total=retry_total, **(admin_options or {})
         )
         return cls(client, queue_name, receive_client=receive_client, admin=admin, **options)
 
@@ -454,55 +727,74 @@ class ServiceBusQueue:
     # -- receiving -------------------------------------------------------------
 
     def receive_session(self, max_messages: int, wait: float) -> list[ReceivedMessage]:
-        from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceiveMode
-        from azure.servicebus.exceptions import OperationTimeoutError
-
-        wait_time = max(wait, 0.1)
-        with translated_errors("receive"):
-            receiver = self._receive_client.get_queue_receiver(
-                self.queue_name,
-                session_id=NEXT_AVAILABLE_SESSION,
-                receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
-                max_wait_time=wait_time,
-                prefetch_count=0,
-            )
-        try:
-            with translated_errors("receive"):
-                try:
-                    raw = receiver.receive_messages(
-                        max_message_count=max_messages, max_wait_time=wait_time
-                    )
-                except OperationTimeoutError:
-                    raw = []  # no session had messages within the wait
-        except BaseException:
-            self._close_quietly(receiver)
-            raise
-        if not raw:
-            self._close_quietly(receiver)
-            return []
-        session_id = receiver.session.session_id
-        with self._receivers_lock:
-            previous = self._receivers.pop(session_id, None)
-            self._receivers[session_id] = receiver
-        if previous is not None:
-            self._close_quietly(previous)
-        return [from_servicebus_message(m) for m in raw]
+        batches = self.receive_sessions(1, max_messages, wait)
+        return batches[0] if batches else []
 
     def receive_sessions(
         self, max_sessions: int, max_messages: int, wait: float
     ) -> list[list[ReceivedMessage]]:
-        """Up to ``max_sessions`` sessions, one receiver each; after the first (which
-        may wait ``wait``), each further accept waits only briefly."""
-        first = self.receive_session(max_messages, wait)
-        if not first:
+        """Up to ``max_sessions`` accepted sessions (waiting up to ``wait`` for the first,
+        then taking those accepted already), each one's messages received over its
+        own link, in parallel."""
+        taken = self._acceptors.take(max(max_sessions, 1), wait)
+        if not taken:
             return []
-        batches = [first]
-        while len(batches) < max_sessions:
-            batch = self.receive_session(max_messages, _NEXT_SESSION_WAIT)
-            if not batch:
-                break
-            batches.append(batch)
+        # An accepted session has a message ready; one given back may have none left,
+        # and is not waited on longer than the caller would wait.
+        waits = [
+            min(_RECEIVE_WAIT, max(wait, 0.05)) if back else _RECEIVE_WAIT for _, back in taken
+        ]
+        receivers = [receiver for receiver, _ in taken]
+        if len(receivers) == 1:
+            received = [self._receive_on(receivers[0], max_messages, waits[0])]
+        else:
+            with ThreadPoolExecutor(len(receivers), "servicebus-receive") as pool:
+                received = list(
+                    pool.map(lambda r, w: self._receive_on(r, max_messages, w), receivers, waits)
+                )
+        batches: list[list[ReceivedMessage]] = []
+        failure: WritebackError | None = None
+        for receiver, result in zip(receivers, received, strict=True):
+            if isinstance(result, WritebackError) or not result:
+                failure = result if isinstance(result, WritebackError) else failure
+                self._closer.close(receiver)
+                continue
+            session_id = receiver.session.session_id
+            with self._receivers_lock:
+                previous = self._receivers.pop(session_id, None)
+                self._receivers[session_id] = receiver
+                if len(result) >= max_messages:
+                    self._full[session_id] = {str(m.lock_token) for m in result}
+                else:
+                    self._full.pop(session_id, None)
+            if previous is not None and previous is not receiver:
+                self._closer.close(previous)
+            batches.append([from_servicebus_message(m) for m in result])
+        if not batches and failure is not None:
+            raise failure
         return batches
+
+    @staticmethod
+    def _receive_on(
+        receiver: ServiceBusReceiver, max_messages: int, wait: float
+    ) -> list[ServiceBusReceivedMessage] | WritebackError:
+        """The messages of an accepted session."""
+        try:
+            with translated_errors("receive"):
+                return receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+        except WritebackError as error:
+            return error
+
+    def _open_session_receiver(self, wait: float) -> ServiceBusReceiver:
+        from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusReceiveMode
+
+        return self._receive_client.get_queue_receiver(
+            self.queue_name,
+            session_id=NEXT_AVAILABLE_SESSION,
+            receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+            max_wait_time=wait,
+            prefetch_count=0,
+        )
 
     # -- settling --------------------------------------------------------------
 
@@ -510,6 +802,7 @@ class ServiceBusQueue:
         raw, receiver = self._settlement(message)
         with translated_errors("complete"):
             receiver.complete_message(raw)
+        self._settled(message.session_id, raw)
 
     def complete_all(self, messages: Sequence[ReceivedMessage]) -> None:
         for message in messages:
@@ -529,12 +822,17 @@ class ServiceBusQueue:
         if delay <= 0:
             with translated_errors("abandon"):
                 receiver.abandon_message(raw)
+            # Back in the session, ahead of what follows it: the session is not
+            # kept for the next caller, whose link would skip it.
+            with self._receivers_lock:
+                self._full.pop(message.session_id, None)
             return
         copy = _outgoing_copy(raw, message.message_id, f"d{count}", prior_deliveries=count)
         when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
         with translated_errors("abandon"):
             self._send_one(to_servicebus_message(copy, scheduled_at=when))
             receiver.complete_message(raw)
+        self._settled(message.session_id, raw)
 
     def park(self, message: ReceivedMessage, *, delay: float) -> None:
         """A copy scheduled ``delay`` seconds ahead carrying one delivery fewer, then
@@ -547,6 +845,7 @@ class ServiceBusQueue:
         with translated_errors("park"):
             self._send_one(to_servicebus_message(copy, scheduled_at=when))
             receiver.complete_message(raw)
+        self._settled(message.session_id, raw)
 
     def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         raw, receiver = self._settlement(message)
@@ -556,6 +855,7 @@ class ServiceBusQueue:
                 reason=reason[:_MAX_DEAD_LETTER_TEXT],
                 error_description=description[:_MAX_DEAD_LETTER_TEXT],
             )
+        self._settled(message.session_id, raw)
 
     def renew_session_lock(self, session_id: str) -> float:
         """Extend the session lock; returns the new expiry (Unix seconds)."""
@@ -567,10 +867,32 @@ class ServiceBusQueue:
             return receiver.session.renew_lock().timestamp()
 
     def release_session(self, session_id: str) -> None:
+        """Give the session back; one whose last batch was full and is all settled
+        stays accepted for the next caller (its lock renewed), as it may have more
+        waiting. A message left unsettled is redelivered, in its order, only once
+        the session is closed: so such a session is closed."""
         with self._receivers_lock:
             receiver = self._receivers.pop(session_id, None)
-        if receiver is not None:
-            self._close_quietly(receiver)
+            unsettled = self._full.pop(session_id, None)
+            full = unsettled is not None and not unsettled
+        if receiver is None:
+            return
+        if full:
+            try:
+                with translated_errors("renew session lock"):
+                    receiver.session.renew_lock()
+            except WritebackError:
+                pass
+            else:
+                self._acceptors.give_back(receiver)
+                return
+        self._closer.close(receiver)
+
+    def _settled(self, session_id: str, raw: ServiceBusReceivedMessage) -> None:
+        with self._receivers_lock:
+            unsettled = self._full.get(session_id)
+            if unsettled is not None:
+                unsettled.discard(str(raw.lock_token))
 
     def _settlement(self, message: ReceivedMessage) -> tuple[ServiceBusReceivedMessage, Any]:
         from azure.servicebus import ServiceBusReceivedMessage
@@ -614,11 +936,15 @@ class ServiceBusQueue:
         PermanentError that kept it from moving. A transient error ends the pass
         and propagates; what moved stays moved. Letters passed over stay locked
         until the pass ends (closing the generator ends it), then are abandoned.
-        A letter seen twice (its lock lapsed during a long pass) is skipped.
+        A letter seen twice (its lock lapsed during a long pass) is skipped. A
+        letter of an event this pass moved already (dead-lettered again while the
+        pass runs: a worker refused the copy) is passed over, not chosen: the pass
+        ends with the letters that were there, never moving one event in a circle.
         """
         held: dict[int, ServiceBusReceivedMessage] = {}  # received, not completed
         round_again: list[ServiceBusReceivedMessage] = []
         seen: set[int] = set()
+        moved: set[str] = set()  # the events (their own message ids) this pass moved
         with (
             translated_errors("replay dead letters"),
             self._dead_letter_receiver(max_wait_time=self.dead_letter_wait) as receiver,
@@ -642,12 +968,13 @@ class ServiceBusQueue:
                     for message in fresh:
                         number = message.sequence_number or 0
                         letter = dead_letter_from_servicebus_message(message)
-                        if not choose(letter):
+                        if letter.message_id in moved or not choose(letter):
                             yield letter, False, None
                             continue
                         error = self._move_back(receiver, message, letter)
                         if error is None:
                             del held[number]
+                            moved.add(letter.message_id)
                         yield letter, True, error
             finally:
                 # Give back what was looked at and not moved (and what was received
@@ -724,11 +1051,21 @@ class ServiceBusQueue:
 
     def depth(self) -> int:
         """Active messages, from the administration API (needs Manage rights)."""
-        return self._runtime_properties().active_message_count or 0
+        properties = self._runtime_properties()
+        self._counted = (time.monotonic(), properties)
+        return properties.active_message_count or 0
 
     def scheduled_count(self) -> int:
-        """Messages scheduled for later (delayed retries), from the administration API."""
-        return self._runtime_properties().scheduled_message_count or 0
+        """Messages scheduled for later (delayed retries), from the administration API.
+
+        Right after ``depth()`` (as "is the queue empty?" asks them), from the same
+        read: from two, a scheduled message that came due in between is in neither.
+        """
+        counted_at, properties = self._counted
+        if properties is None or time.monotonic() - counted_at > _SAME_COUNT:
+            properties = self._runtime_properties()
+        self._counted = (-math.inf, None)
+        return properties.scheduled_message_count or 0
 
     def dead_letter_count_by_reason(self) -> dict[str, int]:
         """Every dead letter counted by reason, peeked page by page (needs Listen only)."""
@@ -737,15 +1074,22 @@ class ServiceBusQueue:
     # -- plumbing --------------------------------------------------------------
 
     def close(self) -> None:
+        self._acceptors.close()
         with self._receivers_lock:
             receivers, self._receivers = list(self._receivers.values()), {}
         for receiver in receivers:
-            self._close_quietly(receiver)
+            self._closer.close(receiver)
+        self._closer.wait(10.0)
         if self._sender is not None:
             self._close_quietly(self._sender)
-        self._close_quietly(self._client)
-        if self._receive_client is not self._client:
-            self._close_quietly(self._receive_client)
+        # A client holds no connection of its own (each sender and receiver has one);
+        # closing it closes the receivers it made, also those of accepts still under
+        # way, which the SDK does not survive quietly: those close themselves when
+        # their accept ends, so the clients are left to them then.
+        if not self._acceptors.accepting:
+            self._close_quietly(self._client)
+            if self._receive_client is not self._client:
+                self._close_quietly(self._receive_client)
         if self._admin is not None:
             self._close_quietly(self._admin)
 

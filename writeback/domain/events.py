@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -19,6 +20,8 @@ ENVELOPE_VERSION = 1
 _MAX_ID = 128  # Service Bus limit for message and session ids
 #: Marks a dead-letter hand-off session of the Functions worker: ``<group id>#dl-<random>``.
 HANDOFF_MARK = "#dl-"
+#: Application property of a copy sent to a hand-off session: the group's own session.
+HANDOFF_SESSION_PROPERTY = "writeback-session-id"
 #: The session of control messages (lifecycle events, reconcile requests): one at a time.
 CONTROL_SESSION = "writeback-control"
 
@@ -92,6 +95,18 @@ def _valid_id(value: object) -> bool:
 def group_of_session(session_id: str) -> str:
     """The group a session belongs to, hand-off sessions included."""
     return session_id.split(HANDOFF_MARK, 1)[0]
+
+
+def group_session(session_id: str, properties: Mapping[str, str]) -> str:
+    """The group's session of a message: its own, or for a copy in a hand-off session
+    the one it names in ``HANDOFF_SESSION_PROPERTY`` (else the group id the hand-off
+    session starts with)."""
+    if HANDOFF_MARK not in session_id:
+        return session_id
+    named = properties.get(HANDOFF_SESSION_PROPERTY, "")
+    if named and 0 < len(named) <= _MAX_ID and HANDOFF_MARK not in named:
+        return named
+    return group_of_session(session_id)
 
 
 @dataclass(frozen=True)

@@ -44,11 +44,13 @@ Timers
     ``subscription_upkeep`` (``%WRITEBACK_SUBSCRIPTION_SCHEDULE%``): create or
     renew the subscription; a new one requests a reconcile.
 
-Pause switch (``WRITEBACK_PAUSED=true``)
-    The webhook keeps enqueuing; the worker writes nothing and parks each
-    message ``PAUSE_DELAY`` seconds ahead without counting a delivery; the
-    reconcile is held. To stop the trigger from receiving at all, set the host's
-    own ``AzureWebJobs.worker.Disabled=true`` (infra/README.md).
+Pausing
+    The host's own switch, ``AzureWebJobs.worker.Disabled=true``, stops the
+    trigger's listener: nothing is received, rescheduled or counted, events wait
+    in the queue. ``WRITEBACK_PAUSED=true``, set with it (the Bicep's ``paused``
+    parameter sets both; infra/README.md), holds the reconcile, and a message
+    delivered anyway is written nowhere and parked ``PAUSE_DELAY`` seconds ahead
+    without counting a delivery. The webhook keeps enqueuing.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from writeback.config import (
     load_pipeline_settings,
     load_settings,
 )
-from writeback.domain.events import HANDOFF_MARK
+from writeback.domain.events import group_session
 from writeback.errors import ConfigError, WritebackError
 from writeback.logging_setup import configure_logging
 from writeback.ports import MessageSender, ReceivedMessage, Settlement
@@ -98,18 +100,12 @@ def from_trigger(message: func.ServiceBusMessage) -> ReceivedMessage:
     rescheduled copy carries; ``message_id`` is the original one; a message in a
     hand-off session gets its group's session back.
     """
-    from writeback.adapters.functions_settlement import (
-        ORIGINAL_MESSAGE_ID,
-        PRIOR_DELIVERIES,
-        SESSION_PROPERTY,
-        TriggeredLock,
-    )
+    from writeback.adapters.functions_settlement import TriggeredLock
+    from writeback.adapters.servicebus import ORIGINAL_MESSAGE_ID, PRIOR_DELIVERIES
 
     properties = _text_properties(message)
     raw_session = message.session_id or ""
-    session = raw_session
-    if HANDOFF_MARK in raw_session:
-        session = properties.get(SESSION_PROPERTY) or raw_session.split(HANDOFF_MARK, 1)[0]
+    session = group_session(raw_session, properties)
     try:
         prior = max(0, int(properties.get(PRIOR_DELIVERIES, "0")))
     except ValueError:

@@ -284,6 +284,11 @@ class ServiceBusEmulator:
     def stats(self) -> dict[str, int]:
         return dict(self._handler.stats)
 
+    def pending_accepts(self) -> int:
+        """Session receivers whose attach waits for a session (none free with messages)."""
+        with self.broker.lock:
+            return len(self._handler._pending)
+
 
 @contextmanager
 def running_emulator(
