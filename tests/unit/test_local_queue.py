@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -90,6 +91,47 @@ def queue(path: Path, clock: Clock) -> Iterator[LocalQueue]:
 def test_satisfies_the_port(queue: LocalQueue) -> None:
     port: EventQueue = queue
     assert port.depth() == 0
+
+
+# -- group commit --------------------------------------------------------------------
+
+
+class CountingQueue(LocalQueue):
+    """The real queue, counting its durable commits of sends."""
+
+    commits = 0
+
+    def _commit_sends(self, batch: list[Any]) -> None:
+        type(self).commits += 1
+        super()._commit_sends(batch)
+
+
+def test_concurrent_sends_share_durable_commits_and_lose_nothing(path: Path) -> None:
+    threads, per_thread = 8, 40
+    CountingQueue.commits = 0
+    with CountingQueue(path, lock_duration=30) as queue:
+        start = threading.Barrier(threads)
+
+        def sender(n: int) -> None:
+            start.wait()
+            for i in range(per_thread):
+                # every thread also sends one id the others send: kept once
+                queue.send([msg(f"t{n}-{i}", f"S{n}"), msg(f"shared-{i}", "shared")])
+
+        workers = [threading.Thread(target=sender, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert queue.depth() == threads * per_thread + per_thread
+        sessions: dict[str, list[str]] = {}
+        while batch := queue.receive_session(1000, 0):
+            sessions[batch[0].session_id] = ids(batch)
+        for n in range(threads):
+            assert sessions[f"S{n}"] == [f"t{n}-{i}" for i in range(per_thread)], "FIFO"
+        assert sorted(sessions["shared"]) == sorted(f"shared-{i}" for i in range(per_thread))
+    # Each send waited for one commit, and some commits carried several sends.
+    assert 0 < CountingQueue.commits < threads * per_thread
 
 
 # -- ordering and sessions ---------------------------------------------------------

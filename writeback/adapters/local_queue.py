@@ -154,6 +154,15 @@ class _Signal:
             self.condition.notify_all()
 
 
+@dataclass
+class _Send:
+    """One caller's validated messages, waiting to be committed."""
+
+    rows: list[tuple[OutgoingMessage, str | None]]
+    done: bool = False
+    error: BaseException | None = None
+
+
 _signals: dict[str, _Signal] = {}
 _signals_lock = threading.Lock()
 
@@ -208,6 +217,9 @@ class LocalQueue:
         self._durable_commits = durable_commits
         self._clock = clock
         self._lock = threading.Lock()
+        #: Sends waiting for the write lock; whoever takes it commits them all.
+        self._pending: list[_Send] = []
+        self._pending_lock = threading.Lock()
         self._held: dict[str, str] = {}  # session id -> lock token, for release_session
         self._signal = _signal_for(self.path)
         try:
@@ -237,10 +249,32 @@ class LocalQueue:
         """Enqueue a batch in one transaction; duplicates of a recent message_id are dropped."""
         if not messages:
             return
-        rows = [self._validated(message) for message in messages]
-        with self._write(durable=True) as now:
+        mine = _Send([self._validated(message) for message in messages])
+        with self._pending_lock:
+            self._pending.append(mine)
+        with self._lock:  # the write lock: one thread at a time commits every waiting send
+            if not mine.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    self._commit_sends(batch)
+                except BaseException as error:
+                    for send in batch:
+                        send.done, send.error = True, error
+                else:
+                    for send in batch:
+                        send.done = True
+        if mine.error is not None:
+            raise mine.error
+        self._signal.notify()
+
+    def _commit_sends(self, batch: list[_Send]) -> None:
+        """Every waiting send in one durable transaction: under a burst of
+        webhook requests one fsync stands for many (group commit), instead of
+        each request holding the write lock through its own."""
+        with self._write_locked(durable=True) as now:
             self._db.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
-            for message, properties in rows:
+            for message, properties in (row for send in batch for row in send.rows):
                 if self.duplicate_window > 0:
                     seen = self._db.execute(
                         "SELECT 1 FROM seen_ids WHERE message_id = ? AND expires_at > ?",
@@ -261,7 +295,6 @@ class LocalQueue:
                     now,
                     available_at=available,
                 )
-        self._signal.notify()
 
     def _validated(self, message: OutgoingMessage) -> tuple[OutgoingMessage, str | None]:
         for name, value in (("message_id", message.message_id), ("session_id", message.session_id)):
@@ -718,13 +751,18 @@ class LocalQueue:
         rescheduling commit without waiting for the disk: after a power loss they
         are at worst undone, and the message comes back (the worker is idempotent).
         A later durable commit makes every earlier one durable too (one WAL)."""
-        with self._lock:
-            try:
-                self._db.execute(f"PRAGMA synchronous={self._sync_mode(durable)}")
-                with self._transaction():
-                    yield self._clock()
-            except sqlite3.Error as error:
-                raise _map_sqlite_error(error, f"queue file {self.path}") from error
+        with self._lock, self._write_locked(durable=durable) as now:
+            yield now
+
+    @contextmanager
+    def _write_locked(self, *, durable: bool) -> Iterator[float]:
+        """:meth:`_write` for a caller that holds the write lock already."""
+        try:
+            self._db.execute(f"PRAGMA synchronous={self._sync_mode(durable)}")
+            with self._transaction():
+                yield self._clock()
+        except sqlite3.Error as error:
+            raise _map_sqlite_error(error, f"queue file {self.path}") from error
 
     def _sync_mode(self, durable: bool) -> str:
         return "FULL" if durable and self._durable_commits else "NORMAL"
