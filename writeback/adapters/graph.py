@@ -810,9 +810,7 @@ class GraphCloud:
             except GraphNotFound:
                 return None
 
-        async def read_delta() -> tuple[
-            dict[str, MemberKind], dict[str, MemberKind], bool, str | None
-        ]:
+        async def read_delta() -> _DeltaRead:
             added: dict[str, MemberKind] = {}
             removed: dict[str, MemberKind] = {}
             gone = False
@@ -829,20 +827,8 @@ class GraphCloud:
                 link = _opt_str(page.get("@odata.deltaLink")) or link
             return added, removed, gone, link
 
-        body, (added, removed, gone, link) = await _all(read_group(), read_delta())
-        group: CloudGroup | None = None
-        if body is not None and not gone:
-            part = _GroupParts()
-            _merge(part, body)
-            group = _to_group(
-                group_id, part, {}, members=(), hidden_ok=await self._can_read_hidden()
-            )
-        return GroupDelta(
-            group=group,
-            added=tuple(CloudMember(m, kind) for m, kind in added.items()),
-            removed=tuple(CloudMember(m, kind) for m, kind in sorted(removed.items())),
-            delta_link=link,
-        )
+        body, delta = await _all(read_group(), read_delta())
+        return await self._delta_answer(group_id, body, delta)
 
     async def _get_group(self, group_id: str) -> CloudGroup | None:
         sdk = self._sdk
@@ -1138,9 +1124,7 @@ class GraphCloud:
             except GraphNotFound:
                 return None
 
-        async def read_delta() -> tuple[
-            dict[str, MemberKind], dict[str, MemberKind], bool, str | None
-        ]:
+        async def read_delta() -> _DeltaRead:
             added: dict[str, MemberKind] = {}
             removed: dict[str, MemberKind] = {}
             gone = False
@@ -1176,11 +1160,17 @@ class GraphCloud:
                 raise result
         assert not isinstance(group_read, BaseException)
         assert not isinstance(delta_read, BaseException)
-        added, removed, gone, link = delta_read
+        return await self._delta_answer(group_id, group_read, delta_read)
+
+    async def _delta_answer(
+        self, group_id: str, body: dict[str, Any] | None, delta: _DeltaRead
+    ) -> GroupDelta:
+        """A group's properties and its member delta, as one answer."""
+        added, removed, gone, link = delta
         group: CloudGroup | None = None
-        if group_read is not None and not gone:
+        if body is not None and not gone:
             part = _GroupParts()
-            _merge(part, group_read)
+            _merge(part, body)
             group = _to_group(
                 group_id, part, {}, members=(), hidden_ok=await self._can_read_hidden()
             )
@@ -1494,6 +1484,11 @@ class _RetryAfterBeyond(stop_base):
     def __call__(self, retry_state: RetryCallState) -> bool:
         retry_after = _retry_after_of(retry_state)
         return retry_after is not None and retry_after > self.limit
+
+
+#: A member delta read: members added and removed (id → kind), whether the group
+#: itself is gone, and the next delta link.
+_DeltaRead = tuple[dict[str, MemberKind], dict[str, MemberKind], bool, str | None]
 
 
 async def _all(*coroutines: Coroutine[Any, Any, Any]) -> list[Any]:

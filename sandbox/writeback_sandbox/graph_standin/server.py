@@ -1019,38 +1019,35 @@ class GraphStandIn(Notifications):
 
     def _list_group_members(self, group_id: str, query: dict[str, str]) -> Response:
         """``GET /groups/{id}/members/microsoft.graph.group``: the member groups."""
-        kind = f"member-groups:{group_id}"
-        if "skiptoken" in query:
-            return json_response(self._load_page(kind, query["skiptoken"]))
-        select = self._select(query, "groups")
-        found = self.tenant.group_members(
-            group_id, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible
-        )
-        if found is None:
-            raise not_found(group_id)
-        return self._list(
-            kind,
-            f"groups/{quote(group_id)}/members/microsoft.graph.group",
-            self._context("groups", select),
-            found,
-            self._top(query),
+        return self._list_related(
+            group_id, query, "member-groups", "members", self.tenant.group_members
         )
 
     def _list_member_of(self, group_id: str, query: dict[str, str]) -> Response:
         """``GET /groups/{id}/memberOf/microsoft.graph.group``: the groups it is in
         (without Member.Read.Hidden, HiddenMembership groups are left out)."""
-        kind = f"member-of:{group_id}"
+        read = self.tenant.member_of
+        return self._list_related(group_id, query, "member-of", "memberOf", read)
+
+    def _list_related(
+        self,
+        group_id: str,
+        query: dict[str, str],
+        kind: str,
+        relation: str,
+        read: Callable[..., list[Any] | None],
+    ) -> Response:
+        """One group's related groups (``read`` from the tenant), paged as Graph pages."""
+        kind = f"{kind}:{group_id}"
         if "skiptoken" in query:
             return json_response(self._load_page(kind, query["skiptoken"]))
         select = self._select(query, "groups")
-        found = self.tenant.member_of(
-            group_id, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible
-        )
+        found = read(group_id, as_of=self.replica_sequence(), hidden_ok=self.hidden_members_visible)
         if found is None:
             raise not_found(group_id)
         return self._list(
             kind,
-            f"groups/{quote(group_id)}/memberOf/microsoft.graph.group",
+            f"groups/{quote(group_id)}/{relation}/microsoft.graph.group",
             self._context("groups", select),
             found,
             self._top(query),
