@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -132,6 +133,28 @@ def test_concurrent_sends_share_durable_commits_and_lose_nothing(path: Path) -> 
         assert sorted(sessions["shared"]) == sorted(f"shared-{i}" for i in range(per_thread))
     # Each send waited for one commit, and some commits carried several sends.
     assert 0 < CountingQueue.commits < threads * per_thread
+
+
+def test_a_send_before_settle_does_not_wait_for_the_disk_but_a_durable_one_does(
+    path: Path,
+) -> None:
+    class Recording(LocalQueue):
+        commits: ClassVar[list[bool]] = []
+
+        @contextmanager
+        def _write_locked(self, *, durable: bool) -> Iterator[float]:
+            self.commits.append(durable)
+            with super()._write_locked(durable=durable) as now:
+                yield now
+
+    with Recording(path, lock_duration=30) as queue:
+        queue.before_settle().send([msg("c1", "A")])
+        queue.send([msg("w1", "B")])
+        assert Recording.commits == [False, True]
+        assert sorted(ids(queue.receive_session(10, 0) + queue.receive_session(10, 0))) == [
+            "c1",
+            "w1",
+        ]
 
 
 # -- ordering and sessions ---------------------------------------------------------

@@ -56,7 +56,7 @@ from writeback.errors import (
     QueueUnavailable,
     WritebackError,
 )
-from writeback.ports import DeadLetter, OutgoingMessage, ReceivedMessage
+from writeback.ports import DeadLetter, MessageSender, OutgoingMessage, ReceivedMessage
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class _Send:
     """One caller's validated messages, waiting to be committed."""
 
     rows: list[tuple[OutgoingMessage, str | None]]
+    durable: bool = True
     done: bool = False
     error: BaseException | None = None
 
@@ -245,11 +246,17 @@ class LocalQueue:
 
     # -- sending ---------------------------------------------------------------
 
-    def send(self, messages: list[OutgoingMessage]) -> None:
-        """Enqueue a batch in one transaction; duplicates of a recent message_id are dropped."""
+    def send(self, messages: list[OutgoingMessage], *, durable: bool = True) -> None:
+        """Enqueue a batch in one transaction; duplicates of a recent message_id are dropped.
+
+        ``durable=False``: the commit does not wait for the disk. Only for messages
+        that a later commit of this queue stands on (a confirmation sent before the
+        completion of the message it follows): WAL commits reach the disk in order,
+        so a power loss that undoes this send undoes that completion too, and the
+        message comes back (:meth:`before_settle` gives such a sender)."""
         if not messages:
             return
-        mine = _Send([self._validated(message) for message in messages])
+        mine = _Send([self._validated(message) for message in messages], durable)
         with self._pending_lock:
             self._pending.append(mine)
         with self._lock:  # the write lock: one thread at a time commits every waiting send
@@ -268,11 +275,17 @@ class LocalQueue:
             raise mine.error
         self._signal.notify()
 
+    def before_settle(self) -> MessageSender:
+        """A sender for the worker's confirmations, which are always sent before the
+        messages they follow are completed: see ``durable`` in :meth:`send`."""
+        return _SendBeforeSettle(self)
+
     def _commit_sends(self, batch: list[_Send]) -> None:
-        """Every waiting send in one durable transaction: under a burst of
-        webhook requests one fsync stands for many (group commit), instead of
-        each request holding the write lock through its own."""
-        with self._write_locked(durable=True) as now:
+        """Every waiting send in one transaction, durable if one of them must be:
+        under a burst of webhook requests one fsync stands for many (group
+        commit), instead of each request holding the write lock through its own."""
+        durable = any(send.durable for send in batch)
+        with self._write_locked(durable=durable) as now:
             self._db.execute("DELETE FROM seen_ids WHERE expires_at <= ?", (now,))
             for message, properties in (row for send in batch for row in send.rows):
                 if self.duplicate_window > 0:
@@ -805,3 +818,13 @@ def _map_sqlite_error(error: sqlite3.Error, where: str) -> Exception:
     if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError):
         return QueueUnavailable(f"{where}: {error}")
     return ConfigError(f"{where}: {error}")
+
+
+class _SendBeforeSettle:
+    """:meth:`LocalQueue.send` without waiting for the disk (:meth:`LocalQueue.before_settle`)."""
+
+    def __init__(self, queue: LocalQueue) -> None:
+        self._queue = queue
+
+    def send(self, messages: list[OutgoingMessage]) -> None:
+        self._queue.send(messages, durable=False)

@@ -54,6 +54,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
+from writeback.adapters.local_queue import LocalQueue
 from writeback.adapters.state import MemoryState, StateFile
 from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.domain.mapping import MappingOptions
@@ -448,7 +449,8 @@ class Server:
             directory=self.directory,
             config=self.config.pipeline_config(options, policy or SyncPolicy(), states[0]),
             state=store,
-            sender=queue,
+            # the local queue need not wait for the disk for them (LocalQueue.send)
+            sender=queue.before_settle() if isinstance(queue, LocalQueue) else queue,
             clock=clock,
             on_reconcile_requested=self._wake_timers,
         )
