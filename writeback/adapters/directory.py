@@ -735,18 +735,7 @@ class LdapDirectory:
         if sid is None:
             return None
         dn, key = read_dn(entry.dn)
-        classes = {c.lower() for c in decode(entry.attributes.get("objectclass"))}
-        kind = (
-            PrincipalKind.COMPUTER
-            if "computer" in classes
-            else PrincipalKind.USER
-            if "user" in classes
-            else PrincipalKind.GROUP
-            if "group" in classes
-            else PrincipalKind.FOREIGN
-            if "foreignsecurityprincipal" in classes
-            else PrincipalKind.OTHER
-        )
+        kind = PrincipalKind.of(decode(entry.attributes.get("objectclass")))
         anchor = decode(entry.attributes.get("admindescription"))
         ou = self._ou_key
         ours = (

@@ -165,6 +165,21 @@ class PrincipalKind(StrEnum):
     FOREIGN = "foreign-security-principal"
     OTHER = "other"
 
+    @classmethod
+    def of(cls, object_classes: Iterable[str]) -> PrincipalKind:
+        """The kind of an object of these classes (the most specific first: a
+        computer is a user too)."""
+        classes = {c.lower() for c in object_classes}
+        for name, kind in (
+            ("computer", cls.COMPUTER),
+            ("user", cls.USER),
+            ("group", cls.GROUP),
+            ("foreignsecurityprincipal", cls.FOREIGN),
+        ):
+            if name in classes:
+                return kind
+        return cls.OTHER
+
 
 @dataclass(frozen=True)
 class Principal:

@@ -462,16 +462,7 @@ class MemoryDirectory:
         return found
 
     def _principal(self, sid: str, obj: _Object) -> Principal:
-        classes = obj.classes
-        kind = (
-            PrincipalKind.COMPUTER
-            if "computer" in classes
-            else PrincipalKind.USER
-            if "user" in classes
-            else PrincipalKind.GROUP
-            if "group" in classes
-            else PrincipalKind.OTHER
-        )
+        kind = PrincipalKind.of(obj.classes)
         ours = kind is PrincipalKind.GROUP and strictly_within(obj.dn, self.target_ou)
         anchor = obj.attributes.get("admindescription", ())
         return Principal(
