@@ -5,6 +5,8 @@ from writeback.domain.model import group_id_from_anchor
 from writeback.domain.naming import (
     MAX_CN,
     DnFormat,
+    _escaped_dn_key,
+    _plain_dn_key,
     canonical_dn,
     cn_for,
     dn_for,
@@ -109,3 +111,10 @@ def test_only_a_guid_after_the_prefix_makes_an_anchor_ours() -> None:
     assert group_id_from_anchor(f"Group_{GID}") == GID
     for text in ("Group_Finance", "Group_", f"Group_{GID}x", f"group_{GID}", GID):
         assert group_id_from_anchor(text) is None
+
+
+@given(st.text(alphabet=st.sampled_from("ab=, +CNOUé\t"), max_size=40))
+def test_a_dn_without_escapes_keys_as_the_escape_aware_parser_keys_it(dn: str) -> None:
+    # dn_key parses a DN without a backslash by splitting on commas; the
+    # escape-aware parser must agree on every such string, blanks and empty RDNs too.
+    assert _plain_dn_key(dn) == _escaped_dn_key(dn)
