@@ -305,3 +305,29 @@ def test_link_stores_keep_and_forget(tmp_path: Path) -> None:
         reopened.put("h", StoredLink("c", 3))
     with SqliteDeltaLinks(tmp_path / "links.sqlite3") as reopened:
         assert reopened.get("h") == StoredLink("c", 3)
+
+
+def test_a_full_read_asks_for_a_delta_link_only_where_the_group_may_be_large(
+    big: Big, queue: LocalQueue
+) -> None:
+    """A link costs a Graph request and a round trip before the read, and a small
+    group throws it away: with nothing stored (after a restart, or after a
+    reconcile wrote the group), AD's size decides; a group AD lacks may be large."""
+    small = group_id(9, f"proportional-{big.token}")
+    big.tenant.add_group(small, display_name="Small", members=[big.uid(i) for i in range(5)])
+    large = make_group(big, 10)
+    fresh = lambda: replace(context(big, queue), links=MemoryDeltaLinks())  # noqa: E731
+    for gid in (small, large):
+        new = measured(big, queue, fresh(), gid)
+        assert new.outcome.operation is not None and new.outcome.operation.kind == "add"
+        assert big.standin.count("/groups/delta") == 1  # not in AD yet: its size unknown
+
+    big.tenant.add_members(small, [big.uid(SIZE)])
+    known_small = measured(big, queue, fresh(), small)
+    assert big.standin.count("/groups/delta") == 0, big.standin.requests
+    assert known_small.values_written == 1 and big.sid(SIZE) in big.ad_member_sids(small)
+
+    big.tenant.add_members(large, [big.uid(SIZE)])
+    known_large = measured(big, queue, fresh(), large)
+    assert big.standin.count("/groups/delta") == 1
+    assert known_large.values_written == 1 and big.sid(SIZE) in big.ad_member_sids(large)

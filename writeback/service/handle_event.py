@@ -380,27 +380,24 @@ def _write(plans: dict[str, Plan], ctx: WorkerContext) -> dict[str, Result]:
 
 
 def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
-    """Read the groups whole from both sides. A group that may be large gets a fresh
-    delta link, taken before the reads (a change racing them shows up again in the
-    next delta, where writing it once more is harmless; a link taken after could
-    miss it); a small one is remembered as small and read in full next time too."""
+    """Read the groups whole from both sides, AD first. A group that may be large
+    gets a fresh delta link, taken before the Graph reads (a change racing them
+    shows up again in the next delta, where writing it once more is harmless; a
+    link taken after could miss it); a small one is remembered as small and read
+    in full next time too."""
     ids = [w.group_id for w in works]
-    wants_link: list[str] = []
-    if ctx.links is not None:
-        for gid in ids:
-            stored = ctx.links.get(gid)
-            if stored is None or stored.member_count >= DELTA_MIN_MEMBERS:
-                wants_link.append(gid)
     results: dict[str, Plan] = {}
-    try:
-        answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
-        groups = ctx.cloud.get_groups(ids)
-    except WritebackError as error:
-        return {gid: error for gid in ids}
     current, errors = _find(ids, ctx, members=True)
     results.update(errors)
     if len(results) == len(ids):
         return results
+    wanted = [gid for gid in ids if gid not in errors]
+    wants_link = _wanting_links(wanted, current, ctx.links) if ctx.links is not None else []
+    try:
+        answers = ctx.cloud.group_delta_links(wants_link) if wants_link else {}
+        groups = ctx.cloud.get_groups(wanted)
+    except WritebackError as error:
+        return {**results, **{gid: error for gid in wanted}}
     cloud_groups = [g for g in groups.values() if isinstance(g, CloudGroup)]
     guard = _guard(cloud_groups, current, ctx)
     # A group whose link could not be had is read all the same; it gets one next time.
@@ -426,6 +423,32 @@ def _plan_in_full(works: Sequence[Work], ctx: WorkerContext) -> dict[str, Plan]:
                 work, read, found, links.get(gid), ctx, guard=guard, nested=nested.get(gid)
             )
     return results
+
+
+def _wanting_links(
+    ids: Sequence[str], current: Mapping[str, DirectoryGroup], links: DeltaLinkStore
+) -> list[str]:
+    """The groups whose full read should come with a delta link: those stored as
+    large, and those not stored at all unless AD shows them small. A link costs a
+    Graph request and a round trip before the read, and a small group throws it
+    away. AD holds only the on-premises members, so half the size counts as large;
+    a large group AD shows smaller still (mostly cloud-only members) gets its link
+    at its next event, after this read stored its size."""
+    wanted = []
+    for gid in ids:
+        stored = links.get(gid)
+        if stored is not None:
+            large = stored.member_count >= DELTA_MIN_MEMBERS
+        else:
+            found = current.get(gid)
+            large = found is None or _ad_members(found) >= DELTA_MIN_MEMBERS // 2
+        if large:
+            wanted.append(gid)
+    return wanted
+
+
+def _ad_members(group: DirectoryGroup) -> int:
+    return len(group.member_sids) + len(group.other_members)
 
 
 def _settle_one(

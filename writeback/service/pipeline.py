@@ -827,7 +827,8 @@ class Pipeline:
         self._record_state(delta=self._delta.record(outcome))
         return outcome.result
 
-    def _forget_member_links(self, group_ids: Iterable[str]) -> None:
+    def _forget_member_links(self, written: Iterable[str]) -> None:
+        group_ids = list(written)  # twice: the links, then the reads it covered
         if self._links is not None:
             for group_id in group_ids:
                 self._links.forget(group_id)
