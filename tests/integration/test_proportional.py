@@ -316,7 +316,10 @@ def test_a_full_read_asks_for_a_delta_link_only_where_the_group_may_be_large(
     small = group_id(9, f"proportional-{big.token}")
     big.tenant.add_group(small, display_name="Small", members=[big.uid(i) for i in range(5)])
     large = make_group(big, 10)
-    fresh = lambda: replace(context(big, queue), links=MemoryDeltaLinks())  # noqa: E731
+
+    def fresh() -> WorkerContext:
+        return replace(context(big, queue), links=MemoryDeltaLinks())
+
     for gid in (small, large):
         new = measured(big, queue, fresh(), gid)
         assert new.outcome.operation is not None and new.outcome.operation.kind == "add"
