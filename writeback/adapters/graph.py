@@ -1637,9 +1637,12 @@ def _lower_headers(headers: Any) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for name, value in headers.items():
-        first = next(iter(value), "") if isinstance(value, list | tuple | set) else value
+        first = next(iter(value), "") if isinstance(value, _SEQUENCES) else value
         out[str(name).lower()] = str(first)
     return out
+
+
+_SEQUENCES = (list, tuple, set)  # built once: a batch has a few headers per step
 
 
 def _segment(value: str) -> str:
