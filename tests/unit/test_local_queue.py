@@ -175,6 +175,27 @@ def test_takes_the_session_with_the_oldest_message_in_fifo_order(queue: LocalQue
     assert queue.receive_session(10, 0) == []  # every session is held
 
 
+def test_the_session_whose_message_waited_longest_goes_first(
+    queue: LocalQueue, clock: Clock
+) -> None:
+    # A confirmation sent first but due later, or a message put back a moment ago,
+    # does not go ahead of one that has been waiting.
+    queue.send([OutgoingMessage(b"c", "confirm", "C", not_before=clock.now + 60)])
+    queue.send([msg("a1", "A"), msg("b1", "B")])
+    clock.now += 5
+    (a1,) = queue.receive_session(1, 0)
+    assert ids([a1]) == ["a1"]
+    queue.abandon(a1)
+    queue.release_session("A")
+    b = queue.receive_session(1, 0)
+    a = queue.receive_session(1, 0)
+    assert (ids(b), ids(a)) == (["b1"], ["a1"])
+    queue.complete_all([*b, *a])
+    assert queue.receive_session(1, 0) == []  # the confirmation is not due
+    clock.now += 60
+    assert ids(queue.receive_session(1, 0)) == ["confirm"]
+
+
 def test_max_messages_and_the_rest_of_the_session_after_release(queue: LocalQueue) -> None:
     queue.send([msg(f"m{i}", "G") for i in range(5)])
     head = queue.receive_session(2, 0)
@@ -810,7 +831,11 @@ class QueueMachine(RuleBasedStateMachine):
             for m in sorted(model.messages.values(), key=lambda m: m.order)
             if m.available_at <= model.now
         ]
-        free = [m for m in due if not model.locked(m.session_id)]
+        # The session of the message available longest (ties: the one sent first).
+        free = sorted(
+            (m for m in due if not model.locked(m.session_id)),
+            key=lambda m: (m.available_at, m.order),
+        )
         got = self.queue.receive_session(max_messages, 0)
         if not free:
             assert got == []
