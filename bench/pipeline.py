@@ -3,7 +3,8 @@
 In one run, on the same DC:
 
 1. bursts: one membership change on each of ``--sizes`` distinct groups (1,000
-   and 5,000 by default), made as fast as the tenant takes them, with every
+   and 5,000 by default), made in the stand-in's process as fast as the tenant
+   takes them (not from this process: its GIL is the pipeline's), with every
    Graph request answered ``--latencies`` late (30 ms, then none); the Graph
    stand-in POSTs the notifications to the webhook, which enqueues them in the
    LocalQueue; the workers take up to 20 sessions a step, read them from Graph
@@ -246,6 +247,11 @@ class RemoteStandIn:
     def cpu(self) -> float:
         return float(self._call("process", "cpu"))
 
+    def add_members_each(self, changes: list[tuple[str, str]]) -> None:
+        """One new member for each group, made in the child in one call: the
+        tenant's changes are not made in the pipeline's process, nor paced by it."""
+        self._call("changes", "", changes)
+
     def set(self, name: str, value: Any) -> None:
         """Set a GraphStandIn attribute there (``latency``, ``lag``)."""
         self._call("set", name, value)
@@ -264,6 +270,10 @@ def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Connection) ->
             try:
                 if target == "process":
                     value: Any = cpu_seconds()
+                elif target == "changes":  # a burst: (group, new member) pairs, made here
+                    for group_id, member_id in args[0]:
+                        standin.tenant.add_members(group_id, [member_id])
+                    value = None
                 elif target == "set":
                     setattr(standin, name, *args)
                     value = None
@@ -508,9 +518,9 @@ class Bench:
         self.rng.shuffle(order)
         requests_before = self.tally.requests()
         cpu_before, child_before, dc_before = cpu_seconds(), standin.cpu(), self.dc.cpu_seconds()
+        changes = [(group, self.new_member(group)) for group in order]
         started = time.monotonic()
-        for group in order:  # one new member per group: one notification, one write each
-            self.add_member(standin, group)
+        standin.add_members_each(changes)  # one notification, one write each
         made = time.monotonic() - started
         # Until the last write: the confirmations, due --settle seconds later, not yet.
         assert standin.standin("wait_idle", 600) and server.wait_idle(600, include_scheduled=False)
@@ -770,13 +780,17 @@ class Bench:
 
     def add_member(self, standin: RemoteStandIn, group: str) -> None:
         """Add one user who is not a member yet to ``group``, in the cloud."""
+        standin.tenant("add_members", group, [self.new_member(group)])
+
+    def new_member(self, group: str) -> str:
+        """A user who is not a member of ``group`` yet, counted as one from now."""
         present = self.members[group]
         while True:
             member = uid(self.small_users[self.rng.randrange(len(self.small_users))])
             if member not in present:
                 break
         present.add(member)
-        standin.tenant("add_members", group, [member])
+        return member
 
 
 @dataclass(frozen=True)
