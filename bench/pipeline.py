@@ -7,7 +7,7 @@ In one run, on the same DC:
    takes them (not from this process: its GIL is the pipeline's), with every
    Graph request answered ``--latencies`` late (30 ms, then none); the Graph
    stand-in POSTs the notifications to the webhook, which enqueues them in the
-   LocalQueue; the workers take up to 20 sessions a step, read them from Graph
+   LocalQueue; the workers take up to 40 sessions a step, read them from Graph
    (JSON batches) and AD together, and write. Events per second and LDAP writes
    per second are measured from the first change to the last write (the
    confirmation reads come ``--settle`` seconds later and are waited out before
@@ -103,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
     parser.add_argument("--users", type=int, default=2000, help="users for ordinary groups")
     parser.add_argument("--big", type=int, default=50_000, help="members of the large group")
-    parser.add_argument("--workers", type=int, default=4, help="WRITEBACK_WORKERS")
-    parser.add_argument("--sessions", type=int, default=20, help="sessions a worker takes a step")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="WRITEBACK_WORKERS (serve's default)"
+    )
+    parser.add_argument(
+        "--sessions", type=int, default=40, help="sessions a worker takes a step (serve's default)"
+    )
     parser.add_argument("--batch", type=int, default=10, help="notifications per Graph POST")
     parser.add_argument("--address", default="127.0.0.31")
     parser.add_argument(

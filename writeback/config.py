@@ -503,8 +503,9 @@ class PipelineSettings:
     #: Single-machine mode: where the webhook listens (loopback by default).
     listen_address: str = "127.0.0.1"
     listen_port: int = 7071
-    #: Single-machine mode: worker threads taking sessions from the queue.
-    workers: int = 2
+    #: Single-machine mode: worker threads taking sessions from the queue. Four
+    #: keep enough groups in flight to hide Graph's round trips (bench/pipeline).
+    workers: int = 4
     #: Seconds between an event's read and its confirmation read; a group must stay
     #: gone this long before its object is deleted (Graph is eventually consistent).
     settle_seconds: int = 60
@@ -605,7 +606,7 @@ def load_pipeline_settings(
         or (None if host is Host.FUNCTIONS else DEFAULT_STATE_PATH),
         listen_address=listen_address,
         listen_port=reader.integer("WRITEBACK_LISTEN_PORT", 7071, 0, 65535),
-        workers=reader.integer("WRITEBACK_WORKERS", 2, 1, 64),
+        workers=reader.integer("WRITEBACK_WORKERS", 4, 1, 64),
         settle_seconds=reader.integer("WRITEBACK_SETTLE_SECONDS", 60, 1, 3600),
         webhook_key=webhook_key,
         max_connections=reader.integer("WRITEBACK_MAX_CONNECTIONS", 64, 1, 4096),

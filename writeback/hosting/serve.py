@@ -99,7 +99,7 @@ class ServeConfig:
     address: str = "127.0.0.1"
     #: 0 picks a free port (tests, the demo); ``serve`` uses WRITEBACK_LISTEN_PORT.
     port: int = 0
-    workers: int = 2
+    workers: int = 4
     reconcile_interval: float = 1800.0
     subscription_interval: float = 6 * 3600.0
     reconcile_at_start: bool = True
@@ -125,8 +125,9 @@ class ServeConfig:
     redelivery_scale: float = 1.0
     max_redelivery_delay: float = MAX_REDELIVERY_DELAY
     max_messages: int = 100
-    #: Sessions a worker takes in one step (read from Graph and AD together).
-    max_sessions: int = 20
+    #: Sessions a worker takes in one step (read from Graph and AD together): with
+    #: the workers, the groups in flight while Graph answers (two $batch POSTs each).
+    max_sessions: int = 40
     receive_wait: float = 0.5
     #: Seconds between an event's read and its confirmation (WRITEBACK_SETTLE_SECONDS).
     settle: float = 60.0
