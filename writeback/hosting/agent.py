@@ -95,6 +95,7 @@ from writeback.domain.policy import (
     removals_by_dn,
 )
 from writeback.errors import ConfigError, PolicyRefused, WritebackError
+from writeback.hosting.collector import tune_collector
 from writeback.ports import Directory
 
 if TYPE_CHECKING:
@@ -635,6 +636,7 @@ def run_agent(settings: AgentSettings, stop: threading.Event) -> None:
 
     state = AgentStateStore(settings.state_path)
     service = build_agent(settings, state)
+    tune_collector()
     listener = HybridConnectionListener(
         relay_endpoint(settings.relay),
         settings.relay.key_name,

@@ -73,6 +73,7 @@ from writeback.config import (
 )
 from writeback.domain.events import group_session
 from writeback.errors import ConfigError, WritebackError
+from writeback.hosting.collector import tune_collector
 from writeback.logging_setup import configure_logging
 from writeback.ports import MessageSender, ReceivedMessage, Settlement
 
@@ -189,6 +190,7 @@ class _Runtime:
                     self._pipeline.close()
                     self._pipeline = None
                 self._pipeline = build_pipeline(settings, pipeline, sender=sender)
+                tune_collector()  # the warm pipeline stays for the process
                 self._pipeline_key = key
             return self._pipeline
 

@@ -60,6 +60,7 @@ from writeback.adapters.thread_local import ThreadLocalDirectory
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.times import iso
 from writeback.errors import ConfigError, WritebackError
+from writeback.hosting.collector import tune_collector
 from writeback.ports import Cloud, Directory, EventQueue, OutgoingMessage, StateStore
 from writeback.service.handle_event import MAX_REDELIVERY_DELAY
 from writeback.service.incremental import IncrementalResult
@@ -612,6 +613,7 @@ class Server:
                 "stopped_at": None,
             },
         )
+        tune_collector()  # start-up is done: what it built stays
         self._spawn("writeback-http", lambda: http.serve_forever(poll_interval=0.1))
         for n in range(self.config.workers):
             self._spawn(f"writeback-worker-{n + 1}", self._work)
