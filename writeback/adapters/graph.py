@@ -899,12 +899,12 @@ class GraphCloud:
         if not group_id:
             return GroupGone(soft_deleted=False)
         steps = [
-            self._batched_get("get group", _group_url(group_id, self._group_select())),
-            self._batched_get("list group members", _members_url(group_id)),
+            ("get group", _group_url(group_id, self._group_select())),
+            ("list group members", _members_url(group_id)),
         ]
         if self._reads.nested:
             steps.extend(self._nesting_steps(group_id))
-        first = await asyncio.gather(*steps, return_exceptions=True)
+        first = await self._batched_gets(steps)
         if any(isinstance(result, GraphNotFound) for result in first):
             return await self._gone(group_id)
         for result in first:
@@ -960,12 +960,12 @@ class GraphCloud:
             return (*GROUP_SELECT, HIDE_FROM_ADDRESS_LISTS)
         return GROUP_SELECT
 
-    def _nesting_steps(self, group_id: str) -> list[Coroutine[Any, Any, dict[str, Any]]]:
-        """The batched first pages of a group's member groups and of the groups it is
-        a direct member of (ids only)."""
+    def _nesting_steps(self, group_id: str) -> list[tuple[str, str]]:
+        """The first pages of a group's member groups and of the groups it is a
+        direct member of (ids only), as (what, url) for :meth:`_batched_gets`."""
         return [
-            self._batched_get("list member groups", _member_groups_url(group_id)),
-            self._batched_get("list groups it is a member of", _member_of_url(group_id)),
+            ("list member groups", _member_groups_url(group_id)),
+            ("list groups it is a member of", _member_of_url(group_id)),
         ]
 
     async def _ids_of(self, what: str, first: dict[str, Any]) -> list[str]:
@@ -1215,19 +1215,58 @@ class GraphCloud:
                 what, self._relative(str(next_link)), delta=delta, link=link
             )
 
+    async def _batched_gets(self, steps: Sequence[tuple[str, str]]) -> list[object]:
+        """GET each ``(what, url)`` in the next JSON batch; the answers in order,
+        each the JSON or its error (returned, not raised), as :meth:`_batched_get`
+        would give them. The GETs are queued at once and awaited as futures, with
+        no task or retry state of their own; only a step that did not succeed goes
+        on to :meth:`_batched_get`, its answer counting as the first attempt."""
+        futures = [self._submit(url) for _, url in steps]
+        try:
+            if futures:
+                await asyncio.wait(futures)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()  # not sent, or its answer dropped
+            raise
+        results: list[object] = []
+        retried: dict[int, Coroutine[Any, Any, dict[str, Any]]] = {}
+        for n, ((what, url), future) in enumerate(zip(steps, futures, strict=True)):
+            answer = None if future.cancelled() or future.exception() else future.result()
+            if answer is not None and 200 <= answer.status < 300 and isinstance(answer.body, dict):
+                results.append(answer.body)
+            else:
+                results.append(None)
+                retried[n] = self._batched_get(what, url, first=future)
+        if retried:
+            again = await asyncio.gather(*retried.values(), return_exceptions=True)
+            for n, result in zip(retried, again, strict=True):
+                results[n] = result
+        return results
+
     async def _batched_get(
-        self, what: str, url: str, *, delta: bool = False, link: bool = False
+        self,
+        what: str,
+        url: str,
+        *,
+        delta: bool = False,
+        link: bool = False,
+        first: asyncio.Future[_Answer] | None = None,
     ) -> dict[str, Any]:
         """GET ``url`` (relative to the version) in the next JSON batch, with the
         same bounded retries as a request sent alone: a step answered 429 waits
-        its own ``Retry-After`` and goes into a later batch; the answer as JSON."""
+        its own ``Retry-After`` and goes into a later batch; the answer as JSON.
+        ``first``: the first attempt's answer, already asked for."""
 
         attempts = 0
 
         async def request() -> dict[str, Any]:
             nonlocal attempts
             attempts += 1
-            answer = await self._submit(url, retry=attempts > 1)
+            if attempts == 1 and first is not None:
+                answer = await first
+            else:
+                answer = await self._submit(url, retry=attempts > 1)
             if 200 <= answer.status < 300:
                 if not isinstance(answer.body, dict):
                     raise GraphUnavailable(f"Graph {what} returned an unexpected JSON document")
