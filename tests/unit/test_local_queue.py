@@ -196,6 +196,23 @@ def test_the_session_whose_message_waited_longest_goes_first(
     assert ids(queue.receive_session(1, 0)) == ["confirm"]
 
 
+def test_a_claim_of_many_sessions_takes_each_once_in_order_past_those_held(
+    queue: LocalQueue, path: Path, clock: Clock
+) -> None:
+    # One walk of the due messages serves the whole claim: a session with several
+    # messages is taken once with all of them, sessions another receiver holds
+    # are stepped over, and the claim stops at max_sessions.
+    queue.send([msg("a1", "A"), msg("b1", "B"), msg("a2", "A"), msg("c1", "C")])
+    queue.send([msg("b2", "B"), msg("d1", "D"), msg("e1", "E"), msg("f1", "F")])
+    with LocalQueue(path, lock_duration=30, clock=clock) as other:
+        assert [b[0].session_id for b in other.receive_sessions(1, 10, 0)] == ["A"]
+        batches = queue.receive_sessions(3, 10, 0)
+        assert [ids(batch) for batch in batches] == [["b1", "b2"], ["c1"], ["d1"]]
+        rest = queue.receive_sessions(10, 10, 0)
+        assert [ids(batch) for batch in rest] == [["e1"], ["f1"]]
+        assert queue.receive_sessions(10, 10, 0) == []
+
+
 def test_max_messages_and_the_rest_of_the_session_after_release(queue: LocalQueue) -> None:
     queue.send([msg(f"m{i}", "G") for i in range(5)])
     head = queue.receive_session(2, 0)

@@ -120,13 +120,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 # A message is available when it is due and its session is not held by a live lock.
 # The one available longest goes first, found through messages_by_availability: in
 # order of seq, every scheduled message (a confirmation due a minute later) sent
-# before it would be stepped over, at every claim.
-_NEXT_SESSION = """
+# before it would be stepped over, at every claim. A claim walks this once for all
+# the sessions it takes (see LocalQueue._due_sessions).
+_DUE_SESSIONS = """
 SELECT m.session_id FROM messages AS m
 WHERE m.available_at <= :now
   AND NOT EXISTS (SELECT 1 FROM session_locks AS l
                   WHERE l.session_id = m.session_id AND l.locked_until > :now)
-ORDER BY m.available_at, m.seq LIMIT 1
+ORDER BY m.available_at, m.seq
 """
 # Messages whose last allowed delivery ended without settlement (lock expired/released).
 _EXHAUSTED = """
@@ -396,11 +397,7 @@ class LocalQueue:
         batches: list[list[ReceivedMessage]] = []
         with self._write() as now:
             self._dead_letter_exhausted(now)
-            while len(batches) < max_sessions:
-                row = self._db.execute(_NEXT_SESSION, {"now": now}).fetchone()
-                if row is None:
-                    break
-                session_id: str = row[0]
+            for session_id in self._due_sessions(now, max_sessions):
                 token = uuid.uuid4().hex
                 self._db.execute(
                     "INSERT INTO session_locks (session_id, token, locked_until) VALUES (?, ?, ?)"
@@ -412,6 +409,24 @@ class LocalQueue:
                 self._held[session_id] = token
                 batches.append(_received(session_id, token, rows))
         return batches
+
+    def _due_sessions(self, now: float, limit: int) -> list[str]:
+        """Up to ``limit`` distinct sessions with due messages and no live lock, in
+        the order their messages became available: one walk of the index, done
+        before any session is locked. Asking for one session at a time stepped
+        over every message of the sessions locked so far, the other workers'
+        among them, again for each session taken."""
+        cursor = self._db.execute(_DUE_SESSIONS, {"now": now})
+        chosen: dict[str, None] = {}
+        try:
+            while len(chosen) < limit and (rows := cursor.fetchmany(limit)):
+                for (session_id,) in rows:
+                    chosen[session_id] = None
+                    if len(chosen) == limit:
+                        break
+        finally:
+            cursor.close()
+        return list(chosen)
 
     def receive_from_session(
         self, session_id: str, max_messages: int, wait: float
