@@ -235,6 +235,7 @@ class LocalQueue:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._synchronous = "NORMAL"  # the connection's mode, set again only to change it
             with self._transaction():
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -790,7 +791,10 @@ class LocalQueue:
     def _write_locked(self, *, durable: bool) -> Iterator[float]:
         """:meth:`_write` for a caller that holds the write lock already."""
         try:
-            self._db.execute(f"PRAGMA synchronous={self._sync_mode(durable)}")
+            mode = self._sync_mode(durable)
+            if mode != self._synchronous:
+                self._db.execute(f"PRAGMA synchronous={mode}")
+                self._synchronous = mode
             with self._transaction():
                 yield self._clock()
         except sqlite3.Error as error:
