@@ -1,13 +1,14 @@
 """The cyclic garbage collector's settings for a long-running host process.
 
-Measured with ``bench/pipeline.py`` (a burst over 5,000 groups, 2 cores): start-up
-leaves about 120,000 objects the collector tracks, most of them the SDKs' modules,
-classes and functions, and with CPython's defaults every full collection walked all
-of them again, about 70 ms each time with the GIL held, in which no worker, webhook
-or Graph thread ran; a burst took a dozen. The young generation's threshold of 700
+Measured with ``bench/pipeline.py`` (a burst over 5,000 groups and its confirmation
+reads, 2 cores, timed through ``gc.callbacks``): start-up leaves about 120,000
+objects the collector tracks, most of them the SDKs' modules, classes and
+functions, and with CPython's defaults every full collection walked all of them
+again, about 60 ms each time with the GIL held, in which no worker, webhook or
+Graph thread ran; there were ten. The young generation's threshold of 700
 allocations also collected a step's short-lived objects (a Graph batch, a claim's
-rows) a thousand times a burst, promoting the ones still in use to the older
-generations, which made those full collections come sooner.
+rows) some 1,200 times, promoting the ones still in use to the older generations,
+which made those full collections come sooner.
 """
 
 from __future__ import annotations
