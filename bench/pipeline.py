@@ -828,6 +828,7 @@ class EventCost:
 
 
 def diff(before: ServerStats, after: ServerStats) -> ServerStats:
+    new_latencies = min(after.latency_count - before.latency_count, len(after.latencies))
     operations = {
         kind: n - before.operations.get(kind, 0)
         for kind, n in after.operations.items()
@@ -841,7 +842,9 @@ def diff(before: ServerStats, after: ServerStats) -> ServerStats:
         operations=operations,
         writes=after.writes - before.writes,
         dead_lettered=after.dead_lettered - before.dead_lettered,
-        latencies=after.latencies[len(before.latencies) :],
+        # The pipeline keeps its latest latencies only: the new ones are the last ones.
+        latencies=after.latencies[len(after.latencies) - new_latencies :],
+        latency_count=new_latencies,
     )
 
 

@@ -32,7 +32,7 @@ from writeback.errors import (
 from writeback.ports import OutgoingMessage
 from writeback.service.handle_event import DELTA_MIN_MEMBERS, EventOutcome
 from writeback.service.notifications import MISSED, REAUTHORIZATION_REQUIRED, SUBSCRIPTION_REMOVED
-from writeback.service.pipeline import SettlementFailed
+from writeback.service.pipeline import LATENCY_BUCKETS, SettlementFailed
 from writeback.service.reconcile import SyncPolicy
 from writeback.service.subscriptions import Action
 
@@ -981,3 +981,30 @@ def test_with_writeback_disabled_events_are_consumed_and_nothing_is_written() ->
     assert (outcome.settlement, outcome.operation) == ("completed", None)
     assert world.ad(gid) is None and world.directory.calls["apply"] == 0
     assert empty(world) and dead(world) == []
+
+
+# =========================================================================== counters
+
+
+def test_latencies_are_kept_for_the_latest_events_and_counted_for_all(world: MemoryWorld) -> None:
+    pipeline = world.restart(latency_window=3)
+    ages = [0.01, 0.04, 0.2, 3.0, 2000.0]  # seconds from the webhook to the write
+    for n, age in enumerate(ages):
+        gid = world.group(f"Timed{n}", world.users(f"timed{n}"))
+        world.notify(gid, received_at=world.clock() - age)
+        world.drain()
+
+    stats = pipeline.stats
+    assert stats.latencies == pytest.approx(ages[-3:])  # the window: the latest, in order
+    assert stats.events == stats.latency_count == 5  # the counts: every one
+    assert stats.latency_sum == pytest.approx(sum(ages))
+    per_bucket = dict(zip((*LATENCY_BUCKETS, "above"), stats.latency_buckets, strict=True))
+    assert {bound: n for bound, n in per_bucket.items() if n} == {
+        0.025: 1,
+        0.05: 1,
+        0.25: 1,
+        5.0: 1,
+        "above": 1,
+    }
+    confirmed(world)  # confirmation reads are not notifications: no latency of their own
+    assert pipeline.stats.latency_count == 5

@@ -6,9 +6,9 @@ its pipeline already count, at scrape time: a collector reads
 counters and the host's, one snapshot), the queue (depth, waiting retries, dead
 letters by reason) and the state file (the last reconcile, the subscription), so
 nothing is counted twice and a scrape changes nothing. Counters count since the process started, as
-Prometheus expects (``rate()`` handles restarts); the latency histogram is
-filled incrementally from the pipeline's latencies, one observation per
-completed notification (seconds from the webhook accepting it to its write).
+Prometheus expects (``rate()`` handles restarts); the latency histogram is the
+pipeline's own counts, one observation per completed notification (seconds from
+the webhook accepting it to its write), kept since start in bounded memory.
 
 Metric names, labels and meanings are listed in the README (single-machine mode,
 "Monitoring"); tests/integration/test_metrics.py scrapes a running server and
@@ -17,9 +17,7 @@ parses the text with prometheus-client's own parser.
 
 from __future__ import annotations
 
-import bisect
 import math
-import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,43 +27,25 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from writeback.domain.times import parse_iso
 from writeback.errors import WritebackError
+from writeback.service.pipeline import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from writeback.hosting.serve import Server
-
-#: Seconds from notification to write: a paced event takes tens of milliseconds, a
-#: burst queues for seconds, a fault retried from the queue for minutes.
-LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+    from writeback.hosting.serve import Server, ServerStats
 
 
-class _Latencies:
-    """The latency histogram, filled from the pipeline's (append-only) latencies."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen = 0
-        self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._sum = 0.0
-
-    def family(self, latencies: tuple[float, ...]) -> HistogramMetricFamily:
-        with self._lock:
-            for value in latencies[self._seen :]:
-                self._counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
-                self._sum += value
-            self._seen = max(self._seen, len(latencies))
-            cumulative, buckets = 0, []
-            for bound, count in zip((*LATENCY_BUCKETS, math.inf), self._counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
-            total = self._sum
-        return HistogramMetricFamily(
-            "writeback_event_latency_seconds",
-            "Seconds from the webhook accepting a notification to its write completing.",
-            buckets=buckets,
-            sum_value=total,
-        )
+def _latency_family(stats: ServerStats) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*LATENCY_BUCKETS, math.inf), stats.latency_buckets, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+    return HistogramMetricFamily(
+        "writeback_event_latency_seconds",
+        "Seconds from the webhook accepting a notification to its write completing.",
+        buckets=buckets,
+        sum_value=stats.latency_sum,
+    )
 
 
 class ServerCollector(Collector):
@@ -73,7 +53,6 @@ class ServerCollector(Collector):
 
     def __init__(self, server: Server) -> None:
         self._server = server
-        self._latencies = _Latencies()
 
     def collect(self) -> Iterator[Metric]:
         server = self._server
@@ -133,7 +112,7 @@ class ServerCollector(Collector):
             for key, value in sorted(values.items()):
                 family.add_metric(key, value)
             yield family
-        yield self._latencies.family(stats.latencies)
+        yield _latency_family(stats)
         yield _gauge(
             "pending_deletes", "Deletes waiting for a confirming read.", stats.pending_deletes
         )

@@ -40,10 +40,11 @@ Subscription
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -133,6 +134,16 @@ class PipelineConfig:
     settle: float = DEFAULT_SETTLE
 
 
+#: Bounds of the latency histogram, seconds from notification to write: a paced event
+#: takes tens of milliseconds, a burst queues for seconds, a retried fault for minutes.
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+#: Latencies kept one by one, for percentiles over recent events. Older ones live on only
+#: in the histogram's counts: a warm instance or a serve process runs for months, and
+#: keeping them all would grow by a float per event and copy every one at each scrape.
+LATENCY_WINDOW = 100_000
+
+
 @dataclass(frozen=True)
 class PipelineStats:
     """Counters since the pipeline was built (a copy; the pipeline keeps counting)."""
@@ -163,8 +174,14 @@ class PipelineStats:
     reconcile_writes: int = 0
     reconcile_failures: int = 0
     lifecycle_events: int = 0
-    #: Seconds from the webhook accepting a notification to its write completing.
+    #: Seconds from the webhook accepting a notification to its write completing, for
+    #: the latest completed notifications (at most ``LATENCY_WINDOW``), oldest first.
     latencies: tuple[float, ...] = ()
+    #: Every latency recorded since start: how many, their sum, and how many fell at or
+    #: under each of ``LATENCY_BUCKETS`` and not under the one before (last: above all).
+    latency_count: int = 0
+    latency_sum: float = 0.0
+    latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS) + 1)
     #: Messages by (settlement, reason): the dead-letter reason, the transient error
     #: a batch was put back for, why it was parked; "" for completed ones.
     settled: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -193,6 +210,7 @@ class Pipeline:
         sender: MessageSender | None = None,
         clock: Callable[[], datetime] | None = None,
         on_reconcile_requested: Callable[[], None] | None = None,
+        latency_window: int = LATENCY_WINDOW,
     ) -> None:
         self.cloud = cloud
         self.directory = directory
@@ -214,7 +232,10 @@ class Pipeline:
         self._operations: Counter[str] = Counter()
         self._settled: Counter[tuple[str, str]] = Counter()
         self._skipped: Counter[str] = Counter()
-        self._latencies: list[float] = []
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._latency_count = 0
         self._delta = DeltaState.load(state)
         self.last_reconcile: SyncResult | None = None
         self.last_reconcile_error: str | None = None
@@ -473,6 +494,10 @@ class Pipeline:
             for skip in outcome.skips:
                 self._skipped[str(skip.reason)] += skip.count
             self._latencies.extend(latencies)
+            for latency in latencies:
+                self._latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+            self._latency_sum += sum(latencies)
+            self._latency_count += len(latencies)
 
     @property
     def stats(self) -> PipelineStats:
@@ -481,6 +506,9 @@ class Pipeline:
                 self._stats,
                 operations=dict(self._operations),
                 latencies=tuple(self._latencies),
+                latency_count=self._latency_count,
+                latency_sum=self._latency_sum,
+                latency_buckets=tuple(self._latency_buckets),
                 settled=dict(self._settled),
                 skipped_by_reason=dict(self._skipped),
             )

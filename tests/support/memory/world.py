@@ -27,7 +27,7 @@ from writeback.domain.model import anchor_for
 from writeback.ports import OutgoingMessage
 from writeback.service.handle_event import EventOutcome
 from writeback.service.notifications import LifecycleEvent, lifecycle_message
-from writeback.service.pipeline import Pipeline, PipelineConfig
+from writeback.service.pipeline import LATENCY_WINDOW, Pipeline, PipelineConfig
 
 #: Settings for tests: in-process retries without sleeping, short redelivery waits.
 TEST_CONFIG = {
@@ -139,7 +139,7 @@ class MemoryWorld:
         names = {sid: name for name, sid in self.sids.items()}
         return {names.get(sid, sid) for sid in entry.member_sids}
 
-    def restart(self, **config: Any) -> Pipeline:
+    def restart(self, *, latency_window: int = LATENCY_WINDOW, **config: Any) -> Pipeline:
         """A new pipeline (a new process) over the same ports and state."""
         self.config = replace(self.config, **config)
         self.pipeline = Pipeline(
@@ -150,6 +150,7 @@ class MemoryWorld:
             links=self.links,
             sender=self.queue,
             clock=self.clock.now,
+            latency_window=latency_window,
         )
         return self.pipeline
 
