@@ -49,6 +49,16 @@ NO_CONTROLS = st.text(
 )
 
 
+def samba_matches(value: str) -> bool:
+    """False for text that begins or ends in white space other than ASCII spaces (NBSP,
+    EM SPACE, U+3000...). Samba stores such a value exactly, but its equality match
+    never finds it, escaped or not (measured on 4.17 for U+00A0, U+2000, U+2003,
+    U+205F and U+3000, also next to ASCII spaces); inside a value they match.
+    writeback filters only on anchors and names it made, which never begin or end so."""
+    core = value.strip(" ")
+    return not core or not (core[0].isspace() or core[-1].isspace())
+
+
 def cleaned(value: str, limit: int) -> list[str] | None:
     """What the mapping documents for a text attribute: NUL dropped, cut, blank = absent."""
     text = value.replace("\x00", "")[:limit]
@@ -171,6 +181,7 @@ def test_an_escaped_filter_value_matches_exactly_that_value(
     # A token in the middle makes the value unique, so exactly one object may match;
     # an unescaped * ( ) \ around it would widen, break or reshape the filter.
     value = before + uuid.uuid4().hex + after
+    assume(samba_matches(value))
     with samba_dc.directory(plain_ou) as directory:
         group = CloudGroup(str(uuid.uuid4()), value)
         assert write(directory, MappingOptions(target_ou=plain_ou), group) is not None
