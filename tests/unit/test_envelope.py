@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
+
 import pytest
 
 from writeback.domain.events import Change, GroupChanged
@@ -20,6 +23,17 @@ def test_the_wire_form_is_what_queues_already_hold() -> None:
     confirm = GroupChanged(GID, Change.CONFIRM, 2.0, "c-1", gone_since=1.5)
     assert confirm.to_json().endswith(b',"version":1,"gone_since":1.5}')
     assert GroupChanged.from_json(confirm.to_json()) == confirm
+
+
+def test_every_field_of_the_envelope_is_on_the_wire() -> None:
+    # to_json names its fields one by one: a field added later must be added there too.
+    event = GroupChanged(GID, Change.CONFIRM, 2.0, "c-1", gone_since=1.5)
+    wire = json.loads(event.to_json())
+    assert set(wire) == {f.name for f in fields(GroupChanged)}
+    assert {f.name for f in fields(GroupChanged) if getattr(event, f.name) == f.default} == {
+        "version"
+    }  # the rest differ from their defaults, so a field dropped on the way would show
+    assert GroupChanged.from_json(event.to_json()) == event
 
 
 def test_a_body_parsed_again_is_the_same_envelope_and_poison_stays_poison() -> None:
