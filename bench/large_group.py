@@ -5,10 +5,14 @@ Graph stand-in in process, the real LDAP adapter), in one run on the same DC:
 
 1. the group's first event: a full read from Graph and its creation in AD (one
    add, the members chunked by ``WRITEBACK_MEMBER_CHUNK``);
-2. one member removed in the cloud, then one added back: each must be one
-   small LDAP write (the member delta since the stored link), whatever the
+2. its confirmation, as the pipeline schedules it a settle interval later: a
+   full read that finds nothing to write, which is what makes the delta link
+   taken with the first read trusted (a single full read may come from a
+   lagging replica, so its link is never used before that);
+3. one member removed in the cloud, then one added back: each must be one
+   small LDAP write (the member delta since the trusted link), whatever the
    group's size;
-3. a no-op full sync over it (reads every member value from both sides), with the
+4. a no-op full sync over it (reads every member value from both sides), with the
    adapter's default LDAP timeout and, if that times out, with a long one;
 
 each with the Graph requests, LDAP requests, values written, member values
@@ -39,7 +43,7 @@ from writeback.domain.mapping import MAX_MEMBER_LIMIT, MappingOptions
 from writeback.domain.model import Add, Modify, Operation, Rename
 from writeback.errors import LdapUnavailable
 from writeback.report import markdown_table
-from writeback.service.handle_event import WorkerContext, converge
+from writeback.service.handle_event import Converged, Work, WorkerContext, converge, converge_groups
 from writeback.service.reconcile import SyncPolicy, apply_plan, plan_sync
 from writeback_sandbox.graph_standin import GraphStandIn, Tenant
 from writeback_sandbox.samba import SambaDC, free_loopback_address, running_dc
@@ -112,8 +116,15 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
                 operation, requests, _ = converge(group, context)
                 return operation, requests
 
+            def confirmation() -> Step:
+                result = converge_groups([Work(group, confirming=True)], context)[group]
+                assert isinstance(result, Converged), result
+                assert result.operation is None, "the confirmation found something to write"
+                return None, result.requests
+
             first, one = [_uid(names[0])], _uid(names[0])
             created = costs.measure(event)
+            confirmed = costs.measure(confirmation)
             removed = costs.measure(lambda: event(lambda: tenant.remove_members(group, first)))
             added = costs.measure(lambda: event(lambda: tenant.add_members(group, [one])))
         finally:
@@ -132,6 +143,7 @@ def run(dc: SambaDC, size: int) -> list[tuple[str, str]]:
         ("first event: full read and creation", created.row()),
         ("plain ldap3: the same add in the same chunks, s", f"{plain_add:.2f}"),
         ("ratio creation / plain", f"{created.seconds / plain_add:.2f}"),
+        ("its confirmation read (full, nothing to write; trusts the link)", confirmed.row()),
         ("1 member removed (member delta)", removed.row()),
         ("1 member added back (member delta)", added.row()),
         ("plain ldap3: one modify adding one member, s", f"{plain_modify:.3f}"),
