@@ -828,7 +828,9 @@ class EventCost:
 
 
 def diff(before: ServerStats, after: ServerStats) -> ServerStats:
-    new_latencies = min(after.latency_count - before.latency_count, len(after.latencies))
+    pairs = zip(after.latency_buckets, before.latency_buckets, strict=True)
+    buckets = tuple(a - b for a, b in pairs)
+    new_latencies = min(sum(buckets), len(after.latencies))
     operations = {
         kind: n - before.operations.get(kind, 0)
         for kind, n in after.operations.items()
@@ -844,7 +846,8 @@ def diff(before: ServerStats, after: ServerStats) -> ServerStats:
         dead_lettered=after.dead_lettered - before.dead_lettered,
         # The pipeline keeps its latest latencies only: the new ones are the last ones.
         latencies=after.latencies[len(after.latencies) - new_latencies :],
-        latency_count=new_latencies,
+        latency_sum=after.latency_sum - before.latency_sum,
+        latency_buckets=buckets,
     )
 
 

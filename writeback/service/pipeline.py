@@ -177,9 +177,8 @@ class PipelineStats:
     #: Seconds from the webhook accepting a notification to its write completing, for
     #: the latest completed notifications (at most ``LATENCY_WINDOW``), oldest first.
     latencies: tuple[float, ...] = ()
-    #: Every latency recorded since start: how many, their sum, and how many fell at or
-    #: under each of ``LATENCY_BUCKETS`` and not under the one before (last: above all).
-    latency_count: int = 0
+    #: Every latency recorded since start: their sum, and how many fell at or under
+    #: each of ``LATENCY_BUCKETS`` and not under the one before (last: above all).
     latency_sum: float = 0.0
     latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS) + 1)
     #: Messages by (settlement, reason): the dead-letter reason, the transient error
@@ -187,6 +186,11 @@ class PipelineStats:
     settled: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Members (and groups) left out of the event writes, by skip reason.
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def latency_count(self) -> int:
+        """Latencies recorded since start (the histogram's count)."""
+        return sum(self.latency_buckets)
 
 
 class SettlementFailed(TransientError):
@@ -235,7 +239,6 @@ class Pipeline:
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self._latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
-        self._latency_count = 0
         self._delta = DeltaState.load(state)
         self.last_reconcile: SyncResult | None = None
         self.last_reconcile_error: str | None = None
@@ -497,7 +500,6 @@ class Pipeline:
             for latency in latencies:
                 self._latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self._latency_sum += sum(latencies)
-            self._latency_count += len(latencies)
 
     @property
     def stats(self) -> PipelineStats:
@@ -506,7 +508,6 @@ class Pipeline:
                 self._stats,
                 operations=dict(self._operations),
                 latencies=tuple(self._latencies),
-                latency_count=self._latency_count,
                 latency_sum=self._latency_sum,
                 latency_buckets=tuple(self._latency_buckets),
                 settled=dict(self._settled),
