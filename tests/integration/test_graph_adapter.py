@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,6 +360,36 @@ def test_batched_reads_cost_a_round_trip_per_20_requests(groups: int, round_trip
         group = read["g00"]
         assert isinstance(group, CloudGroup) and group.mail == "g0@contoso.com"
         assert [m.sid for m in group.members] == [f"S-1-5-21-9-9-9-{1000 + i}" for i in range(3)]
+
+
+def test_calls_from_different_threads_never_share_a_batch() -> None:
+    # Shared batches would finish together and tie the workers into one rhythm
+    # (all reading Graph, then all writing to AD at once).
+    tenant = small_tenant(8)
+    halves = [[f"g{n:02d}" for n in range(4)], [f"g{n:02d}" for n in range(4, 8)]]
+    with GraphStandIn(tenant, latency=0.02) as server, cloud_for(server) as client:
+        barrier = threading.Barrier(2)
+        reads: list[dict[str, object]] = []
+
+        def read(ids: list[str]) -> None:
+            for _ in range(10):
+                barrier.wait()
+                reads.append(dict(client.get_groups(ids)))
+
+        threads = [threading.Thread(target=read, args=(ids,)) for ids in halves]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        log = server.log
+    assert len(reads) == 20 and all(isinstance(g, CloudGroup) for r in reads for g in r.values())
+    carried: dict[int, set[int]] = {}
+    for entry in log:
+        if entry.batch is not None and not entry.envelope:
+            gid = entry.target.split("/groups/")[1][:3]
+            carried.setdefault(entry.batch, set()).add(0 if gid in halves[0] else 1)
+    assert len(carried) == 20  # one batch of 8 requests per call
+    assert all(len(sides) == 1 for sides in carried.values())
 
 
 def test_get_groups_tells_live_binned_purged_and_lagging_groups_apart() -> None:

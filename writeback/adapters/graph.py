@@ -83,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import email.utils
 import functools
 import importlib
@@ -224,6 +225,30 @@ class _Step:
     url: str
     future: asyncio.Future[_Answer]
     retry: bool = False
+
+
+@dataclass
+class _Gathering:
+    """The GETs one public call has queued for its next JSON batch.
+
+    Each call gathers its own: calls made by different threads at about the
+    same time would otherwise share batches and so finish together, which ties
+    the workers into one rhythm (all reading Graph, then all writing to AD) and
+    makes a small call wait for a large one's answers."""
+
+    pending: list[_Step] = field(default_factory=list)
+    flusher: asyncio.Future[None] | None = None
+
+
+#: The gathering of the public call the running coroutine belongs to (its tasks
+#: inherit it); set by ``GraphCloud._run`` on the loop thread.
+_GATHERING: contextvars.ContextVar[_Gathering] = contextvars.ContextVar("graph_gathering")
+
+
+async def _gathered(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` (one public call) with a gathering of its own."""
+    _GATHERING.set(_Gathering())
+    return await coroutine
 
 
 #: Request builders reached on the way to the calls above; imported up front so
@@ -379,9 +404,6 @@ class GraphCloud:
         self._error_map = {"XXX": self._sdk.ODataError}
         self._closed = False
         self._close_lock = threading.Lock()
-        #: GETs gathered for the next JSON batch (used on the loop thread only)
-        self._pending: list[_Step] = []
-        self._flusher: asyncio.Future[None] | None = None
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="graph-cloud-loop", daemon=True)
@@ -438,7 +460,7 @@ class GraphCloud:
         if self._loop.is_closed():
             coroutine.close()
             raise RuntimeError("GraphCloud is closed")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(_gathered(coroutine), self._loop).result()
 
     # ----------------------------------------------------------------- public API
 
@@ -1281,25 +1303,29 @@ class GraphCloud:
         return result
 
     def _submit(self, url: str, *, retry: bool = False) -> asyncio.Future[_Answer]:
-        """Queue one GET for the next batch (on the loop thread)."""
+        """Queue one GET for the calling public call's next batch (on the loop thread)."""
         future: asyncio.Future[_Answer] = self._loop.create_future()
-        self._pending.append(_Step(url, future, retry))
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush_soon())
+        gathering = _GATHERING.get(None)
+        if gathering is None:  # a coroutine run without _run (tests): its own
+            gathering = _Gathering()
+            _GATHERING.set(gathering)
+        gathering.pending.append(_Step(url, future, retry))
+        if gathering.flusher is None:
+            gathering.flusher = asyncio.ensure_future(self._flush_soon(gathering))
         return future
 
-    async def _flush_soon(self) -> None:
-        """Send what was queued, after a few loop iterations in which the other
-        coroutines woken at the same moment queue theirs: in batches of 20, all
-        at once; a lone request (or one outside the base URL) is sent alone."""
+    async def _flush_soon(self, gathering: _Gathering) -> None:
+        """Send what the call queued, after a few loop iterations in which its
+        other coroutines woken at the same moment queue theirs: in batches of 20,
+        all at once; a lone request (or one outside the base URL) is sent alone."""
         try:
             for _ in range(_GATHER_TICKS):
                 await asyncio.sleep(0)
-            if any(step.retry for step in self._pending):
+            if any(step.retry for step in gathering.pending):
                 await asyncio.sleep(_RETRY_GATHER)
         finally:
-            self._flusher = None
-        steps, self._pending = self._pending, []
+            gathering.flusher = None
+        steps, gathering.pending = gathering.pending, []
         steps = [step for step in steps if not step.future.done()]
         alone = [step for step in steps if not step.url.startswith("/")]
         batchable = [step for step in steps if step.url.startswith("/")]
