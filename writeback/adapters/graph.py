@@ -1305,10 +1305,7 @@ class GraphCloud:
     def _submit(self, url: str, *, retry: bool = False) -> asyncio.Future[_Answer]:
         """Queue one GET for the calling public call's next batch (on the loop thread)."""
         future: asyncio.Future[_Answer] = self._loop.create_future()
-        gathering = _GATHERING.get(None)
-        if gathering is None:  # a coroutine run without _run (tests): its own
-            gathering = _Gathering()
-            _GATHERING.set(gathering)
+        gathering = _GATHERING.get()  # every coroutine that reads runs under _run
         gathering.pending.append(_Step(url, future, retry))
         if gathering.flusher is None:
             gathering.flusher = asyncio.ensure_future(self._flush_soon(gathering))
