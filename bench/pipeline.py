@@ -523,7 +523,7 @@ class Bench:
             key=lambda run: run[0],
         )
         rows = runs[len(runs) // 2][1]
-        name = f"burst {len(groups)} groups, Graph {latency * 1000:.0f} ms"
+        name = burst_name(len(groups), latency)
         rows.append(
             (
                 f"{name}: ÷ plain loop in each of {len(runs)} runs (rows above: the median)",
@@ -561,7 +561,7 @@ class Bench:
         rate = delta.writes / seconds
         if latency == 0 and not self.pipeline_write_rate:
             self.pipeline_write_rate, self.direct_burst = rate, delta  # the relay's reference
-        name = f"burst {len(order)} groups, Graph {latency * 1000:.0f} ms"
+        name = burst_name(len(order), latency)
         events = max(delta.events, 1)
         assert server.wait_idle(600), "the confirmation reads did not finish"
         plain_after, dc_ms_after = self.plain_round()
@@ -620,7 +620,8 @@ class Bench:
             members = self.rng.sample(sids, self.args.members)
             member_values = [f"<SID={sid}>" for sid in members]
             conn.add(dn, ["top", "group"], {"sAMAccountName": f"plain{n}", "member": member_values})
-            others = [sid for sid in sids if sid not in set(members)]
+            taken = set(members)
+            others = [sid for sid in sids if sid not in taken]
             self.rng.shuffle(others)
             self.plain_groups.append((dn, others))
         conn.unbind()
@@ -900,6 +901,10 @@ def cpu_seconds() -> float:
 
 def fmt_ops(operations: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(operations.items())) or "none"
+
+
+def burst_name(size: int, latency: float) -> str:
+    return f"burst {size} groups, Graph {latency * 1000:.0f} ms"
 
 
 def fmt_latency(stats: ServerStats) -> str:
