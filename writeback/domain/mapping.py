@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from writeback.domain.model import (
     CloudGroup,
-    CloudMember,
     GroupKind,
     MemberKind,
     Skip,
@@ -318,11 +317,12 @@ def writable_members(
             else:
                 dns.add(ref)
             continue
-        member_reason = _skip_reason(member)
-        if member_reason is None and member.sid:
+        if member.kind is not MemberKind.USER:
+            skipped[SkipReason.MEMBER_NOT_A_USER] += 1
+        elif member.synced and member.sid:
             sids.add(member.sid)
-        elif member_reason is not None:
-            skipped[member_reason] += 1
+        else:
+            skipped[SkipReason.MEMBER_NOT_ON_PREM] += 1
     skips = tuple(
         Skip(group.id, reason, _SKIP_DETAIL[reason], count)
         for reason, count in sorted(skipped.items(), key=lambda item: item[0].value)
@@ -338,14 +338,6 @@ _SKIP_DETAIL: Mapping[SkipReason, str] = {
     SkipReason.MEMBER_GROUP_NOT_UNIVERSAL: "member groups whose AD object is not universal",
     SkipReason.MEMBER_GROUP_CYCLE: "member groups that would close a nesting cycle",
 }
-
-
-def _skip_reason(member: CloudMember) -> SkipReason | None:
-    if member.kind is not MemberKind.USER:
-        return SkipReason.MEMBER_NOT_A_USER
-    if not (member.synced and member.sid):
-        return SkipReason.MEMBER_NOT_ON_PREM
-    return None
 
 
 def over_member_limit(group: CloudGroup, limit: int) -> Skip | None:

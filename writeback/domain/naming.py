@@ -108,6 +108,8 @@ def sam_account_name_for(group_id: str) -> str:
 
 def parent_of(dn: str) -> str:
     """The parent DN, honouring escaped commas in the first RDN."""
+    if "\\" not in dn:
+        return dn.partition(",")[2]
     i = 0
     while i < len(dn):
         if dn[i] == "\\":
@@ -236,6 +238,8 @@ def unescape_dn_value(value: str) -> str:
     AD may escape differently than we do (hex for some characters), so names
     are compared unescaped, never as DN strings.
     """
+    if "\\" not in value:
+        return value
     out = bytearray()
     i = 0
     while i < len(value):

@@ -26,7 +26,12 @@ from writeback.domain.guard import (
     needs_lookup,
     sids_to_resolve,
 )
-from writeback.domain.mapping import MappingOptions, Placement, desired_group, over_member_limit
+from writeback.domain.mapping import (
+    MappingOptions,
+    Placement,
+    over_member_limit,
+    writable_members,
+)
 from writeback.domain.model import CloudGroup, DirectoryGroup
 from writeback.ports import Directory
 from writeback.service.scope import in_scope
@@ -128,6 +133,6 @@ def member_sids_to_check(
             continue
         found = current.get(group.id)
         held = found.member_sids if found is not None else frozenset()
-        desired = desired_group(group, options, placement)
-        sids.update(sids_to_resolve(desired.member_sids, held, rules))
+        wanted, *_ = writable_members(group)  # desired_group's member SIDs, nothing else built
+        sids.update(sids_to_resolve(wanted, held, rules))
     return sids
