@@ -7,8 +7,10 @@ same run (bare ldap3 calls, and bare python-ldap calls: the adapter's own
 client when it is installed), the three writing in turns so that none meets a
 smaller database than the others; the no-op re-sync next to plain paged reads of
 those copies with their members by each client (the sync reads Graph as well,
-so it can only be slower), with the sync's two reads timed alone as well (it
-makes them at the same time). Sizes are arguments so CI-sized and full-sized
+so it can only be slower; the python-ldap read once more with the extended-DN
+control, which the sync asks for to read each member's objectSid), with the
+sync's two reads timed alone as well (it makes them at the same time) and the
+CPU each process spent on the re-sync. Sizes are arguments so CI-sized and full-sized
 runs share code.
 
 The Graph stand-in serves from a forked child process, as Graph is another
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import multiprocessing
+import os
 import random
 import resource
 import time
@@ -39,13 +42,18 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
 from typing import Any
 
 from ldap3 import SUBTREE, Connection
 
 from writeback.adapters.directory import LdapDirectory
 from writeback.adapters.graph import GraphCloud, GraphReads
-from writeback.adapters.ldap_clients import python_ldap_available
+from writeback.adapters.ldap_clients import (
+    EXTENDED_DN_OID,
+    EXTENDED_DN_VALUE,
+    python_ldap_available,
+)
 from writeback.domain.mapping import MappingOptions
 from writeback.domain.model import Add
 from writeback.domain.rules import parse_rules
@@ -117,8 +125,16 @@ def run(
             writer.close()
         ldap3_read = plain_ldap3_read(dc, writers[0].ou)
         pyl_read = plain_python_ldap_read(dc, writers[1].ou) if native else 0.0
+        pyl_extended = plain_python_ldap_read(dc, writers[1].ou, extended=True) if native else 0.0
         first_total = read_seconds + first.seconds
+        cpu_before = (own_cpu_seconds(), standin.cpu(), dc.cpu_seconds())
         again, again_total, _ = timed_sync(cloud, directory, options_)
+        again_cpu = [
+            after - before
+            for after, before in zip(
+                (own_cpu_seconds(), standin.cpu(), dc.cpu_seconds()), cpu_before, strict=True
+            )
+        ]
         graph_alone = timed(cloud.snapshot)
         ad_alone = timed(lambda: sum(1 for _ in directory.iter_groups()))
         planning = planning_seconds(cloud, directory, options_) if rules else None
@@ -138,6 +154,10 @@ def run(
         ("initial sync, seconds (read + plan + write)", f"{first_total:.2f}"),
         ("  of which reading Graph and AD + planning", f"{read_seconds:.2f}"),
         ("no-op re-sync, seconds", f"{again_total:.2f}"),
+        (
+            "  its CPU seconds: this process / Graph stand-in / DC",
+            " / ".join(f"{c:.2f}" for c in again_cpu),
+        ),
         ("  its Graph snapshot alone, seconds", f"{graph_alone:.2f}"),
         ("  its AD read alone (iter_groups), seconds", f"{ad_alone:.2f}"),
         ("plain ldap3 paged read of the same groups and members, seconds", f"{ldap3_read:.2f}"),
@@ -150,6 +170,14 @@ def run(
                 f"{pyl_read:.2f}",
             ),
             ("ratio no-op re-sync / plain python-ldap read", f"{again_total / pyl_read:.2f}"),
+            (
+                "plain python-ldap paged read with extended DNs (member SIDs), seconds",
+                f"{pyl_extended:.2f}",
+            ),
+            (
+                "ratio no-op re-sync / plain python-ldap read with extended DNs",
+                f"{again_total / pyl_extended:.2f}",
+            ),
         ]
     rows += [
         ("LDAP operations, no-op re-sync", f"{again.ldap_requests}"),
@@ -280,6 +308,11 @@ class RemoteStandIn:
         self._process.start()
         self.url: str = self._conn.recv()
 
+    def cpu(self) -> float:
+        """The child's CPU seconds so far (user and system), from /proc."""
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self._conn.send(None)
         self._process.join(30)
@@ -289,6 +322,11 @@ def _serve_standin(tenant: Tenant, options: dict[str, Any], conn: Pipe) -> None:
     with GraphStandIn(tenant, **options) as standin:
         conn.send(standin.url)
         conn.recv()
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed(work: Any) -> float:
@@ -413,18 +451,26 @@ def python_ldap_connection(dc: SambaDC) -> Any:
     return conn
 
 
-def plain_python_ldap_read(dc: SambaDC, ou: str) -> float:
-    """Seconds for a bare python-ldap paged search of its copies with their members."""
+def plain_python_ldap_read(dc: SambaDC, ou: str, *, extended: bool = False) -> float:
+    """Seconds for a bare python-ldap paged search of its copies with their members;
+    ``extended``: with the extended-DN control, so that each member comes with its
+    objectSid, which is how the sync reads them (it compares members by SID)."""
     import ldap
+    from ldap.controls import RequestControl
     from ldap.controls.libldap import SimplePagedResultsControl
 
     conn = python_ldap_connection(dc)
     started = time.monotonic()
     page = SimplePagedResultsControl(True, size=1000, cookie=b"")
+    controls = [RequestControl(EXTENDED_DN_OID, True, EXTENDED_DN_VALUE)] if extended else []
     count = 0
     while True:
         msgid = conn.search_ext(
-            ou, ldap.SCOPE_SUBTREE, "(objectClass=group)", ["*", "member"], serverctrls=[page]
+            ou,
+            ldap.SCOPE_SUBTREE,
+            "(objectClass=group)",
+            ["*", "member"],
+            serverctrls=[*controls, page],
         )
         _, entries, _, controls = conn.result3(msgid)
         count += sum(1 for dn, _ in entries if dn is not None)
