@@ -462,7 +462,7 @@ def plain_python_ldap_read(dc: SambaDC, ou: str, *, extended: bool = False) -> f
     conn = python_ldap_connection(dc)
     started = time.monotonic()
     page = SimplePagedResultsControl(True, size=1000, cookie=b"")
-    controls = [RequestControl(EXTENDED_DN_OID, True, EXTENDED_DN_VALUE)] if extended else []
+    asked = [RequestControl(EXTENDED_DN_OID, True, EXTENDED_DN_VALUE)] if extended else []
     count = 0
     while True:
         msgid = conn.search_ext(
@@ -470,11 +470,11 @@ def plain_python_ldap_read(dc: SambaDC, ou: str, *, extended: bool = False) -> f
             ldap.SCOPE_SUBTREE,
             "(objectClass=group)",
             ["*", "member"],
-            serverctrls=[*controls, page],
+            serverctrls=[*asked, page],
         )
-        _, entries, _, controls = conn.result3(msgid)
+        _, entries, _, answered = conn.result3(msgid)
         count += sum(1 for dn, _ in entries if dn is not None)
-        cookie = next((c.cookie for c in controls if c.controlType == page.controlType), b"")
+        cookie = next((c.cookie for c in answered if c.controlType == page.controlType), b"")
         if not cookie:
             break
         page.cookie = cookie
