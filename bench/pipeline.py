@@ -408,8 +408,9 @@ class Bench:
         self.rows: list[tuple[str, str]] = []
         self.small_sids: dict[str, str] = {}
         self.small_users: list[str] = []
-        self.pipeline_write_rate = 0.0
-        self.direct_burst = ServerStats()
+        #: The median run of each burst at Graph 0 ms, by size: (writes/s, its stats),
+        #: the relay's reference.
+        self.direct_bursts: dict[int, tuple[float, ServerStats]] = {}
         #: SIDs the single-call loop added, so it never adds one twice.
         self.member_sids_added: dict[str, set[str]] = {}
         self.finding = ""
@@ -520,17 +521,19 @@ class Bench:
         seconds, within which a shared VM's speed can swing by a third)."""
         runs = sorted(
             (self.burst(standin, server, groups, latency) for _ in range(self.args.repeat)),
-            key=lambda run: run[0],
+            key=lambda run: run.ratio,
         )
-        rows = runs[len(runs) // 2][1]
+        median = runs[len(runs) // 2]
+        if latency == 0:
+            self.direct_bursts[len(groups)] = (median.rate, median.stats)
         name = burst_name(len(groups), latency)
-        rows.append(
+        self.rows += [
+            *median.rows,
             (
                 f"{name}: ÷ plain loop in each of {len(runs)} runs (rows above: the median)",
-                ", ".join(f"{r:.2f}" for r, _ in runs),
-            )
-        )
-        self.rows += rows
+                ", ".join(f"{run.ratio:.2f}" for run in runs),
+            ),
+        ]
 
     def burst(
         self,
@@ -538,7 +541,7 @@ class Bench:
         server: Server,
         groups: list[str],
         latency: float,
-    ) -> tuple[float, list[tuple[str, str]]]:
+    ) -> BurstRun:
         """One burst: its LDAP write rate ÷ the plain loop's around it, and its rows."""
         print(f"burst over {len(groups)} groups, Graph {latency * 1000:.0f} ms", flush=True)
         plain_before, dc_ms_before = self.plain_round()
@@ -559,8 +562,6 @@ class Bench:
         requests = self.tally.requests() - requests_before
         delta = diff(before, server.stats)
         rate = delta.writes / seconds
-        if latency == 0 and not self.pipeline_write_rate:
-            self.pipeline_write_rate, self.direct_burst = rate, delta  # the relay's reference
         name = burst_name(len(order), latency)
         events = max(delta.events, 1)
         assert server.wait_idle(600), "the confirmation reads did not finish"
@@ -590,7 +591,7 @@ class Bench:
             ),
             (f"{name}: dead letters", f"{delta.dead_lettered}"),
         ]
-        return rate / plain_rate, rows
+        return BurstRun(rate / plain_rate, rows, rate, delta)
 
     def paced(
         self, standin: RemoteStandIn, server: Server, groups: list[str], latency: float
@@ -726,8 +727,8 @@ class Bench:
             assert server.wait_idle(600), "relay: the confirmation reads did not finish"
         finally:
             server.stop()
-        rate, direct_rate = delta.writes / seconds, self.pipeline_write_rate
-        direct = self.direct_burst
+        rate = delta.writes / seconds
+        direct_rate, direct = self.direct_bursts.get(len(groups), (0.0, ServerStats()))
         self.rows += [
             (
                 "relay: burst, events applied / dead letters",
@@ -901,6 +902,16 @@ def cpu_seconds() -> float:
 
 def fmt_ops(operations: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(operations.items())) or "none"
+
+
+@dataclass(frozen=True)
+class BurstRun:
+    """One run of a burst: its write rate ÷ the plain loop's, its rows, its rate and stats."""
+
+    ratio: float
+    rows: list[tuple[str, str]]
+    rate: float
+    stats: ServerStats
 
 
 def burst_name(size: int, latency: float) -> str:
