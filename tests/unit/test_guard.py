@@ -207,3 +207,14 @@ def test_members_ad_holds_are_checked_by_the_rules_that_need_no_directory() -> N
     assert guarded.member_sids == {held, new}, "Domain Admins goes, even though AD holds it"
     denied = GuardView(rules=GuardRules(deny=frozenset({held})), principals={new: user(1106)})
     assert guard_desired(desired, current, denied).member_sids == {new}
+
+
+def test_refused_members_are_reported_in_sid_order_whether_held_or_new() -> None:
+    sids = [f"{DOMAIN}-{rid}" for rid in (519, 500, 512, 1500, 1400)]
+    desired = desired_group(cloud(*sids), MappingOptions(target_ou=OU))
+    current = DirectoryGroup(f"CN=Group_{GID},{OU}", GID, {}, member_sids=frozenset(sids[:3]))
+    for _ in range(2):  # the second time the static rules answer from what they passed
+        guarded = guard_desired(desired, current, GuardView())
+        members = [s.member for s in guarded.skips]
+        assert members == sorted(sids), "held ones by the static rules, new ones unresolved"
+        assert guarded.member_sids == frozenset()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from writeback.domain.mapping import (
     REMOTE_GROUP_MAILBOX,
     GroupType,
@@ -151,6 +153,18 @@ def test_members_not_on_prem_are_counted_per_reason() -> None:
     assert desired.member_sids == {SID1}
     counts = {skip.reason: skip.count for skip in desired.skips}
     assert counts == {SkipReason.MEMBER_NOT_ON_PREM: 2, SkipReason.MEMBER_NOT_A_USER: 2}
+
+
+def test_the_member_split_is_made_once_per_group_and_afresh_for_a_changed_one() -> None:
+    first = group(members=(user(1, SID1), CloudMember("g1", MemberKind.GROUP)))
+    split = first.member_split
+    assert first.member_split is split, "planning asks it several times per group"
+    assert split.user_sids == frozenset({SID1})
+    assert (split.groups, split.not_users, split.not_on_prem) == (("g1",), 0, 0)
+    changed = replace(first, members=(user(2, None, synced=False),))
+    assert changed.member_split.user_sids == frozenset()
+    assert changed.member_split.not_on_prem == 1
+    assert desired_group(changed, OPTIONS).member_sids == frozenset()
 
 
 def test_member_limit_counts_cloud_members() -> None:

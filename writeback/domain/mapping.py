@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from writeback.domain.model import (
     CloudGroup,
     GroupKind,
-    MemberKind,
     Skip,
     SkipReason,
     anchor_for,
@@ -302,32 +301,36 @@ def writable_members(
     its objectSid, or by DN when it is created in the same run; else it is
     skipped with the reason (not written back, not universal, closing a cycle).
     """
-    sids: set[str] = set()
+    split = group.member_split
+    skipped: Counter[SkipReason] = Counter()
+    if split.not_on_prem:
+        skipped[SkipReason.MEMBER_NOT_ON_PREM] = split.not_on_prem
+    sids = split.user_sids
     dns: set[str] = set()
     groups: set[str] = set()
-    skipped: Counter[SkipReason] = Counter()
-    for member in group.members:
-        if member.kind is MemberKind.GROUP and nested is not None:
-            ref, reason = nested.reference(group.id, member.id)
+    if nested is None:
+        not_users = split.not_users + len(split.groups)  # a member group is not a user
+    else:
+        not_users = split.not_users
+        group_sids: set[str] = set()
+        for member_id in split.groups:
+            ref, reason = nested.reference(group.id, member_id)
             if ref is None:
                 skipped[reason or SkipReason.MEMBER_GROUP_NOT_WRITTEN] += 1
             elif ref.startswith("<SID="):
-                sids.add(ref[5:-1])
-                groups.add(ref[5:-1])
+                group_sids.add(ref[5:-1])
             else:
                 dns.add(ref)
-            continue
-        if member.kind is not MemberKind.USER:
-            skipped[SkipReason.MEMBER_NOT_A_USER] += 1
-        elif member.synced and member.sid:
-            sids.add(member.sid)
-        else:
-            skipped[SkipReason.MEMBER_NOT_ON_PREM] += 1
+        if group_sids:
+            groups = group_sids
+            sids = sids | group_sids
+    if not_users:
+        skipped[SkipReason.MEMBER_NOT_A_USER] = not_users
     skips = tuple(
         Skip(group.id, reason, _SKIP_DETAIL[reason], count)
         for reason, count in sorted(skipped.items(), key=lambda item: item[0].value)
     )
-    return frozenset(sids), frozenset(dns), frozenset(groups), skips
+    return sids, frozenset(dns), frozenset(groups), skips
 
 
 _SKIP_DETAIL: Mapping[SkipReason, str] = {

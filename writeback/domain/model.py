@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 ANCHOR_PREFIX = "Group_"
 OBJECT_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
@@ -100,11 +101,15 @@ class CloudGroup:
     writeback: WritebackConfiguration | None = None
     member_of: tuple[str, ...] = ()
 
-    @property
+    # The cached properties below are computed once per group object: planning asks
+    # them several times of every group of a full sync (20,000 at a time), and the
+    # object is frozen, so the answer cannot change (``replace`` makes a new one).
+
+    @cached_property
     def is_unified(self) -> bool:
         return any(t.lower() == "unified" for t in self.group_types)
 
-    @property
+    @cached_property
     def kind(self) -> GroupKind:
         if self.is_unified:
             return GroupKind.MICROSOFT_365
@@ -115,6 +120,38 @@ class CloudGroup:
     @property
     def anchor(self) -> str:
         return anchor_for(self.id)
+
+    @cached_property
+    def member_split(self) -> MemberSplit:
+        """The members sorted by what writing them back takes (see :class:`MemberSplit`)."""
+        sids: set[str] = set()
+        groups: list[str] = []
+        not_users = not_on_prem = 0
+        for member in self.members:
+            kind = member.kind
+            if kind is MemberKind.USER:
+                if member.synced and member.sid:
+                    sids.add(member.sid)
+                else:
+                    not_on_prem += 1
+            elif kind is MemberKind.GROUP:
+                groups.append(member.id)
+            else:
+                not_users += 1
+        return MemberSplit(frozenset(sids), tuple(groups), not_users, not_on_prem)
+
+
+@dataclass(frozen=True)
+class MemberSplit:
+    """A cloud group's members as the mapping sees them: the SIDs of users synced
+    from AD (each has an object there), the ids of member groups (written only
+    with nesting on), and counts of the members that cannot be written: devices,
+    contacts and other non-users, and users with no AD object (cloud-only, guests)."""
+
+    user_sids: frozenset[str]
+    groups: tuple[str, ...]
+    not_users: int
+    not_on_prem: int
 
 
 @dataclass(frozen=True)
