@@ -275,16 +275,23 @@ _PASSED: dict[frozenset[str], set[str]] = {}
 _PASSED_CAP = 1 << 17
 
 
-def _not_yet_passed(sids: frozenset[str], deny: frozenset[str]) -> Iterable[str]:
-    """Those of ``sids`` the static rules have not let through before: the ones to
-    ask :func:`_static_refusal`. The ones it lets through now are remembered."""
+def _static_refusals(
+    sids: frozenset[str], deny: frozenset[str]
+) -> dict[str, tuple[SkipReason, str]]:
+    """:func:`_static_refusal` of many SIDs at once: only those the static rules have
+    not let through before are asked; the ones let through now are remembered."""
     passed = _PASSED.get(deny)
     if passed is None or len(passed) > _PASSED_CAP:
         _PASSED.clear()  # one deny list in use at a time, in practice
         passed = _PASSED[deny] = set()
-    unseen = sids - passed
-    passed.update(sid for sid in unseen if _static_refusal(sid, deny) is None)
-    return unseen
+    refused: dict[str, tuple[SkipReason, str]] = {}
+    for sid in sids - passed:
+        why = _static_refusal(sid, deny)
+        if why is None:
+            passed.add(sid)
+        else:
+            refused[sid] = why
+    return refused
 
 
 def sids_to_resolve(desired: Iterable[str], held: Iterable[str], rules: GuardRules) -> list[str]:
@@ -419,13 +426,9 @@ def guard_desired(
     may have cut short (``keep_members``) are kept, except those the rules that
     need no directory refuse (``refused_sids``: removed all the same)."""
     held = current.member_sids if current is not None else frozenset()
-    refused: dict[str, tuple[SkipReason, str]] = {}
     deny, members = view.rules.deny, desired.member_sids
     known = (members & held) | (members & desired.nested_sids)  # the static rules decide
-    for sid in _not_yet_passed(known, deny):
-        why = _static_refusal(sid, deny)
-        if why is not None:
-            refused[sid] = why
+    refused = _static_refusals(known, deny)
     for sid in members - known:
         why = member_refusal(sid, view.principals.get(canonical_sid(sid)), view.rules)
         if why is not None:
@@ -433,10 +436,7 @@ def guard_desired(
     if len(refused) > 1:
         refused = dict(sorted(refused.items()))  # skips in SID order, whatever the set's
     if desired.keep_members:  # held members the list may hide stay, unless never allowed
-        for sid in sorted(held - desired.member_sids):
-            why = static_refusal(sid, view.rules)
-            if why is not None:
-                refused[sid] = why
+        refused.update(sorted(_static_refusals(held - members, deny).items()))
     kept = desired.member_sids - refused.keys()
     skips = [
         Skip(desired.group_id, reason, detail, member=sid)

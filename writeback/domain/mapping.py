@@ -308,22 +308,20 @@ def writable_members(
     sids = split.user_sids
     dns: set[str] = set()
     groups: set[str] = set()
+    not_users = split.not_users
     if nested is None:
-        not_users = split.not_users + len(split.groups)  # a member group is not a user
+        not_users += len(split.groups)  # a member group is not a user
     else:
-        not_users = split.not_users
-        group_sids: set[str] = set()
         for member_id in split.groups:
             ref, reason = nested.reference(group.id, member_id)
             if ref is None:
                 skipped[reason or SkipReason.MEMBER_GROUP_NOT_WRITTEN] += 1
             elif ref.startswith("<SID="):
-                group_sids.add(ref[5:-1])
+                groups.add(ref[5:-1])
             else:
                 dns.add(ref)
-        if group_sids:
-            groups = group_sids
-            sids = sids | group_sids
+        if groups:
+            sids = sids | groups
     if not_users:
         skipped[SkipReason.MEMBER_NOT_A_USER] = not_users
     skips = tuple(
