@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from writeback.domain.guard import (
     GuardRules,
@@ -112,6 +113,14 @@ class GuardReads:
 def read_view(directory: Directory, sids: Iterable[str], rules: GuardRules) -> GuardView:
     """The guards' view read afresh (the reconcile's, once per run)."""
     return GuardReads(rules, ttl=0).view(directory, sids)
+
+
+def with_principals(directory: Directory, sids: Iterable[str], view: GuardView) -> GuardView:
+    """``view`` with what the directory holds for ``sids`` (one bulk read, afresh)."""
+    wanted = needs_lookup(sids, view.rules)
+    resolved = directory.resolve_sids(wanted) if wanted else {}
+    principals = {sid: p for sid in wanted if (p := resolved.get(sid)) is not None}
+    return replace(view, principals=principals)
 
 
 def member_sids_to_check(

@@ -61,7 +61,7 @@ from writeback.service.reconcile import (
     check_adds,
     plan_cloud_group,
     plan_excluded,
-    plan_from,
+    read_and_plan,
     threshold_reason,
 )
 from writeback.service.scope import in_scope
@@ -169,8 +169,7 @@ def _full(
     fell_back: str | None,
     progress: Progress | None,
 ) -> IncrementalResult:
-    snapshot = cloud.snapshot()
-    plan = plan_from(snapshot, list(directory.iter_groups()), directory, options, policy)
+    snapshot, plan = read_and_plan(cloud, directory, options, policy)
     result = apply_plan(plan, directory, progress=progress)
     link = snapshot.groups_delta_link if not result.failures else None
     log.info("reconcile: full sync (%s)", reason or "asked for")

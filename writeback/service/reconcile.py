@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -21,13 +22,14 @@ from tenacity import (
 )
 
 from writeback.config import Settings, SoftDeletePolicy
-from writeback.domain.guard import GuardRules, GuardView, guard_desired
+from writeback.domain.guard import GuardRules, GuardView, guard_desired, sids_to_resolve
 from writeback.domain.mapping import (
     MappingOptions,
     OutOfScope,
     Placement,
     desired_group,
     over_member_limit,
+    writable_members,
 )
 from writeback.domain.model import (
     Add,
@@ -43,7 +45,8 @@ from writeback.domain.planner import plan_group
 from writeback.domain.rules import Excluded, decide
 from writeback.errors import DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSnapshot, CloudSource, Directory
-from writeback.service.guarding import member_sids_to_check, read_view
+from writeback.service.guarding import member_sids_to_check, read_view, with_principals
+from writeback.service.scope import in_scope
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +100,14 @@ def build_plan(
     options: MappingOptions,
     policy: SyncPolicy,
     guard: GuardView | None = None,
+    *,
+    ahead: Mapping[str, Plan] | None = None,
 ) -> Plan:
     """The whole plan. ``guard``: what the directory said for the member and nesting
-    guards (:func:`guard_view`); without it no member resolves, so none is written."""
+    guards (:func:`guard_view`); without it no member resolves, so none is written.
+    ``ahead``: plans already made for single groups from the same reads (see
+    :func:`read_and_plan`), taken as they are; not used when nesting is on."""
+    ahead = ahead if ahead is not None and not options.nesting else {}
     guard = guard if guard is not None else GuardView(rules=policy.guard)
     plan = Plan()
     by_id, duplicated = _index(current, plan)
@@ -121,6 +129,12 @@ def build_plan(
     nested = _nesting(placed, by_id, options) if options.nesting else None
     for gid, (group, placement) in placed.items():
         current_object = by_id.pop(gid, None)
+        made = ahead.get(gid)
+        if made is not None:
+            plan.operations.extend(made.operations)
+            plan.skips.extend(made.skips)
+            plan.rules.update(made.rules)
+            continue
         plan_cloud_group(
             plan, group, current_object, options, guard, placement=placement, nested=nested
         )
@@ -200,12 +214,22 @@ def guard_view(
     directory: Directory,
     options: MappingOptions,
     policy: SyncPolicy,
+    *,
+    base: GuardView | None = None,
 ) -> GuardView:
     """The guards' reads for planning ``groups``: the member SIDs the mapping would add,
-    resolved in bulk, and the nesting of our groups (one read each)."""
+    resolved in bulk, and the nesting of our groups (one read each; with ``base``,
+    the frozen groups are taken from it, not read again)."""
     by_id = {group.group_id: group for group in current}
     sids = member_sids_to_check(groups, by_id, options, policy.guard)
-    return read_view(directory, sids, policy.guard)
+    if base is None:
+        return read_view(directory, sids, policy.guard)
+    return with_principals(directory, sids, base)
+
+
+def _frozen_view(directory: Directory, policy: SyncPolicy) -> GuardView:
+    """The guards' view with the frozen groups and no principal yet."""
+    return read_view(directory, (), policy.guard)
 
 
 def plan_from(
@@ -388,16 +412,88 @@ def sync(
 def plan_sync(
     cloud: CloudSource, directory: Directory, options: MappingOptions, policy: SyncPolicy
 ) -> Plan:
-    """Read both sides at the same time, then plan.
-
-    The Graph snapshot is read on a thread of its own (the Graph adapter runs its
-    own event loop and may be called from any thread) while this thread reads AD,
-    so the LDAP connection stays on the thread that owns it. Either read failing
-    fails the plan (an AD failure once the Graph read has finished).
-    """
+    """Read both sides at the same time and plan (:func:`read_and_plan`), with the
+    optional attributes this forest's schema has."""
     options = replace(options, schema_attributes=directory.schema_attributes())
+    return read_and_plan(cloud, directory, options, policy)[1]
+
+
+def read_and_plan(
+    cloud: CloudSource, directory: Directory, options: MappingOptions, policy: SyncPolicy
+) -> tuple[CloudSnapshot, Plan]:
+    """The Graph snapshot and the plan made from it and AD, both sides read at once.
+
+    The snapshot is read on a thread of its own (the Graph adapter runs its own
+    event loop and may be called from any thread) while this thread reads AD, so
+    the LDAP connection stays on the thread that owns it. Once the snapshot is
+    in, the groups that need no more reads are planned while AD's later pages are
+    still on their way (:class:`_PlanAhead`), so planning overlaps the DC's work
+    instead of following it. Either read failing fails the plan (an AD failure
+    once the Graph read has finished).
+    """
+    ahead = _PlanAhead(options, policy) if policy.enabled and not options.nesting else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="graph-snapshot") as pool:
         cloud_read = pool.submit(cloud.snapshot)
-        current = list(directory.iter_groups())
+        if ahead is not None:
+            ahead.view = _frozen_view(directory, policy)
+        current: list[DirectoryGroup] = []
+        for group in directory.iter_groups():
+            current.append(group)
+            if ahead is not None:
+                ahead.pending.append(group)
+                if cloud_read.done():
+                    ahead.step(cloud_read.result())
         snapshot = cloud_read.result()
-    return plan_from(snapshot, current, directory, options, policy)
+    if ahead is None:
+        return snapshot, plan_from(snapshot, current, directory, options, policy)
+    rest = [group for group in snapshot.groups if group.id not in ahead.plans]
+    guard = guard_view(rest, current, directory, options, policy, base=ahead.view)
+    plan = build_plan(snapshot, current, options, policy, guard, ahead=ahead.plans)
+    check_adds(plan, directory)
+    return snapshot, plan
+
+
+class _PlanAhead:
+    """Plans made while the AD read goes on, one group at a time, for the groups
+    whose plan needs nothing more from the directory: in scope, with an AD object,
+    and no member to add that the guard must look up (a no-op re-sync is all such
+    groups). The rest, and every group when nesting is on (its member groups are
+    known only once every object is read), wait for :func:`build_plan`, which also
+    sets aside any plan made for a group whose anchor turns out to be duplicated.
+
+    ``STEP`` groups are planned per AD group read, so the backlog of the pages read
+    before the snapshot came in is worked off while the DC builds the next pages,
+    without holding up the request for them."""
+
+    STEP = 3
+
+    def __init__(self, options: MappingOptions, policy: SyncPolicy) -> None:
+        self.options = options
+        self.rules = policy.guard
+        #: The guards' view without any principal: the frozen groups (read first).
+        self.view = GuardView(rules=policy.guard)
+        self.pending: deque[DirectoryGroup] = deque()
+        #: group id -> the plan of that group alone
+        self.plans: dict[str, Plan] = {}
+        self._cloud: dict[str, CloudGroup] | None = None
+
+    def step(self, snapshot: CloudSnapshot) -> None:
+        if self._cloud is None:
+            self._cloud = {group.id: group for group in snapshot.groups}
+        for _ in range(min(self.STEP, len(self.pending))):
+            self._plan(self._cloud, self.pending.popleft())
+
+    def _plan(self, cloud: Mapping[str, CloudGroup], current: DirectoryGroup) -> None:
+        group = cloud.get(current.group_id)
+        if group is None:
+            return
+        placement = in_scope(group, self.options)
+        if not isinstance(placement, Placement):
+            return
+        if over_member_limit(group, self.options.member_limit) is None:
+            wanted, *_ = writable_members(group)
+            if sids_to_resolve(wanted, current.member_sids, self.rules):
+                return
+        plan = Plan()
+        plan_cloud_group(plan, group, current, self.options, self.view, placement=placement)
+        self.plans[group.id] = plan
