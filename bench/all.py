@@ -58,7 +58,7 @@ BENCHES = (
     ),
     Bench(
         "Reconcile: full sync from empty, then a no-op re-sync",
-        ("bench/reconcile.py",),
+        ("-m", "bench.reconcile"),
         ("--groups", "20000", "--memberships", "400000", "--users", "5000"),
         ("--groups", "300", "--memberships", "3000", "--users", "500"),
         "127.0.0.30",

@@ -32,7 +32,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.pipeline import RemoteStandIn, cpu_seconds, gid, uid
+from bench.pipeline import gid, uid
+from bench.standin import RemoteStandIn, cpu_seconds
 from tests.support.functions_host import FunctionsHost, one_at_a_time
 from writeback.adapters.local_queue import LocalQueue
 from writeback.domain.events import Change, GroupChanged

@@ -18,22 +18,20 @@ each with wall ms per group, CPU ms per group in this process (all its threads:
 the SDK's event loop runs in one of them), and Graph requests and round trips
 per group as the stand-in counted them.
 
-    .venv/bin/python bench/graph_reads.py --groups 400 --members 20
+    .venv/bin/python -m bench.graph_reads --groups 400 --members 20
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
 
+from bench.standin import RemoteStandIn
 from writeback.adapters.graph import GraphCloud
 from writeback.report import markdown_table
-from writeback_sandbox.graph_standin import GraphStandIn, Tenant
+from writeback_sandbox.graph_standin import Tenant
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -134,11 +132,11 @@ def ratio(batched: Cost, single: Cost) -> str:
 
 
 def measure(standin: RemoteStandIn, groups: int, work: Callable[[], None]) -> Cost:
-    standin.call("reset_log")
+    standin.standin("reset_log")
     wall, cpu = time.perf_counter(), time.process_time()
     work()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    requests, round_trips = standin.call("count"), standin.call("round_trips")
+    requests, round_trips = standin.standin("count"), standin.standin("round_trips")
     return Cost(
         wall_ms=wall * 1000 / groups,
         cpu_ms=cpu * 1000 / groups,
@@ -164,51 +162,6 @@ def build_tenant(groups: int, members: int) -> tuple[Tenant, list[str]]:
             members=users[n : n + members],
         )
     return tenant, ids
-
-
-class RemoteStandIn:
-    """A GraphStandIn serving ``tenant`` from a forked child process."""
-
-    def __init__(self, tenant: Tenant, **options: Any) -> None:
-        context = multiprocessing.get_context("fork")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(tenant, options, child), daemon=True)
-        self._process.start()
-        self.url: str = self._conn.recv()
-
-    def call(self, name: str, *args: Any) -> Any:
-        """Call a GraphStandIn method there (or read an attribute)."""
-        self._conn.send(("standin", name, args))
-        ok, value = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"stand-in {name} failed: {value}")
-        return value
-
-    def tenant(self, name: str, *args: Any) -> Any:
-        """Call a Tenant method there."""
-        self._conn.send(("tenant", name, args))
-        ok, value = self._conn.recv()
-        if not ok:
-            raise RuntimeError(f"tenant {name} failed: {value}")
-        return value
-
-    def close(self) -> None:
-        self._conn.send(None)
-        self._process.join(10)
-
-
-def _serve(tenant: Tenant, options: dict[str, Any], conn: Connection) -> None:
-    with GraphStandIn(tenant, **options) as standin:
-        conn.send(standin.url)
-        while (message := conn.recv()) is not None:
-            target, name, args = message
-            try:
-                thing = getattr(standin.tenant if target == "tenant" else standin, name)
-                value = thing(*args) if callable(thing) else thing
-            except Exception as error:
-                conn.send((False, repr(error)))
-            else:
-                conn.send((True, value))
 
 
 if __name__ == "__main__":
