@@ -453,6 +453,11 @@ def read_and_plan(
     return snapshot, plan
 
 
+#: The plan of a group already converged, shared (build_plan only reads it): a
+#: no-op re-sync plans every group ahead, 20,000 empty plans otherwise.
+_NOTHING = Plan()
+
+
 class _PlanAhead:
     """Plans made while the AD read goes on, one group at a time, for the groups
     whose plan needs nothing more from the directory: in scope, with an AD object,
@@ -496,4 +501,5 @@ class _PlanAhead:
                 return
         plan = Plan()
         plan_cloud_group(plan, group, current, self.options, self.view, placement=placement)
-        self.plans[group.id] = plan
+        converged = not (plan.operations or plan.skips or plan.rules)
+        self.plans[group.id] = _NOTHING if converged else plan
