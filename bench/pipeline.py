@@ -13,7 +13,7 @@ In one run, on the same DC:
    confirmation reads come ``--settle`` seconds later and are waited out before
    the next phase); latency is per event, from the webhook accepting the
    notification to its write completing; CPU is per event, for this process
-   and for the stand-in's. Each burst runs ``--repeat`` times (3); the table
+   and for the stand-in's. Each burst runs ``--repeat`` times (5); the table
    shows the run with the median ratio (below) and lists every run's ratio;
 2. a plain ldap3 loop making the same kind of write (one modify adding one
    member value to a group) on copies of the groups in another OU, timed on the
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--latencies", default="0.030,0", help="seconds added to every Graph request, per round"
     )
     parser.add_argument("--settle", type=float, default=2.0, help="WRITEBACK_SETTLE_SECONDS")
-    parser.add_argument("--repeat", type=int, default=3, help="bursts of each size and latency")
+    parser.add_argument("--repeat", type=int, default=5, help="bursts of each size and latency")
     parser.add_argument("--paced", type=int, default=200, help="paced changes")
     parser.add_argument("--rate", type=float, default=40.0, help="paced changes per second")
     parser.add_argument("--members", type=int, default=10, help="members per ordinary group")
