@@ -135,13 +135,20 @@ def member_sids_to_check(
     from their anchored objects (``DesiredGroup.nested_sids``)."""
     sids: set[str] = set()
     for group in groups:
-        placement = in_scope(group, options)
-        if not isinstance(placement, Placement):
-            continue
-        if over_member_limit(group, options.member_limit) is not None:
+        if not isinstance(in_scope(group, options), Placement):
             continue
         found = current.get(group.id)
         held = found.member_sids if found is not None else frozenset()
-        wanted, *_ = writable_members(group)  # desired_group's member SIDs, nothing else built
-        sids.update(sids_to_resolve(wanted, held, rules))
+        sids.update(group_sids_to_check(group, held, options, rules))
     return sids
+
+
+def group_sids_to_check(
+    group: CloudGroup, held: frozenset[str], options: MappingOptions, rules: GuardRules
+) -> list[str]:
+    """Of :func:`member_sids_to_check`, one group in scope whose AD object holds
+    ``held``: none over the member limit (such a group is not written)."""
+    if over_member_limit(group, options.member_limit) is not None:
+        return []
+    wanted, *_ = writable_members(group)  # desired_group's member SIDs, nothing else built
+    return sids_to_resolve(wanted, held, rules)

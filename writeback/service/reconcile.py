@@ -22,14 +22,13 @@ from tenacity import (
 )
 
 from writeback.config import Settings, SoftDeletePolicy
-from writeback.domain.guard import GuardRules, GuardView, guard_desired, sids_to_resolve
+from writeback.domain.guard import GuardRules, GuardView, guard_desired
 from writeback.domain.mapping import (
     MappingOptions,
     OutOfScope,
     Placement,
     desired_group,
     over_member_limit,
-    writable_members,
 )
 from writeback.domain.model import (
     Add,
@@ -45,7 +44,12 @@ from writeback.domain.planner import plan_group
 from writeback.domain.rules import Excluded, decide
 from writeback.errors import DuplicateAnchor, TransientError, WritebackError
 from writeback.ports import CloudSnapshot, CloudSource, Directory
-from writeback.service.guarding import member_sids_to_check, read_view, with_principals
+from writeback.service.guarding import (
+    group_sids_to_check,
+    member_sids_to_check,
+    read_view,
+    with_principals,
+)
 from writeback.service.scope import in_scope
 
 log = logging.getLogger(__name__)
@@ -495,10 +499,8 @@ class _PlanAhead:
         placement = in_scope(group, self.options)
         if not isinstance(placement, Placement):
             return
-        if over_member_limit(group, self.options.member_limit) is None:
-            wanted, *_ = writable_members(group)
-            if sids_to_resolve(wanted, current.member_sids, self.rules):
-                return
+        if group_sids_to_check(group, current.member_sids, self.options, self.rules):
+            return
         plan = Plan()
         plan_cloud_group(plan, group, current, self.options, self.view, placement=placement)
         converged = not (plan.operations or plan.skips or plan.rules)
