@@ -14,6 +14,7 @@ from writeback.adapters.ldap_values import (
     read_dn,
     sid_from_bytes,
     split_members,
+    split_plain_members,
 )
 from writeback.domain.naming import (
     canonical_dn,
@@ -107,6 +108,30 @@ def test_split_members_agrees_with_parse_extended_dn() -> None:
     assert others == expected_others
     assert "CN=g\\>;\\<SID=S-1-9,DC=x" in others
     assert "CN=plain,DC=x" in others
+
+
+def test_split_plain_members_names_each_dn_by_its_resolved_sid() -> None:
+    guid = "3208fd0a-2a34-48f6-8cdd-4f33e840c5d2"
+    resolved = {
+        b"CN=user,DC=x": "S-1-5-21-1-2-3-3102",
+        "CN=Отдел 営業部,DC=x".encode(): "S-1-5-21-9",
+        b"CN=contact\\, by hand,DC=x": "",  # found, without a SID: a contact
+    }
+    values = [*resolved, f"<GUID={guid}>;<SID=S-1-5-21-7>;CN=later slice,DC=x".encode()]
+    split = split_plain_members(values, resolved)
+    assert split == (
+        {"S-1-5-21-1-2-3-3102", "S-1-5-21-9", "S-1-5-21-7"},
+        {"CN=contact\\, by hand,DC=x"},
+    )
+    assert split_plain_members([], resolved) == (set(), set())
+
+
+def test_split_plain_members_refuses_to_guess_an_unresolved_dn() -> None:
+    """A DN not resolved is not taken for a member without a SID (it would be
+    removed by DN): the caller reads the group again with the extended-DN control."""
+    resolved = {b"CN=user,DC=x": "S-1-5-21-1"}
+    assert split_plain_members([b"CN=user,DC=x", b"CN=elsewhere,DC=y"], resolved) is None
+    assert split_plain_members([b"cn=USER,dc=x"], resolved) is None  # spelt otherwise
 
 
 def test_guid_filter_value_is_the_objectguid_bytes_escaped() -> None:

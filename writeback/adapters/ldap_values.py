@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from writeback.domain.mapping import MANAGED_ATTRIBUTES
@@ -83,6 +83,40 @@ def split_members(values: Iterable[bytes]) -> tuple[set[str], set[str]]:
             add_sid(member.sid)
         else:
             others.add(member.dn)
+    return sids, others
+
+
+def split_plain_members(
+    values: Iterable[bytes], resolved: Mapping[bytes, str]
+) -> tuple[set[str], set[str]] | None:
+    """As :func:`split_members`, for ``member`` values read without the extended-DN
+    control: each plain DN's objectSid looked up in ``resolved`` (DN as the DC
+    wrote it -> its SID, ``""`` for an object without one). Extended values (a
+    ranged read's later slices) are split as before.
+
+    None when a DN is not in ``resolved``: the caller reads that group's members
+    again with the control rather than guess (a member it cannot name by SID
+    would be removed by DN).
+    """
+    sids: set[str] = set()
+    others: set[str] = set()
+    extended: list[bytes] = []
+    get = resolved.get
+    add_sid = sids.add
+    for value in values:
+        sid = get(value)
+        if sid:
+            add_sid(sid)
+        elif sid is not None:
+            others.add(value.decode("utf-8", errors="replace"))
+        elif value.startswith(b"<"):
+            extended.append(value)
+        else:
+            return None
+    if extended:
+        more, also = split_members(extended)
+        sids |= more
+        others |= also
     return sids, others
 
 
