@@ -50,6 +50,7 @@ from writeback.service.guarding import (
     read_view,
     with_principals,
 )
+from writeback.service.heap import fewer_collections
 from writeback.service.scope import in_scope
 
 log = logging.getLogger(__name__)
@@ -433,8 +434,16 @@ def read_and_plan(
     in, the groups that need no more reads are planned while AD's later pages are
     still on their way (:class:`_PlanAhead`), so planning overlaps the DC's work
     instead of following it. Either read failing fails the plan (an AD failure
-    once the Graph read has finished).
+    once the Graph read has finished). The collector runs less often meanwhile
+    (:func:`~writeback.service.heap.fewer_collections`).
     """
+    with fewer_collections():
+        return _read_and_plan(cloud, directory, options, policy)
+
+
+def _read_and_plan(
+    cloud: CloudSource, directory: Directory, options: MappingOptions, policy: SyncPolicy
+) -> tuple[CloudSnapshot, Plan]:
     ahead = _PlanAhead(options, policy) if policy.enabled and not options.nesting else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="graph-snapshot") as pool:
         cloud_read = pool.submit(cloud.snapshot)
