@@ -34,6 +34,7 @@ those rules and without) next to the sync, as a share of it.
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import os
 import random
@@ -99,10 +100,16 @@ def run(
     target = dc.create_ou("BenchGroups")
     options, latency_note = standin_options(latency)
     standin = RemoteStandIn(tenant, **options)
+    rules_text = rules_file(dc, target, tenant, rules) if rules else None
+    # The child serves it now. Graph's data is not in the sync's process in
+    # production, and kept here its millions of objects would be walked by every
+    # full collection the sync's own allocations set off.
+    del tenant
+    gc.collect()
     try:
         options_ = MappingOptions(target_ou=target)
-        if rules:
-            rule_set = parse_rules(rules_file(dc, target, tenant, rules), target_ou=target)
+        if rules_text is not None:
+            rule_set = parse_rules(rules_text, target_ou=target)
             options_ = replace(options_, rules=rule_set)
         reads = GraphReads(all_groups=options_.wants_all_groups, nested=options_.nesting)
         cloud = GraphCloud(base_url=standin.url, reads=reads)
